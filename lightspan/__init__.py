@@ -1,0 +1,42 @@
+"""Lightspan: trace LLM agents with OpenTelemetry, land spans in ClickHouse, train, publish.
+
+The public API is re-exported here lazily, so `import lightspan` in an agent app costs only what
+it uses: tracing pulls in OpenTelemetry, never torch, chDB or ClickHouse clients.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+# name -> module that defines it; resolved on first access (PEP 562).
+_EXPORTS: dict[str, str] = {
+    "instrument": "lightspan.instrumentation",
+    "emit_reward": "lightspan.instrumentation",
+    "emit_action": "lightspan.instrumentation",
+    "emit_observation": "lightspan.instrumentation",
+    "emit_exception": "lightspan.instrumentation",
+    "rollout": "lightspan.instrumentation",
+    "agent": "lightspan.instrumentation",
+    "Store": "lightspan.store",
+    "Trainer": "lightspan.trainer.api",
+    "GRPO": "lightspan.trainer.api",
+    "SFT": "lightspan.trainer.api",
+}
+
+__all__ = sorted(_EXPORTS) + ["__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'lightspan' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return __all__
