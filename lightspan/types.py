@@ -14,6 +14,26 @@ from datetime import datetime
 from typing import Any, Iterator
 
 
+def encode_attribute_value(value: Any) -> str:
+    """Encode an OpenTelemetry attribute value the way `otel_traces` stores it.
+
+    Strings stay as they are, booleans become "true"/"false", numbers their decimal text, and
+    arrays (and maps) compact JSON: the ClickHouse exporter's convention, which every reader of
+    the store (SQL users, `algorithms`) relies on.
+    """
+    if isinstance(value, str):
+        return value
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, bytes):
+        return value.hex()
+    if isinstance(value, dict):
+        return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+    return json.dumps(list(value), separators=(",", ":"), ensure_ascii=False)
+
+
 @dataclass(slots=True)
 class SpanEvent:
     """A timestamped event on a span (exceptions, evaluation results, ...)."""
