@@ -1,0 +1,282 @@
+"""ClickHouse schema of the LightningStore, as numbered, idempotent migrations.
+
+`otel_traces` (and its trace-id lookup) is column for column the table the OpenTelemetry Collector
+contrib ClickHouse exporter creates, so that exporter and Grafana's ClickHouse trace views work on
+the same data. Everything Lightspan adds hangs off it: a materialised view lands each span in
+`rollout_spans`, keyed by rollout, with typed columns for what training needs; retried duplicates
+of a span share a sorting key there and collapse (ReplacingMergeTree, read with FINAL).
+
+With a cluster name every statement gets `ON CLUSTER`, tables become `<name>_local` with
+Replicated engines, and a Distributed table under the plain name fans reads and writes out, so
+queries and the stock exporter keep using the same names.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from lightspan import semconv
+
+TRACES = "otel_traces"
+TRACE_ID_TS = "otel_traces_trace_id_ts"
+ROLLOUT_SPANS = "rollout_spans"
+RESOURCES = "resources"
+TRAIN_METRICS = "train_metrics"
+SCHEMA_VERSION = "schema_version"
+
+
+@dataclass(frozen=True)
+class SchemaOptions:
+    """Knobs that change the DDL: a cluster for replicated deployments, an optional TTL."""
+
+    cluster: str | None = None
+    ttl_days: int | None = None
+
+
+def _attr(key: str) -> str:
+    return f"SpanAttributes['{key}']"
+
+
+# Rollout identity: the explicit attribute when present, else the trace.
+_ROLLOUT_ID = f"if({_attr(semconv.ROLLOUT_ID)} != '', {_attr(semconv.ROLLOUT_ID)}, TraceId)"
+_AGENT = (
+    f"if({_attr(semconv.AGENT_NAME)} != '', {_attr(semconv.AGENT_NAME)}, {_attr(semconv.GEN_AI_AGENT_NAME)})"
+)
+_LLM_OPERATIONS = ", ".join(f"'{op}'" for op in semconv.GEN_AI_LLM_OPERATIONS)
+_IS_LLM_CALL = (
+    f"(mapContains(SpanAttributes, '{semconv.GEN_AI_INPUT_MESSAGES}')"
+    f" OR mapContains(SpanAttributes, '{semconv.LLM_RESPONSE_TOKEN_IDS}')"
+    f" OR {_attr(semconv.GEN_AI_OPERATION_NAME)} IN ({_LLM_OPERATIONS})"
+    f" OR {_attr(semconv.OPENINFERENCE_SPAN_KIND)} = '{semconv.OPENINFERENCE_LLM_KIND}'"
+    f" OR arrayExists(k -> startsWith(k, '{semconv.LEGACY_PROMPT_PREFIX}'), mapKeys(SpanAttributes)))"
+)
+_EVAL = f"indexOf(Events.Name, '{semconv.GEN_AI_EVALUATION_EVENT}')"
+_REWARD = (
+    f"multiIf(SpanName = '{semconv.REWARD_SPAN}', toFloat64OrNull({_attr(semconv.REWARD_VALUE)}),"
+    f" {_EVAL} > 0, toFloat64OrNull(Events.Attributes[{_EVAL}]['{semconv.GEN_AI_EVALUATION_SCORE}']),"
+    " NULL)"
+)
+
+
+class _DDL:
+    """Renders engine and name choices for single-node or clustered deployments."""
+
+    def __init__(self, options: SchemaOptions):
+        self.options = options
+
+    @property
+    def on_cluster(self) -> str:
+        return f" ON CLUSTER {self.options.cluster}" if self.options.cluster else ""
+
+    def local(self, table: str) -> str:
+        return f"{table}_local" if self.options.cluster else table
+
+    def engine(self, table: str, engine: str = "MergeTree") -> str:
+        if not self.options.cluster:
+            return f"{engine}()"
+        path = f"'/clickhouse/tables/{{shard}}/{{database}}/{table}'"
+        return f"Replicated{engine}({path}, '{{replica}}')"
+
+    def ttl(self, column: str) -> str:
+        days = self.options.ttl_days
+        return f"TTL toDateTime({column}) + toIntervalDay({days})" if days else ""
+
+    def distributed(self, table: str, sharding_key: str) -> list[str]:
+        """The plain-named Distributed table over `<table>_local`, when clustered."""
+        if not self.options.cluster:
+            return []
+        return [
+            f"CREATE TABLE IF NOT EXISTS {table}{self.on_cluster} AS {self.local(table)}"
+            f" ENGINE = Distributed('{self.options.cluster}', currentDatabase(), {self.local(table)},"
+            f" {sharding_key})"
+        ]
+
+
+def _traces(d: _DDL) -> list[str]:
+    table = d.local(TRACES)
+    # Spans of one rollout stay on one shard, so rollout_spans can collapse their duplicates.
+    sharding = f"cityHash64({_ROLLOUT_ID})"
+    return [
+        f"""CREATE TABLE IF NOT EXISTS {table}{d.on_cluster} (
+    Timestamp DateTime64(9) CODEC(Delta(8), ZSTD(1)),
+    TraceId String CODEC(ZSTD(1)),
+    SpanId String CODEC(ZSTD(1)),
+    ParentSpanId String CODEC(ZSTD(1)),
+    TraceState String CODEC(ZSTD(1)),
+    SpanName LowCardinality(String) CODEC(ZSTD(1)),
+    SpanKind LowCardinality(String) CODEC(ZSTD(1)),
+    ServiceName LowCardinality(String) CODEC(ZSTD(1)),
+    ResourceAttributes Map(LowCardinality(String), String) CODEC(ZSTD(1)),
+    ScopeName String CODEC(ZSTD(1)),
+    ScopeVersion String CODEC(ZSTD(1)),
+    SpanAttributes Map(LowCardinality(String), String) CODEC(ZSTD(1)),
+    Duration UInt64 CODEC(T64, ZSTD(1)),
+    StatusCode LowCardinality(String) CODEC(ZSTD(1)),
+    StatusMessage String CODEC(ZSTD(1)),
+    Events Nested (
+        Timestamp DateTime64(9),
+        Name LowCardinality(String),
+        Attributes Map(LowCardinality(String), String)
+    ) CODEC(ZSTD(1)),
+    Links Nested (
+        TraceId String,
+        SpanId String,
+        TraceState String,
+        Attributes Map(LowCardinality(String), String)
+    ) CODEC(ZSTD(1)),
+    ResourceAttributeItems Array(String) ALIAS
+        arrayMap(kv -> concat(kv.1, '=', kv.2), CAST(ResourceAttributes, 'Array(Tuple(String, String))')),
+    SpanAttributeItems Array(String) ALIAS
+        arrayMap(kv -> concat(kv.1, '=', kv.2), CAST(SpanAttributes, 'Array(Tuple(String, String))')),
+    INDEX idx_trace_id TraceId TYPE bloom_filter(0.001) GRANULARITY 1,
+    INDEX idx_res_attr_key mapKeys(ResourceAttributes) TYPE bloom_filter(0.01) GRANULARITY 1,
+    INDEX idx_res_attr_value mapValues(ResourceAttributes) TYPE bloom_filter(0.01) GRANULARITY 1,
+    INDEX idx_span_attr_key mapKeys(SpanAttributes) TYPE bloom_filter(0.01) GRANULARITY 1,
+    INDEX idx_span_attr_value mapValues(SpanAttributes) TYPE bloom_filter(0.01) GRANULARITY 1,
+    INDEX idx_duration Duration TYPE minmax GRANULARITY 1,
+    INDEX idx_lower_span_name lower(SpanName) TYPE tokenbf_v1(32768, 3, 0) GRANULARITY 8
+) ENGINE = {d.engine(TRACES)}
+PARTITION BY toDate(Timestamp)
+PRIMARY KEY (ServiceName, SpanName, toDateTime(Timestamp))
+ORDER BY (ServiceName, SpanName, toDateTime(Timestamp), Timestamp)
+{d.ttl("Timestamp")}
+SETTINGS index_granularity = 8192, ttl_only_drop_parts = 1""",
+        *d.distributed(TRACES, sharding),
+        f"""CREATE TABLE IF NOT EXISTS {d.local(TRACE_ID_TS)}{d.on_cluster} (
+    TraceId String CODEC(ZSTD(1)),
+    Start SimpleAggregateFunction(min, DateTime) CODEC(ZSTD(1)),
+    End SimpleAggregateFunction(max, DateTime) CODEC(ZSTD(1))
+) ENGINE = {d.engine(TRACE_ID_TS, "AggregatingMergeTree")}
+PARTITION BY toStartOfWeek(Start)
+ORDER BY (TraceId)
+{d.ttl("Start")}
+SETTINGS index_granularity = 8192, ttl_only_drop_parts = 1""",
+        *d.distributed(TRACE_ID_TS, "cityHash64(TraceId)"),
+        f"""CREATE MATERIALIZED VIEW IF NOT EXISTS {d.local(TRACE_ID_TS)}_mv{d.on_cluster}
+TO {d.local(TRACE_ID_TS)}
+AS SELECT TraceId, min(Timestamp) AS Start, max(Timestamp) AS End
+FROM {table}
+WHERE TraceId != ''
+GROUP BY TraceId""",
+    ]
+
+
+def _rollout_spans(d: _DDL) -> list[str]:
+    table = d.local(ROLLOUT_SPANS)
+    return [
+        f"""CREATE TABLE IF NOT EXISTS {table}{d.on_cluster} (
+    RolloutId String CODEC(ZSTD(1)),
+    TaskId String CODEC(ZSTD(1)),
+    Attempt UInt32,
+    AgentName LowCardinality(String),
+    ResourcesId LowCardinality(String),
+    IsLLMCall Bool,
+    Reward Nullable(Float64),
+    PromptTokenIds Array(UInt32) CODEC(ZSTD(1)),
+    ResponseTokenIds Array(UInt32) CODEC(ZSTD(1)),
+    ResponseLogprobs Array(Float64) CODEC(ZSTD(1)),
+    Timestamp DateTime64(9) CODEC(Delta(8), ZSTD(1)),
+    TraceId String CODEC(ZSTD(1)),
+    SpanId String CODEC(ZSTD(1)),
+    ParentSpanId String CODEC(ZSTD(1)),
+    TraceState String CODEC(ZSTD(1)),
+    SpanName LowCardinality(String),
+    SpanKind LowCardinality(String),
+    ServiceName LowCardinality(String),
+    ResourceAttributes Map(LowCardinality(String), String) CODEC(ZSTD(1)),
+    ScopeName String CODEC(ZSTD(1)),
+    ScopeVersion String CODEC(ZSTD(1)),
+    SpanAttributes Map(LowCardinality(String), String) CODEC(ZSTD(1)),
+    Duration UInt64,
+    StatusCode LowCardinality(String),
+    StatusMessage String CODEC(ZSTD(1)),
+    Events Nested (
+        Timestamp DateTime64(9),
+        Name LowCardinality(String),
+        Attributes Map(LowCardinality(String), String)
+    ) CODEC(ZSTD(1)),
+    Links Nested (
+        TraceId String,
+        SpanId String,
+        TraceState String,
+        Attributes Map(LowCardinality(String), String)
+    ) CODEC(ZSTD(1)),
+    INDEX idx_task TaskId TYPE bloom_filter(0.01) GRANULARITY 1,
+    INDEX idx_resources ResourcesId TYPE set(100) GRANULARITY 1
+) ENGINE = {d.engine(ROLLOUT_SPANS, "ReplacingMergeTree")}
+PARTITION BY toYYYYMM(Timestamp)
+ORDER BY (RolloutId, TraceId, SpanId)
+{d.ttl("Timestamp")}""",
+        *d.distributed(ROLLOUT_SPANS, "cityHash64(RolloutId)"),
+        f"""CREATE MATERIALIZED VIEW IF NOT EXISTS {table}_mv{d.on_cluster}
+TO {table}
+AS SELECT
+    {_ROLLOUT_ID} AS RolloutId,
+    {_attr(semconv.TASK_ID)} AS TaskId,
+    toUInt32OrZero({_attr(semconv.ATTEMPT)}) AS Attempt,
+    {_AGENT} AS AgentName,
+    {_attr(semconv.RESOURCES_ID)} AS ResourcesId,
+    {_IS_LLM_CALL} AS IsLLMCall,
+    {_REWARD} AS Reward,
+    JSONExtract({_attr(semconv.LLM_PROMPT_TOKEN_IDS)}, 'Array(UInt32)') AS PromptTokenIds,
+    JSONExtract({_attr(semconv.LLM_RESPONSE_TOKEN_IDS)}, 'Array(UInt32)') AS ResponseTokenIds,
+    JSONExtract({_attr(semconv.LLM_RESPONSE_LOGPROBS)}, 'Array(Float64)') AS ResponseLogprobs,
+    Timestamp, TraceId, SpanId, ParentSpanId, TraceState, SpanName, SpanKind, ServiceName,
+    ResourceAttributes, ScopeName, ScopeVersion, SpanAttributes, Duration, StatusCode, StatusMessage,
+    `Events.Timestamp`, `Events.Name`, `Events.Attributes`,
+    `Links.TraceId`, `Links.SpanId`, `Links.TraceState`, `Links.Attributes`
+FROM {d.local(TRACES)}""",
+    ]
+
+
+def _resources_and_metrics(d: _DDL) -> list[str]:
+    return [
+        f"""CREATE TABLE IF NOT EXISTS {d.local(RESOURCES)}{d.on_cluster} (
+    Name LowCardinality(String),
+    Version UInt32,
+    Kind Enum8('prompt' = 1, 'checkpoint' = 2),
+    Uri String,
+    Content String CODEC(ZSTD(1)),
+    Metadata String CODEC(ZSTD(1)),
+    Created DateTime64(3) DEFAULT now64(3)
+) ENGINE = {d.engine(RESOURCES, "ReplacingMergeTree")}
+ORDER BY (Name, Version)""",
+        *d.distributed(RESOURCES, "cityHash64(Name)"),
+        f"""CREATE TABLE IF NOT EXISTS {d.local(TRAIN_METRICS)}{d.on_cluster} (
+    Run LowCardinality(String),
+    Step UInt64,
+    Name LowCardinality(String),
+    Value Float64,
+    Time DateTime64(3) DEFAULT now64(3)
+) ENGINE = {d.engine(TRAIN_METRICS)}
+ORDER BY (Run, Name, Step)""",
+        *d.distributed(TRAIN_METRICS, "cityHash64(Run)"),
+    ]
+
+
+# Numbered migrations. Append new ones; never edit one that has shipped.
+MIGRATIONS = (
+    (1, "otel_traces as the OpenTelemetry ClickHouse exporter creates it", _traces),
+    (2, "rollout_spans materialised view", _rollout_spans),
+    (3, "resources and train_metrics", _resources_and_metrics),
+)
+
+LATEST_VERSION = MIGRATIONS[-1][0]
+
+
+def schema_version_ddl(options: SchemaOptions) -> str:
+    d = _DDL(options)
+    return f"""CREATE TABLE IF NOT EXISTS {SCHEMA_VERSION}{d.on_cluster} (
+    Version UInt32,
+    Description String,
+    Applied DateTime64(3) DEFAULT now64(3)
+) ENGINE = {d.engine(SCHEMA_VERSION, "ReplacingMergeTree")}
+ORDER BY Version"""
+
+
+def migration_statements(version: int, options: SchemaOptions) -> list[str]:
+    """The DDL statements of one migration, rendered for these options."""
+    for number, _, build in MIGRATIONS:
+        if number == version:
+            return build(_DDL(options))
+    raise KeyError(version)

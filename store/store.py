@@ -1,0 +1,331 @@
+"""The LightningStore: ClickHouse through clickhouse-connect, embedded (chDB) or a server.
+
+One class serves every caller: the collector inserts columnar span batches, the trainer reads
+span trees and publishes checkpoints, the CLI runs users' SQL. Every user value travels as a
+server-side query parameter (`{name:Type}`), never spliced into SQL text. ClickHouse's own
+errors surface as `InvalidInput` with ClickHouse's message; an unreachable server as
+`StoreUnavailable`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Iterable, Mapping, Sequence
+
+import clickhouse_connect
+from clickhouse_connect.driver.exceptions import DatabaseError, OperationalError
+
+from lightspan.errors import InvalidInput, LightspanError, NotFound, StoreUnavailable
+from lightspan.store import lock
+from lightspan.store.schema import (
+    LATEST_VERSION, MIGRATIONS, RESOURCES, ROLLOUT_SPANS, SCHEMA_VERSION, TRACES, TRAIN_METRICS,
+    SchemaOptions, migration_statements, schema_version_ddl,
+)
+from lightspan.store.spans import SPAN_SELECT, TRACE_COLUMNS, row_to_span, spans_to_columns
+from lightspan.store.url import StoreURL, parse_store_url
+from lightspan.types import Resource, Span, SpanTree
+
+
+@dataclass(slots=True)
+class Rows:
+    """A query result: column names and row tuples."""
+
+    columns: list[str]
+    rows: list[tuple]
+
+    def dicts(self) -> list[dict[str, Any]]:
+        return [dict(zip(self.columns, row)) for row in self.rows]
+
+    def scalar(self) -> Any:
+        return self.rows[0][0] if self.rows else None
+
+
+@dataclass(slots=True)
+class RolloutSummary:
+    """One rollout as `rollouts()` lists it."""
+
+    rollout_id: str
+    task_id: str
+    attempt: int
+    service: str
+    resources_id: str
+    agents: list[str]
+    spans: int
+    llm_calls: int
+    rewards: int
+    last_reward: float | None
+    start: datetime
+    end: datetime
+    errors: int
+
+
+def _clickhouse_message(error: Exception) -> str:
+    """ClickHouse's own words, without the driver's preamble and stack trace."""
+    text = str(error)
+    start = text.find("Code:")
+    text = text[start:] if start >= 0 else text
+    return text.split("Stack trace")[0].strip().splitlines()[0] if text.strip() else repr(error)
+
+
+class Store:
+    """A connection to the LightningStore; create with `Store.connect(url)`."""
+
+    def __init__(self, client: Any, url: StoreURL):
+        self._client = client
+        self.url = url
+        self.options = SchemaOptions(cluster=url.cluster)
+
+    # --- connection -----------------------------------------------------------------------------
+    @classmethod
+    def connect(cls, url: str | None = None, *, migrate: bool = True, connect_timeout: int = 10) -> "Store":
+        """Open the store the URL names (default: LIGHTSPAN_STORE or ./lightspan-data).
+
+        The schema is created or migrated unless `migrate=False`.
+        """
+        parsed = parse_store_url(url)
+        store = cls(cls._open_client(parsed, connect_timeout), parsed)
+        if migrate:
+            try:
+                store.migrate()
+            except BaseException:
+                store.close()
+                raise
+        return store
+
+    @staticmethod
+    def _open_client(url: StoreURL, connect_timeout: int) -> Any:
+        if url.embedded:
+            assert url.path is not None
+            lock.acquire(url.path)
+            try:
+                return clickhouse_connect.get_client(dsn=f"chdb://{url.path}")
+            except Exception as error:
+                lock.release(url.path)
+                raise StoreUnavailable(f"cannot open the embedded store {url.path}: {error}") from None
+        try:
+            client = clickhouse_connect.get_client(
+                host=url.host, port=url.port, username=url.username, password=url.password,
+                secure=url.scheme == "https", connect_timeout=connect_timeout,
+                autogenerate_session_id=False,
+            )
+        except OperationalError as error:
+            raise StoreUnavailable(f"cannot reach ClickHouse at {url}: {_clickhouse_message(error)}") from None
+        except DatabaseError as error:
+            raise StoreUnavailable(f"ClickHouse at {url} refused the connection: {_clickhouse_message(error)}") from None
+        if url.database != "default":
+            client.command(f"CREATE DATABASE IF NOT EXISTS `{url.database}`")
+            client.database = url.database
+        return client
+
+    def close(self) -> None:
+        if self._client is None:
+            return
+        self._client.close()
+        self._client = None
+        if self.url.embedded and self.url.path is not None:
+            lock.release(self.url.path)
+
+    def __enter__(self) -> "Store":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def client(self) -> Any:
+        """The underlying clickhouse-connect client, for callers that need its full API."""
+        if self._client is None:
+            raise LightspanError(f"the store {self.url} is closed")
+        return self._client
+
+    def _call(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return getattr(self.client, method)(*args, **kwargs)
+        except OperationalError as error:
+            raise StoreUnavailable(f"store {self.url} unavailable: {_clickhouse_message(error)}") from None
+        except DatabaseError as error:
+            raise InvalidInput(_clickhouse_message(error)) from None
+
+    # --- SQL ------------------------------------------------------------------------------------
+    def sql(self, query: str, parameters: Mapping[str, Any] | None = None) -> Rows:
+        """Run a query with server-side parameters (`{name:Type}` placeholders)."""
+        result = self._call("query", query, parameters=dict(parameters or {}))
+        return Rows(list(result.column_names), list(result.result_rows))
+
+    def sql_text(self, query: str, parameters: Mapping[str, Any] | None = None, fmt: str = "TabSeparated") -> str:
+        """Run a query and return ClickHouse's own rendering in output format `fmt`."""
+        data = self._call("raw_query", query, parameters=dict(parameters or {}), fmt=fmt)
+        return data.decode() if isinstance(data, bytes) else str(data)
+
+    def command(self, statement: str, parameters: Mapping[str, Any] | None = None) -> Any:
+        return self._call("command", statement, parameters=dict(parameters or {}))
+
+    # --- schema ---------------------------------------------------------------------------------
+    def schema_version(self) -> int:
+        self.command(schema_version_ddl(self.options))
+        return int(self.sql(f"SELECT max(Version) FROM {SCHEMA_VERSION} FINAL").scalar() or 0)
+
+    def migrate(self) -> list[int]:
+        """Apply the migrations this store lacks; returns their numbers (empty when current)."""
+        current = self.schema_version()
+        applied = []
+        for number, description, _ in MIGRATIONS:
+            if number <= current:
+                continue
+            for statement in migration_statements(number, self.options):
+                self.command(statement)
+            self._call("insert", SCHEMA_VERSION, [[number, description]], column_names=["Version", "Description"])
+            applied.append(number)
+        return applied
+
+    @property
+    def latest_schema_version(self) -> int:
+        return LATEST_VERSION
+
+    # --- spans ----------------------------------------------------------------------------------
+    def insert_columns(self, columns: Sequence[Sequence[Any]], column_names: Sequence[str] = TRACE_COLUMNS) -> int:
+        """Insert one columnar batch into `otel_traces` (the collector's path); returns rows.
+
+        The insert returns after ClickHouse committed the batch, materialised views included,
+        which is what lets the collector acknowledge only committed spans.
+        """
+        if not columns or not len(columns[0]):
+            return 0
+        self._call("insert", TRACES, columns, column_names=list(column_names), column_oriented=True)
+        return len(columns[0])
+
+    def insert_spans(self, spans: Sequence[Span]) -> int:
+        """Insert `Span` objects (tests, tools, synthetic data sets)."""
+        return self.insert_columns(spans_to_columns(spans))
+
+    def span_trees(self, rollout_ids: Iterable[str]) -> dict[str, SpanTree]:
+        """Span trees of several rollouts in one query; retried duplicates appear once."""
+        ids = list(dict.fromkeys(rollout_ids))
+        if not ids:
+            return {}
+        rows = self.sql(
+            f"SELECT RolloutId, {SPAN_SELECT} FROM {ROLLOUT_SPANS} FINAL WHERE RolloutId IN {{ids:Array(String)}}",
+            {"ids": ids},
+        ).rows
+        grouped: dict[str, list[Span]] = {}
+        for row in rows:
+            grouped.setdefault(row[0], []).append(row_to_span(row[1:]))
+        return {rid: SpanTree(rid, grouped[rid]) for rid in ids if rid in grouped}
+
+    def span_tree(self, rollout_id: str) -> SpanTree:
+        """The span tree of one rollout; NotFound when the store has no span of it."""
+        tree = self.span_trees([rollout_id]).get(rollout_id)
+        if tree is None:
+            raise NotFound(f"no rollout {rollout_id!r} in {self.url}")
+        return tree
+
+    def rollouts(
+        self,
+        *,
+        service: str | None = None,
+        agent: str | None = None,
+        task: str | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        resources_id: str | None = None,
+        min_rewards: int = 0,
+        shard: tuple[int, int] | None = None,
+        limit: int | None = 100,
+    ) -> list[RolloutSummary]:
+        """Rollouts, newest first, filtered; `shard=(rank, world)` keeps the tasks whose id
+        hashes to `rank`, so data-parallel ranks split the data by whole task groups."""
+        having, params = ["rewards >= {min_rewards:UInt32}"], {"min_rewards": min_rewards}
+        filters = {
+            "service = {service:String}": ("service", service),
+            "has(agents, {agent:String})": ("agent", agent),
+            "task = {task:String}": ("task", task),
+            "start >= {since:DateTime64(9)}": ("since", since),
+            "start < {until:DateTime64(9)}": ("until", until),
+            "resources = {resources:String}": ("resources", resources_id),
+        }
+        for clause, (name, value) in filters.items():
+            if value is not None:
+                having.append(clause)
+                params[name] = value
+        if shard is not None:
+            rank, world = shard
+            having.append("cityHash64(task) % {world:UInt32} = {rank:UInt32}")
+            params.update(rank=rank, world=world)
+        query = f"""
+            SELECT RolloutId, anyIf(TaskId, TaskId != '') AS task, max(Attempt) AS attempt,
+                   any(ServiceName) AS service, anyIf(ResourcesId, ResourcesId != '') AS resources,
+                   arraySort(groupUniqArrayIf(AgentName, AgentName != '')) AS agents,
+                   count() AS spans, countIf(IsLLMCall) AS llm_calls,
+                   countIf(Reward IS NOT NULL) AS rewards,
+                   argMaxIf(Reward, Timestamp, Reward IS NOT NULL) AS last_reward,
+                   min(Timestamp) AS start, max(Timestamp + toIntervalNanosecond(Duration)) AS end,
+                   countIf(StatusCode = 'Error') AS errors
+            FROM {ROLLOUT_SPANS} FINAL
+            GROUP BY RolloutId
+            HAVING {' AND '.join(having)}
+            ORDER BY start DESC, RolloutId
+            {'LIMIT {limit:UInt64}' if limit is not None else ''}"""
+        if limit is not None:
+            params["limit"] = limit
+        return [
+            RolloutSummary(
+                rollout_id=r[0], task_id=r[1], attempt=int(r[2]), service=r[3], resources_id=r[4],
+                agents=list(r[5]), spans=int(r[6]), llm_calls=int(r[7]), rewards=int(r[8]),
+                last_reward=r[9], start=r[10], end=r[11], errors=int(r[12]),
+            )
+            for r in self.sql(query, params).rows
+        ]
+
+    # --- resources ------------------------------------------------------------------------------
+    def publish_resource(
+        self, name: str, kind: str, *, uri: str = "", content: str = "", metadata: Mapping[str, Any] | None = None
+    ) -> Resource:
+        """Append the next version of `name`. Versions are per name and start at 1.
+
+        One publisher per name is assumed (the trainer's rank 0); two concurrent publishers
+        could pick the same number, and the later row would replace the earlier.
+        """
+        if kind not in ("prompt", "checkpoint"):
+            raise InvalidInput(f"resource kind must be 'prompt' or 'checkpoint', not {kind!r}")
+        latest = self.latest_resource(name)
+        version = (latest.version if latest else 0) + 1
+        meta = json.dumps(dict(metadata or {}), default=str)
+        self._call(
+            "insert", RESOURCES, [[name, version, kind, uri, content, meta]],
+            column_names=["Name", "Version", "Kind", "Uri", "Content", "Metadata"],
+        )
+        return Resource(name, version, kind, uri, content, json.loads(meta), datetime.now())
+
+    def resources(self, name: str | None = None) -> list[Resource]:
+        """Every version of `name` (or of every resource), oldest first."""
+        where = "WHERE Name = {name:String}" if name is not None else ""
+        rows = self.sql(
+            f"SELECT Name, Version, Kind, Uri, Content, Metadata, Created FROM {RESOURCES} FINAL {where}"
+            " ORDER BY Name, Version",
+            {"name": name} if name is not None else None,
+        ).rows
+        return [Resource(r[0], int(r[1]), r[2], r[3], r[4], json.loads(r[5] or "{}"), r[6]) for r in rows]
+
+    def latest_resource(self, name: str) -> Resource | None:
+        """The highest version of `name`, or None when it was never published."""
+        versions = self.resources(name)
+        return versions[-1] if versions else None
+
+    # --- training metrics -----------------------------------------------------------------------
+    def log_metrics(self, run: str, step: int, metrics: Mapping[str, float]) -> None:
+        rows = [[run, step, key, float(value)] for key, value in metrics.items()]
+        if rows:
+            self._call("insert", TRAIN_METRICS, rows, column_names=["Run", "Step", "Name", "Value"])
+
+    def metrics(self, run: str) -> dict[str, list[tuple[int, float]]]:
+        """Every metric of a run as name -> [(step, value)] in step order."""
+        rows = self.sql(
+            f"SELECT Name, Step, Value FROM {TRAIN_METRICS} WHERE Run = {{run:String}} ORDER BY Name, Step, Time",
+            {"run": run},
+        ).rows
+        series: dict[str, list[tuple[int, float]]] = {}
+        for name, step, value in rows:
+            series.setdefault(name, []).append((int(step), float(value)))
+        return series
