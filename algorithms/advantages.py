@@ -1,0 +1,158 @@
+"""Group-relative advantage estimators on arrays of per-transition returns.
+
+Each function takes `returns` (one float per transition) and `groups` (one hashable id per
+transition; transitions of a group are compared with each other) and returns an advantage per
+transition. A group of one, or a group whose returns are all equal, carries no signal and gets
+advantage exactly 0, never NaN. Standard deviations are unbiased (ddof=1), as in verl and TRL,
+so GRPO numbers match theirs.
+
+`group_keys` builds the groups from transitions: by task (the GRPO default), or by task, agent
+and step (`task_step`), so the second turn of one episode is not normalised against the first
+turn of another.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Sequence
+from typing import Literal
+
+import numpy as np
+
+from lightspan.errors import InvalidInput
+from lightspan.types import Transition
+
+Scale = Literal["group", "batch", "none"]
+GroupBy = Literal["task", "task_step"]
+Estimator = Literal["grpo", "rloo", "reinforce_pp"]
+ESTIMATORS: tuple[str, ...] = ("grpo", "rloo", "reinforce_pp")
+EPS = 1e-6
+
+
+def grpo(
+    returns: Sequence[float] | np.ndarray,
+    groups: Sequence[Hashable] | np.ndarray,
+    scale: Scale = "group",
+    eps: float = EPS,
+) -> np.ndarray:
+    """(r - group mean) / (std + eps).
+
+    `scale="group"` divides by the group's std (GRPO), `"batch"` by the std of all returns in
+    the batch (less noisy for small groups), `"none"` does not divide (Dr. GRPO: no bias
+    towards groups that are nearly all right or all wrong).
+    """
+    values, index, counts = _grouped(returns, groups)
+    centred = values - _group_mean(values, index, counts)[index]
+    flat = _flat(values, index, counts)
+    if scale == "group":
+        std = np.sqrt(_group_sum(centred**2, index, counts) / np.maximum(counts - 1, 1))
+        advantage = centred / (std[index] + eps)
+    elif scale == "batch":
+        advantage = centred / ((values.std(ddof=1) if values.size > 1 else 0.0) + eps)
+    elif scale == "none":
+        advantage = centred
+    else:
+        raise InvalidInput(f"scale must be 'group', 'batch' or 'none', got {scale!r}")
+    advantage[flat] = 0.0
+    return advantage
+
+
+def rloo(returns: Sequence[float] | np.ndarray, groups: Sequence[Hashable] | np.ndarray) -> np.ndarray:
+    """r minus the mean of the other returns of its group (REINFORCE leave-one-out)."""
+    values, index, counts = _grouped(returns, groups)
+    totals = _group_sum(values, index, counts)
+    others = np.maximum(counts - 1, 1)[index]
+    advantage = values - (totals[index] - values) / others
+    advantage[_flat(values, index, counts)] = 0.0
+    return advantage
+
+
+def reinforce_pp(
+    returns: Sequence[float] | np.ndarray,
+    groups: Sequence[Hashable] | np.ndarray,
+    eps: float = EPS,
+) -> np.ndarray:
+    """REINFORCE++ with a group baseline: r - group mean, then divided by the batch std.
+
+    Centring each group already makes the batch mean zero, so whitening only divides by the
+    batch std; not subtracting a (floating-point) batch mean again keeps flat groups at exactly
+    zero.
+    """
+    values, index, counts = _grouped(returns, groups)
+    centred = values - _group_mean(values, index, counts)[index]
+    centred[_flat(values, index, counts)] = 0.0
+    spread = float(np.sqrt(np.sum(centred**2) / (centred.size - 1))) if centred.size > 1 else 0.0
+    return centred / (spread + eps)
+
+
+def group_keys(transitions: Sequence[Transition], group_by: GroupBy = "task") -> list[tuple[str, ...]]:
+    """One group id per transition: (task,) or (task, agent, step)."""
+    if group_by == "task":
+        return [(t.task_id,) for t in transitions]
+    if group_by == "task_step":
+        return [(t.task_id, t.agent_name, str(t.step)) for t in transitions]
+    raise InvalidInput(f"group_by must be 'task' or 'task_step', got {group_by!r}")
+
+
+def compute(
+    transitions: Sequence[Transition],
+    estimator: Estimator = "grpo",
+    group_by: GroupBy = "task",
+    scale: Scale = "group",
+    eps: float = EPS,
+) -> Sequence[Transition]:
+    """Fill `advantage` from `credited_return` (see `credit.assign`), in place; returns its argument.
+
+    `scale` applies to GRPO only.
+    """
+    missing = [t.span_id for t in transitions if t.credited_return is None]
+    if missing:
+        raise InvalidInput(f"{len(missing)} transitions have no credited_return (run credit.assign first), e.g. {missing[0]}")
+    returns = np.array([t.credited_return for t in transitions], dtype=np.float64)
+    groups = group_keys(transitions, group_by)
+    if estimator == "grpo":
+        values = grpo(returns, groups, scale=scale, eps=eps)
+    elif estimator == "rloo":
+        values = rloo(returns, groups)
+    elif estimator == "reinforce_pp":
+        values = reinforce_pp(returns, groups, eps=eps)
+    else:
+        raise InvalidInput(f"estimator must be one of {', '.join(ESTIMATORS)}, got {estimator!r}")
+    for transition, value in zip(transitions, values.tolist()):
+        transition.advantage = value
+    return transitions
+
+
+def _grouped(
+    returns: Sequence[float] | np.ndarray, groups: Sequence[Hashable] | np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Returns as float64, each element's dense group index, and each group's size."""
+    values = np.array(returns, dtype=np.float64).reshape(-1)
+    if len(groups) != values.size:
+        raise InvalidInput(f"returns and groups differ in length: {values.size} vs {len(groups)}")
+    if not np.all(np.isfinite(values)):
+        raise InvalidInput("returns must be finite")
+    ids: dict[Hashable, int] = {}
+    index = np.fromiter((ids.setdefault(g, len(ids)) for g in _hashable(groups)), dtype=np.int64, count=values.size)
+    counts = np.bincount(index, minlength=len(ids))
+    return values, index, counts
+
+
+def _hashable(groups: Sequence[Hashable] | np.ndarray) -> Sequence[Hashable]:
+    return groups.tolist() if isinstance(groups, np.ndarray) else groups
+
+
+def _group_sum(values: np.ndarray, index: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    return np.bincount(index, weights=values, minlength=counts.size)
+
+
+def _group_mean(values: np.ndarray, index: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    return _group_sum(values, index, counts) / np.maximum(counts, 1)
+
+
+def _flat(values: np.ndarray, index: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """Mask of elements whose group has one member or no spread (max == min)."""
+    high = np.full(counts.size, -np.inf)
+    low = np.full(counts.size, np.inf)
+    np.maximum.at(high, index, values)
+    np.minimum.at(low, index, values)
+    return ((counts <= 1) | (high == low))[index]

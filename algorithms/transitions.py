@@ -1,0 +1,293 @@
+"""One rollout's span tree → the transitions (LLM calls) of the agents being trained.
+
+Rules, in the order they apply:
+
+* **Which spans are calls.** Any span `dialects.is_llm_call` accepts. When an LLM span contains
+  another LLM span (a framework wrapper around the provider SDK's span, both instrumented), the
+  innermost one is the call and the wrapper is not counted again; what the inner span lacks
+  (messages, token ids, model) is taken from enclosing LLM spans that wrap only this one call.
+* **Order and steps.** Calls are ordered by start time, then depth (parent first), then tree
+  order; `step` counts each agent's calls from 0.
+* **Agent.** `lightspan.agent.name`, `gen_ai.agent.name` or OpenInference `agent.name` on the
+  span, else the nearest ancestor that names one, else "".
+* **Rewards.** Each `lightspan.reward` span (at its start) and each `gen_ai.evaluation.result`
+  event with a numeric score (at its time) goes to the most recent call of the same agent that
+  ended before it; an evaluation event on an LLM span itself scores that call. A reward that
+  names no agent goes to the most recent call of any agent. A reward with no such call is
+  episode-level.
+* **Final reward.** The last reward marked `lightspan.reward.final = "true"`, else the last
+  episode-level reward, else the last reward. It is stored in `final_reward` only: it is taken
+  out of the intermediate `rewards` of the call it followed, so credit assignment counts it once.
+* **Failure.** A rollout fails when a root span has status Error. `failed="drop"` drops it;
+  `failed="keep"` keeps it with `final_reward = failed_reward` (default 0.0, so a crash is
+  never rewarded), or with its recorded final reward when `failed_reward` is None.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Literal, Union
+
+from lightspan import semconv
+from lightspan.algorithms.dialects import LLMCall, is_llm_call, parse_call
+from lightspan.errors import InvalidInput
+from lightspan.types import Span, SpanTree, Transition
+
+AgentSelector = Union[str, "re.Pattern[str]", Iterable[Union[str, "re.Pattern[str]"]], None]
+FailedPolicy = Literal["keep", "drop"]
+
+_AGENT_KEYS = (semconv.AGENT_NAME, semconv.GEN_AI_AGENT_NAME, semconv.OI_AGENT_NAME)
+
+
+@dataclass(slots=True)
+class _Call:
+    span: Span
+    depth: int
+    order: int
+    agent: str
+    parsed: LLMCall
+    rewards: list[_Reward] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class _Reward:
+    value: float
+    time_ns: int
+    order: int
+    agent: str
+    final: bool
+    on_call: _Call | None = None  # an evaluation event recorded on the call it scores
+    credited_to: _Call | None = None
+
+
+def from_spans(
+    spans: Sequence[Span] | SpanTree,
+    agents: AgentSelector = None,
+    *,
+    failed: FailedPolicy = "keep",
+    failed_reward: float | None = 0.0,
+    rollout_id: str | None = None,
+) -> list[Transition]:
+    """Extract the ordered transitions of one rollout (see the module docstring for the rules).
+
+    `agents` keeps only the calls of the agents being trained: a name, a regex (a string is
+    matched exactly or as a full regex match), or a list of them; None keeps every agent.
+    `rollout_id` overrides the id read from the spans (`lightspan.rollout.id`, else trace id).
+    """
+    if failed not in ("keep", "drop"):
+        raise InvalidInput(f"failed must be 'keep' or 'drop', got {failed!r}")
+    tree = spans if isinstance(spans, SpanTree) else SpanTree(rollout_id or "", list(spans))
+    if not tree.spans:
+        return []
+    rollout_failed = any(root.status_code == semconv.STATUS_ERROR for root in tree.roots)
+    if rollout_failed and failed == "drop":
+        return []
+
+    calls, rewards = _scan(tree)
+    _credit_rewards(calls, rewards)
+    final = _final_reward(rewards)
+    if final is not None and final.credited_to is not None:
+        final.credited_to.rewards.remove(final)
+    final_value = None if final is None else final.value
+    if rollout_failed and failed_reward is not None:
+        final_value = failed_reward
+
+    identity = _RolloutIdentity.of(tree, rollout_id)
+    keep = _agent_matcher(agents)
+    steps: dict[str, int] = {}
+    transitions: list[Transition] = []
+    for call in calls:
+        step = steps.get(call.agent, 0)
+        steps[call.agent] = step + 1
+        if keep(call.agent):
+            transitions.append(_transition(call, step, identity, final_value, rollout_failed))
+    return transitions
+
+
+def _scan(tree: SpanTree) -> tuple[list[_Call], list[_Reward]]:
+    """One depth-first pass: inherited agent names, innermost LLM calls, rewards."""
+    llm_ancestor: dict[str, Span | None] = {}
+    candidates: list[tuple[Span, int, int, str]] = []
+    reward_spans: list[tuple[Span, int, str]] = []
+    agent_of: dict[str, str] = {}
+    stack: list[tuple[Span, int, str, Span | None]] = [(root, 0, "", None) for root in reversed(tree.roots)]
+    order = 0
+    while stack:
+        span, depth, inherited, enclosing_llm = stack.pop()
+        agent = _own_agent(span) or inherited
+        agent_of[span.span_id] = agent
+        order += 1
+        llm = is_llm_call(span)
+        if llm:
+            llm_ancestor[span.span_id] = enclosing_llm
+            candidates.append((span, depth, order, agent))
+        if span.name == semconv.REWARD_SPAN:
+            reward_spans.append((span, order, agent))
+        below = span if llm else enclosing_llm
+        stack.extend((child, depth + 1, agent, below) for child in reversed(tree.children(span)))
+
+    wrappers = {a.span_id for a in llm_ancestor.values() if a is not None}
+    calls_under: dict[str, int] = {}
+    for span, *_ in candidates:
+        if span.span_id in wrappers:
+            continue
+        ancestor = llm_ancestor[span.span_id]
+        while ancestor is not None:
+            calls_under[ancestor.span_id] = calls_under.get(ancestor.span_id, 0) + 1
+            ancestor = llm_ancestor[ancestor.span_id]
+
+    calls: list[_Call] = []
+    by_span: dict[str, _Call] = {}
+    for span, depth, position, agent in candidates:
+        if span.span_id in wrappers:
+            continue
+        parsed = parse_call(span)
+        ancestor = llm_ancestor[span.span_id]
+        while ancestor is not None and calls_under[ancestor.span_id] == 1:
+            parsed.fill_from(parse_call(ancestor))
+            ancestor = llm_ancestor[ancestor.span_id]
+        call = _Call(span, depth, position, agent, parsed)
+        calls.append(call)
+        by_span[span.span_id] = call
+    calls.sort(key=lambda c: (c.span.start_ns, c.depth, c.order))
+
+    rewards = [
+        _Reward(_reward_value(span), span.start_ns, position, agent, span.attributes.get(semconv.REWARD_FINAL) == "true")
+        for span, position, agent in reward_spans
+    ]
+    for span in tree.spans:
+        for event in span.events:
+            if event.name != semconv.GEN_AI_EVALUATION_EVENT or semconv.GEN_AI_EVALUATION_SCORE not in event.attributes:
+                continue
+            rewards.append(
+                _Reward(
+                    _float(event.attributes[semconv.GEN_AI_EVALUATION_SCORE], span, semconv.GEN_AI_EVALUATION_SCORE),
+                    event.time_ns,
+                    order + len(rewards),
+                    agent_of[span.span_id],
+                    event.attributes.get(semconv.REWARD_FINAL) == "true",
+                    on_call=by_span.get(span.span_id),
+                )
+            )
+    rewards.sort(key=lambda r: (r.time_ns, r.order))
+    return calls, rewards
+
+
+def _credit_rewards(calls: list[_Call], rewards: list[_Reward]) -> None:
+    for reward in rewards:
+        target = reward.on_call
+        if target is None:
+            eligible = [
+                c for c in calls if c.span.end_ns <= reward.time_ns and (not reward.agent or c.agent == reward.agent)
+            ]
+            if eligible:
+                target = max(eligible, key=lambda c: (c.span.end_ns, c.span.start_ns, c.order))
+        if target is not None:
+            reward.credited_to = target
+            target.rewards.append(reward)
+
+
+def _final_reward(rewards: list[_Reward]) -> _Reward | None:
+    for pool in ([r for r in rewards if r.final], [r for r in rewards if r.credited_to is None], rewards):
+        if pool:
+            return pool[-1]
+    return None
+
+
+@dataclass(slots=True)
+class _RolloutIdentity:
+    rollout_id: str
+    task_id: str
+    attempt: int
+    resources_id: str
+
+    @classmethod
+    def of(cls, tree: SpanTree, rollout_id: str | None) -> _RolloutIdentity:
+        """Rollout-level attributes from the first span (in start order) that carries each."""
+
+        def first(key: str) -> str:
+            return next((s.attributes[key] for s in tree.spans if key in s.attributes), "")
+
+        attempt = first(semconv.ATTEMPT)
+        try:
+            attempt_number = int(float(attempt)) if attempt else 0
+        except ValueError:
+            raise InvalidInput(f"rollout {tree.rollout_id}: {semconv.ATTEMPT} is not a number: {attempt!r}") from None
+        return cls(
+            rollout_id=rollout_id or tree.rollout_id or first(semconv.ROLLOUT_ID) or tree.roots[0].trace_id,
+            task_id=first(semconv.TASK_ID),
+            attempt=attempt_number,
+            resources_id=first(semconv.RESOURCES_ID),
+        )
+
+
+def _transition(call: _Call, step: int, identity: _RolloutIdentity, final: float | None, failed: bool) -> Transition:
+    parsed = call.parsed
+    attributes = call.span.attributes
+    return Transition(
+        rollout_id=identity.rollout_id,
+        task_id=attributes.get(semconv.TASK_ID) or identity.task_id,
+        span_id=call.span.span_id,
+        messages=parsed.messages or [],
+        response=parsed.response or {"role": "assistant", "content": ""},
+        agent_name=call.agent,
+        step=step,
+        attempt=identity.attempt,
+        resources_id=attributes.get(semconv.RESOURCES_ID) or identity.resources_id,
+        model=parsed.model,
+        start_ns=call.span.start_ns,
+        end_ns=call.span.end_ns,
+        prompt_token_ids=parsed.prompt_token_ids,
+        response_token_ids=parsed.response_token_ids,
+        response_logprobs=parsed.response_logprobs,
+        rewards=[r.value for r in call.rewards],
+        final_reward=final,
+        failed=failed,
+    )
+
+
+def _own_agent(span: Span) -> str:
+    for key in _AGENT_KEYS:
+        name = span.attributes.get(key)
+        if name:
+            return name
+    return ""
+
+
+def _agent_matcher(agents: AgentSelector):  # noqa: ANN202 - a private predicate
+    if agents is None:
+        return lambda name: True
+    selectors = [agents] if isinstance(agents, (str, re.Pattern)) else list(agents)
+    patterns: list[re.Pattern[str]] = []
+    names: set[str] = set()
+    for selector in selectors:
+        if isinstance(selector, re.Pattern):
+            patterns.append(selector)
+        elif isinstance(selector, str):
+            names.add(selector)
+            try:
+                patterns.append(re.compile(selector))
+            except re.error:
+                pass  # not a regex: an exact name only
+        else:
+            raise InvalidInput(f"agents must be names or regular expressions, got {selector!r}")
+    return lambda name: name in names or any(p.fullmatch(name) for p in patterns)
+
+
+def _reward_value(span: Span) -> float:
+    raw = span.attributes.get(semconv.REWARD_VALUE)
+    if raw is None:
+        raise InvalidInput(f"span {span.span_id}: a {semconv.REWARD_SPAN} span has no {semconv.REWARD_VALUE}")
+    return _float(raw, span, semconv.REWARD_VALUE)
+
+
+def _float(raw: str, span: Span, key: str) -> float:
+    try:
+        value = float(raw)
+    except ValueError:
+        raise InvalidInput(f"span {span.span_id}: {key} is not a number: {raw!r}") from None
+    if value != value or value in (float("inf"), float("-inf")):
+        raise InvalidInput(f"span {span.span_id}: {key} must be finite, got {raw!r}")
+    return value
