@@ -45,9 +45,11 @@ def grpo(
     flat = _flat(values, index, counts)
     if scale == "group":
         std = np.sqrt(_group_sum(centred**2, index, counts) / np.maximum(counts - 1, 1))
-        advantage = centred / (std[index] + eps)
+        with np.errstate(divide="ignore", invalid="ignore"):  # flat groups with eps=0: zeroed below
+            advantage = centred / (std[index] + eps)
     elif scale == "batch":
-        advantage = centred / ((values.std(ddof=1) if values.size > 1 else 0.0) + eps)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            advantage = centred / ((values.std(ddof=1) if values.size > 1 else 0.0) + eps)
     elif scale == "none":
         advantage = centred
     else:
@@ -56,13 +58,35 @@ def grpo(
     return advantage
 
 
-def rloo(returns: Sequence[float] | np.ndarray, groups: Sequence[Hashable] | np.ndarray) -> np.ndarray:
-    """r minus the mean of the other returns of its group (REINFORCE leave-one-out)."""
+def rloo(
+    returns: Sequence[float] | np.ndarray,
+    groups: Sequence[Hashable] | np.ndarray,
+    rollouts: Sequence[Hashable] | np.ndarray | None = None,
+) -> np.ndarray:
+    """r minus the mean return of the rest of its group (REINFORCE leave-one-out).
+
+    With `rollouts` (one id per element) the whole episode is left out, not just the element:
+    an episode's other calls are not an independent baseline for one of its calls. An element
+    with no other episode in its group gets 0.
+    """
     values, index, counts = _grouped(returns, groups)
     totals = _group_sum(values, index, counts)
-    others = np.maximum(counts - 1, 1)[index]
-    advantage = values - (totals[index] - values) / others
-    advantage[_flat(values, index, counts)] = 0.0
+    if rollouts is None:
+        own_total, own_count = values, np.ones_like(values)
+    else:
+        if len(rollouts) != values.size:
+            raise InvalidInput(f"returns and rollouts differ in length: {values.size} vs {len(rollouts)}")
+        pairs: dict[tuple[int, Hashable], int] = {}
+        pair = np.fromiter(
+            (pairs.setdefault((g, r), len(pairs)) for g, r in zip(index.tolist(), _hashable(rollouts))),
+            dtype=np.int64,
+            count=values.size,
+        )
+        own_total = np.bincount(pair, weights=values)[pair]
+        own_count = np.bincount(pair).astype(np.float64)[pair]
+    others = counts[index] - own_count
+    advantage = values - (totals[index] - own_total) / np.maximum(others, 1)
+    advantage[(others == 0) | _flat(values, index, counts)] = 0.0
     return advantage
 
 
@@ -81,7 +105,9 @@ def reinforce_pp(
     centred = values - _group_mean(values, index, counts)[index]
     centred[_flat(values, index, counts)] = 0.0
     spread = float(np.sqrt(np.sum(centred**2) / (centred.size - 1))) if centred.size > 1 else 0.0
-    return centred / (spread + eps)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        advantage = centred / (spread + eps)
+    return np.where(centred == 0.0, 0.0, advantage)
 
 
 def group_keys(transitions: Sequence[Transition], group_by: GroupBy = "task") -> list[tuple[str, ...]]:
@@ -102,17 +128,19 @@ def compute(
 ) -> Sequence[Transition]:
     """Fill `advantage` from `credited_return` (see `credit.assign`), in place; returns its argument.
 
-    `scale` applies to GRPO only.
+    `scale` applies to GRPO only; RLOO leaves out the whole rollout of each transition.
     """
     missing = [t.span_id for t in transitions if t.credited_return is None]
     if missing:
-        raise InvalidInput(f"{len(missing)} transitions have no credited_return (run credit.assign first), e.g. {missing[0]}")
+        raise InvalidInput(
+            f"{len(missing)} transitions have no credited_return (run credit.assign first), e.g. {missing[0]}"
+        )
     returns = np.array([t.credited_return for t in transitions], dtype=np.float64)
     groups = group_keys(transitions, group_by)
     if estimator == "grpo":
         values = grpo(returns, groups, scale=scale, eps=eps)
     elif estimator == "rloo":
-        values = rloo(returns, groups)
+        values = rloo(returns, groups, [t.rollout_id for t in transitions])
     elif estimator == "reinforce_pp":
         values = reinforce_pp(returns, groups, eps=eps)
     else:
@@ -132,7 +160,9 @@ def _grouped(
     if not np.all(np.isfinite(values)):
         raise InvalidInput("returns must be finite")
     ids: dict[Hashable, int] = {}
-    index = np.fromiter((ids.setdefault(g, len(ids)) for g in _hashable(groups)), dtype=np.int64, count=values.size)
+    index = np.fromiter(
+        (ids.setdefault(g, len(ids)) for g in _hashable(groups)), dtype=np.int64, count=values.size
+    )
     counts = np.bincount(index, minlength=len(ids))
     return values, index, counts
 

@@ -97,7 +97,9 @@ def _read_genai(span: Span) -> tuple[list[Message], list[Message]]:
     outputs = _genai_messages(span, semconv.GEN_AI_OUTPUT_MESSAGES)
     instructions = _json_attr(span, semconv.GEN_AI_SYSTEM_INSTRUCTIONS)
     if instructions and inputs and not any(m["role"] == "system" for m in inputs):
-        parts = instructions if isinstance(instructions, list) else [{"type": "text", "content": instructions}]
+        parts = (
+            instructions if isinstance(instructions, list) else [{"type": "text", "content": instructions}]
+        )
         inputs = _from_parts("system", parts, span) + inputs
     return inputs, outputs
 
@@ -107,7 +109,9 @@ def _genai_messages(span: Span, key: str) -> list[Message]:
     if value is None:
         return []
     if not isinstance(value, list):
-        raise InvalidInput(f"span {span.span_id}: {key} must be a JSON list of messages, got {type(value).__name__}")
+        raise InvalidInput(
+            f"span {span.span_id}: {key} must be a JSON list of messages, got {type(value).__name__}"
+        )
     messages: list[Message] = []
     for raw in value:
         if not isinstance(raw, dict) or "role" not in raw:
@@ -208,7 +212,12 @@ def _oi_message(fields: dict[str, Any], default_role: str = "user") -> Message:
         for item in _ordered(fields["contents"]):
             part = item.get("message_content", {})
             if part.get("type") == "image":
-                parts.append({"type": "image_url", "image_url": {"url": part.get("image", {}).get("image", {}).get("url", "")}})
+                parts.append(
+                    {
+                        "type": "image_url",
+                        "image_url": {"url": part.get("image", {}).get("image", {}).get("url", "")},
+                    }
+                )
             else:
                 parts.append({"type": "text", "text": part.get("text", "")})
         content = _join_content(parts)
@@ -219,7 +228,9 @@ def _oi_message(fields: dict[str, Any], default_role: str = "user") -> Message:
         for item in calls:
             call = item.get("tool_call", {})
             function = call.get("function", {})
-            message["tool_calls"].append(_tool_call(call.get("id"), function.get("name"), function.get("arguments")))
+            message["tool_calls"].append(
+                _tool_call(call.get("id"), function.get("name"), function.get("arguments"))
+            )
     for key in ("tool_call_id", "name"):
         if fields.get(key):
             message[key] = fields[key]
@@ -256,7 +267,12 @@ def _tool_call(call_id: Any, name: Any, arguments: Any) -> dict[str, Any]:
     return {
         "id": call_id or "",
         "type": "function",
-        "function": {"name": name or "", "arguments": arguments if isinstance(arguments, str) else json.dumps(arguments if arguments is not None else {})},
+        "function": {
+            "name": name or "",
+            "arguments": arguments
+            if isinstance(arguments, str)
+            else json.dumps(arguments if arguments is not None else {}),
+        },
     }
 
 
@@ -280,7 +296,9 @@ def _json_attr(span: Span, key: str) -> Any:
     try:
         return json.loads(raw)
     except ValueError as error:
-        raise InvalidInput(f"span {span.span_id}: attribute {key} is not valid JSON ({error}): {raw[:200]!r}") from None
+        raise InvalidInput(
+            f"span {span.span_id}: attribute {key} is not valid JSON ({error}): {raw[:200]!r}"
+        ) from None
 
 
 def _int_list(span: Span, key: str) -> list[int] | None:
@@ -296,6 +314,8 @@ def _float_list(span: Span, key: str) -> list[float] | None:
     value = _json_attr(span, key)
     if value is None:
         return None
-    if not isinstance(value, list) or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+    if not isinstance(value, list) or not all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) for v in value
+    ):
         raise InvalidInput(f"span {span.span_id}: attribute {key} must be a JSON array of numbers")
     return [float(v) for v in value]

@@ -13,6 +13,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from lightspan.algorithms import advantages as advantage_estimators
 from lightspan.algorithms import credit as credit_strategies
 from lightspan.algorithms.transitions import AgentSelector, FailedPolicy, from_spans
+
 from lightspan.types import Span, SpanTree, Transition
 
 
@@ -41,7 +42,9 @@ def prepare(
         items = [(tree.rollout_id, tree) for tree in rollouts]
     by_rollout: dict[str, list[Transition]] = {}
     for rollout_id, spans in items:
-        extracted = from_spans(spans, agents, failed=failed, failed_reward=failed_reward, rollout_id=rollout_id or None)
+        extracted = from_spans(
+            spans, agents, failed=failed, failed_reward=failed_reward, rollout_id=rollout_id or None
+        )
         if extracted:
             by_rollout.setdefault(extracted[0].rollout_id, []).extend(extracted)
     credit_strategies.assign(by_rollout, credit, gamma)

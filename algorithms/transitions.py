@@ -25,13 +25,15 @@ Rules, in the order they apply:
 
 from __future__ import annotations
 
+import math
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, Union
 
-from lightspan import semconv
 from lightspan.algorithms.dialects import LLMCall, is_llm_call, parse_call
+
+from lightspan import semconv
 from lightspan.errors import InvalidInput
 from lightspan.types import Span, SpanTree, Transition
 
@@ -154,16 +156,29 @@ def _scan(tree: SpanTree) -> tuple[list[_Call], list[_Reward]]:
     calls.sort(key=lambda c: (c.span.start_ns, c.depth, c.order))
 
     rewards = [
-        _Reward(_reward_value(span), span.start_ns, position, agent, span.attributes.get(semconv.REWARD_FINAL) == "true")
+        _Reward(
+            _reward_value(span),
+            span.start_ns,
+            position,
+            agent,
+            span.attributes.get(semconv.REWARD_FINAL) == "true",
+        )
         for span, position, agent in reward_spans
     ]
     for span in tree.spans:
         for event in span.events:
-            if event.name != semconv.GEN_AI_EVALUATION_EVENT or semconv.GEN_AI_EVALUATION_SCORE not in event.attributes:
+            if (
+                event.name != semconv.GEN_AI_EVALUATION_EVENT
+                or semconv.GEN_AI_EVALUATION_SCORE not in event.attributes
+            ):
                 continue
             rewards.append(
                 _Reward(
-                    _float(event.attributes[semconv.GEN_AI_EVALUATION_SCORE], span, semconv.GEN_AI_EVALUATION_SCORE),
+                    _float(
+                        event.attributes[semconv.GEN_AI_EVALUATION_SCORE],
+                        span,
+                        semconv.GEN_AI_EVALUATION_SCORE,
+                    ),
                     event.time_ns,
                     order + len(rewards),
                     agent_of[span.span_id],
@@ -180,7 +195,9 @@ def _credit_rewards(calls: list[_Call], rewards: list[_Reward]) -> None:
         target = reward.on_call
         if target is None:
             eligible = [
-                c for c in calls if c.span.end_ns <= reward.time_ns and (not reward.agent or c.agent == reward.agent)
+                c
+                for c in calls
+                if c.span.end_ns <= reward.time_ns and (not reward.agent or c.agent == reward.agent)
             ]
             if eligible:
                 target = max(eligible, key=lambda c: (c.span.end_ns, c.span.start_ns, c.order))
@@ -214,7 +231,9 @@ class _RolloutIdentity:
         try:
             attempt_number = int(float(attempt)) if attempt else 0
         except ValueError:
-            raise InvalidInput(f"rollout {tree.rollout_id}: {semconv.ATTEMPT} is not a number: {attempt!r}") from None
+            raise InvalidInput(
+                f"rollout {tree.rollout_id}: {semconv.ATTEMPT} is not a number: {attempt!r}"
+            ) from None
         return cls(
             rollout_id=rollout_id or tree.rollout_id or first(semconv.ROLLOUT_ID) or tree.roots[0].trace_id,
             task_id=first(semconv.TASK_ID),
@@ -223,7 +242,9 @@ class _RolloutIdentity:
         )
 
 
-def _transition(call: _Call, step: int, identity: _RolloutIdentity, final: float | None, failed: bool) -> Transition:
+def _transition(
+    call: _Call, step: int, identity: _RolloutIdentity, final: float | None, failed: bool
+) -> Transition:
     parsed = call.parsed
     attributes = call.span.attributes
     return Transition(
@@ -256,7 +277,7 @@ def _own_agent(span: Span) -> str:
     return ""
 
 
-def _agent_matcher(agents: AgentSelector):  # noqa: ANN202 - a private predicate
+def _agent_matcher(agents: AgentSelector) -> Callable[[str], bool]:
     if agents is None:
         return lambda name: True
     selectors = [agents] if isinstance(agents, (str, re.Pattern)) else list(agents)
@@ -288,6 +309,6 @@ def _float(raw: str, span: Span, key: str) -> float:
         value = float(raw)
     except ValueError:
         raise InvalidInput(f"span {span.span_id}: {key} is not a number: {raw!r}") from None
-    if value != value or value in (float("inf"), float("-inf")):
+    if not math.isfinite(value):
         raise InvalidInput(f"span {span.span_id}: {key} must be finite, got {raw!r}")
     return value
