@@ -90,3 +90,12 @@ SPAN_KINDS = ("Unspecified", "Internal", "Server", "Client", "Producer", "Consum
 STATUS_CODES = ("Unset", "Ok", "Error")
 STATUS_ERROR = "Error"
 SERVICE_NAME = "service.name"
+
+# --- Appended by instrumentation -----------------------------------------------------------------
+# Name of the action / observation recorded by emit_action / emit_observation (the span is named
+# ACTION_SPAN / OBSERVATION_SPAN so a query can select every action without a name list).
+ACTION_NAME = "lightspan.action.name"
+OBSERVATION_NAME = "lightspan.observation.name"
+# "true" makes the zero-code instrumentor (opentelemetry-instrument) ask an OpenAI-compatible server
+# for token ids and logprobs, as instrument(request_token_ids=True) does.
+ENV_REQUEST_TOKEN_IDS = "LIGHTSPAN_REQUEST_TOKEN_IDS"
