@@ -10,6 +10,7 @@ errors surface as `InvalidInput` with ClickHouse's message; an unreachable serve
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Iterable, Mapping, Sequence
@@ -17,7 +18,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import clickhouse_connect
 from clickhouse_connect.driver.exceptions import DatabaseError, OperationalError
 
-from lightspan.errors import InvalidInput, LightspanError, NotFound, StoreUnavailable
+from lightspan.errors import InvalidInput, LightspanError, NotFound, StoreLocked, StoreUnavailable
 from lightspan.store import lock
 from lightspan.store.schema import (
     LATEST_VERSION, MIGRATIONS, RESOURCES, ROLLOUT_SPANS, SCHEMA_VERSION, TRACES, TRAIN_METRICS,
@@ -62,8 +63,11 @@ class RolloutSummary:
 
 
 def _clickhouse_message(error: Exception) -> str:
-    """ClickHouse's own words, without the driver's preamble and stack trace."""
+    """ClickHouse's own words (or the socket's), without the driver's preamble and stack trace."""
     text = str(error)
+    errno = re.search(r"\[Errno -?\d+\] ([^\"')]+)", text)
+    if errno:
+        return errno.group(1).strip()
     start = text.find("Code:")
     text = text[start:] if start >= 0 else text
     return text.split("Stack trace")[0].strip().splitlines()[0] if text.strip() else repr(error)
@@ -82,10 +86,20 @@ class Store:
     def connect(cls, url: str | None = None, *, migrate: bool = True, connect_timeout: int = 10) -> "Store":
         """Open the store the URL names (default: LIGHTSPAN_STORE or ./lightspan-data).
 
-        The schema is created or migrated unless `migrate=False`.
+        An embedded directory owned by a running collector is reached through the SQL endpoint
+        that collector advertises, so every tool works while it ingests. The schema is created
+        or migrated unless `migrate=False`.
         """
         parsed = parse_store_url(url)
-        store = cls(cls._open_client(parsed, connect_timeout), parsed)
+        try:
+            client = cls._open_client(parsed, connect_timeout)
+        except StoreLocked:
+            endpoint = lock.read_endpoint(parsed.path) if parsed.path else None
+            if endpoint is None:
+                raise
+            parsed = parse_store_url(endpoint)
+            client = cls._open_client(parsed, connect_timeout)
+        store = cls(client, parsed)
         if migrate:
             try:
                 store.migrate()
@@ -153,11 +167,6 @@ class Store:
         """Run a query with server-side parameters (`{name:Type}` placeholders)."""
         result = self._call("query", query, parameters=dict(parameters or {}))
         return Rows(list(result.column_names), list(result.result_rows))
-
-    def sql_text(self, query: str, parameters: Mapping[str, Any] | None = None, fmt: str = "TabSeparated") -> str:
-        """Run a query and return ClickHouse's own rendering in output format `fmt`."""
-        data = self._call("raw_query", query, parameters=dict(parameters or {}), fmt=fmt)
-        return data.decode() if isinstance(data, bytes) else str(data)
 
     def command(self, statement: str, parameters: Mapping[str, Any] | None = None) -> Any:
         return self._call("command", statement, parameters=dict(parameters or {}))
