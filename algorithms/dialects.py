@@ -86,6 +86,8 @@ def parse_call(span: Span) -> LLMCall:
             call.messages = messages
         if call.response is None and outputs:
             call.response = outputs[0]
+        if call.messages is not None and call.response is not None:
+            break  # the later dialects would only repeat it
     return call
 
 
@@ -305,7 +307,8 @@ def _int_list(span: Span, key: str) -> list[int] | None:
     value = _json_attr(span, key)
     if value is None:
         return None
-    if not isinstance(value, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+    # set(map(type, ...)) runs in C: validating long id arrays must not cost more than parsing them.
+    if not isinstance(value, list) or not set(map(type, value)) <= {int}:
         raise InvalidInput(f"span {span.span_id}: attribute {key} must be a JSON array of integers")
     return value
 
@@ -314,8 +317,7 @@ def _float_list(span: Span, key: str) -> list[float] | None:
     value = _json_attr(span, key)
     if value is None:
         return None
-    if not isinstance(value, list) or not all(
-        isinstance(v, (int, float)) and not isinstance(v, bool) for v in value
-    ):
+    types = set(map(type, value)) if isinstance(value, list) else {None}
+    if not types <= {int, float}:
         raise InvalidInput(f"span {span.span_id}: attribute {key} must be a JSON array of numbers")
-    return [float(v) for v in value]
+    return value if int not in types else [float(v) for v in value]

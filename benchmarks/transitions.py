@@ -1,0 +1,143 @@
+"""Rollouts per second from stored span trees to advantage-ready transitions.
+
+Builds N rollouts of 20 spans each (a root, 5 chat calls with messages and token ids, 5 tool
+calls, 8 internal steps, a reward), stores them in an embedded chDB store, then times, in the
+same run:
+
+* read: `store.span_trees(ids)`, the rows the trainer reads (the baseline);
+* extract: `algorithms.prepare(trees)`, span trees → transitions → step credit → GRPO.
+
+Extraction should cost less than the read, so the algorithms never bound the trainer's input.
+
+    python benchmarks/transitions.py [--rollouts 10000] [--store chdb:///tmp/x]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import tempfile
+import time
+
+from lightspan.algorithms import prepare
+from lightspan.store import Store
+
+from lightspan import semconv
+from lightspan.types import Span
+
+CALLS = 5
+TOOLS = 5
+STEPS = 8  # root + calls + tools + steps + reward = 20 spans
+
+
+def rollout(index: int, rng: random.Random) -> list[Span]:
+    """One synthetic episode in the current GenAI dialect, as an instrumented agent records it."""
+    trace = f"{rng.getrandbits(128):032x}"
+    ids = iter(f"{rng.getrandbits(64):016x}" for _ in range(32))
+    common = {
+        semconv.ROLLOUT_ID: f"rollout-{index}",
+        semconv.TASK_ID: f"task-{index // 8}",
+        semconv.ATTEMPT: "0",
+    }
+    root = next(ids)
+    start = 1_700_000_000_000_000_000 + index * 1_000_000_000
+    spans = [
+        Span(trace, root, "", "agent.run", start, start + 900_000_000, dict(common), service_name="bench")
+    ]
+    messages: list[dict[str, object]] = [
+        {"role": "system", "content": "Solve the task."},
+        {"role": "user", "content": f"task {index}"},
+    ]
+    t = start
+    for call in range(CALLS):
+        t += 10_000_000
+        answer = {"role": "assistant", "content": f"thought {call}: " + "x" * rng.randrange(20, 200)}
+        spans.append(
+            Span(
+                trace,
+                next(ids),
+                root,
+                "chat policy",
+                t,
+                t + 8_000_000,
+                {
+                    **common,
+                    semconv.GEN_AI_OPERATION_NAME: "chat",
+                    semconv.GEN_AI_REQUEST_MODEL: "policy",
+                    semconv.GEN_AI_INPUT_MESSAGES: json.dumps(messages),
+                    semconv.GEN_AI_OUTPUT_MESSAGES: json.dumps([answer]),
+                    semconv.LLM_PROMPT_TOKEN_IDS: json.dumps(
+                        [rng.randrange(32000) for _ in range(40 * (call + 1))]
+                    ),
+                    semconv.LLM_RESPONSE_TOKEN_IDS: json.dumps([rng.randrange(32000) for _ in range(30)]),
+                    semconv.LLM_RESPONSE_LOGPROBS: json.dumps([round(-rng.random(), 4) for _ in range(30)]),
+                },
+                kind="Client",
+                service_name="bench",
+            )  # fmt: skip
+        )
+        messages = [*messages, answer, {"role": "user", "content": f"observation {call}"}]
+        if call < TOOLS:
+            t += 8_000_000
+            spans.append(Span(trace, next(ids), root, "execute_tool search", t, t + 1_000_000,
+                              {**common, semconv.GEN_AI_OPERATION_NAME: "execute_tool"}, service_name="bench"))  # fmt: skip
+    for step in range(STEPS):
+        t += 100_000
+        spans.append(
+            Span(trace, next(ids), root, f"step.{step}", t, t + 50_000, dict(common), service_name="bench")
+        )
+    value = str(float(rng.random() < 0.5))
+    spans.append(Span(trace, next(ids), root, semconv.REWARD_SPAN, t + 100_000, t + 100_001,
+                      {**common, semconv.REWARD_VALUE: value}, service_name="bench"))  # fmt: skip
+    return spans
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rollouts", type=int, default=10_000)
+    parser.add_argument("--store", default=None, help="store URL (default: a temporary chDB directory)")
+    parser.add_argument("--repeat", type=int, default=3, help="timed repetitions; the best is reported")
+    args = parser.parse_args()
+
+    rng = random.Random(0)
+    rollouts = [rollout(i, rng) for i in range(args.rollouts)]
+    spans = [s for r in rollouts for s in r]
+    ids = [f"rollout-{i}" for i in range(args.rollouts)]
+    with tempfile.TemporaryDirectory() as tmp:
+        store = Store.connect(args.store or f"chdb://{tmp}/store")
+        try:
+            began = time.perf_counter()
+            for chunk in range(0, len(spans), 50_000):
+                store.insert_spans(spans[chunk : chunk + 50_000])
+            insert_s = time.perf_counter() - began
+            read_s, trees = best_of(args.repeat, lambda: store.span_trees(ids))
+        finally:
+            store.close()
+    if len(trees) != args.rollouts or any(len(t) != len(rollouts[0]) for t in trees.values()):
+        raise SystemExit(f"store returned {len(trees)} trees, not {args.rollouts} complete ones")
+    extract_s, batch = best_of(args.repeat, lambda: prepare(trees, credit="step", gamma=0.95))
+    assert len(batch) == args.rollouts * CALLS
+
+    print(f"{args.rollouts} rollouts x {len(rollouts[0])} spans ({CALLS} LLM calls each), {len(spans)} spans")
+    print(f"  insert (setup, not compared): {insert_s:8.2f} s")
+    print(f"  read    store.span_trees:     {read_s:8.2f} s  {args.rollouts / read_s:10,.0f} rollouts/s")
+    print(
+        f"  extract algorithms.prepare:   {extract_s:8.2f} s  {args.rollouts / extract_s:10,.0f} rollouts/s"
+    )
+    print(
+        f"  extract / read time ratio:    {extract_s / read_s:8.2f}  (< 1: extraction is cheaper than the read)"
+    )
+
+
+def best_of(repeat: int, run):
+    best, result = float("inf"), None
+    for _ in range(repeat):
+        began = time.perf_counter()
+        result = run()
+        best = min(best, time.perf_counter() - began)
+    return best, result
+
+
+if __name__ == "__main__":
+    main()
