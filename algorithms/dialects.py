@@ -21,6 +21,7 @@ from lightspan.types import Span
 Message = dict[str, Any]
 
 _LEGACY_COMPLETION_TYPES = ("chat", "completion")
+_OPENAI_KEYS = frozenset({"role", "content", "name", "tool_calls", "tool_call_id", "reasoning_content"})
 
 
 @dataclass(slots=True)
@@ -163,14 +164,17 @@ def _from_parts(role: str, parts: list[Any], span: Span) -> list[Message]:
 
 
 def _openai_message(raw: dict[str, Any]) -> Message:
-    message = dict(raw)
-    if message.get("content") is None:
-        message["content"] = ""
+    """An OpenAI message as a provider returned it, without its null and provider-only fields
+    (refusal, annotations, audio, ...), which chat templates do not expect."""
+    message: Message = {k: v for k, v in raw.items() if k in _OPENAI_KEYS and v is not None}
+    message.setdefault("content", "")
     if message.get("tool_calls"):
         message["tool_calls"] = [
             _tool_call(c.get("id"), c.get("function", {}).get("name"), c.get("function", {}).get("arguments"))
             for c in message["tool_calls"]
         ]
+    else:
+        message.pop("tool_calls", None)
     return message
 
 

@@ -19,6 +19,8 @@ import json
 import random
 import tempfile
 import time
+from collections.abc import Callable
+from typing import TypeVar
 
 from lightspan.algorithms import prepare
 from lightspan.store import Store
@@ -26,6 +28,7 @@ from lightspan.store import Store
 from lightspan import semconv
 from lightspan.types import Span
 
+T = TypeVar("T")
 CALLS = 5
 TOOLS = 5
 STEPS = 8  # root + calls + tools + steps + reward = 20 spans
@@ -75,21 +78,41 @@ def rollout(index: int, rng: random.Random) -> list[Span]:
                 },
                 kind="Client",
                 service_name="bench",
-            )  # fmt: skip
+            )
         )
         messages = [*messages, answer, {"role": "user", "content": f"observation {call}"}]
         if call < TOOLS:
             t += 8_000_000
-            spans.append(Span(trace, next(ids), root, "execute_tool search", t, t + 1_000_000,
-                              {**common, semconv.GEN_AI_OPERATION_NAME: "execute_tool"}, service_name="bench"))  # fmt: skip
+            spans.append(
+                Span(
+                    trace,
+                    next(ids),
+                    root,
+                    "execute_tool search",
+                    t,
+                    t + 1_000_000,
+                    {**common, semconv.GEN_AI_OPERATION_NAME: "execute_tool"},
+                    service_name="bench",
+                )
+            )
     for step in range(STEPS):
         t += 100_000
         spans.append(
             Span(trace, next(ids), root, f"step.{step}", t, t + 50_000, dict(common), service_name="bench")
         )
     value = str(float(rng.random() < 0.5))
-    spans.append(Span(trace, next(ids), root, semconv.REWARD_SPAN, t + 100_000, t + 100_001,
-                      {**common, semconv.REWARD_VALUE: value}, service_name="bench"))  # fmt: skip
+    spans.append(
+        Span(
+            trace,
+            next(ids),
+            root,
+            semconv.REWARD_SPAN,
+            t + 100_000,
+            t + 100_001,
+            {**common, semconv.REWARD_VALUE: value},
+            service_name="bench",
+        )
+    )
     return spans
 
 
@@ -99,6 +122,8 @@ def main() -> None:
     parser.add_argument("--store", default=None, help="store URL (default: a temporary chDB directory)")
     parser.add_argument("--repeat", type=int, default=3, help="timed repetitions; the best is reported")
     args = parser.parse_args()
+    if args.rollouts < 1 or args.repeat < 1:
+        parser.error("--rollouts and --repeat must be at least 1")
 
     rng = random.Random(0)
     rollouts = [rollout(i, rng) for i in range(args.rollouts)]
@@ -130,7 +155,8 @@ def main() -> None:
     )
 
 
-def best_of(repeat: int, run):
+def best_of(repeat: int, run: Callable[[], T]) -> tuple[float, T]:
+    """Best wall time of `repeat` runs (the least disturbed by the shared machine) and a result."""
     best, result = float("inf"), None
     for _ in range(repeat):
         began = time.perf_counter()

@@ -232,6 +232,30 @@ def test_genai_multimodal_tool_response_and_system_instructions() -> None:
     assert call.response == {"role": "assistant", "content": "A cat."}
 
 
+def test_provider_response_fields_are_dropped() -> None:
+    choice = {
+        "role": "assistant",
+        "content": None,
+        "refusal": None,
+        "annotations": [],
+        "audio": None,
+        "function_call": None,
+        "tool_calls": [{"id": "c", "type": "function", "function": {"name": "f", "arguments": "{}"}}],
+    }
+    plain = {
+        "role": "assistant",
+        "content": "ok",
+        "tool_calls": [],
+        "reasoning_content": "because",
+        "refusal": None,
+    }
+    spans = [span("a", "", 0, 10, gen_ai__operation__name="chat", gen_ai__output__messages=[choice]),
+             span("b", "", 20, 30, gen_ai__operation__name="chat", gen_ai__output__messages=[plain])]  # fmt: skip
+    first, second = from_spans(spans)
+    assert first.response == {"role": "assistant", "content": "", "tool_calls": choice["tool_calls"]}
+    assert second.response == {"role": "assistant", "content": "ok", "reasoning_content": "because"}
+
+
 def test_call_without_content_has_empty_messages_and_needs_tokenization() -> None:
     (call,) = from_spans([span("a", "", 0, 10, gen_ai__operation__name="chat")])
     assert call.messages == [] and call.response == {"role": "assistant", "content": ""}
@@ -459,3 +483,64 @@ def test_error_below_the_root_is_not_a_failed_rollout() -> None:
     spans[0].status_code = "Ok"
     spans[1].status_code = semconv.STATUS_ERROR
     assert not any(c.failed for c in from_spans(spans))
+
+
+# --- span trees recorded from real framework runs (written by tests/fixtures/record_spans.py) ---
+
+# Recorded runs when present, and the hand-made dialect fixtures, which must satisfy the same.
+FIXTURE_FILES = sorted((FIXTURES / "spans").glob("*.json")) + sorted((FIXTURES / "algorithms").glob("*.json"))
+
+
+def by_rollout(spans: list[Span]) -> dict[str, list[Span]]:
+    rollouts: dict[str, list[Span]] = {}
+    for s in spans:
+        rollouts.setdefault(s.attributes.get(semconv.ROLLOUT_ID) or s.trace_id, []).append(s)
+    return rollouts
+
+
+@pytest.mark.parametrize("path", FIXTURE_FILES, ids=[f"{p.parent.name}/{p.stem}" for p in FIXTURE_FILES])
+def test_fixture_invariants(path: Path) -> None:
+    """Every call has messages and an answer, calls are ordered, steps count, none is counted
+    twice, and the final reward is one of the recorded rewards and never also intermediate."""
+    spans = load_spans(path)
+    rollouts = by_rollout(spans)
+    assert rollouts, f"{path.name} holds no spans"
+    for rollout_id, rollout_spans in rollouts.items():
+        tree = SpanTree(rollout_id, rollout_spans)
+        calls = from_spans(tree)
+        assert calls, f"{path.name}: rollout {rollout_id} has no LLM call"
+        for call in calls:
+            assert call.messages, f"{path.name}: call {call.span_id} has no prompt messages"
+            assert all(
+                m.get("role") in ("system", "user", "assistant", "tool", "developer") for m in call.messages
+            )
+            assert call.response.get("role") == "assistant"
+            assert call.response.get("content") or call.response.get("tool_calls"), call.span_id
+            if call.needs_tokenization is False:
+                assert call.response_token_ids and call.prompt_token_ids
+        assert [c.start_ns for c in calls] == sorted(c.start_ns for c in calls)
+        for agent in {c.agent_name for c in calls}:
+            assert [c.step for c in calls if c.agent_name == agent] == list(
+                range(sum(c.agent_name == agent for c in calls))
+            )
+        # No call is counted twice: none of the chosen spans is an ancestor of another.
+        chosen = {c.span_id for c in calls}
+        for call in calls:
+            parent = tree.parent(tree.get(call.span_id))
+            while parent is not None:
+                assert parent.span_id not in chosen, f"{path.name}: {parent.span_id} wraps {call.span_id}"
+                parent = tree.parent(parent)
+        reward_values = [
+            s.attributes[semconv.REWARD_VALUE] for s in rollout_spans if s.name == semconv.REWARD_SPAN
+        ]
+        reward_values += [
+            e.attributes[semconv.GEN_AI_EVALUATION_SCORE]
+            for s in rollout_spans
+            for e in s.events
+            if e.name == semconv.GEN_AI_EVALUATION_EVENT and semconv.GEN_AI_EVALUATION_SCORE in e.attributes
+        ]
+        if reward_values:
+            assert calls[0].final_reward is not None
+            assert calls[0].final_reward in {float(v) for v in reward_values}
+            credited = sum(len(c.rewards) for c in calls)
+            assert credited <= len(reward_values) - 1  # the final reward is never also intermediate
