@@ -43,7 +43,7 @@ FailedPolicy = Literal["keep", "drop"]
 _AGENT_KEYS = (semconv.AGENT_NAME, semconv.GEN_AI_AGENT_NAME, semconv.OI_AGENT_NAME)
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)  # identity: calls and rewards refer to each other
 class _Call:
     span: Span
     depth: int
@@ -53,7 +53,7 @@ class _Call:
     rewards: list[_Reward] = field(default_factory=list)
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)
 class _Reward:
     value: float
     time_ns: int
