@@ -1,0 +1,237 @@
+"""Exact token ids and logprobs from OpenAI-compatible servers, recorded on the LLM span.
+
+Training on re-tokenised text drifts from what the policy actually sampled; vLLM (and servers
+like it) can return the ids: `prompt_token_ids` (top level or per choice), `choices[].token_ids`
+and `choices[].logprobs.content[].logprob`. We hook the OpenAI SDK at `SyncAPIClient.request` /
+`AsyncAPIClient.request`, below `chat.completions.create`, because:
+- every framework on top (LangChain, CrewAI, AG2, plain SDK, `with_raw_response`) goes through it;
+- instrumentors wrap `create`, so when our hook sees the response their LLM span is still the
+  current span and the ids land on it, whatever order the instrumentors were installed in.
+When no LLM span is current (no instrumentor installed), the hook makes a minimal GenAI `chat`
+span itself (model, usage, and OpenAI-format messages when content capture is on), so the bare
+install still yields trainable LLM spans.
+
+`request_token_ids=True` adds vLLM's `return_token_ids: true` and `logprobs: true` to the body of
+each non-streaming chat completion request, unless the caller set them. Streaming responses are
+passed through untouched (no ids are captured from streams).
+
+The patch is applied when `openai` is imported (a post-import hook), so an app that never uses
+the OpenAI SDK never imports it.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+from opentelemetry.trace import Span, SpanKind, Status, StatusCode
+
+from lightspan import semconv
+from lightspan.instrumentation.rewards import _tracer
+
+_CHAT_PATH = "/chat/completions"
+_ORIGINAL = "_lightspan_original_request"
+
+
+@dataclass(slots=True)
+class TokenCaptureConfig:
+    """Process-wide settings of the hook (the hook is installed once, settings can change)."""
+
+    request_token_ids: bool = False
+    capture_content: bool = True
+
+
+CONFIG = TokenCaptureConfig()
+
+
+def extract_token_data(payload: Mapping[str, Any]) -> dict[str, list[int] | list[float]]:
+    """The lightspan.llm.* attributes found in a chat completion body (first choice only).
+
+    Agents sample one choice per call; with n > 1 the first choice is the one frameworks use.
+    """
+    found: dict[str, list[int] | list[float]] = {}
+    choices = payload.get("choices") or []
+    choice = choices[0] if choices and isinstance(choices[0], Mapping) else {}
+    prompt_ids = payload.get("prompt_token_ids") or choice.get("prompt_token_ids")
+    if isinstance(prompt_ids, list) and prompt_ids:
+        found[semconv.LLM_PROMPT_TOKEN_IDS] = [int(t) for t in prompt_ids]
+    response_ids = choice.get("token_ids")
+    if isinstance(response_ids, list) and response_ids:
+        found[semconv.LLM_RESPONSE_TOKEN_IDS] = [int(t) for t in response_ids]
+    logprobs = choice.get("logprobs")
+    content = logprobs.get("content") if isinstance(logprobs, Mapping) else None
+    if isinstance(content, list) and content:
+        values = [c.get("logprob") for c in content if isinstance(c, Mapping)]
+        if values and all(isinstance(v, (int, float)) for v in values):
+            found[semconv.LLM_RESPONSE_LOGPROBS] = [float(v) for v in values]
+    return found
+
+
+def _is_llm_span(span: Span) -> bool:
+    """Whether the current span is an LLM call made by some instrumentor (any dialect)."""
+    if not span.is_recording():
+        return False
+    attrs = getattr(span, "attributes", None) or {}
+    return (
+        attrs.get(semconv.GEN_AI_OPERATION_NAME) in semconv.GEN_AI_LLM_OPERATIONS
+        or attrs.get(semconv.OPENINFERENCE_SPAN_KIND) == semconv.OPENINFERENCE_LLM_KIND
+        or semconv.LEGACY_REQUEST_TYPE in attrs
+    )
+
+
+def _response_payload(result: Any) -> Mapping[str, Any] | None:
+    """The JSON body of a non-streaming response, whatever wrapper the SDK returned."""
+    raw = getattr(result, "http_response", None)  # with_raw_response (LangChain uses it)
+    if raw is not None:
+        try:
+            body = json.loads(raw.content)
+        except Exception:  # streaming or unread body: nothing to capture
+            return None
+        return body if isinstance(body, Mapping) else None
+    dump = getattr(result, "model_dump", None)
+    if callable(dump) and hasattr(result, "choices"):
+        return dump()
+    return None
+
+
+def _prepare(options: Any) -> tuple[bool, Mapping[str, Any]]:
+    """(is a non-streaming chat completion, request body), adding the token-id asks if enabled."""
+    if getattr(options, "method", "").lower() != "post" or not str(getattr(options, "url", "")).endswith(_CHAT_PATH):
+        return False, {}
+    body = options.json_data if isinstance(options.json_data, Mapping) else {}
+    if body.get("stream"):
+        return False, body
+    if CONFIG.request_token_ids:
+        extra = options.extra_json or {}
+        asks = {k: True for k in ("return_token_ids", "logprobs") if k not in body and k not in extra}
+        if asks:
+            body = {**body, **asks}
+            options.json_data = body
+    return True, body
+
+
+def _start_fallback_span(body: Mapping[str, Any]) -> Span:
+    model = str(body.get("model", ""))
+    span = _tracer.start_span(f"chat {model}".strip(), kind=SpanKind.CLIENT)
+    span.set_attribute(semconv.GEN_AI_OPERATION_NAME, "chat")
+    span.set_attribute(semconv.GEN_AI_PROVIDER_NAME, "openai")
+    span.set_attribute(semconv.GEN_AI_REQUEST_MODEL, model)
+    if CONFIG.capture_content and isinstance(body.get("messages"), list):
+        span.set_attribute(semconv.GEN_AI_INPUT_MESSAGES, json.dumps(body["messages"], default=str))
+    return span
+
+
+def _finish_fallback_span(span: Span, payload: Mapping[str, Any]) -> None:
+    if payload.get("model"):
+        span.set_attribute(semconv.GEN_AI_RESPONSE_MODEL, str(payload["model"]))
+    usage = payload.get("usage") or {}
+    if isinstance(usage.get("prompt_tokens"), int):
+        span.set_attribute(semconv.GEN_AI_USAGE_INPUT_TOKENS, usage["prompt_tokens"])
+    if isinstance(usage.get("completion_tokens"), int):
+        span.set_attribute(semconv.GEN_AI_USAGE_OUTPUT_TOKENS, usage["completion_tokens"])
+    choices = payload.get("choices") or []
+    if CONFIG.capture_content and choices:
+        messages = [c.get("message") for c in choices if isinstance(c, Mapping) and c.get("message")]
+        span.set_attribute(semconv.GEN_AI_OUTPUT_MESSAGES, json.dumps(messages, default=str))
+
+
+class _Call:
+    """Bookkeeping around one request: which span gets the ids, and the fallback span if ours."""
+
+    def __init__(self, options: Any) -> None:
+        self.active, body = _prepare(options)
+        self.span: Span | None = None
+        self.own: Span | None = None
+        self._token: object = None
+        if not self.active:
+            return
+        current = trace.get_current_span()
+        if _is_llm_span(current):
+            self.span = current
+        else:
+            self.own = self.span = _start_fallback_span(body)
+            self._token = otel_context.attach(trace.set_span_in_context(self.own))
+
+    def done(self, result: Any = None, error: BaseException | None = None) -> None:
+        if not self.active or self.span is None:
+            return
+        try:
+            payload = _response_payload(result) if error is None else None
+            if payload is not None:
+                data = extract_token_data(payload)
+                if data:
+                    self.span.set_attributes(data)
+                if self.own is not None:
+                    _finish_fallback_span(self.own, payload)
+        finally:
+            if self.own is not None:
+                otel_context.detach(self._token)  # type: ignore[arg-type]
+                if error is not None:
+                    self.own.record_exception(error)
+                    self.own.set_status(Status(StatusCode.ERROR, f"{type(error).__name__}: {error}"))
+                self.own.end()
+
+
+def _wrap_sync(original: Callable[..., Any]) -> Callable[..., Any]:
+    def request(self: Any, cast_to: Any, options: Any, *args: Any, **kwargs: Any) -> Any:
+        call = _Call(options)
+        try:
+            result = original(self, cast_to, options, *args, **kwargs)
+        except BaseException as error:
+            call.done(error=error)
+            raise
+        call.done(result)
+        return result
+
+    setattr(request, _ORIGINAL, original)
+    return request
+
+
+def _wrap_async(original: Callable[..., Any]) -> Callable[..., Any]:
+    async def request(self: Any, cast_to: Any, options: Any, *args: Any, **kwargs: Any) -> Any:
+        call = _Call(options)
+        try:
+            result = await original(self, cast_to, options, *args, **kwargs)
+        except BaseException as error:
+            call.done(error=error)
+            raise
+        call.done(result)
+        return result
+
+    setattr(request, _ORIGINAL, original)
+    return request
+
+
+def patch_openai(module: Any = None) -> None:
+    """Install the hook on openai's base clients (idempotent)."""
+    import openai._base_client as base  # noqa: PLC0415  (only once openai is imported)
+
+    for cls, wrap in ((base.SyncAPIClient, _wrap_sync), (base.AsyncAPIClient, _wrap_async)):
+        if not hasattr(cls.request, _ORIGINAL):
+            cls.request = wrap(cls.request)
+
+
+def unpatch_openai() -> None:
+    """Remove the hook (tests, `LightspanInstrumentor.uninstrument`)."""
+    import sys
+
+    base = sys.modules.get("openai._base_client")
+    if base is None:
+        return
+    for cls in (base.SyncAPIClient, base.AsyncAPIClient):
+        original = getattr(cls.request, _ORIGINAL, None)
+        if original is not None:
+            cls.request = original
+
+
+def install(request_token_ids: bool, capture_content: bool) -> None:
+    """Configure the hook and patch openai now if imported, else as soon as it is imported."""
+    import wrapt  # opentelemetry-instrumentation's dependency: post-import hooks
+
+    CONFIG.request_token_ids = request_token_ids
+    CONFIG.capture_content = capture_content
+    wrapt.register_post_import_hook(patch_openai, "openai")
