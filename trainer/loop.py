@@ -1,0 +1,234 @@
+"""The training run: distributed start-up, data selection per rank, steps, checkpoints, metrics.
+
+`run(config)` is what `python -m lightspan.trainer` and every DeepSpeed rank execute. The work is
+split so the closed loop's follow mode can drive the same pieces: `Session.samples()` selects and
+tokenises this rank's complete task groups (pass `resources_id` to take only the rollouts of the
+serving version), `Session.train()` runs optimiser steps on them, `Session.save()` writes and
+registers a checkpoint. `TrainStep` (in `engine`) is the single optimisation step underneath.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import socket
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from lightspan.errors import InvalidInput, LightspanError
+from lightspan.trainer import checkpoint
+from lightspan.trainer.config import TrainConfig, to_dict
+from lightspan.trainer.data import Sample, load_transitions, select_rollouts, step_batches
+from lightspan.trainer.engine import Loaded, TrainStep, build
+
+
+def init_distributed() -> tuple[int, int]:
+    """Join the process group the launcher describes (or a group of one); returns (rank, world)."""
+    import deepspeed
+    import deepspeed.comm as dist
+
+    if "RANK" not in os.environ:  # plain `python -m lightspan.trainer`: a world of one
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=os.environ.get("MASTER_PORT") or str(_free_port()))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo", verbose=False)
+    return dist.get_rank(), dist.get_world_size()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _broadcast(value: Any, world_size: int) -> Any:
+    """Rank 0's value on every rank (run id, data cut-off time)."""
+    if world_size == 1:
+        return value
+    import deepspeed.comm as dist
+
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _barrier(world_size: int) -> None:
+    if world_size > 1:
+        import deepspeed.comm as dist
+
+        dist.barrier()
+
+
+def connect_store(config: TrainConfig, rank: int, world_size: int) -> Any:
+    """Every rank opens the store; rank 0 migrates the schema first."""
+    from lightspan.store import Store, parse_store_url
+    from lightspan.store.lock import read_endpoint
+
+    url = parse_store_url(config.store)
+    if url.embedded and world_size > 1:
+        endpoint = url.path and read_endpoint(url.path)
+        how = f"use store: {endpoint}" if endpoint else (
+            "run `lightspan collector --store chdb://...` and point store: at its SQL endpoint (http://host:8123)"
+        )
+        raise InvalidInput(
+            f"{world_size} ranks cannot share the embedded store {url}: chDB allows one process per data "
+            f"directory; {how}"
+        )
+    if rank != 0:
+        _barrier(world_size)
+    store = Store.connect(config.store, migrate=rank == 0)
+    if rank == 0:
+        _barrier(world_size)
+    return store
+
+
+class Session:
+    """One rank's training state: engine, store, step counter, run id, checkpoint lineage."""
+
+    def __init__(self, config: TrainConfig, *, resume: str | Path | bool | None = None):
+        self.rank, self.world_size = init_distributed()
+        config.validate(self.world_size)
+        self.config = config
+        self.out_dir = Path(config.output.dir)
+        self.store = connect_store(config, self.rank, self.world_size)
+        resume_from = self._resume_path(resume)
+        self.state = checkpoint.read_state(resume_from) if resume_from else {}
+        default_run = f"{config.output.resource_name}-{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}"
+        self.run_id: str = _broadcast(self.state.get("run") or config.run or default_run, self.world_size)
+        # The data set is fixed at the first start, so a resumed run sees the same rollouts.
+        cutoff = config.selection.until or self.state.get("until") or datetime.now(timezone.utc).replace(tzinfo=None)
+        self.until = _broadcast(cutoff if isinstance(cutoff, datetime) else datetime.fromisoformat(cutoff), self.world_size)
+        self.parent: str | None = self.state.get("resource_id") or config.selection.resources_id or self._latest()
+        self.loaded: Loaded = build(config, self.world_size, self.rank)
+        self.step_fn = TrainStep(self.loaded)
+        self.step = 0
+        if resume_from:
+            self.step = int(checkpoint.load(self.loaded, resume_from)["step"])
+        self.last_metrics: dict[str, float] = {}
+
+    def _resume_path(self, resume: str | Path | bool | None) -> Path | None:
+        if not resume:
+            return None
+        if resume is True:
+            found = checkpoint.resumable(self.out_dir)
+            if found is None:
+                raise InvalidInput(f"--resume: no checkpoint with DeepSpeed state in {self.out_dir}")
+            return found
+        return Path(resume)
+
+    def _latest(self) -> str | None:
+        latest = self.store.latest_resource(self.config.output.resource_name) if self.rank == 0 else None
+        return _broadcast(latest.id if latest else None, self.world_size)
+
+    # --- data ---------------------------------------------------------------------------------
+    def samples(self, resources_id: str | None = None) -> list[Sample]:
+        """This rank's complete task groups, as tokenised samples; writes a per-rank manifest."""
+        config = self.config
+        if resources_id is not None:
+            config = dataclasses.replace(
+                config, selection=dataclasses.replace(config.selection, resources_id=resources_id)
+            )
+        if config.selection.until is None:
+            config = dataclasses.replace(config, selection=dataclasses.replace(config.selection, until=self.until))
+        summaries = select_rollouts(self.store, config, self.rank, self.world_size)
+        transitions = load_transitions(self.store, summaries, config)
+        samples, skipped = self.step_fn.tokenize(transitions)
+        self.skipped = skipped
+        manifest = self.out_dir / "data" / f"rank-{self.rank}-of-{self.world_size}.json"
+        manifest.parent.mkdir(parents=True, exist_ok=True)
+        manifest.write_text(json.dumps({
+            "tasks": sorted({s.task_id for s in summaries}), "rollouts": len(summaries),
+            "transitions": len(transitions), "samples": len(samples), "skipped": skipped,
+        }, indent=2))
+        return samples
+
+    # --- training -----------------------------------------------------------------------------
+    def steps_per_epoch(self, samples: Sequence[Sample]) -> int:
+        """The same on every rank: the largest shard sets it, smaller shards pad with no-ops."""
+        per_rank = self.config.schedule.micro_batch_size * self.step_fn.accumulation
+        local = torch.tensor([math.ceil(len(samples) / per_rank)], dtype=torch.float64)
+        return int(self.step_fn._all_reduce(local, "max")[0])
+
+    def train(self, samples: Sequence[Sample], until_step: int, steps_per_epoch: int) -> None:
+        """Steps `self.step + 1 .. until_step` over `samples`, saving on the configured cadence."""
+        from tqdm import tqdm
+
+        s = self.config.schedule
+        per_rank = s.micro_batch_size * self.step_fn.accumulation
+        bar = tqdm(total=until_step, initial=self.step, desc=f"train {self.run_id}", unit="step",
+                   disable=self.rank != 0, file=sys.stderr, dynamic_ncols=True)
+        cached_epoch, batches = -1, []
+        while self.step < until_step:
+            epoch, index = divmod(self.step, steps_per_epoch)
+            if epoch != cached_epoch:
+                batches, cached_epoch = step_batches(samples, per_rank, s.seed, epoch), epoch
+            batch = batches[index] if index < len(batches) else []
+            metrics = self.step_fn.run(batch, self.skipped if self.step == 0 else 0)
+            metrics["epoch"] = epoch + (index + 1) / steps_per_epoch
+            self.step += 1
+            self.last_metrics = metrics
+            if self.rank == 0:
+                self.store.log_metrics(self.run_id, self.step, metrics)
+                bar.set_postfix(loss=f"{metrics['loss']:.4f}", reward=f"{metrics['reward_mean']:.3f}",
+                                tok_s=f"{metrics['tokens_per_s']:.0f}", refresh=False)
+                bar.update(1)
+            every = self.config.output.save_every
+            if (every and self.step % every == 0) or self.step == until_step:
+                self.save()
+        bar.close()
+
+    def save(self) -> Path:
+        """Write checkpoint `self.step` and register it in `resources` (rank 0)."""
+        state = {
+            "run": self.run_id, "until": self.until.isoformat(), "parent": self.parent,
+            "metrics": self.last_metrics, "config": to_dict(self.config), "world_size": self.world_size,
+        }
+        path = checkpoint.save(self.loaded, self.out_dir, self.step, state)
+        resource_id = None
+        if self.rank == 0:
+            resource = self.store.publish_resource(
+                self.config.output.resource_name, "checkpoint", uri=str(path.resolve()),
+                metadata={"step": self.step, "run": self.run_id, "parent": self.parent,
+                          "metrics": self.last_metrics, "base_model": self.config.model.path},
+            )
+            resource_id = resource.id
+            state_file = path / checkpoint.STATE_FILE
+            saved = json.loads(state_file.read_text())
+            temp = state_file.with_suffix(".tmp")
+            temp.write_text(json.dumps({**saved, "resource_id": resource_id}, indent=2, default=str))
+            os.replace(temp, state_file)
+            checkpoint.prune_optimizer_state(self.out_dir, self.config.output.keep_optimizer_state)
+        self.parent = _broadcast(resource_id, self.world_size)
+        return path
+
+    def close(self) -> None:
+        self.store.close()
+
+
+def run(config: TrainConfig, *, resume: str | Path | bool | None = None) -> Path:
+    """Train on the selected rollouts for the configured epochs/steps; returns the last checkpoint."""
+    session = Session(config, resume=resume)
+    try:
+        samples = session.samples()
+        per_epoch = session.steps_per_epoch(samples)
+        if per_epoch == 0:
+            raise LightspanError(
+                "no training data: no rank selected a complete task group; check store, selection "
+                f"(service, agents, since/until, resources_id, min_group_size={config.selection.min_group_size})"
+            )
+        total = per_epoch * config.schedule.epochs
+        if config.schedule.steps is not None:
+            total = min(total, config.schedule.steps)
+        if session.step >= total:
+            raise InvalidInput(f"--resume: checkpoint is at step {session.step}, the schedule ends at {total}")
+        session.train(samples, total, per_epoch)
+        return session.out_dir / checkpoint.name(session.step)
+    finally:
+        session.close()
