@@ -6,6 +6,8 @@ Rules, in the order they apply:
   another LLM span (a framework wrapper around the provider SDK's span, both instrumented), the
   innermost one is the call and the wrapper is not counted again; what the inner span lacks
   (messages, token ids, model) is taken from enclosing LLM spans that wrap only this one call.
+  A framework span that does not become the current context still wraps the provider span it
+  contains in time (same trace, other instrumentation scope): see `_link_time_wrappers`.
 * **Order and steps.** Calls are ordered by start time, then depth (parent first), then tree
   order; `step` counts each agent's calls from 0.
 * **Agent.** `lightspan.agent.name`, `gen_ai.agent.name` or OpenInference `agent.name` on the
@@ -130,6 +132,7 @@ def _scan(tree: SpanTree) -> tuple[list[_Call], list[_Reward]]:
         below = span if llm else enclosing_llm
         stack.extend((child, depth + 1, agent, below) for child in reversed(tree.children(span)))
 
+    _link_time_wrappers(candidates, llm_ancestor, tree)
     wrappers = {a.span_id for a in llm_ancestor.values() if a is not None}
     calls_under: dict[str, int] = {}
     for span, *_ in candidates:
@@ -188,6 +191,41 @@ def _scan(tree: SpanTree) -> tuple[list[_Call], list[_Reward]]:
             )
     rewards.sort(key=lambda r: (r.time_ns, r.order))
     return calls, rewards
+
+
+def _link_time_wrappers(
+    candidates: list[tuple[Span, int, int, str]], llm_ancestor: dict[str, Span | None], tree: SpanTree
+) -> None:
+    """Give an LLM span with no enclosing LLM ancestor the framework span that wraps it in time.
+
+    Some framework instrumentors (OpenInference LangChain, for one) do not make their spans the
+    current context, so the provider SDK's span for the same call lands beside the framework's
+    span instead of under it. A span of another instrumentation scope, in the same trace, that
+    strictly contains it in time is then its wrapper; the shortest such span wins, so concurrent
+    calls each keep their own wrapper.
+    """
+
+    def related(a: Span, b: Span) -> bool:
+        for start, other in ((a, b), (b, a)):
+            node = tree.parent(start)
+            while node is not None:
+                if node.span_id == other.span_id:
+                    return True
+                node = tree.parent(node)
+        return False
+
+    spans = [c[0] for c in candidates]
+    for inner in spans:
+        if llm_ancestor[inner.span_id] is not None:
+            continue
+        around = [
+            outer for outer in spans
+            if outer.trace_id == inner.trace_id and outer.scope_name != inner.scope_name
+            and outer.start_ns <= inner.start_ns and inner.end_ns <= outer.end_ns
+            and outer.duration_ns > inner.duration_ns and not related(inner, outer)
+        ]
+        if around:
+            llm_ancestor[inner.span_id] = min(around, key=lambda s: s.duration_ns)
 
 
 def _credit_rewards(calls: list[_Call], rewards: list[_Reward]) -> None:

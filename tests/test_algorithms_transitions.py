@@ -544,3 +544,23 @@ def test_fixture_invariants(path: Path) -> None:
             assert calls[0].final_reward in {float(v) for v in reward_values}
             credited = sum(len(c.rewards) for c in calls)
             assert credited <= len(reward_values) - 1  # the final reward is never also intermediate
+
+
+@pytest.mark.parametrize("framework", ["openai", "langchain", "crewai", "autogen"])
+def test_recorded_framework_runs_give_one_transition_per_llm_call(framework: str) -> None:
+    """Each recorded rollout made exactly two LLM calls (tool call, then answer): framework spans
+    and provider spans of the same call count once, with the engine's token ids attached."""
+    spans = load_spans(FIXTURES / "spans" / f"{framework}.json")
+    by_rollout: dict[str, list[Span]] = {}
+    for span in spans:
+        by_rollout.setdefault(span.attributes[semconv.ROLLOUT_ID], []).append(span)
+    assert len(by_rollout) == 2
+    finals = []
+    for rollout in by_rollout.values():
+        calls = from_spans(rollout)
+        assert [c.step for c in calls] == [0, 1]
+        assert all(not c.needs_tokenization and c.messages for c in calls)
+        assert calls[0].response.get("tool_calls") and calls[0].rewards == [0.1]
+        assert calls[1].messages[-1]["role"] == "tool" and calls[1].rewards == []
+        finals.append(calls[0].final_reward)
+    assert sorted(finals) == [0.0, 1.0]
