@@ -1,0 +1,229 @@
+"""Group commit: many export requests, one store insert, acknowledged only once committed.
+
+Receivers decode a request into columns and `submit` them; one committer thread takes what is
+queued, up to `batch_spans` spans or after `batch_ms` milliseconds, concatenates it into one
+columnar batch, inserts it, and only then completes each request's future. A failed commit
+fails every request of the batch with `StoreUnavailable`, so nothing is acknowledged that is not
+stored and clients retry (duplicates collapse in `rollout_spans`). A request is never split
+across batches, so it is stored whole or not at all.
+
+Memory is bounded twice: `admit` caps the request bytes in flight (reading, decoding, queued,
+committing) before any work is done on them, and `submit` caps the queued spans. Past either
+bound the caller gets `QueueFull` at once, which receivers answer as UNAVAILABLE / 503 with
+retry advice, instead of the queue growing.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+from lightspan.errors import InvalidInput, StoreUnavailable
+
+log = logging.getLogger(__name__)
+
+Columns = list[list[Any]]
+
+
+class QueueFull(StoreUnavailable):
+    """The collector is at its memory bound; retry after `retry_after` seconds."""
+
+    def __init__(self, message: str, retry_after: float = 1.0):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class ShuttingDown(StoreUnavailable):
+    """The collector is stopping; another instance (or this one, restarted) will take the retry."""
+
+
+@dataclass(slots=True)
+class _Pending:
+    columns: Columns
+    spans: int
+    future: Future = field(default_factory=Future)
+
+
+class GroupCommitter:
+    """The queue between receivers and the store, with one committer thread.
+
+    `commit(columns)` is the store insert; it must return only after the batch is durable.
+    `on_commit(spans, seconds, error)` reports each attempt (metrics).
+    """
+
+    def __init__(
+        self,
+        commit: Callable[[Columns], Any],
+        *,
+        batch_spans: int = 8192,
+        batch_ms: float = 50.0,
+        queue_spans: int = 65536,
+        queue_bytes: int = 256 << 20,
+        retry_after: float = 1.0,
+        on_commit: Callable[[int, float, BaseException | None], None] | None = None,
+    ):
+        self._commit = commit
+        self.batch_spans = max(1, batch_spans)
+        self.batch_seconds = max(0.0, batch_ms / 1000)
+        self.queue_spans = max(1, queue_spans)
+        self.queue_bytes = max(1, queue_bytes)
+        self.retry_after = retry_after
+        self._on_commit = on_commit
+        self._cond = threading.Condition()
+        self._queue: deque[_Pending] = deque()
+        self._first_at = 0.0  # when the oldest queued request arrived
+        self._spans = 0  # queued or being committed
+        self._waiting = 0  # queued, not yet taken by the committer
+        self._bytes = 0  # admitted and not yet answered
+        self._closing = False
+        self._thread = threading.Thread(target=self._run, name="lightspan-committer", daemon=True)
+        self._thread.start()
+
+    # --- receivers' side ------------------------------------------------------------------------
+    @property
+    def depth_spans(self) -> int:
+        return self._spans
+
+    @property
+    def depth_bytes(self) -> int:
+        return self._bytes
+
+    def admit(self, nbytes: int) -> "_Admission":
+        """Reserve `nbytes` of the byte budget now, or raise QueueFull; release by leaving the
+        returned context. A request larger than the whole budget is still admitted when nothing
+        else is in flight, so the size limit (not the queue bound) decides what is too large."""
+        with self._cond:
+            if self._closing:
+                raise ShuttingDown("the collector is shutting down; retry")
+            if self._bytes and self._bytes + nbytes > self.queue_bytes:
+                raise QueueFull(
+                    f"collector busy: {self._bytes} request bytes in flight (bound {self.queue_bytes}); retry",
+                    self.retry_after,
+                )
+            self._bytes += nbytes
+        return _Admission(self, nbytes)
+
+    def _release(self, nbytes: int) -> None:
+        with self._cond:
+            self._bytes -= nbytes
+
+    def submit(self, columns: Columns, spans: int) -> Future:
+        """Queue one request's columns; the future completes when its batch is committed."""
+        pending = _Pending(columns, spans)
+        with self._cond:
+            if self._closing:
+                raise ShuttingDown("the collector is shutting down; retry")
+            if self._spans and self._spans + spans > self.queue_spans:
+                raise QueueFull(
+                    f"collector queue full: {self._spans} spans waiting for the store (bound {self.queue_spans}); retry",
+                    self.retry_after,
+                )
+            if not self._queue:
+                self._first_at = time.monotonic()
+            self._queue.append(pending)
+            self._spans += spans
+            self._waiting += spans
+            self._cond.notify_all()
+        return pending.future
+
+    def close(self, timeout: float | None = None) -> None:
+        """Refuse new work, commit everything queued, stop the committer."""
+        with self._cond:
+            self._closing = True
+            self._cond.notify_all()
+        self._thread.join(timeout)
+
+    # --- committer ------------------------------------------------------------------------------
+    def _take(self) -> list[_Pending] | None:
+        """Wait for a full batch or the oldest request's deadline; None when closed and drained."""
+        with self._cond:
+            while not self._queue:
+                if self._closing:
+                    return None
+                self._cond.wait()
+            while not self._closing:
+                remaining = self._first_at + self.batch_seconds - time.monotonic()
+                if self._waiting >= self.batch_spans or remaining <= 0:
+                    break
+                self._cond.wait(remaining)
+            batch, spans = [], 0
+            while self._queue and (not batch or spans + self._queue[0].spans <= self.batch_spans):
+                pending = self._queue.popleft()
+                batch.append(pending)
+                spans += pending.spans
+            self._waiting -= spans
+            if self._queue:
+                self._first_at = time.monotonic()
+            return batch
+
+    def _run(self) -> None:
+        while True:
+            batch = self._take()
+            if batch is None:
+                return
+            try:
+                self._commit_batch(batch)
+            finally:
+                with self._cond:
+                    self._spans -= sum(p.spans for p in batch)
+                    self._cond.notify_all()
+
+    def _commit_batch(self, batch: Sequence[_Pending]) -> None:
+        spans = sum(p.spans for p in batch)
+        started = time.perf_counter()
+        try:
+            self._commit(_concat([p.columns for p in batch]))
+        except InvalidInput as error:
+            # The store refused the data itself: find the culprit so the others still land.
+            self._report(spans, started, error)
+            if len(batch) > 1:
+                for pending in batch:
+                    self._commit_batch([pending])
+            else:
+                batch[0].future.set_exception(error)
+            return
+        except Exception as error:  # noqa: BLE001 - any store failure fails the batch, retryably
+            self._report(spans, started, error)
+            failure = error if isinstance(error, StoreUnavailable) else StoreUnavailable(f"store commit failed: {error}")
+            for pending in batch:
+                pending.future.set_exception(failure)
+            return
+        self._report(spans, started, None)
+        for pending in batch:
+            pending.future.set_result(pending.spans)
+
+    def _report(self, spans: int, started: float, error: BaseException | None) -> None:
+        if error is not None:
+            log.warning("commit of %d spans failed: %s", spans, error)
+        if self._on_commit is not None:
+            self._on_commit(spans, time.perf_counter() - started, error)
+
+
+class _Admission:
+    """Holds a request's share of the byte budget until the request is answered."""
+
+    __slots__ = ("_owner", "_nbytes")
+
+    def __init__(self, owner: GroupCommitter, nbytes: int):
+        self._owner, self._nbytes = owner, nbytes
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        self._owner._release(self._nbytes)
+
+
+def _concat(parts: Sequence[Columns]) -> Columns:
+    if len(parts) == 1:
+        return parts[0]
+    merged: Columns = [[] for _ in parts[0]]
+    for columns in parts:
+        for target, column in zip(merged, columns):
+            target.extend(column)
+    return merged

@@ -1,0 +1,304 @@
+"""ClickHouse's HTTP interface for the embedded store this process owns.
+
+chDB lets one process own a data directory; while the collector owns it, this endpoint is how
+the trainer, `lightspan sql`, clickhouse-connect, curl or Grafana reach the same data. It speaks
+the parts of ClickHouse's HTTP protocol those clients use: the query in the `query` URL
+parameter and/or the POST body, `param_<name>` query parameters, settings as URL parameters,
+`database`, `default_format`, `/ping`, compressed request bodies (gzip, deflate, br, zstd,
+lz4), inserts whose data follows `FORMAT <name>` in the body, and ClickHouse's error shape
+(`Code: N. DB::Exception: ...` with `X-ClickHouse-Exception-Code`), so clients raise their usual
+errors. GET requests run read-only, as on ClickHouse.
+
+Each request runs on its own chDB connection handle to the same engine (cheap, and isolated:
+per-request settings cannot leak into the next request). There are no server-side sessions,
+so a `SET` lasts one request.
+"""
+
+from __future__ import annotations
+
+import base64
+import hmac
+import json
+import os
+import re
+import tempfile
+import uuid
+import zlib
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import parse_qsl, urlsplit
+
+import chdb
+
+from lightspan.collector.httpd import BadBody, BodyTooLarge, Handler, Server
+
+# URL parameters that steer the HTTP layer rather than being ClickHouse settings.
+TRANSPORT_PARAMS = frozenset({
+    "query", "database", "default_format", "user", "password", "quota_key", "query_id", "session_id",
+    "session_timeout", "session_check", "compress", "decompress", "buffer_size", "wait_end_of_query",
+    "client_protocol_version", "role", "enable_http_compression", "http_zlib_compression_level",
+    "send_progress_in_http_headers", "http_headers_progress_interval_ms", "http_native_compression_disable_checksumming_on_decompress",
+})
+
+_CONTENT_TYPES = {
+    "TabSeparated": "text/tab-separated-values; charset=UTF-8", "TSV": "text/tab-separated-values; charset=UTF-8",
+    "CSV": "text/csv; charset=UTF-8; header=absent", "JSON": "application/json; charset=UTF-8",
+    "JSONEachRow": "application/x-ndjson; charset=UTF-8", "JSONCompact": "application/json; charset=UTF-8",
+}
+# Statements that produce a result set (and so a format header), by first keyword.
+_RESULT_KEYWORDS = frozenset({"SELECT", "WITH", "SHOW", "DESCRIBE", "DESC", "EXISTS", "EXPLAIN", "CHECK", "VALUES"})
+_COMMENTS = re.compile(r"\A(?:\s+|--[^\n]*(?:\n|\Z)|/\*.*?\*/)*", re.S)
+_FIRST_WORD = re.compile(r"\(*\s*([A-Za-z]+)")
+_TRAILING_FORMAT = re.compile(r"\bFORMAT\s+(\w+)\s*;?\s*\Z", re.I)
+# An INSERT's data starts after `FORMAT <name>` and one line break (or whitespace).
+_INSERT_FORMAT = re.compile(rb"\bFORMAT\s+(\w+)[ \t]*(?:\r?\n|\s)?", re.I)
+_CODE = re.compile(r"Code: (\d+)\.")
+
+_BAD_REQUEST_CODES = frozenset({
+    6, 25, 26, 27, 32, 33, 34, 35, 36, 38, 41, 42, 43, 44, 46, 47, 48, 49, 51, 53, 62, 69, 70, 72, 73, 75, 107,
+    115, 117, 130, 131, 179, 190, 215, 352, 386, 394, 403, 457, 456, 472, 473,
+})
+_HTTP_STATUS = {60: 404, 81: 404, 164: 403, 497: 403, 516: 403, 192: 403, 202: 429, 159: 504, 209: 504}
+
+AUTH_FAILED = 516
+READONLY = 164
+
+
+class ClickHouseError(Exception):
+    """An error to answer in ClickHouse's own shape: `Code: N. DB::Exception: message. (NAME)`."""
+
+    def __init__(self, code: int, message: str, name: str = "", *, text: str | None = None):
+        super().__init__(text or f"Code: {code}. DB::Exception: {message}. ({name})")
+        self.code = code
+
+
+@dataclass
+class SQLApp:
+    """The store the endpoint serves and how it authenticates."""
+
+    path: str  # the engine path, exactly as the store's own client opened it
+    auth_token: str | None
+    max_body_bytes: int
+    version: str = ""
+    timezone: str = "UTC"
+
+    def __post_init__(self) -> None:
+        connection = chdb.connect(self.path)
+        try:
+            version, timezone = connection.query("SELECT version(), timezone()", "TabSeparated").bytes().decode().split()
+        finally:
+            connection.close()
+        self.version, self.timezone = version, timezone
+
+    def authorized(self, headers: Any, params: dict[str, str]) -> bool:
+        """The token may come as a bearer token, a Basic password (clickhouse-connect's
+        `password=`), an `X-ClickHouse-Key` header or a `password` URL parameter."""
+        if not self.auth_token:
+            return True
+        candidates = [headers.get("X-ClickHouse-Key"), params.get("password")]
+        scheme, _, credentials = (headers.get("Authorization") or "").partition(" ")
+        if scheme.lower() == "bearer":
+            candidates.append(credentials.strip())
+        elif scheme.lower() == "basic":
+            try:
+                candidates.append(base64.b64decode(credentials.strip()).decode().partition(":")[2])
+            except ValueError:
+                pass
+        token = self.auth_token.encode()
+        return any(c is not None and hmac.compare_digest(c.encode(), token) for c in candidates)
+
+
+def _first_keyword(sql: str) -> str:
+    match = _FIRST_WORD.match(sql, _COMMENTS.match(sql).end())
+    return match.group(1).upper() if match else ""
+
+
+def _decompress(body: bytes, encoding: str) -> bytes:
+    encoding = encoding.strip().lower()
+    try:
+        if encoding in ("", "identity"):
+            return body
+        if encoding in ("gzip", "x-gzip"):
+            return zlib.decompress(body, 31)
+        if encoding == "deflate":
+            return zlib.decompress(body)
+        if encoding == "zstd":
+            import zstandard
+
+            return zstandard.ZstdDecompressor().decompressobj().decompress(body)
+        if encoding == "lz4":
+            import lz4.frame
+
+            return lz4.frame.decompress(body)
+        if encoding == "br":
+            import brotli  # type: ignore[import-not-found]
+
+            return brotli.decompress(body)
+    except ImportError:
+        pass
+    except Exception as error:  # noqa: BLE001 - each codec raises its own error type
+        raise ClickHouseError(271, f"Cannot decompress {encoding} request body: {error}", "CANNOT_DECOMPRESS") from None
+    raise ClickHouseError(271, f"Unknown Content-Encoding {encoding!r}", "CANNOT_DECOMPRESS")
+
+
+def _quote(text: str) -> str:
+    return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+class SQLHandler(Handler):
+    server: Server
+
+    @property
+    def app(self) -> SQLApp:
+        return self.server.app
+
+    def do_HEAD(self) -> None:  # noqa: N802 - stdlib naming
+        self.reply(200, b"Ok.\n")
+
+    def do_GET(self) -> None:  # noqa: N802 - stdlib naming
+        self._handle(post=False)
+
+    def do_POST(self) -> None:  # noqa: N802 - stdlib naming
+        self._handle(post=True)
+
+    def _handle(self, post: bool) -> None:
+        url = urlsplit(self.path)
+        params = dict(parse_qsl(url.query, keep_blank_values=True))
+        if url.path in ("/ping", "/replicas_status") or (url.path == "/" and not post and "query" not in params):
+            self.reply(200, b"Ok.\n")
+            return
+        if url.path not in ("/", ""):
+            self._error(ClickHouseError(0, f"There is no handle {url.path}", "UNKNOWN_HANDLER"), 404)
+            return
+        query_id = params.get("query_id") or str(uuid.uuid4())
+        try:
+            if not self.app.authorized(self.headers, params):
+                raise ClickHouseError(
+                    AUTH_FAILED, "default: Authentication failed: password is incorrect, or there is no user "
+                    "with such name", "AUTHENTICATION_FAILED")
+            body = b""
+            if post:
+                try:
+                    body = self.read_body(self.app.max_body_bytes)
+                except BodyTooLarge as error:
+                    self.close_connection = True
+                    raise ClickHouseError(307, str(error), "TOO_LARGE_STRING_SIZE") from None
+                except BadBody as error:
+                    self.close_connection = True
+                    raise ClickHouseError(33, str(error), "CANNOT_READ_ALL_DATA") from None
+                if params.get("decompress") == "1":
+                    raise ClickHouseError(
+                        48, "ClickHouse-native request compression (decompress=1) is not supported here; "
+                        "use Content-Encoding", "NOT_IMPLEMENTED")
+                body = _decompress(body, self.headers.get("Content-Encoding", ""))
+            self._execute(params, body, readonly=not post, query_id=query_id)
+        except ClickHouseError as error:
+            self._error(error, query_id=query_id)
+
+    def _execute(self, params: dict[str, str], body: bytes, readonly: bool, query_id: str) -> None:
+        query = params.get("query", "")
+        data: bytes | None = None
+        fmt: str | None = None
+        if _first_keyword(query or body[:4096].decode("utf-8", "replace")) == "INSERT":
+            statement, fmt, data = self._split_insert(query, body)
+        else:
+            try:
+                statement = f"{query}\n{body.decode()}" if query and body else (query or body.decode())
+            except UnicodeDecodeError:
+                raise ClickHouseError(62, "query is not valid UTF-8", "SYNTAX_ERROR") from None
+        if not statement.strip():
+            raise ClickHouseError(62, "Empty query", "SYNTAX_ERROR")
+        default_format = params.get("default_format", "TabSeparated")
+        bind = {k[6:]: v for k, v in params.items() if k.startswith("param_")}
+        settings = {k: v for k, v in params.items() if k not in TRANSPORT_PARAMS and not k.startswith("param_")}
+        connection = chdb.connect(self.app.path)
+        infile = None
+        try:
+            run = self._runner(connection)
+            database = params.get("database")
+            if database:
+                run(f"USE `{database.replace('`', '')}`")
+            for name, value in settings.items():
+                if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+                    raise ClickHouseError(115, f"Unknown setting '{name}'", "UNKNOWN_SETTING")
+                run(f"SET {name} = {_quote(value)}")
+            if readonly:  # as ClickHouse does for GET
+                run("SET readonly = 2")
+            if data is not None:
+                with tempfile.NamedTemporaryFile(prefix="lightspan-sql-", suffix=".data", delete=False) as handle:
+                    handle.write(data)
+                    infile = handle.name
+                statement = f"{statement} FROM INFILE {_quote(infile)} FORMAT {fmt}"
+            result = run(statement, default_format, bind)
+        finally:
+            connection.close()
+            if infile:
+                os.unlink(infile)
+        self._answer(statement, data is not None, result, default_format, query_id)
+
+    @staticmethod
+    def _runner(connection: Any) -> Any:
+        def run(sql: str, fmt: str = "TabSeparated", bind: dict[str, str] | None = None) -> Any:
+            try:
+                return connection.query(sql, fmt, params=bind or {})
+            except Exception as error:  # noqa: BLE001 - chDB raises RuntimeError subclasses
+                text = str(error).strip()
+                match = _CODE.search(text)
+                code = int(match.group(1)) if match else 1001
+                start = text.find("Code:")
+                raise ClickHouseError(code, text, "STD_EXCEPTION", text=text[start:] if start >= 0 else None) from None
+        return run
+
+    @staticmethod
+    def _split_insert(query: str, body: bytes) -> tuple[str, str | None, bytes | None]:
+        """(statement without FORMAT, format, data) for an INSERT; (sql, None, None) without FORMAT."""
+        if query:
+            match = _TRAILING_FORMAT.search(query)
+            if match:
+                return query[:match.start()].rstrip(), match.group(1), body
+            try:
+                return (f"{query}\n{body.decode()}" if body else query), None, None
+            except UnicodeDecodeError:
+                raise ClickHouseError(62, "inline INSERT data is not valid UTF-8", "SYNTAX_ERROR") from None
+        match = _INSERT_FORMAT.search(body, 0, 65536)
+        if match is None:
+            try:
+                return body.decode(), None, None
+            except UnicodeDecodeError:
+                raise ClickHouseError(62, "INSERT without FORMAT is not valid UTF-8", "SYNTAX_ERROR") from None
+        return body[:match.start()].decode().rstrip(), match.group(1).decode(), body[match.end():]
+
+    def _answer(self, statement: str, was_insert: bool, result: Any, default_format: str, query_id: str) -> None:
+        payload = result.bytes() or b""
+        headers = {
+            "X-ClickHouse-Query-Id": query_id,
+            "X-ClickHouse-Timezone": self.app.timezone,
+            "X-ClickHouse-Server-Display-Name": "lightspan",
+            "X-ClickHouse-Summary": json.dumps({
+                "read_rows": str(0 if was_insert else result.rows_read()),
+                "read_bytes": str(0 if was_insert else result.bytes_read()),
+                "written_rows": str(result.rows_read() if was_insert else 0),
+                "written_bytes": str(result.bytes_read() if was_insert else 0),
+                "total_rows_to_read": "0", "result_rows": "0", "result_bytes": "0",
+                "elapsed_ns": str(int(result.elapsed() * 1e9)),
+            }),
+        }
+        content_type = "text/plain; charset=UTF-8"
+        if not was_insert and _first_keyword(statement) in _RESULT_KEYWORDS:
+            match = _TRAILING_FORMAT.search(statement)
+            fmt = match.group(1) if match else default_format
+            headers["X-ClickHouse-Format"] = fmt
+            content_type = _CONTENT_TYPES.get(fmt, "application/octet-stream")
+        self.reply(200, payload, content_type, headers)
+
+    def _error(self, error: ClickHouseError, status: int | None = None, query_id: str = "") -> None:
+        code = error.code
+        if status is None:
+            status = _HTTP_STATUS.get(code, 400 if code in _BAD_REQUEST_CODES else 500)
+        text = str(error)
+        if "(version" not in text:
+            text = f"{text} (version {self.app.version} (lightspan))"
+        headers = {"X-ClickHouse-Exception-Code": str(code)}
+        if query_id:
+            headers["X-ClickHouse-Query-Id"] = query_id
+        self.reply(status, (text + "\n").encode(), "text/plain; charset=UTF-8", headers)
