@@ -19,6 +19,7 @@ from lightspan.errors import LightspanError
 # Modules that define `register(subparsers)`; each adds one or more subcommands.
 COMMAND_MODULES = (
     "lightspan.store.cli",
+    "lightspan.collector.cli",
     "lightspan.trainer.serve",
 )
 
