@@ -161,6 +161,7 @@ class RolloutStampingProcessor(SpanProcessor):
 
     def __init__(self) -> None:
         self._env = env_rollout()
+        self._cache: dict[tuple[RolloutInfo | None, str], Mapping[str, Any]] = {}
 
     def on_start(self, span: Span, parent_context: Context | None = None) -> None:
         rollout = otel_context.get_value(_ROLLOUT_KEY, parent_context)
@@ -179,10 +180,22 @@ class RolloutStampingProcessor(SpanProcessor):
                     agent_name = otel_context.get_value(_AGENT_KEY)
             if rollout is None:
                 rollout = self._env
-        if rollout is not None:
-            span.set_attributes(rollout.attributes)  # type: ignore[union-attr]
-        if agent_name is not None:
-            span.set_attribute(semconv.AGENT_NAME, agent_name)
+        if agent_name is None:
+            if rollout is not None:
+                span.set_attributes(rollout.attributes)  # type: ignore[union-attr]
+        else:
+            span.set_attributes(self._with_agent(rollout, agent_name))
+
+    def _with_agent(self, rollout: RolloutInfo | None, agent_name: str) -> Mapping[str, Any]:
+        """Rollout attributes plus the agent name, cached: one set_attributes call per span."""
+        key = (rollout, agent_name)
+        cached = self._cache.get(key)
+        if cached is None:
+            if len(self._cache) > 256:
+                self._cache.clear()
+            cached = {**(rollout.attributes if rollout is not None else {}), semconv.AGENT_NAME: agent_name}
+            self._cache[key] = cached
+        return cached
 
     def on_end(self, span: ReadableSpan) -> None:
         return None
