@@ -15,6 +15,7 @@ default: they are the policy's probabilities the trainer needs for off-policy co
 
 from __future__ import annotations
 
+import inspect
 import logging
 import time
 from collections.abc import Sequence
@@ -49,6 +50,7 @@ class LoadedModel:
     max_length: int | None
     version: int | None = None
     created: int = 0
+    logits_to_keep: bool = False  # the forward takes `logits_to_keep` (skips the prompt's logits)
 
 
 def pick_device(device: str = "auto") -> Any:
@@ -79,7 +81,6 @@ def load_model(
     dtype: str = "auto",
 ) -> LoadedModel:
     """Load a Hugging Face folder (`save_pretrained` layout); InvalidInput if it is not one."""
-    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = Path(path)
@@ -98,7 +99,6 @@ def load_model(
         eos.add(tokenizer.eos_token_id)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos, default=0)
     max_length = getattr(model.config, "max_position_embeddings", None)
-    torch.set_grad_enabled(False)
     log.info("loaded %s from %s on %s in %.1fs", model_id, path, target, time.perf_counter() - started)
     return LoadedModel(
         id=model_id,
@@ -112,6 +112,7 @@ def load_model(
         max_length=max_length,
         version=version,
         created=int(time.time()),
+        logits_to_keep="logits_to_keep" in inspect.signature(model.forward).parameters,
     )
 
 
@@ -134,6 +135,29 @@ def check_context(loaded: LoadedModel, prompt_len: int, max_tokens: int | None) 
     return max_tokens
 
 
+class _StopScanner:
+    """Finds stop strings as the text grows, decoding a window of a few tokens per step (the
+    prefix/read offsets of incremental detokenization) rather than the whole answer each time."""
+
+    def __init__(self, stops: Sequence[str]):
+        self.stops = stops
+        self.longest = max(len(s) for s in stops)
+        self.text = ""
+        self._prefix = self._read = 0
+
+    def feed(self, tokens: Sequence[int], tokenizer: Any) -> tuple[int, str] | None:
+        """(position, stop string) of the first stop string in the text so far, if any."""
+        before = tokenizer.decode(tokens[self._prefix : self._read], skip_special_tokens=True)
+        after = tokenizer.decode(tokens[self._prefix :], skip_special_tokens=True)
+        if len(after) <= len(before) or after.endswith("\ufffd"):
+            return None  # a special token or half a character: wait for the bytes that finish it
+        start = max(0, len(self.text) - self.longest + 1)
+        self.text += after[len(before) :]
+        self._prefix, self._read = self._read, len(tokens)
+        hits = [(at, stop) for stop in self.stops if (at := self.text.find(stop, start)) >= 0]
+        return min(hits) if hits else None
+
+
 class _RowState:
     """Decoding state of one row: its generator, budget, tokens so far and how it ended."""
 
@@ -149,6 +173,7 @@ class _RowState:
         self.stop_reason: str | int | None = None
         self.text: str | None = None  # set when a stop string cut the text
         params = row.params
+        self.scanner = _StopScanner(params.stop) if params.stop else None
         self.end_ids = (frozenset() if params.ignore_eos else loaded.eos_ids) | frozenset(
             params.stop_token_ids
         )
@@ -161,13 +186,11 @@ class _RowState:
         if token in self.end_ids:
             self.finish = "stop"
             self.stop_reason = token if token in params.stop_token_ids else None
-        elif params.stop:
-            text = tokenizer.decode(self.tokens, skip_special_tokens=True)
-            hits = [(text.find(s), s) for s in params.stop if s in text]
-            if hits:
-                at, stop = min(hits)
-                self.finish, self.stop_reason = "stop", stop
-                self.text = text[: at + len(stop)] if params.include_stop_str_in_output else text[:at]
+        elif self.scanner is not None and (hit := self.scanner.feed(self.tokens, tokenizer)):
+            at, stop = hit
+            self.finish, self.stop_reason = "stop", stop
+            text = self.scanner.text
+            self.text = text[: at + len(stop)] if params.include_stop_str_in_output else text[:at]
         if self.finish is None and len(self.tokens) >= self.budget:
             self.finish = "length"
 
@@ -214,7 +237,7 @@ def generate(loaded: LoadedModel, rows: Sequence[Row], budgets: Sequence[int]) -
     import torch
 
     model, tokenizer, device = loaded.model, loaded.tokenizer, loaded.device
-    states = [_RowState(row, budget, loaded) for row, budget in zip(rows, budgets)]
+    states = [_RowState(row, budget, loaded) for row, budget in zip(rows, budgets, strict=True)]
     width = max(len(r.prompt_ids) for r in rows)
     input_ids = torch.full((len(rows), width), loaded.pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
@@ -234,7 +257,7 @@ def generate(loaded: LoadedModel, rows: Sequence[Row], budgets: Sequence[int]) -
                 position_ids=positions,
                 past_key_values=cache,
                 use_cache=True,
-                logits_to_keep=1,
+                **({"logits_to_keep": 1} if loaded.logits_to_keep else {}),
             )
             cache = out.past_key_values
             logits = out.logits[:, -1, :].float()

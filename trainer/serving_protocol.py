@@ -366,13 +366,17 @@ def parse_completion(body: Mapping[str, Any]) -> GenerationRequest:
 
 
 # --- responses -------------------------------------------------------------------------------------
-def _token_text(tokenizer: Any, token_id: int) -> str:
-    return tokenizer.decode([token_id])
+def _token_texts(tokenizer: Any, logprobs: list[TokenLogprob]) -> dict[int, str]:
+    """Each token id decoded on its own (vLLM's `token` strings), in one tokenizer call."""
+    ids = sorted({lp.token_id for lp in logprobs} | {t for lp in logprobs for t, _ in lp.top})
+    return dict(zip(ids, tokenizer.batch_decode([[i] for i in ids]), strict=True))
 
 
 def _chat_logprobs(tokenizer: Any, logprobs: list[TokenLogprob]) -> dict[str, Any]:
+    texts = _token_texts(tokenizer, logprobs)
+
     def entry(token_id: int, logprob: float) -> dict[str, Any]:
-        text = _token_text(tokenizer, token_id)
+        text = texts[token_id]
         return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
 
     return {
@@ -384,7 +388,8 @@ def _chat_logprobs(tokenizer: Any, logprobs: list[TokenLogprob]) -> dict[str, An
 
 
 def _completion_logprobs(tokenizer: Any, logprobs: list[TokenLogprob]) -> dict[str, Any]:
-    tokens = [_token_text(tokenizer, lp.token_id) for lp in logprobs]
+    texts = _token_texts(tokenizer, logprobs)
+    tokens = [texts[lp.token_id] for lp in logprobs]
     offsets, position = [], 0
     for token in tokens:
         offsets.append(position)
@@ -392,7 +397,7 @@ def _completion_logprobs(tokenizer: Any, logprobs: list[TokenLogprob]) -> dict[s
     return {
         "tokens": tokens,
         "token_logprobs": [lp.logprob for lp in logprobs],
-        "top_logprobs": [{_token_text(tokenizer, t): v for t, v in lp.top} for lp in logprobs],
+        "top_logprobs": [{texts[t]: v for t, v in lp.top} for lp in logprobs],
         "text_offset": offsets,
     }
 

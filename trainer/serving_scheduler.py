@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from lightspan.trainer.serving_engine import LoadedModel, check_context, generate
-from lightspan.trainer.serving_protocol import APIError, GenerationRequest, invalid, render
+from lightspan.trainer.serving_protocol import APIError, GenerationRequest, Row, invalid, render
 
 log = logging.getLogger(__name__)
 
@@ -149,45 +149,42 @@ class Scheduler:
     def _run(self) -> None:
         while not self._stopping.is_set():
             batch = [work for work in self._gather() if work.future.set_running_or_notify_cancel()]
-            if batch:
+            if not batch:
+                continue
+            try:
                 self._run_batch(self._take_model(), batch)
+            except Exception as error:  # a bug or an out-of-memory must still answer every client
+                log.exception("a batch of %d requests failed", len(batch))
+                failure = APIError(f"generation failed: {error}", status=500, type="server_error")
+                for work in batch:
+                    if not work.future.done():
+                        work.future.set_exception(failure)
+
+    def _prepare(self, model: LoadedModel, work: Work) -> tuple[list[list[int]], list[Row], list[int]]:
+        """Tokenize with the batch's model and check the prompts fit: (prompts, rows, budgets)."""
+        request = work.request
+        prompts = request.encode(model.tokenizer)
+        vocab = model.model.get_input_embeddings().num_embeddings
+        if any(t >= vocab for prompt in prompts for t in prompt):
+            raise invalid("prompt", f"token ids must be below the vocabulary size {vocab}")
+        budgets = [check_context(model, len(p), request.params.max_tokens) for p in prompts]
+        return prompts, request.rows(prompts), [b for b in budgets for _ in range(request.n)]
 
     def _run_batch(self, model: LoadedModel, batch: list[Work]) -> None:
         prepared = []
         for work in batch:
             try:
-                prompts = work.request.encode(model.tokenizer)
-                vocab = model.model.get_input_embeddings().num_embeddings
-                if any(t >= vocab for prompt in prompts for t in prompt):
-                    raise invalid("prompt", f"token ids must be below the vocabulary size {vocab}")
-                budgets = [check_context(model, len(p), work.request.params.max_tokens) for p in prompts]
+                prepared.append((work, *self._prepare(model, work)))
             except APIError as error:
                 work.future.set_exception(error)
-                continue
-            rows = work.request.rows(prompts)
-            prepared.append((work, prompts, rows, [b for b in budgets for _ in range(work.request.n)]))
         if not prepared:
             return
         rows = [row for _, _, work_rows, _ in prepared for row in work_rows]
-        budgets = [b for _, _, _, work_budgets in prepared for b in work_budgets]
-        try:
-            completions = generate(model, rows, budgets)
-        except Exception as error:  # a bug or an out-of-memory must answer every waiting client
-            log.exception("batch of %d rows failed", len(rows))
-            for work, *_ in prepared:
-                work.future.set_exception(
-                    APIError(f"generation failed: {error}", status=500, type="server_error")
-                )
-            return
+        budgets = [b for *_, work_budgets in prepared for b in work_budgets]
+        completions = generate(model, rows, budgets)
         self.stats.record(len(rows), len(prepared))
         start = 0
         for work, prompts, work_rows, _ in prepared:
             mine = completions[start : start + len(work_rows)]
             start += len(work_rows)
-            try:
-                work.future.set_result(render(work.request, model.id, model.tokenizer, prompts, mine))
-            except Exception as error:
-                log.exception("rendering a response failed")
-                work.future.set_exception(
-                    APIError(f"rendering failed: {error}", status=500, type="server_error")
-                )
+            work.future.set_result(render(work.request, model.id, model.tokenizer, prompts, mine))
