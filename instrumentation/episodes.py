@@ -30,17 +30,11 @@ import functools
 import inspect
 import numbers
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, Callable, TypeVar
+from typing import Any, TypeVar
 
-from opentelemetry import context as otel_context
-from opentelemetry import trace
-from opentelemetry.trace import Status, StatusCode
-
-from lightspan import semconv
-from lightspan.errors import InvalidInput
 from lightspan.instrumentation.context import (
     NestedRolloutError,
     RolloutInfo,
@@ -50,6 +44,12 @@ from lightspan.instrumentation.context import (
     new_rollout_info,
 )
 from lightspan.instrumentation.rewards import _tracer, emit_reward
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+from opentelemetry.trace import Status, StatusCode
+
+from lightspan import semconv
+from lightspan.errors import InvalidInput
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -127,7 +127,7 @@ class _RolloutSpec:
     def __enter__(self) -> Rollout:
         return self._open().__enter__()
 
-    def __exit__(self, *exc_info: Any) -> None:
+    def __exit__(self, *exc_info: object) -> None:
         scope, self._scope = self._scope, None
         assert scope is not None
         scope.__exit__(*exc_info)
@@ -135,7 +135,7 @@ class _RolloutSpec:
     async def __aenter__(self) -> Rollout:
         return self.__enter__()
 
-    async def __aexit__(self, *exc_info: Any) -> None:
+    async def __aexit__(self, *exc_info: object) -> None:
         self.__exit__(*exc_info)
 
     # --- decorator ---

@@ -22,16 +22,16 @@ the OpenAI SDK never imports it.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
+from lightspan.instrumentation.rewards import _tracer
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 
 from lightspan import semconv
-from lightspan.instrumentation.rewards import _tracer
 
 _CHAT_PATH = "/chat/completions"
 _ORIGINAL = "_lightspan_original_request"
@@ -89,7 +89,7 @@ def _response_payload(result: Any) -> Mapping[str, Any] | None:
     if raw is not None:
         try:
             body = json.loads(raw.content)
-        except Exception:  # streaming or unread body: nothing to capture
+        except Exception:  # noqa: BLE001  (streaming/unread/non-JSON body: nothing to capture)
             return None
         return body if isinstance(body, Mapping) else None
     dump = getattr(result, "model_dump", None)
@@ -208,7 +208,7 @@ def _wrap_async(original: Callable[..., Any]) -> Callable[..., Any]:
 
 def patch_openai(module: Any = None) -> None:
     """Install the hook on openai's base clients (idempotent)."""
-    import openai._base_client as base  # noqa: PLC0415  (only once openai is imported)
+    import openai._base_client as base
 
     for cls, wrap in ((base.SyncAPIClient, _wrap_sync), (base.AsyncAPIClient, _wrap_async)):
         if not hasattr(cls.request, _ORIGINAL):

@@ -19,8 +19,8 @@ from lightspan import semconv
 from lightspan.types import Span, SpanEvent, SpanLink
 
 sys.path.insert(0, str(Path(__file__).parent))
-from fake_openai import logprob_of, tokenize  # noqa: E402
-from fixtures.record_spans import record_to, script_for  # noqa: E402
+from fake_openai import logprob_of, tokenize
+from fixtures.record_spans import record_to, script_for
 
 FRAMEWORK_SCOPES = {
     "langchain": "openinference.instrumentation.langchain",
