@@ -1,0 +1,99 @@
+"""End to end: an instrumented agent exports real OTLP to a running `lightspan collector`, and
+`lightspan show ROLLOUT_ID` prints the rollout's tree from the store.
+
+The collector is the real one (`lightspan collector`, embedded chDB store in tmp_path, OTLP ports
+and SQL endpoint on ephemeral loopback ports read from its banner); the agent is a plain OpenAI SDK
+agent in a fresh interpreter against tests/fake_openai.py, exporting over OTLP/gRPC and, in a second
+case, OTLP/HTTP.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+TESTS = Path(__file__).parent
+LIGHTSPAN = [sys.executable, "-m", "lightspan.cli"]
+
+
+@pytest.fixture
+def collector(tmp_path):
+    """A running collector; yields (grpc endpoint, http endpoint, SQL store URL)."""
+    proc = subprocess.Popen(
+        [*LIGHTSPAN, "collector", "--store", f"chdb://{tmp_path / 'data'}",
+         "--grpc-port", "0", "--http-port", "0", "--sql-port", "0"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    banner = ""
+    deadline = time.monotonic() + 120
+    try:
+        while "SQL (ClickHouse HTTP)" not in banner:
+            line = proc.stdout.readline()
+            if not line:
+                raise AssertionError(f"collector exited: {proc.stderr.read()}")
+            banner += line
+            assert time.monotonic() < deadline, banner
+        grpc_endpoint = re.search(r"OTLP/gRPC\s+(\S+)", banner).group(1)
+        http_endpoint = re.search(r"OTLP/HTTP\s+(\S+)/v1/traces", banner).group(1)
+        sql_url = re.search(r"SQL \(ClickHouse HTTP\)\s+(\S+)", banner).group(1)
+        yield grpc_endpoint, http_endpoint, sql_url
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+AGENT = """
+    import lightspan, openai
+    from fake_openai import FakeOpenAI, ToolCall
+
+    lightspan.instrument(service_name="e2e-agent", endpoint={endpoint!r}, protocol={protocol!r},
+                         frameworks=["openai"], request_token_ids=True)
+    with FakeOpenAI(script=[ToolCall("add", {{"a": 2, "b": 2}}), "The answer is 4."]) as fake:
+        client = openai.OpenAI(base_url=fake.base_url, api_key="k")
+        with lightspan.rollout("e2e-task", rollout_id={rollout_id!r}):
+            messages = [{{"role": "user", "content": "What is 2 + 2?"}}]
+            client.chat.completions.create(model="fake-model", messages=messages)
+            lightspan.emit_reward(0.25, name="tool_used")
+            client.chat.completions.create(model="fake-model", messages=messages)
+            lightspan.emit_reward(1.0, final=True)
+    # no flush: instrument() flushes at interpreter exit, acknowledged only after commit
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("protocol", ["grpc", "http/protobuf"])
+def test_agent_traces_reach_collector_and_show_prints_the_tree(collector, protocol):
+    grpc_endpoint, http_endpoint, sql_url = collector
+    rollout_id = f"e2e-{protocol.replace('/', '-')}"
+    endpoint = grpc_endpoint if protocol == "grpc" else http_endpoint
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "LIGHTSPAN_"))}
+    env["PYTHONPATH"] = str(TESTS) + os.pathsep + env.get("PYTHONPATH", "")
+    code = textwrap.dedent(AGENT.format(endpoint=endpoint, protocol=protocol, rollout_id=rollout_id))
+    app = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120,
+                         check=False)
+    assert app.returncode == 0, app.stderr
+
+    show = subprocess.run([*LIGHTSPAN, "show", rollout_id, "--store", sql_url], capture_output=True,
+                          text=True, timeout=120, check=False)
+    assert show.returncode == 0, show.stderr
+    out = show.stdout
+    assert rollout_id in out and "(5 spans)" in out, out
+    lines = out.splitlines()
+    tree = [line for line in lines if re.search(r"lightspan\.rollout|chat fake-model|lightspan\.reward", line)]
+    assert [re.sub(r"^[\s│├└─]+", "", t).split()[0] for t in tree] == [
+        "lightspan.rollout", "chat", "lightspan.reward", "chat", "lightspan.reward",
+    ], out
+    assert sum("[LLM]" in line for line in lines) == 2
+    assert any("reward 0.25" in line for line in lines) and any("reward 1" in line for line in lines), out
