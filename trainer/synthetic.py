@@ -17,6 +17,8 @@ from lightspan import semconv
 from lightspan.types import Span
 
 SERVICE = "synthetic-agent"
+# Wrong answers share no token with the right ones, so a test can tell which way each one moved.
+_WRONG = ("Paris", "Berlin", "no", "yes", "Tokyo", "London", "I do not know")
 AGENT = "solver"
 
 
@@ -84,7 +86,7 @@ def arithmetic_rollouts(
     seed: int = 0,
     resources_id: str = "",
 ) -> list[Span]:
-    """`tasks` x `samples` rollouts; half of each group answers right (reward 1), half wrong (0).
+    """`tasks` x `samples` rollouts; half of each group answers the sum (reward 1), half a word (0).
 
     With a tokenizer and `record_every=k`, every k-th rollout carries recorded token ids (the
     chat template's, as an engine serving that template would produce); the rest are left for
@@ -100,7 +102,7 @@ def arithmetic_rollouts(
         question = f"What is {a} + {b}?"
         for sample in range(samples):
             correct = sample % 2 == 0
-            answer = str(a + b) if correct else str(a + b + rng.randint(1, 9))
+            answer = str(a + b) if correct else rng.choice(_WRONG)
             token_ids = None
             if tokenizer is not None and record_every and n % record_every == 0:
                 messages = [{"role": "system", "content": "You are a helpful assistant. Answer the question."},
