@@ -20,6 +20,7 @@ from lightspan.errors import LightspanError
 COMMAND_MODULES = (
     "lightspan.store.cli",
     "lightspan.collector.cli",
+    "lightspan.trainer.cli",
     "lightspan.trainer.serve",
 )
 
