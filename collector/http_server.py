@@ -66,6 +66,14 @@ class OTLPHandler(Handler):
         return self.server.app
 
     def do_GET(self) -> None:  # noqa: N802 - stdlib naming
+        with self.server.active():
+            self._get()
+
+    def do_POST(self) -> None:  # noqa: N802 - stdlib naming
+        with self.server.active():
+            self._post()
+
+    def _get(self) -> None:
         path = self.path.split("?", 1)[0]
         if path == "/metrics":
             self.reply(200, self.app.metrics.render().encode(), "text/plain; version=0.0.4; charset=utf-8")
@@ -76,7 +84,7 @@ class OTLPHandler(Handler):
         else:
             self.reply(404, b"not found: OTLP traces go to POST /v1/traces; see also /metrics and /health\n")
 
-    def do_POST(self) -> None:  # noqa: N802 - stdlib naming
+    def _post(self) -> None:
         app, receiver = self.app, self.app.receiver
         if self.path.split("?", 1)[0] != TRACES_PATH:
             self.reply(404, b"not found: this collector receives traces on POST /v1/traces\n", close=True)

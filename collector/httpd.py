@@ -14,7 +14,8 @@ import ssl
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Mapping
+from contextlib import contextmanager
+from typing import Any, Iterator, Mapping
 
 
 class BodyTooLarge(Exception):
@@ -69,9 +70,16 @@ class Server(ThreadingHTTPServer):
                 return
         super().process_request_thread(request, client_address)
 
-    def track(self, delta: int) -> None:
+    @contextmanager
+    def active(self) -> Iterator[None]:
+        """Count a request as in flight (not an idle keep-alive connection) while it runs."""
         with self._active_lock:
-            self._active += delta
+            self._active += 1
+        try:
+            yield
+        finally:
+            with self._active_lock:
+                self._active -= 1
 
     def start(self, name: str) -> None:
         self._thread = threading.Thread(target=self.serve_forever, kwargs={"poll_interval": 0.2}, name=name, daemon=True)
@@ -98,12 +106,8 @@ class Handler(BaseHTTPRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
         return None
 
-    def handle_one_request(self) -> None:
-        self.server.track(1)
-        try:
-            super().handle_one_request()
-        finally:
-            self.server.track(-1)
+    # Idle keep-alive connections give their thread back after this many seconds.
+    timeout = 120
 
     def read_body(self, limit: int) -> bytes:
         """The request body, at most `limit` bytes (BodyTooLarge beyond, BadBody on bad framing)."""

@@ -156,10 +156,12 @@ class SQLHandler(Handler):
         self.reply(200, b"Ok.\n")
 
     def do_GET(self) -> None:  # noqa: N802 - stdlib naming
-        self._handle(post=False)
+        with self.server.active():
+            self._handle(post=False)
 
     def do_POST(self) -> None:  # noqa: N802 - stdlib naming
-        self._handle(post=True)
+        with self.server.active():
+            self._handle(post=True)
 
     def _handle(self, post: bool) -> None:
         url = urlsplit(self.path)
@@ -173,6 +175,7 @@ class SQLHandler(Handler):
         query_id = params.get("query_id") or str(uuid.uuid4())
         try:
             if not self.app.authorized(self.headers, params):
+                self.close_connection = True  # the unread body must not be taken for the next request
                 raise ClickHouseError(
                     AUTH_FAILED, "default: Authentication failed: password is incorrect, or there is no user "
                     "with such name", "AUTHENTICATION_FAILED")
@@ -301,4 +304,4 @@ class SQLHandler(Handler):
         headers = {"X-ClickHouse-Exception-Code": str(code)}
         if query_id:
             headers["X-ClickHouse-Query-Id"] = query_id
-        self.reply(status, (text + "\n").encode(), "text/plain; charset=UTF-8", headers)
+        self.reply(status, (text + "\n").encode(), "text/plain; charset=UTF-8", headers, close=self.close_connection)
