@@ -201,3 +201,125 @@ def test_kill_while_saving_keeps_the_previous_checkpoint_and_resume_continues(tm
 
     again = train("--config", str(killed), "schedule.steps=3", "--resume")
     assert again.returncode == 2 and "schedule ends at 3" in again.stderr
+
+
+# --- two ranks through the real launcher, data over OTLP and the collector ------------------------
+AGENT = """
+import json, sys
+import lightspan
+from opentelemetry import trace
+from lightspan import semconv
+
+endpoint, tasks, samples = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+lightspan.instrument(service_name="arith-agent", endpoint=endpoint, protocol="grpc", frameworks=[])
+tracer = trace.get_tracer("arith-agent")
+wrong = ["Paris", "Berlin", "no", "yes"]
+for task in range(tasks):
+    a, b = 3 + 7 * task % 40, 5 + 11 * task % 30
+    question = f"What is {a} + {b}?"
+    for sample in range(samples):
+        right = sample % 2 == 0
+        answer = str(a + b) if right else wrong[(task + sample) % len(wrong)]
+        with lightspan.rollout(f"task-{task}", rollout_id=f"r-{task}-{sample}", attempt=sample):
+            with lightspan.agent("solver"):
+                with tracer.start_as_current_span("chat tiny", kind=trace.SpanKind.CLIENT) as span:
+                    span.set_attribute(semconv.GEN_AI_OPERATION_NAME, "chat")
+                    span.set_attribute(semconv.GEN_AI_INPUT_MESSAGES, json.dumps([
+                        {"role": "system", "parts": [{"type": "text", "content": "Answer the question."}]},
+                        {"role": "user", "parts": [{"type": "text", "content": question}]}]))
+                    span.set_attribute(semconv.GEN_AI_OUTPUT_MESSAGES, json.dumps(
+                        [{"role": "assistant", "parts": [{"type": "text", "content": answer}]}]))
+                lightspan.emit_reward(1.0 if right else 0.0, final=True)
+# instrument() flushes at exit; the collector acknowledges only committed spans
+"""
+
+
+@pytest.fixture
+def collector(tmp_path):
+    """`lightspan collector` on an embedded store, ephemeral ports; yields (OTLP gRPC, SQL URL)."""
+    import re
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lightspan", "collector", "--store", f"chdb://{tmp_path / 'data'}",
+         "--grpc-port", "0", "--http-port", "0", "--sql-port", "0"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    banner, deadline = "", time.monotonic() + 120
+    try:
+        while "SQL (ClickHouse HTTP)" not in banner:
+            line = proc.stdout.readline()
+            if not line:
+                raise AssertionError(f"collector exited: {proc.stderr.read()}")
+            banner += line
+            assert time.monotonic() < deadline, banner
+        yield (re.search(r"OTLP/gRPC\s+(\S+)", banner).group(1),
+               re.search(r"SQL \(ClickHouse HTTP\)\s+(\S+)", banner).group(1))
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [2, 3])
+def test_two_ranks_under_zero_split_task_groups_and_save_the_gathered_weights(tmp_path, tiny, collector, stage):
+    import json
+
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    grpc_endpoint, sql_url = collector
+    tasks = 8
+    agent = subprocess.run([sys.executable, "-c", AGENT, grpc_endpoint, str(tasks), "4"], capture_output=True,
+                           text=True, timeout=120)
+    assert agent.returncode == 0, agent.stderr
+    out = tmp_path / "out"
+    config = write_config(
+        tmp_path / "train.yaml", sql_url, tiny, out,
+        deepspeed=f"{{zero_optimization: {{stage: {stage}}}}}",
+        schedule="{epochs: 1, micro_batch_size: 2, global_batch_size: 8}",
+        output=f"{{dir: {out}, resource_name: zero{stage}}}",
+    )
+    if stage == 2:  # exactly what DeepSpeed users type
+        command = ["deepspeed", "--num_gpus", "2", "--master_port", str(_free_port()),
+                   "--module", "lightspan.trainer", "--config", str(config)]
+        command[0] = str(Path(sys.executable).parent / "deepspeed")
+    else:  # the same launcher, through `lightspan train`
+        command = [sys.executable, "-m", "lightspan", "train", "--config", str(config), "--num-gpus", "2",
+                   "--master-port", str(_free_port())]
+    run = subprocess.run(command, capture_output=True, text=True, timeout=400)
+    assert run.returncode == 0, (run.stdout[-3000:], run.stderr[-3000:])
+
+    manifests = [json.loads((out / "data" / f"rank-{r}-of-2.json").read_text()) for r in (0, 1)]
+    shards = [set(m["tasks"]) for m in manifests]
+    assert shards[0] and shards[1] and not shards[0] & shards[1]
+    assert shards[0] | shards[1] == {f"task-{t}" for t in range(tasks)}
+    assert all(m["rollouts"] == 4 * len(m["tasks"]) for m in manifests)  # groups stay whole
+
+    final = checkpoint.checkpoints(out)[-1]
+    saved = load_file(final / "model.safetensors")
+    gathered = get_fp32_state_dict_from_zero_checkpoint(str(final), tag=checkpoint.DEEPSPEED_TAG)
+    initial = load_file(tiny / "model.safetensors")
+    assert set(gathered) - set(saved) <= {"lm_head.weight"}  # tied to the embeddings
+    assert set(saved) == set(initial)
+    for name, tensor in saved.items():
+        assert tensor.numel() > 0 and tensor.shape == initial[name].shape, name
+        torch.testing.assert_close(tensor, gathered[name], rtol=0, atol=0, msg=name)
+    assert any(not torch.equal(saved[n], initial[n]) for n in saved)  # it trained
+    AutoModelForCausalLM.from_pretrained(final)
+    with Store.connect(sql_url) as store:
+        [resource] = store.resources(f"zero{stage}")
+        assert resource.uri == str(final.resolve())
+        assert resource.metadata["metrics"]["samples"] > 0
