@@ -256,3 +256,53 @@ def test_sql_endpoint_is_advertised_while_running(tmp_path: Path):
     with Collector(f"chdb://{data}", grpc_port=0, http_port=0, sql_port=0) as c:
         assert read_endpoint(data.resolve()) == c.sql_url
     assert read_endpoint(data.resolve()) is None
+
+
+# --- TLS -----------------------------------------------------------------------------------------
+def _self_signed(tmp_path: Path) -> tuple[Path, Path]:
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (
+        x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+        .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_file, key_file = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return cert_file, key_file
+
+
+def test_tls_on_grpc_http_and_sql(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    # requests lets these variables override a session's CA file; the exporter's must win here.
+    monkeypatch.delenv("REQUESTS_CA_BUNDLE", raising=False)
+    monkeypatch.delenv("CURL_CA_BUNDLE", raising=False)
+    cert, key = _self_signed(tmp_path)
+    with Collector(f"chdb://{tmp_path / 'data'}", grpc_port=0, http_port=0, sql_port=0, batch_ms=5,
+                   tls_cert=str(cert), tls_key=str(key)) as c:
+        assert c.grpc_endpoint.startswith("https://") and c.sql_url.startswith("https://")
+        credentials = grpc.ssl_channel_credentials(root_certificates=cert.read_bytes())
+        grpc_exporter = GrpcExporter(endpoint=f"localhost:{c.grpc_port}", credentials=credentials)
+        assert grpc_exporter.export(make_spans(rollout="tls-grpc")) == SpanExportResult.SUCCESS
+        grpc_exporter.shutdown()
+        http_exporter = HttpExporter(endpoint=f"https://localhost:{c.http_port}/v1/traces", certificate_file=str(cert))
+        assert http_exporter.export(make_spans(rollout="tls-http")) == SpanExportResult.SUCCESS
+        http_exporter.shutdown()
+        # Plain-text clients are refused by the TLS listeners.
+        plain = GrpcExporter(endpoint=f"localhost:{c.grpc_port}", insecure=True, timeout=2)
+        assert plain.export(make_spans()) == SpanExportResult.FAILURE
+        plain.shutdown()
+        client = clickhouse_connect.get_client(host="localhost", port=c.sql_port, secure=True, ca_cert=str(cert))
+        assert client.command("SELECT count() FROM otel_traces") == 6

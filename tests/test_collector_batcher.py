@@ -1,0 +1,112 @@
+"""Group commit semantics, with a plain callable standing in for the store insert.
+
+The batcher's contract with the store is one function, `commit(columns)`; these tests drive it
+with callables that block, fail or record, to pin down batching, acknowledgement and bounds.
+The store-backed behaviour is tested end to end in test_collector*.py.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from lightspan.collector.batcher import GroupCommitter, QueueFull, ShuttingDown
+from lightspan.errors import InvalidInput, StoreUnavailable
+
+
+def _columns(*values: int) -> list[list[int]]:
+    return [list(values), [v * 10 for v in values]]
+
+
+def test_requests_are_grouped_and_acknowledged_after_commit():
+    commits: list[list[list[int]]] = []
+    gate = threading.Event()
+
+    def commit(columns):
+        gate.wait(5)
+        commits.append(columns)
+
+    committer = GroupCommitter(commit, batch_spans=100, batch_ms=50)
+    futures = [committer.submit(_columns(i, i + 100), 2) for i in range(5)]
+    time.sleep(0.2)
+    assert not any(f.done() for f in futures)  # not acknowledged before the commit returns
+    gate.set()
+    assert [f.result(5) for f in futures] == [2] * 5
+    assert commits[0] == [[0, 100, 1, 101, 2, 102, 3, 103, 4, 104], [0, 1000, 10, 1010, 20, 1020, 30, 1030, 40, 1040]]
+    committer.close()
+
+
+def test_full_batch_commits_without_waiting_for_the_timer():
+    committer = GroupCommitter(lambda columns: None, batch_spans=4, batch_ms=60_000)
+    started = time.monotonic()
+    futures = [committer.submit(_columns(i), 2) for i in range(2)]
+    assert [f.result(5) for f in futures] == [2, 2] and time.monotonic() - started < 5
+    committer.close()
+
+
+def test_failed_commit_fails_every_request_retryably():
+    def commit(columns):
+        raise ConnectionError("store went away")
+
+    committer = GroupCommitter(commit, batch_ms=20)
+    futures = [committer.submit(_columns(i), 1) for i in range(3)]
+    for future in futures:
+        with pytest.raises(StoreUnavailable, match="store went away"):
+            future.result(5)
+    committer.close()
+
+
+def test_store_refusal_is_isolated_to_the_request_that_caused_it():
+    stored: list[int] = []
+
+    def commit(columns):
+        if -1 in columns[0]:
+            raise InvalidInput("Code: 27. bad value")
+        stored.extend(columns[0])
+
+    gate = threading.Event()
+    committer = GroupCommitter(lambda c: (gate.wait(5), commit(c)), batch_spans=100, batch_ms=20)
+    blocker = committer.submit(_columns(0), 1)  # holds the committer while the next three queue up
+    futures = [committer.submit(_columns(1), 1), committer.submit(_columns(-1), 1), committer.submit(_columns(2), 1)]
+    gate.set()
+    assert blocker.result(5) == 1 and futures[0].result(5) == 1 and futures[2].result(5) == 1
+    with pytest.raises(InvalidInput):
+        futures[1].result(5)
+    assert sorted(stored) == [0, 1, 2]
+    committer.close()
+
+
+def test_queue_bound_pushes_back_instead_of_growing():
+    gate = threading.Event()
+    committer = GroupCommitter(lambda c: gate.wait(5), batch_spans=10, batch_ms=1, queue_spans=10, retry_after=2)
+    first = committer.submit(_columns(*range(8)), 8)
+    with pytest.raises(QueueFull) as error:
+        committer.submit(_columns(*range(3)), 3)
+    assert error.value.retry_after == 2 and committer.depth_spans == 8
+    gate.set()
+    first.result(5)
+    committer.submit(_columns(1), 1).result(5)  # room again once committed
+    committer.close()
+
+
+def test_byte_budget_admits_one_large_request_but_not_two():
+    committer = GroupCommitter(lambda c: None, queue_bytes=1000)
+    with committer.admit(5000):  # alone: the size limit, not the queue, judges it
+        with pytest.raises(QueueFull):
+            committer.admit(10)
+    with committer.admit(600):
+        assert committer.depth_bytes == 600
+    assert committer.depth_bytes == 0
+    committer.close()
+
+
+def test_close_flushes_queued_requests_then_refuses():
+    committed: list[int] = []
+    committer = GroupCommitter(lambda c: committed.extend(c[0]), batch_ms=60_000, batch_spans=1000)
+    futures = [committer.submit(_columns(i), 1) for i in range(3)]
+    committer.close(timeout=5)
+    assert all(f.result(0) == 1 for f in futures) and committed == [0, 1, 2]
+    with pytest.raises(ShuttingDown):
+        committer.submit(_columns(9), 1)
