@@ -106,3 +106,170 @@ def make_request(n_spans: int = 1000, seed: int = 0) -> ExportTraceServiceReques
     return ExportTraceServiceRequest(resource_spans=[
         ResourceSpans(resource=resource_, scope_spans=[ScopeSpans(scope=scope, spans=spans[:n_spans])])
     ])
+
+
+def _percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+
+
+def _free_ports(count: int) -> list[int]:
+    import socket
+
+    sockets = [socket.socket() for _ in range(count)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+def parse_limit(bodies: list[bytes], rounds: int) -> float:
+    """Spans/s of protobuf parsing alone (opentelemetry-proto's generated class, upb)."""
+    spans = sum(len(ExportTraceServiceRequest.FromString(b).resource_spans[0].scope_spans[0].spans) for b in bodies)
+    started = time.perf_counter()
+    for _ in range(rounds):
+        for body in bodies:
+            ExportTraceServiceRequest.FromString(body)
+    return spans * rounds / (time.perf_counter() - started)
+
+
+def decode_rate(bodies: list[bytes]) -> tuple[float, list]:
+    """Spans/s of the collector's decode (parse + columns), and the decoded batches."""
+    from lightspan.collector.decode import parse_protobuf, to_columns
+
+    started = time.perf_counter()
+    decoded = [to_columns(parse_protobuf(body)) for body in bodies]
+    return sum(d.spans for d in decoded) / (time.perf_counter() - started), decoded
+
+
+def insert_limit(store_url: str, decoded: list, batch_requests: int) -> float:
+    """Spans/s of raw columnar inserts of the same spans into the same store, batched like the collector."""
+    from lightspan.collector.batcher import _concat
+    from lightspan.store import Store
+
+    batches = [_concat([d.columns for d in decoded[i:i + batch_requests]]) for i in range(0, len(decoded), batch_requests)]
+    with Store.connect(store_url) as store:
+        store.insert_columns(batches[0])  # warm-up (first parts, caches)
+        started = time.perf_counter()
+        spans = sum(store.insert_columns(batch) for batch in batches)
+        return spans / (time.perf_counter() - started)
+
+
+def ingest(store_url: str, bodies: list[bytes], total_requests: int, channels: int, per_channel: int,
+           extra_args: list[str]) -> dict[str, float]:
+    """Durable spans/s through a collector subprocess, over `channels` gRPC channels."""
+    import subprocess
+    import urllib.request
+
+    import grpc
+
+    grpc_port, http_port = _free_ports(2)
+    collector = subprocess.Popen(
+        [sys.executable, "-m", "lightspan", "collector", "--store", store_url, "--grpc-port", str(grpc_port),
+         "--http-port", str(http_port), "--sql-port", "-1", *extra_args],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{http_port}/health", timeout=1).read()
+                break
+            except OSError:
+                if time.monotonic() > deadline or collector.poll() is not None:
+                    raise RuntimeError("collector did not start")
+                time.sleep(0.1)
+        spans_per_request = len(ExportTraceServiceRequest.FromString(bodies[0]).resource_spans[0].scope_spans[0].spans)
+        channel_list = [grpc.insecure_channel(f"127.0.0.1:{grpc_port}", options=[("grpc.max_send_message_length", 64 << 20)])
+                        for _ in range(channels)]
+        calls = [c.unary_unary("/opentelemetry.proto.collector.trace.v1.TraceService/Export") for c in channel_list]
+        calls[0](bodies[0], timeout=60)  # warm-up
+        latencies: list[float] = []
+        failures = 0
+        counter = iter(range(total_requests))
+        lock = threading.Lock()
+
+        def worker(call) -> None:
+            nonlocal failures
+            while True:
+                with lock:
+                    i = next(counter, None)
+                if i is None:
+                    return
+                started = time.perf_counter()
+                try:
+                    call(bodies[i % len(bodies)], timeout=120)
+                except grpc.RpcError:
+                    with lock:
+                        failures += 1
+                    time.sleep(0.05)
+                    continue
+                with lock:
+                    latencies.append(time.perf_counter() - started)
+
+        workers = [threading.Thread(target=worker, args=(calls[i % channels],)) for i in range(channels * per_channel)]
+        started = time.perf_counter()
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+        elapsed = time.perf_counter() - started
+        status = open(f"/proc/{collector.pid}/status").read().splitlines()
+        peak_rss = int(next(line.split()[1] for line in status if line.startswith("VmHWM"))) / 1024
+        for c in channel_list:
+            c.close()
+        collector.terminate()
+        collector.wait(60)
+        return {
+            "spans_per_s": len(latencies) * spans_per_request / elapsed, "p50_ms": _percentile(latencies, 0.5) * 1000,
+            "p99_ms": _percentile(latencies, 0.99) * 1000, "peak_rss_mib": peak_rss, "acked": len(latencies),
+            "failed": failures, "elapsed_s": elapsed,
+        }
+    finally:
+        if collector.poll() is None:
+            collector.kill()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--spans", type=int, default=1000, help="spans per request")
+    parser.add_argument("--distinct", type=int, default=16, help="distinct pre-encoded requests")
+    parser.add_argument("--requests", type=int, default=120, help="requests sent through the collector")
+    parser.add_argument("--channels", type=int, default=4)
+    parser.add_argument("--per-channel", type=int, default=2, help="concurrent requests per channel")
+    parser.add_argument("--batch-spans", type=int, default=8192)
+    parser.add_argument("--batch-ms", type=float, default=50)
+    args = parser.parse_args(argv)
+
+    bodies = [make_request(args.spans, seed).SerializeToString() for seed in range(args.distinct)]
+    size = sum(map(len, bodies)) / len(bodies)
+    print(f"requests: {args.distinct} distinct x {args.spans} LLM-agent spans, {size / 1024:.0f} KiB each "
+          f"({size / args.spans:.0f} B/span); {os.cpu_count()} CPUs")
+    parse = parse_limit(bodies, rounds=3)
+    decode, decoded = decode_rate(bodies)
+    with tempfile.TemporaryDirectory(prefix="lightspan-bench-") as tmp:
+        store_url = f"chdb://{tmp}/store"
+        insert = insert_limit(store_url, decoded, max(1, args.batch_spans // args.spans))
+        result = ingest(store_url, bodies, args.requests, args.channels, args.per_channel,
+                        ["--batch-spans", str(args.batch_spans), "--batch-ms", str(args.batch_ms)])
+        from lightspan.store import Store
+
+        with Store.connect(store_url) as store:
+            stored = store.sql("SELECT count() FROM otel_traces").scalar()
+    limit = min(parse, insert)
+    print(f"limit  protobuf parse alone          {parse:>10,.0f} spans/s")
+    print(f"       collector decode (to columns) {decode:>10,.0f} spans/s")
+    print(f"limit  raw columnar insert           {insert:>10,.0f} spans/s")
+    print(f"ingest durable end to end            {result['spans_per_s']:>10,.0f} spans/s "
+          f"({result['acked']} requests acked, {result['failed']} refused, {result['elapsed_s']:.1f} s)")
+    print(f"       ack latency p50 {result['p50_ms']:.0f} ms, p99 {result['p99_ms']:.0f} ms; "
+          f"collector peak RSS {result['peak_rss_mib']:.0f} MiB; rows stored {stored:,}")
+    print(f"ratio  ingest / slower limit ({'insert' if insert <= parse else 'parse'}) = "
+          f"{result['spans_per_s'] / limit:.2f}   (targets: >= 50,000 spans/s, ratio >= 0.5)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

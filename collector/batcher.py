@@ -50,15 +50,17 @@ class _Pending:
 
 
 class GroupCommitter:
-    """The queue between receivers and the store, with one committer thread.
+    """The queue between receivers and the store, with one committer thread per `commit`.
 
-    `commit(columns)` is the store insert; it must return only after the batch is durable.
+    Each `commit(columns)` is a store insert on its own connection; it must return only after
+    the batch is durable. Two committers let one serialise its batch (Python, holding the GIL)
+    while the other's insert runs in ClickHouse (native code, GIL released).
     `on_commit(spans, seconds, error)` reports each attempt (metrics).
     """
 
     def __init__(
         self,
-        commit: Callable[[Columns], Any],
+        commit: Callable[[Columns], Any] | Sequence[Callable[[Columns], Any]],
         *,
         batch_spans: int = 8192,
         batch_ms: float = 50.0,
@@ -67,7 +69,7 @@ class GroupCommitter:
         retry_after: float = 1.0,
         on_commit: Callable[[int, float, BaseException | None], None] | None = None,
     ):
-        self._commit = commit
+        commits = list(commit) if isinstance(commit, (list, tuple)) else [commit]
         self.batch_spans = max(1, batch_spans)
         self.batch_seconds = max(0.0, batch_ms / 1000)
         self.queue_spans = max(1, queue_spans)
@@ -81,8 +83,12 @@ class GroupCommitter:
         self._waiting = 0  # queued, not yet taken by the committer
         self._bytes = 0  # admitted and not yet answered
         self._closing = False
-        self._thread = threading.Thread(target=self._run, name="lightspan-committer", daemon=True)
-        self._thread.start()
+        self._threads = [
+            threading.Thread(target=self._run, args=(fn,), name=f"lightspan-committer-{i}", daemon=True)
+            for i, fn in enumerate(commits)
+        ]
+        for thread in self._threads:
+            thread.start()
 
     # --- receivers' side ------------------------------------------------------------------------
     @property
@@ -136,20 +142,24 @@ class GroupCommitter:
         with self._cond:
             self._closing = True
             self._cond.notify_all()
-        self._thread.join(timeout)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for thread in self._threads:
+            thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
 
     # --- committer ------------------------------------------------------------------------------
     def _take(self) -> list[_Pending] | None:
         """Wait for a full batch or the oldest request's deadline; None when closed and drained."""
         with self._cond:
-            while not self._queue:
-                if self._closing:
-                    return None
-                self._cond.wait()
-            while not self._closing:
+            while True:
+                if not self._queue:
+                    if self._closing:
+                        return None
+                    self._cond.wait()
+                    continue
                 remaining = self._first_at + self.batch_seconds - time.monotonic()
-                if self._waiting >= self.batch_spans or remaining <= 0:
+                if self._closing or self._waiting >= self.batch_spans or remaining <= 0:
                     break
+                # Another committer may take the queue meanwhile: re-check everything on wake-up.
                 self._cond.wait(remaining)
             batch, spans = [], 0
             while self._queue and (not batch or spans + self._queue[0].spans <= self.batch_spans):
@@ -161,29 +171,29 @@ class GroupCommitter:
                 self._first_at = time.monotonic()
             return batch
 
-    def _run(self) -> None:
+    def _run(self, commit: Callable[[Columns], Any]) -> None:
         while True:
             batch = self._take()
             if batch is None:
                 return
             try:
-                self._commit_batch(batch)
+                self._commit_batch(commit, batch)
             finally:
                 with self._cond:
                     self._spans -= sum(p.spans for p in batch)
                     self._cond.notify_all()
 
-    def _commit_batch(self, batch: Sequence[_Pending]) -> None:
+    def _commit_batch(self, commit: Callable[[Columns], Any], batch: Sequence[_Pending]) -> None:
         spans = sum(p.spans for p in batch)
         started = time.perf_counter()
         try:
-            self._commit(_concat([p.columns for p in batch]))
+            commit(_concat([p.columns for p in batch]))
         except InvalidInput as error:
             # The store refused the data itself: find the culprit so the others still land.
             self._report(spans, started, error)
             if len(batch) > 1:
                 for pending in batch:
-                    self._commit_batch([pending])
+                    self._commit_batch(commit, [pending])
             else:
                 batch[0].future.set_exception(error)
             return

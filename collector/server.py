@@ -12,7 +12,7 @@ import os
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from lightspan.collector.batcher import Columns, GroupCommitter
 from lightspan.collector.grpc_server import OTLPGrpcServer
@@ -57,6 +57,7 @@ class Collector:
         queue_bytes: int = DEFAULT_QUEUE_BYTES,
         sql_host: str = "127.0.0.1",
         retry_after: float = 1.0,
+        committers: int = 2,
     ):
         if bool(tls_cert) != bool(tls_key):
             raise InvalidInput("TLS needs both --tls-cert and --tls-key")
@@ -72,7 +73,8 @@ class Collector:
         self._batching = dict(batch_spans=batch_spans, batch_ms=batch_ms, queue_spans=queue_spans,
                               queue_bytes=queue_bytes, retry_after=retry_after)
         self.metrics = Metrics()
-        self._store: Store | None = None
+        # One store connection per committer thread (a connection runs one insert at a time).
+        self._stores: list[Store | None] = [None] * max(1, committers)
         self._store_lock = threading.Lock()
         self._store_up = True
         self._last_error = ""
@@ -86,7 +88,8 @@ class Collector:
     # --- lifecycle ------------------------------------------------------------------------------
     def start(self) -> "Collector":
         """Open the store and start listening; returns self once every endpoint is bound."""
-        self._open_store(initial=True)
+        for index in range(len(self._stores)):
+            self._open_store(index, initial=True)
         try:
             self._start_servers()
         except BaseException:
@@ -98,7 +101,8 @@ class Collector:
     def _start_servers(self) -> None:
         grpc_port, http_port, sql_port = self._ports
         metrics = self.metrics
-        self._committer = GroupCommitter(self._commit, on_commit=self._on_commit, **self._batching)
+        commits = [self._commit_via(index) for index in range(len(self._stores))]
+        self._committer = GroupCommitter(commits, on_commit=self._on_commit, **self._batching)
         committer = self._committer
         metrics.gauge("lightspan_collector_queue_spans", lambda: committer.depth_spans)
         metrics.gauge("lightspan_collector_queue_bytes", lambda: committer.depth_bytes)
@@ -157,9 +161,10 @@ class Collector:
             store_lock.withdraw_endpoint(self.url.path)
             self._sql = None
         with self._store_lock:
-            if self._store is not None:
-                self._store.close()
-                self._store = None
+            for index, store in enumerate(self._stores):
+                if store is not None:
+                    store.close()
+                    self._stores[index] = None
         self._stopped.set()
 
     def wait(self, timeout: float | None = None) -> bool:
@@ -173,11 +178,11 @@ class Collector:
         self.stop()
 
     # --- store ----------------------------------------------------------------------------------
-    def _open_store(self, initial: bool = False) -> Store | None:
+    def _open_store(self, index: int, initial: bool = False) -> Store | None:
         with self._store_lock:
-            if self._store is None:
+            if self._stores[index] is None:
                 try:
-                    self._store = Store.connect(self.store_url)
+                    self._stores[index] = Store.connect(self.store_url, migrate=index == 0)
                 except StoreUnavailable as error:
                     # A server that is down now may be up later: start anyway and answer
                     # UNAVAILABLE until it is. An embedded store that cannot open is fatal.
@@ -185,12 +190,15 @@ class Collector:
                         raise
                     log.warning("store not reachable yet; retrying on each commit: %s", error)
                     self._store_up, self._last_error = False, str(error)
-            return self._store
+            return self._stores[index]
 
-    def _commit(self, columns: Columns) -> None:
-        store = self._store or self._open_store()
-        assert store is not None  # _open_store raises when it cannot connect
-        store.insert_columns(columns)
+    def _commit_via(self, index: int) -> Callable[[Columns], None]:
+        def commit(columns: Columns) -> None:
+            store = self._stores[index] or self._open_store(index)
+            assert store is not None  # _open_store raises when it cannot connect
+            store.insert_columns(columns)
+
+        return commit
 
     def _on_commit(self, spans: int, seconds: float, error: BaseException | None) -> None:
         metrics = self.metrics

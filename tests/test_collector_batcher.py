@@ -110,3 +110,25 @@ def test_close_flushes_queued_requests_then_refuses():
     assert all(f.result(0) == 1 for f in futures) and committed == [0, 1, 2]
     with pytest.raises(ShuttingDown):
         committer.submit(_columns(9), 1)
+
+
+def test_two_committers_never_commit_an_empty_batch():
+    batches: list[int] = []
+    lock = threading.Lock()
+
+    def commit(columns):
+        with lock:
+            batches.append(len(columns[0]))
+        time.sleep(0.01)
+
+    reports: list[tuple[int, BaseException | None]] = []
+    committer = GroupCommitter([commit, commit], batch_spans=3, batch_ms=5,
+                               on_commit=lambda spans, seconds, error: reports.append((spans, error)))
+    futures = []
+    for i in range(40):
+        futures.append(committer.submit(_columns(i), 1))
+        time.sleep(0.002)
+    assert all(f.result(5) == 1 for f in futures)
+    committer.close()
+    assert sum(batches) == 40 and min(batches) >= 1
+    assert all(spans >= 1 and error is None for spans, error in reports)
