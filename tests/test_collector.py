@@ -306,3 +306,15 @@ def test_tls_on_grpc_http_and_sql(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
         plain.shutdown()
         client = clickhouse_connect.get_client(host="localhost", port=c.sql_port, secure=True, ca_cert=str(cert))
         assert client.command("SELECT count() FROM otel_traces") == 6
+
+
+def test_otel_collector_gateway_config_is_consistent():
+    import yaml
+
+    config = yaml.safe_load((Path(__file__).parent.parent / "otel-collector.yaml").read_text())
+    pipeline = config["service"]["pipelines"]["traces"]
+    assert pipeline["processors"][0] == "memory_limiter"  # must run first to protect the gateway
+    for kind in ("receivers", "processors", "exporters"):
+        assert set(pipeline[kind]) <= set(config[kind]), kind
+    exporter = config["exporters"]["otlp/lightspan"]
+    assert exporter["retry_on_failure"]["enabled"] and exporter["endpoint"].endswith(":4317}")
