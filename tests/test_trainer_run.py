@@ -44,10 +44,10 @@ def rollouts(tiny: Path, store_url: str) -> list:
     return spans
 
 
-def write_config(path: Path, store_url: str, model: Path, out: Path, **sections: str) -> Path:
+def write_config(path: Path, store_url: str, model_path: Path, out: Path, **sections: str) -> Path:
     body = {
         "store": store_url,
-        "model": f"{{path: {model}}}",
+        "model": f"{{path: {model_path}}}",
         "algorithm": "{name: grpo}",
         "optim": "{lr: 0.001}",
         "schedule": "{epochs: 3, micro_batch_size: 4, global_batch_size: 16}",
@@ -323,3 +323,40 @@ def test_two_ranks_under_zero_split_task_groups_and_save_the_gathered_weights(tm
         [resource] = store.resources(f"zero{stage}")
         assert resource.uri == str(final.resolve())
         assert resource.metadata["metrics"]["samples"] > 0
+
+
+@pytest.mark.parametrize(
+    ("variant", "sections"),
+    [
+        ("lora-kl", {"model": "{path: MODEL, lora: {r: 4, alpha: 8}, gradient_checkpointing: true}",
+                     "algorithm": "{name: grpo, kl_coef: 0.1, aggregation: sequence}", "optim": "{lr: 0.01}"}),
+        ("reference-kl", {"algorithm": "{name: rloo, kl_coef: 0.1, aggregation: rollout}"}),
+        ("sft", {"algorithm": "{name: sft}"}),
+    ],
+)
+def test_lora_reference_kl_and_sft_variants_train_and_save_plain_folders(tmp_path, tiny, store_url, rollouts,
+                                                                         variant, sections):
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "out"
+    body = {key: value.replace("MODEL", str(tiny)) for key, value in sections.items()}
+    config = write_config(tmp_path / "train.yaml", store_url, tiny, out,
+                          schedule="{steps: 2, micro_batch_size: 4, global_batch_size: 8}", **body)
+    result = train("--config", str(config))
+    assert result.returncode == 0, result.stderr[-3000:]
+    final = checkpoint.checkpoints(out)[-1]
+    saved, initial = load_file(final / "model.safetensors"), load_file(tiny / "model.safetensors")
+    assert set(saved) == set(initial)  # plain model names: no PEFT wrappers or lora_ tensors
+    assert any(not torch.equal(saved[n], initial[n]) for n in saved)
+    AutoModelForCausalLM.from_pretrained(final)
+    state = checkpoint.read_state(final)
+    with Store.connect(store_url) as store:
+        metrics = store.metrics(state["run"])
+    if variant == "sft":
+        assert "clip_fraction" not in metrics
+        assert all(v == pytest.approx(1.0) for _, v in metrics["reward_mean"])  # only rewarded calls
+    else:
+        assert [s for s, _ in metrics["kl"]] == [1, 2]
+        assert metrics["kl"][0][1] == pytest.approx(0.0, abs=1e-6)  # policy == reference before any update
+        assert metrics["kl"][1][1] > 0

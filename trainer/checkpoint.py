@@ -59,7 +59,20 @@ def gathered_state_dict(loaded: Any) -> dict[str, torch.Tensor] | None:
         return None
     if loaded.lora:
         return merged_lora_state_dict(engine.module)
-    return {k: v.detach().cpu() for k, v in engine.module.state_dict().items()}
+    return {k: v.detach().cpu() for k, v in _untied(engine.module.state_dict()).items()}
+
+
+def _untied(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """One name per storage: tied weights (embeddings = LM head) are saved once, as Hugging Face
+    does, and re-tied by `from_pretrained`; copying both to the CPU would untie them."""
+    seen: set[int] = set()
+    kept = {}
+    for key, value in state.items():
+        if value.data_ptr() in seen and value.numel():
+            continue
+        seen.add(value.data_ptr())
+        kept[key] = value
+    return kept
 
 
 def merged_lora_state_dict(peft_model: Any) -> dict[str, torch.Tensor]:
@@ -73,7 +86,7 @@ def merged_lora_state_dict(peft_model: Any) -> dict[str, torch.Tensor]:
         if isinstance(module, LoraLayer) and adapter in module.lora_A:
             deltas[f"{module_name}.weight"] = module.get_delta_weight(adapter).detach()
     merged = {}
-    for key, value in base.state_dict().items():
+    for key, value in _untied(base.state_dict()).items():
         if "lora_" in key:
             continue
         clean = key.replace(".base_layer.", ".")

@@ -192,10 +192,14 @@ class TrainStep:
         weights = self._weights(batches, samples)
         sums = torch.zeros(len(_SUMS), dtype=torch.float64)
         self.engine.train()
-        for batch, weight in zip(batches, weights):
+        own_norm = None
+        for index, (batch, weight) in enumerate(zip(batches, weights)):
             sums += self._micro_step(batch, weight)
-        own_norm = self._grad_norm() if not self.engine.zero_optimization() else None
-        self.engine.step()
+            if index == len(batches) - 1:
+                if not self.engine.is_gradient_accumulation_boundary():
+                    raise RuntimeError("DeepSpeed's micro-step count is out of step with this batch")
+                own_norm = None if self.engine.zero_optimization() else self._grad_norm()
+            self.engine.step()  # DeepSpeed counts micro-batches; it updates at the boundary only
         sums[_SUMS.index("samples")] += len(samples)
         sums[_SUMS.index("skipped")] += skipped
         sums[_SUMS.index("retokenized")] += sum(s.retokenized for s in samples)
