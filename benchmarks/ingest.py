@@ -13,13 +13,11 @@ import argparse
 import json
 import os
 import random
-import resource
-import statistics
 import sys
 import tempfile
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, ArrayValue, InstrumentationScope, KeyValue
@@ -110,7 +108,7 @@ def make_request(n_spans: int = 1000, seed: int = 0) -> ExportTraceServiceReques
 
 def _percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
 def _free_ports(count: int) -> list[int]:
@@ -216,7 +214,7 @@ def ingest(store_url: str, bodies: list[bytes], total_requests: int, channels: i
         for w in workers:
             w.join()
         elapsed = time.perf_counter() - started
-        status = open(f"/proc/{collector.pid}/status").read().splitlines()
+        status = Path(f"/proc/{collector.pid}/status").read_text().splitlines()
         peak_rss = int(next(line.split()[1] for line in status if line.startswith("VmHWM"))) / 1024
         for c in channel_list:
             c.close()
@@ -238,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--distinct", type=int, default=16, help="distinct pre-encoded requests")
     parser.add_argument("--requests", type=int, default=120, help="requests sent through the collector")
     parser.add_argument("--channels", type=int, default=4)
-    parser.add_argument("--per-channel", type=int, default=2, help="concurrent requests per channel")
+    parser.add_argument("--per-channel", type=int, default=4, help="concurrent requests per channel")
     parser.add_argument("--batch-spans", type=int, default=8192)
     parser.add_argument("--batch-ms", type=float, default=50)
     args = parser.parse_args(argv)

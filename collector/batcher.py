@@ -19,9 +19,10 @@ import logging
 import threading
 import time
 from collections import deque
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from lightspan.errors import InvalidInput, StoreUnavailable
 
@@ -99,7 +100,7 @@ class GroupCommitter:
     def depth_bytes(self) -> int:
         return self._bytes
 
-    def admit(self, nbytes: int) -> "_Admission":
+    def admit(self, nbytes: int) -> _Admission:
         """Reserve `nbytes` of the byte budget now, or raise QueueFull; release by leaving the
         returned context. A request larger than the whole budget is still admitted when nothing
         else is in flight, so the size limit (not the queue bound) decides what is too large."""
@@ -217,7 +218,7 @@ class GroupCommitter:
 class _Admission:
     """Holds a request's share of the byte budget until the request is answered."""
 
-    __slots__ = ("_owner", "_nbytes")
+    __slots__ = ("_nbytes", "_owner")
 
     def __init__(self, owner: GroupCommitter, nbytes: int):
         self._owner, self._nbytes = owner, nbytes

@@ -56,8 +56,8 @@ def _banner(collector: Any) -> str:
         f"  send spans   OTLP/gRPC  {collector.grpc_endpoint}",
         f"               OTLP/HTTP  {collector.http_endpoint}/v1/traces",
         f"  in your app  export OTEL_EXPORTER_OTLP_ENDPOINT={collector.grpc_endpoint}",
-        f"               (HTTP exporters: OTEL_EXPORTER_OTLP_ENDPOINT={collector.http_endpoint}"
-        " OTEL_EXPORTER_OTLP_PROTOCOL=http/protobuf)",
+        (f"               (HTTP exporters: OTEL_EXPORTER_OTLP_ENDPOINT={collector.http_endpoint}"
+         " OTEL_EXPORTER_OTLP_PROTOCOL=http/protobuf)"),
     ]
     if collector.auth_token:
         lines.append("               export OTEL_EXPORTER_OTLP_HEADERS='Authorization=Bearer <token>'")

@@ -25,15 +25,17 @@ from typing import Any
 import orjson
 from google.protobuf import json_format
 from google.protobuf.message import DecodeError
+from lightspan.collector.wire import PackedInt64, TraceRequestView
+from lightspan.store.spans import TRACE_COLUMNS
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
-    ExportTracePartialSuccess, ExportTraceServiceRequest, ExportTraceServiceResponse,
+    ExportTracePartialSuccess,
+    ExportTraceServiceRequest,
+    ExportTraceServiceResponse,
 )
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, ArrayValue
 
 from lightspan import semconv
-from lightspan.collector.wire import PackedInt64, TraceRequestView
 from lightspan.errors import InvalidInput
-from lightspan.store.spans import TRACE_COLUMNS
 
 _NCOLS = len(TRACE_COLUMNS)
 _KINDS = semconv.SPAN_KINDS

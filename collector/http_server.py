@@ -12,16 +12,17 @@ from __future__ import annotations
 import json
 import math
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from google.rpc import code_pb2, status_pb2
-
 from lightspan.collector.batcher import QueueFull
 from lightspan.collector.decode import response, response_json
 from lightspan.collector.httpd import BadBody, BodyTooLarge, Handler, Server
 from lightspan.collector.metrics import Metrics
 from lightspan.collector.receiver import JSON, PROTOBUF, Receiver
+
 from lightspan.errors import InvalidInput, StoreUnavailable
 
 TRACES_PATH = "/v1/traces"
@@ -65,11 +66,11 @@ class OTLPHandler(Handler):
     def app(self) -> OTLPHttpApp:
         return self.server.app
 
-    def do_GET(self) -> None:  # noqa: N802 - stdlib naming
+    def do_GET(self) -> None:
         with self.server.active():
             self._get()
 
-    def do_POST(self) -> None:  # noqa: N802 - stdlib naming
+    def do_POST(self) -> None:
         with self.server.active():
             self._post()
 

@@ -8,7 +8,7 @@ an increment is one dictionary update under a lock.
 from __future__ import annotations
 
 import threading
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 Labels = tuple[tuple[str, str], ...]
 

@@ -9,12 +9,13 @@ ExportTraceServiceResponse, with `partial_success` when spans were rejected.
 from __future__ import annotations
 
 import hmac
+from collections.abc import Callable
 from contextlib import AbstractContextManager
-from typing import Callable
 
 from lightspan.collector.batcher import GroupCommitter, QueueFull
 from lightspan.collector.decode import Decoded, parse_json, parse_protobuf, to_columns
 from lightspan.collector.metrics import Metrics
+
 from lightspan.errors import InvalidInput, StoreUnavailable
 
 PROTOBUF = "protobuf"

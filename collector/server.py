@@ -11,8 +11,9 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from lightspan.collector.batcher import Columns, GroupCommitter
 from lightspan.collector.grpc_server import OTLPGrpcServer
@@ -20,9 +21,10 @@ from lightspan.collector.http_server import OTLPHandler, OTLPHttpApp
 from lightspan.collector.httpd import Server, tls_context
 from lightspan.collector.metrics import Metrics
 from lightspan.collector.receiver import Receiver
-from lightspan.errors import InvalidInput, StoreUnavailable
 from lightspan.store import Store, parse_store_url
 from lightspan.store import lock as store_lock
+
+from lightspan.errors import InvalidInput, StoreUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -70,8 +72,8 @@ class Collector:
         self.auth_token = auth_token or None
         self.tls = (tls_cert, tls_key) if tls_cert and tls_key else None
         self.max_request_bytes = max_request_bytes
-        self._batching = dict(batch_spans=batch_spans, batch_ms=batch_ms, queue_spans=queue_spans,
-                              queue_bytes=queue_bytes, retry_after=retry_after)
+        self._batching = {"batch_spans": batch_spans, "batch_ms": batch_ms, "queue_spans": queue_spans,
+                          "queue_bytes": queue_bytes, "retry_after": retry_after}
         self.metrics = Metrics()
         # One store connection per committer thread (a connection runs one insert at a time).
         self._stores: list[Store | None] = [None] * max(1, committers)
@@ -86,7 +88,7 @@ class Collector:
         self._started = False
 
     # --- lifecycle ------------------------------------------------------------------------------
-    def start(self) -> "Collector":
+    def start(self) -> Collector:
         """Open the store and start listening; returns self once every endpoint is bound."""
         for index in range(len(self._stores)):
             self._open_store(index, initial=True)
@@ -171,7 +173,7 @@ class Collector:
         """Block until the collector has stopped; False on timeout."""
         return self._stopped.wait(timeout)
 
-    def __enter__(self) -> "Collector":
+    def __enter__(self) -> Collector:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

@@ -29,7 +29,6 @@ from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
 import chdb
-
 from lightspan.collector.httpd import BadBody, BodyTooLarge, Handler, Server
 
 # URL parameters that steer the HTTP layer rather than being ClickHouse settings.
@@ -47,11 +46,11 @@ _CONTENT_TYPES = {
 }
 # Statements that produce a result set (and so a format header), by first keyword.
 _RESULT_KEYWORDS = frozenset({"SELECT", "WITH", "SHOW", "DESCRIBE", "DESC", "EXISTS", "EXPLAIN", "CHECK", "VALUES"})
-_COMMENTS = re.compile(r"\A(?:\s+|--[^\n]*(?:\n|\Z)|/\*.*?\*/)*", re.S)
+_COMMENTS = re.compile(r"\A(?:\s+|--[^\n]*(?:\n|\Z)|/\*.*?\*/)*", re.DOTALL)
 _FIRST_WORD = re.compile(r"\(*\s*([A-Za-z]+)")
-_TRAILING_FORMAT = re.compile(r"\bFORMAT\s+(\w+)\s*;?\s*\Z", re.I)
+_TRAILING_FORMAT = re.compile(r"\bFORMAT\s+(\w+)\s*;?\s*\Z", re.IGNORECASE)
 # An INSERT's data starts after `FORMAT <name>` and one line break (or whitespace).
-_INSERT_FORMAT = re.compile(rb"\bFORMAT\s+(\w+)[ \t]*(?:\r?\n|\s)?", re.I)
+_INSERT_FORMAT = re.compile(rb"\bFORMAT\s+(\w+)[ \t]*(?:\r?\n|\s)?", re.IGNORECASE)
 _CODE = re.compile(r"Code: (\d+)\.")
 
 _BAD_REQUEST_CODES = frozenset({
@@ -152,14 +151,14 @@ class SQLHandler(Handler):
     def app(self) -> SQLApp:
         return self.server.app
 
-    def do_HEAD(self) -> None:  # noqa: N802 - stdlib naming
+    def do_HEAD(self) -> None:
         self.reply(200, b"Ok.\n")
 
-    def do_GET(self) -> None:  # noqa: N802 - stdlib naming
+    def do_GET(self) -> None:
         with self.server.active():
             self._handle(post=False)
 
-    def do_POST(self) -> None:  # noqa: N802 - stdlib naming
+    def do_POST(self) -> None:
         with self.server.active():
             self._handle(post=True)
 

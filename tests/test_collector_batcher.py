@@ -11,8 +11,8 @@ import threading
 import time
 
 import pytest
-
 from lightspan.collector.batcher import GroupCommitter, QueueFull, ShuttingDown
+
 from lightspan.errors import InvalidInput, StoreUnavailable
 
 
@@ -93,9 +93,9 @@ def test_queue_bound_pushes_back_instead_of_growing():
 
 def test_byte_budget_admits_one_large_request_but_not_two():
     committer = GroupCommitter(lambda c: None, queue_bytes=1000)
-    with committer.admit(5000):  # alone: the size limit, not the queue, judges it
-        with pytest.raises(QueueFull):
-            committer.admit(10)
+    # Alone, a large request is admitted (the size limit, not the queue, judges it); a second is not.
+    with committer.admit(5000), pytest.raises(QueueFull):
+        committer.admit(10)
     with committer.admit(600):
         assert committer.depth_bytes == 600
     assert committer.depth_bytes == 0

@@ -9,8 +9,8 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from opentelemetry import trace
 from opentelemetry.sdk.resources import Resource
@@ -63,8 +63,8 @@ class CollectorProcess:
         self.log = log
         self.proc: subprocess.Popen | None = None
 
-    def start(self, timeout: float = 60) -> "CollectorProcess":
-        out = open(self.log, "ab") if self.log else subprocess.DEVNULL
+    def start(self, timeout: float = 60) -> CollectorProcess:
+        out = open(self.log, "ab") if self.log else subprocess.DEVNULL  # noqa: SIM115 - the child keeps it
         self.proc = subprocess.Popen(self.args, stdout=out, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
