@@ -118,7 +118,7 @@ def test_chat_round_trip_token_ids_and_logprobs(client: openai.OpenAI, reference
     with torch.no_grad():
         logits = model(torch.tensor([prompt_ids + token_ids])).logits[0]
     expected = logits[len(prompt_ids) - 1 : -1].log_softmax(-1)
-    for step, (entry, token) in enumerate(zip(content, token_ids)):
+    for step, (entry, token) in enumerate(zip(content, token_ids, strict=True)):
         assert entry["token"] == tokenizer.decode([token])
         assert entry["bytes"] == list(entry["token"].encode())
         assert entry["logprob"] == pytest.approx(expected[step, token].item(), abs=1e-4)

@@ -396,10 +396,13 @@ class _Handler(BaseHTTPRequestHandler):
             return
         raw = self.rfile.read(length) if length else b""
         status, payload = self.server.app.handle(method, self.path, raw)  # type: ignore[attr-defined]
-        if isinstance(payload, list):
-            self._send_stream(payload)
-        else:
-            self._send_json(status, payload)
+        try:
+            if isinstance(payload, list):
+                self._send_stream(payload)
+            else:
+                self._send_json(status, payload)
+        except (BrokenPipeError, ConnectionResetError):
+            self.close_connection = True  # the client gave up waiting; its answer has nowhere to go
 
     def _send_json(self, status: int, payload: Any) -> None:
         data = json.dumps(payload).encode()

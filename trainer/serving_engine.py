@@ -265,12 +265,11 @@ def generate(loaded: LoadedModel, rows: Sequence[Row], budgets: Sequence[int]) -
             tokens = _sample(torch, logits, live)
             logprobs = logits.log_softmax(-1)
             chosen = logprobs.gather(-1, tokens[:, None])[:, 0].tolist()
-            top_values, top_ids = logprobs.topk(want_top, dim=-1) if want_top else (None, None)
-            top_values = top_values.tolist() if want_top else None
-            top_ids = top_ids.tolist() if want_top else None
+            if want_top:
+                top_values, top_ids = (t.tolist() for t in logprobs.topk(want_top, dim=-1))
             token_list = tokens.tolist()
             for k, state in enumerate(live):
-                top = list(zip(top_ids[k], top_values[k])) if want_top else []
+                top = list(zip(top_ids[k], top_values[k], strict=True)) if want_top else []
                 state.add(token_list[k], chosen[k], top, tokenizer)
             keep = [k for k, state in enumerate(live) if state.finish is None]
             if len(keep) < len(live):
