@@ -31,9 +31,8 @@ import torch
 
 
 def build_model(path: Path, args: argparse.Namespace) -> None:
-    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
-
     from lightspan.trainer.tiny import build_tokenizer
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
     tokenizer = build_tokenizer(vocab_size=512)
     torch.manual_seed(0)
@@ -114,11 +113,10 @@ def main() -> None:
 
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    from transformers import AutoModelForCausalLM
-
     from lightspan.trainer.config import from_dict
     from lightspan.trainer.engine import TrainStep, build
     from lightspan.trainer.loop import init_distributed
+    from transformers import AutoModelForCausalLM
 
     workdir = Path(tempfile.mkdtemp(prefix="lightspan-bench-"))
     model_path = workdir / "model"

@@ -9,10 +9,18 @@ from pathlib import Path
 
 import pytest
 from conftest import run_cli
+from lightspan.trainer.config import TrainConfig, apply_override, from_dict, load_config
+from lightspan.trainer.data import (
+    Sample,
+    chat_tokens,
+    collate,
+    complete_groups,
+    micro_batches,
+    step_batches,
+    to_sample,
+)
 
 from lightspan.errors import InvalidInput
-from lightspan.trainer.config import TrainConfig, apply_override, from_dict, load_config
-from lightspan.trainer.data import Sample, chat_tokens, collate, complete_groups, micro_batches, step_batches, to_sample
 from lightspan.types import Transition
 
 
@@ -164,7 +172,7 @@ def test_micro_batches_bucket_by_length_and_pad_with_empty_ones() -> None:
 def test_step_batches_are_a_seeded_shuffle() -> None:
     items = list(range(10))
     first = step_batches(items, 4, seed=1, epoch=0)
-    assert [len(b) for b in first] == [4, 4, 2] and sorted(sum(first, [])) == items
+    assert [len(b) for b in first] == [4, 4, 2] and sorted(x for batch in first for x in batch) == items
     assert first == step_batches(items, 4, seed=1, epoch=0)
     assert first != step_batches(items, 4, seed=1, epoch=1)
 

@@ -3,6 +3,13 @@
 This is the module every DeepSpeed rank runs (`deepspeed --module lightspan.trainer ...`), and a
 single-process run when started directly. The launcher appends `--local_rank=N`; the rank
 itself is read from the environment it sets.
+
+On a machine without GPUs (CI, laptops) the same commands work with DeepSpeed 0.19.8: the CPU
+accelerator counts NUMA nodes as devices, so the launcher accepts `--num_gpus N` and starts N
+CPU processes; each rank sets `DS_ACCELERATOR=cpu` here and joins a gloo process group. Give
+`--master_port` a free port when several runs share a machine. The first start JIT-builds
+DeepSpeed's shared-memory communication op (about 30 s on 2 cores, cached under
+~/.cache/torch_extensions). `--bind_cores_to_rank` is optional and needs `numactl`.
 """
 
 from __future__ import annotations
@@ -24,8 +31,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from lightspan.errors import LightspanError
     from lightspan.trainer.config import load_config
+
+    from lightspan.errors import LightspanError
 
     try:
         config = load_config(args.config, args.overrides)

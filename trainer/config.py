@@ -21,10 +21,11 @@ import difflib
 import json
 import types
 import typing
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Literal, Mapping, Sequence, get_args, get_origin
+from typing import Any, Literal, get_args, get_origin
 
 import yaml
 
@@ -165,7 +166,7 @@ class TrainConfig:
             )
         return s.global_batch_size // per_step
 
-    def validate(self, world_size: int | None = None) -> "TrainConfig":
+    def validate(self, world_size: int | None = None) -> TrainConfig:
         """Checks that need no model; with `world_size`, the batch arithmetic too."""
         s, a, o, m = self.schedule, self.algorithm, self.output, self.model
         if not m.path:

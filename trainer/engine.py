@@ -12,15 +12,16 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import torch
-
 from lightspan.algorithms import losses
-from lightspan.errors import InvalidInput
 from lightspan.trainer.config import TrainConfig
 from lightspan.trainer.data import MicroBatch, Sample, collate, micro_batches, to_sample
+
+from lightspan.errors import InvalidInput
 from lightspan.types import Transition
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -211,8 +212,8 @@ class TrainStep:
             [max((s.advantage for s in samples), default=-math.inf),
              max((-s.advantage for s in samples), default=-math.inf)], dtype=torch.float64,
         )
-        sums, extremes = self._all_reduce(sums, "sum"), self._all_reduce(extremes, "max")
-        elapsed = self._all_reduce(torch.tensor([time.perf_counter() - started], dtype=torch.float64), "max")
+        sums, extremes = self.all_reduce(sums, "sum"), self.all_reduce(extremes, "max")
+        elapsed = self.all_reduce(torch.tensor([time.perf_counter() - started], dtype=torch.float64), "max")
         metrics = self._metrics(sums, extremes, float(elapsed[0]), a.name)
         grad_norm = self.engine.get_global_grad_norm()
         grad_norm = own_norm if grad_norm is None else grad_norm
@@ -241,7 +242,7 @@ class TrainStep:
             local = (mask.sum(dim=1) > 0).sum()
         else:
             local = torch.tensor(len({s.rollout_id for s in samples}))
-        total = self._all_reduce(local.to(torch.float64).reshape(1), "sum")[0]
+        total = self.all_reduce(local.to(torch.float64).reshape(1), "sum")[0]
         scale = float(local) / float(total) if float(total) > 0 else 0.0
         out, row = [], 0
         for batch in batches:
@@ -288,7 +289,8 @@ class TrainStep:
             logits = self.loaded.reference(input_ids=ids, attention_mask=attention, use_cache=False).logits
         return losses.token_logprobs(logits[:, :-1], ids[:, 1:], self.config.algorithm.temperature)
 
-    def _all_reduce(self, tensor: torch.Tensor, op: str) -> torch.Tensor:
+    def all_reduce(self, tensor: torch.Tensor, op: str) -> torch.Tensor:
+        """Sum or max of a small CPU tensor over all ranks (a copy; the input is unchanged)."""
         import deepspeed.comm as dist
 
         if self.loaded.world_size == 1:

@@ -15,17 +15,18 @@ import math
 import os
 import socket
 import sys
+from collections.abc import Sequence
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
-
-from lightspan.errors import InvalidInput, LightspanError
 from lightspan.trainer import checkpoint
 from lightspan.trainer.config import TrainConfig, to_dict
 from lightspan.trainer.data import Sample, load_transitions, select_rollouts, step_batches
 from lightspan.trainer.engine import Loaded, TrainStep, build
+
+from lightspan.errors import InvalidInput, LightspanError
 
 
 def init_distributed() -> tuple[int, int]:
@@ -154,7 +155,7 @@ class Session:
         """The same on every rank: the largest shard sets it, smaller shards pad with no-ops."""
         per_rank = self.config.schedule.micro_batch_size * self.step_fn.accumulation
         local = torch.tensor([math.ceil(len(samples) / per_rank)], dtype=torch.float64)
-        return int(self.step_fn._all_reduce(local, "max")[0])
+        return int(self.step_fn.all_reduce(local, "max")[0])
 
     def train(self, samples: Sequence[Sample], until_step: int, steps_per_epoch: int) -> None:
         """Steps `self.step + 1 .. until_step` over `samples`, saving on the configured cadence."""

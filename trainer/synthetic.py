@@ -11,7 +11,8 @@ from __future__ import annotations
 import hashlib
 import json
 import random
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from lightspan import semconv
 from lightspan.types import Span
