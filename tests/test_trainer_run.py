@@ -284,9 +284,12 @@ def test_two_ranks_under_zero_split_task_groups_and_save_the_gathered_weights(tm
                            text=True, timeout=120, check=False)
     assert agent.returncode == 0, agent.stderr
     out = tmp_path / "out"
+    # ZeRO-2 with the optimiser offloaded to the CPU; ZeRO-3 with a partitioned frozen reference (KL)
+    extra = {2: "offload_optimizer: {device: cpu}", 3: "offload_param: {device: none}"}[stage]
     config = write_config(
         tmp_path / "train.yaml", sql_url, tiny, out,
-        deepspeed=f"{{zero_optimization: {{stage: {stage}}}}}",
+        deepspeed=f"{{zero_optimization: {{stage: {stage}, {extra}}}}}",
+        algorithm=f"{{name: grpo, kl_coef: {0.05 if stage == 3 else 0}}}",
         schedule="{epochs: 1, micro_batch_size: 2, global_batch_size: 8}",
         output=f"{{dir: {out}, resource_name: zero{stage}}}",
     )
@@ -321,6 +324,7 @@ def test_two_ranks_under_zero_split_task_groups_and_save_the_gathered_weights(tm
         [resource] = store.resources(f"zero{stage}")
         assert resource.uri == str(final.resolve())
         assert resource.metadata["metrics"]["samples"] > 0
+        assert ("kl" in resource.metadata["metrics"]) == (stage == 3)
 
 
 @pytest.mark.parametrize(
