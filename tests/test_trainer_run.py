@@ -134,6 +134,7 @@ def test_single_process_run_moves_likelihoods_the_right_way(tmp_path, tiny, stor
     # others were re-tokenised with the chat template
     assert sum(v for _, v in metrics["reward_mean"]) / 6 == pytest.approx(0.5)
     assert sum(v for _, v in metrics["retokenized_fraction"]) / 6 == pytest.approx(0.5)
+    assert sum(v for _, v in metrics["retokenized"]) == 3 * TASKS * SAMPLES // 2
     assert all(v > 0 for _, v in metrics["grad_norm"]) and all(v > 0 for _, v in metrics["tokens_per_s"])
 
     report = subprocess.run([sys.executable, "-m", "lightspan", "report", "--run", state["run"], "--store", store_url,

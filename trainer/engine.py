@@ -313,6 +313,7 @@ class TrainStep:
             "advantage_min": -float(extremes[1]) if v["samples"] else 0.0,
             "samples": v["samples"],
             "skipped": v["skipped"],
+            "retokenized": v["retokenized"],
             "retokenized_fraction": v["retokenized"] / n,
             "response_length_mean": v["response_tokens"] / n,
             "tokens_per_s": v["tokens"] / elapsed if elapsed > 0 else 0.0,

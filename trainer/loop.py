@@ -103,8 +103,9 @@ class Session:
         self.state = checkpoint.read_state(resume_from) if resume_from else {}
         default_run = f"{config.output.resource_name}-{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}"
         self.run_id: str = _broadcast(self.state.get("run") or config.run or default_run, self.world_size)
-        # The data set is fixed at the first start, so a resumed run sees the same rollouts.
-        cutoff = config.selection.until or self.state.get("until") or datetime.now(timezone.utc).replace(tzinfo=None)
+        # The data set is fixed at the first start, so a resumed run sees the same rollouts. The
+        # cut-off is timezone-aware: the client converts it to the server's zone, whatever it is.
+        cutoff = config.selection.until or self.state.get("until") or datetime.now(timezone.utc)
         self.until = _broadcast(cutoff if isinstance(cutoff, datetime) else datetime.fromisoformat(cutoff), self.world_size)
         self.parent: str | None = self.state.get("resource_id") or config.selection.resources_id or self._latest()
         self.loaded: Loaded = build(config, self.world_size, self.rank)
