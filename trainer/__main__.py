@@ -48,7 +48,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"lightspan.trainer: error: {error}", file=sys.stderr)
         return 2
     if os.environ.get("RANK", "0") == "0":
+        from lightspan.trainer.checkpoint import read_state
+
+        run_id = read_state(path)["run"]
         print(f"checkpoint: {path}")
+        print(f"run: {run_id}   (plots: lightspan report --run {run_id})")
     return 0
 
 
