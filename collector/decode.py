@@ -25,14 +25,14 @@ from typing import Any
 import orjson
 from google.protobuf import json_format
 from google.protobuf.message import DecodeError
-from lightspan.collector.wire import PackedInt64, TraceRequestView
+from lightspan.collector.wire import ArrayElements, PackedInt64, TraceRequestView
 from lightspan.store.spans import TRACE_COLUMNS
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTracePartialSuccess,
     ExportTraceServiceRequest,
     ExportTraceServiceResponse,
 )
-from opentelemetry.proto.common.v1.common_pb2 import AnyValue, ArrayValue
+from opentelemetry.proto.common.v1.common_pb2 import AnyValue
 
 from lightspan import semconv
 from lightspan.errors import InvalidInput
@@ -116,16 +116,14 @@ def _varint(raw: bytes, pos: int) -> tuple[int, int]:
 
 def _int_array(payload: bytes) -> str | None:
     """An ArrayValue's bytes as a JSON list when every element is an int_value, else None."""
-    packed = PackedInt64()
     try:
-        packed.ParseFromString(payload)
+        numbers = PackedInt64.FromString(payload).values
+        elements = len(ArrayElements.FromString(payload).values)
     except DecodeError:
         return None
-    numbers = list(packed.values)
-    tags = numbers[0::2]
-    # One (tag 24, value) pair per element: every element is an int. An empty element would
-    # contribute no pair, so the element count (len() creates no wrappers) must match too.
-    if len(numbers) % 2 or tags.count(_INT) != len(tags) or len(ArrayValue.FromString(payload).values) != len(tags):
+    # Every element one (tag 24, value) pair: every element is an int. An empty element would
+    # contribute no pair and one holding two ints two, so the element count must match too.
+    if len(numbers) != 2 * elements or numbers[0::2].count(_INT) != elements:
         return None
     return _orjson_dumps(numbers[1::2]).decode()
 

@@ -30,6 +30,7 @@ _GENERATED = {
     "Event": Span.Event.DESCRIPTOR, "Link": Span.Link.DESCRIPTOR, "Status": Status.DESCRIPTOR,
     "Span": Span.DESCRIPTOR, "ScopeSpans": ScopeSpans.DESCRIPTOR, "ResourceSpans": ResourceSpans.DESCRIPTOR,
     "ExportTraceServiceRequest": ExportTraceServiceRequest.DESCRIPTOR, "PackedInt64": ArrayValue.DESCRIPTOR,
+    "ArrayElements": ArrayValue.DESCRIPTOR,
 }
 
 
@@ -126,6 +127,14 @@ def test_int_array_with_an_empty_element_is_not_taken_for_ints():
     array = ArrayValue(values=[AnyValue(int_value=1), AnyValue(), AnyValue(int_value=2)])
     raw = AnyValue(array_value=array).SerializeToString()
     assert decode_value(raw) == "[1,null,2]"
+
+
+def test_int_array_with_an_element_holding_two_ints_keeps_the_last():
+    # The same field twice in one element: protobuf keeps the last, so the element is one int.
+    element = AnyValue(int_value=1).SerializeToString() + AnyValue(int_value=2).SerializeToString()
+    payload = b"\x0a" + bytes([len(element)]) + element + b"\x0a\x02" + AnyValue(int_value=3).SerializeToString()
+    raw = b"\x2a" + bytes([len(payload)]) + payload
+    assert decode_value(raw) == "[2,3]"
 
 
 def test_nan_double_is_its_repr():
