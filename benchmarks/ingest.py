@@ -150,14 +150,17 @@ def _cpu_seconds(pid: int) -> float:
 
 def insert_limit(store_url: str, decoded: list, batch_requests: int, total_requests: int) -> tuple[float, float]:
     """Spans/s of raw columnar inserts of the same requests (as many as the ingest run sends, so
-    the store does the same part and merge work) into the same store, batched like the
-    collector, and the CPU seconds per span they cost (immune to other processes' load)."""
+    the store does the same part and merge work) into the same store, batched and configured
+    like the collector, and the CPU seconds per span they cost (immune to other processes' load)."""
     from lightspan.collector.batcher import _concat
+    from lightspan.collector.server import INSERT_SETTINGS
     from lightspan.store import Store
 
     replay = [decoded[i % len(decoded)] for i in range(total_requests)]
     batches = [_concat([d.columns for d in replay[i:i + batch_requests]]) for i in range(0, len(replay), batch_requests)]
     with Store.connect(store_url) as store:
+        for name, value in INSERT_SETTINGS.items():  # the collector's own insert settings
+            store.client.set_client_setting(name, value)
         store.insert_columns(batches[0])  # warm-up (first parts, caches)
         started, cpu = time.perf_counter(), _cpu_seconds(os.getpid())
         spans = sum(store.insert_columns(batch) for batch in batches)
