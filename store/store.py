@@ -60,6 +60,7 @@ class RolloutSummary:
     start: datetime
     end: datetime
     errors: int
+    roots: int  # spans without a parent: a root ends last, so > 0 means the episode has landed
 
 
 def _clickhouse_message(error: Exception) -> str:
@@ -241,11 +242,16 @@ class Store:
         resources_id: str | None = None,
         min_rewards: int = 0,
         shard: tuple[int, int] | None = None,
+        landed: bool = False,
         limit: int | None = 100,
     ) -> list[RolloutSummary]:
         """Rollouts, newest first, filtered; `shard=(rank, world)` keeps the tasks whose id
-        hashes to `rank`, so data-parallel ranks split the data by whole task groups."""
+        hashes to `rank`, so data-parallel ranks split the data by whole task groups.
+        `landed=True` keeps only rollouts whose root span has arrived (it ends, so it is
+        exported, after everything inside it)."""
         having, params = ["rewards >= {min_rewards:UInt32}"], {"min_rewards": min_rewards}
+        if landed:
+            having.append("roots > 0")
         filters = {
             "service = {service:String}": ("service", service),
             "has(agents, {agent:String})": ("agent", agent),
@@ -270,7 +276,7 @@ class Store:
                    countIf(Reward IS NOT NULL) AS rewards,
                    argMaxIf(Reward, Timestamp, Reward IS NOT NULL) AS last_reward,
                    min(Timestamp) AS start, max(Timestamp + toIntervalNanosecond(Duration)) AS end,
-                   countIf(StatusCode = 'Error') AS errors
+                   countIf(StatusCode = 'Error') AS errors, countIf(ParentSpanId = '') AS roots
             FROM {ROLLOUT_SPANS} FINAL
             GROUP BY RolloutId
             HAVING {' AND '.join(having)}
@@ -282,7 +288,7 @@ class Store:
             RolloutSummary(
                 rollout_id=r[0], task_id=r[1], attempt=int(r[2]), service=r[3], resources_id=r[4],
                 agents=list(r[5]), spans=int(r[6]), llm_calls=int(r[7]), rewards=int(r[8]),
-                last_reward=r[9], start=r[10], end=r[11], errors=int(r[12]),
+                last_reward=r[9], start=r[10], end=r[11], errors=int(r[12]), roots=int(r[13]),
             )
             for r in self.sql(query, params).rows
         ]

@@ -242,3 +242,12 @@ def test_one_directory_per_process_is_explained(store, tmp_path):
         Store.connect(f"chdb://{tmp_path / 'other'}")
     with Store.connect(str(store.url)) as same:  # the same directory twice is fine
         assert same.schema_version() == 3
+
+
+def test_landed_rollouts_have_their_root(store):
+    spans = rollout_spans("r-partial", "t", seed=9)
+    store.insert_spans(spans[1:])  # children exported first; the root span ends last
+    assert store.rollouts(landed=True) == [] and len(store.rollouts()) == 1
+    store.insert_spans(spans[:1])
+    (landed,) = store.rollouts(landed=True)
+    assert landed.rollout_id == "r-partial" and landed.roots == 1
