@@ -24,6 +24,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--config", help="the training YAML file")
     parser.add_argument("--resume", nargs="?", const=True, default=None, metavar="CHECKPOINT",
                         help="continue from the newest checkpoint in output.dir (or the one given)")
+    parser.add_argument("--follow", action="store_true",
+                        help="closed-loop mode: wait for complete task groups of the serving version, train, "
+                        "publish the next version, repeat (see the follow section of the config)")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="e.g. optim.lr=1e-5")
     return parser.parse_args(argv)
@@ -41,13 +44,13 @@ def main(argv: list[str] | None = None) -> int:
 
         if not torch.cuda.is_available():
             os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before deepspeed is imported
-        from lightspan.trainer.loop import run
+        from lightspan.trainer.loop import follow, run
 
-        path = run(config, resume=args.resume)
+        path = (follow if args.follow else run)(config, resume=args.resume)
     except LightspanError as error:
         print(f"lightspan.trainer: error: {error}", file=sys.stderr)
         return 2
-    if os.environ.get("RANK", "0") == "0":
+    if os.environ.get("RANK", "0") == "0" and path is not None:
         from lightspan.trainer.checkpoint import read_state
 
         run_id = read_state(path)["run"]

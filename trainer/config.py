@@ -122,6 +122,25 @@ class OutputConfig:
 
 
 @dataclass
+class FollowConfig:
+    """`--follow`, the closed loop's trainer: wait for data of the serving version, train, publish, repeat.
+
+    Each iteration waits until `min_groups` complete task groups (of `selection.min_group_size`
+    rollouts whose root span has landed) were produced by the latest published version, or by up
+    to `max_staleness` versions before it (off-policy: the importance ratio then uses the
+    logprobs the engine recorded), trains `steps_per_iteration` optimiser steps (default: the
+    schedule's epochs over that data) and publishes the next version.
+    """
+
+    min_groups: int = 1
+    max_staleness: int = 0
+    steps_per_iteration: int | None = None
+    poll_seconds: float = 1.0
+    iterations: int | None = None  # versions to publish before exiting (None: until stopped)
+    wait_timeout: float | None = None  # seconds to wait for one iteration's data (None: forever)
+
+
+@dataclass
 class TrainConfig:
     store: str | None = None  # store URL; None: LIGHTSPAN_STORE or ./lightspan-data
     run: str | None = None  # run id in train_metrics; default <resource_name>-<UTC time>
@@ -132,6 +151,7 @@ class TrainConfig:
     deepspeed: dict[str, Any] | str = field(default_factory=dict)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    follow: FollowConfig = field(default_factory=FollowConfig)
 
     # --- derived ------------------------------------------------------------------------------
     def deepspeed_dict(self) -> dict[str, Any]:
@@ -184,6 +204,12 @@ class TrainConfig:
                 f"schedule.global_batch_size={s.global_batch_size} is smaller than micro_batch_size="
                 f"{s.micro_batch_size}; raise global_batch_size to a multiple of micro_batch_size x ranks"
             )
+        f = self.follow
+        if f.min_groups < 1 or f.max_staleness < 0 or f.poll_seconds <= 0:
+            raise InvalidInput("follow.min_groups must be >= 1, follow.max_staleness >= 0, follow.poll_seconds > 0")
+        if (f.steps_per_iteration is not None and f.steps_per_iteration < 1) or (
+                f.iterations is not None and f.iterations < 1):
+            raise InvalidInput("follow.steps_per_iteration and follow.iterations must be >= 1 (or null)")
         if o.save_every < 0 or o.keep_optimizer_state < 1:
             raise InvalidInput("output.save_every must be >= 0 and output.keep_optimizer_state >= 1")
         if not 0.0 <= a.gamma <= 1.0:

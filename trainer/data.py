@@ -25,18 +25,24 @@ SPAN_TREE_CHUNK = 500  # rollouts per span-tree query: bounded result sets on bi
 
 
 # --- selection ------------------------------------------------------------------------------------
-def select_rollouts(store: Any, config: TrainConfig, rank: int, world_size: int) -> list:
+def select_rollouts(
+    store: Any, config: TrainConfig, rank: int, world_size: int, *,
+    resources_ids: Sequence[str] | None = None, landed: bool = False,
+) -> list:
     """This rank's rollouts (`RolloutSummary`), complete task groups only, oldest first.
 
-    The follow mode of the closed loop calls this again with `resources_id` set to the serving
-    version; `min_group_size` is what makes it wait for whole groups.
+    The follow mode of the closed loop passes the versions it accepts as `resources_ids` (else
+    `selection.resources_id` applies) and `landed=True`, so a group counts only once every
+    episode in it has arrived whole; `min_group_size` is what makes it wait for whole groups.
     """
     s = config.selection
-    summaries = store.rollouts(
-        service=s.service, since=s.since, until=s.until, resources_id=s.resources_id,
-        shard=(rank, world_size), limit=s.limit,
-        agent=s.agents[0] if s.agents and len(s.agents) == 1 and _plain_name(s.agents[0]) else None,
-    )
+    summaries = []
+    for resources_id in resources_ids if resources_ids is not None else [s.resources_id]:
+        summaries += store.rollouts(
+            service=s.service, since=s.since, until=s.until, resources_id=resources_id,
+            shard=(rank, world_size), limit=s.limit, landed=landed,
+            agent=s.agents[0] if s.agents and len(s.agents) == 1 and _plain_name(s.agents[0]) else None,
+        )
     return complete_groups(sorted(summaries, key=lambda r: (r.start, r.rollout_id)), s.min_group_size)
 
 

@@ -15,6 +15,7 @@ import math
 import os
 import socket
 import sys
+import time
 from collections.abc import Sequence
 from datetime import datetime, timezone
 from pathlib import Path
@@ -130,16 +131,21 @@ class Session:
         return _broadcast(latest.id if latest else None, self.world_size)
 
     # --- data ---------------------------------------------------------------------------------
-    def samples(self, resources_id: str | None = None) -> list[Sample]:
-        """This rank's complete task groups, as tokenised samples; writes a per-rank manifest."""
-        config = self.config
-        if resources_id is not None:
-            config = dataclasses.replace(
-                config, selection=dataclasses.replace(config.selection, resources_id=resources_id)
-            )
-        if config.selection.until is None:
-            config = dataclasses.replace(config, selection=dataclasses.replace(config.selection, until=self.until))
-        summaries = select_rollouts(self.store, config, self.rank, self.world_size)
+    def samples(
+        self, resources_ids: Sequence[str] | None = None, *, since: datetime | None = None, landed: bool = False
+    ) -> list[Sample]:
+        """This rank's complete task groups, as tokenised samples; writes a per-rank manifest.
+
+        Follow mode passes the versions it accepts, the previous iteration's cut-off as `since`
+        and `landed=True`; a plain run takes the configured selection.
+        """
+        selection = self.config.selection
+        changes: dict[str, Any] = {"until": selection.until or self.until}
+        if since is not None:
+            changes["since"] = since
+        config = dataclasses.replace(self.config, selection=dataclasses.replace(selection, **changes))
+        summaries = select_rollouts(self.store, config, self.rank, self.world_size,
+                                    resources_ids=resources_ids, landed=landed)
         transitions = load_transitions(self.store, summaries, config)
         samples, skipped = self.step_fn.tokenize(transitions)
         self.skipped = skipped
@@ -148,8 +154,59 @@ class Session:
         manifest.write_text(json.dumps({
             "tasks": sorted({s.task_id for s in summaries}), "rollouts": len(summaries),
             "transitions": len(transitions), "samples": len(samples), "skipped": skipped,
+            "resources_ids": list(resources_ids) if resources_ids is not None else selection.resources_id,
         }, indent=2))
         return samples
+
+    # --- follow mode --------------------------------------------------------------------------
+    def ensure_published(self) -> str:
+        """The latest version of the resource; publishes the base model as version 1 when none is.
+
+        The server and the runners follow the store, so the loop needs a version to start from.
+        """
+        name = self.config.output.resource_name
+        resource_id = None
+        if self.rank == 0:
+            latest = self.store.latest_resource(name)
+            if latest is None:
+                latest = self.store.publish_resource(
+                    name, "checkpoint", uri=str(Path(self.config.model.path).resolve()),
+                    metadata={"step": 0, "run": self.run_id, "base_model": self.config.model.path},
+                )
+            resource_id = latest.id
+        self.parent = _broadcast(resource_id, self.world_size)
+        return self.parent
+
+    def accepted_versions(self, max_staleness: int) -> list[str]:
+        """The latest version and up to `max_staleness` before it, newest first."""
+        ids = None
+        if self.rank == 0:
+            versions = self.store.resources(self.config.output.resource_name)
+            ids = [r.id for r in reversed(versions[-(max_staleness + 1):])]
+        return _broadcast(ids, self.world_size)
+
+    def wait_for_data(self, accepted: Sequence[str], since: datetime | None) -> list[Sample]:
+        """Poll until `follow.min_groups` complete groups of `accepted` versions have landed."""
+        f = self.config.follow
+        deadline = None if f.wait_timeout is None else time.monotonic() + f.wait_timeout
+        while True:
+            self.until = _broadcast(datetime.now(timezone.utc), self.world_size)
+            ready = False
+            if self.rank == 0:
+                selection = dataclasses.replace(self.config.selection, until=self.until, since=since)
+                config = dataclasses.replace(self.config, selection=selection)
+                groups = {s.task_id for s in select_rollouts(self.store, config, 0, 1, resources_ids=accepted,
+                                                             landed=True)}
+                ready = len(groups) >= f.min_groups
+            if _broadcast(ready, self.world_size):
+                return self.samples(accepted, since=since, landed=True)
+            if deadline is not None and time.monotonic() > deadline:
+                raise LightspanError(
+                    f"follow: fewer than {f.min_groups} complete task groups (of "
+                    f"{self.config.selection.min_group_size} rollouts) from {', '.join(accepted)} "
+                    f"arrived within {f.wait_timeout:g} s"
+                )
+            time.sleep(f.poll_seconds)
 
     # --- training -----------------------------------------------------------------------------
     def steps_per_epoch(self, samples: Sequence[Sample]) -> int:
@@ -212,6 +269,34 @@ class Session:
 
     def close(self) -> None:
         self.store.close()
+
+
+def follow(config: TrainConfig, *, resume: str | Path | bool | None = None) -> Path | None:
+    """The closed loop's trainer: wait for the serving version's groups, train, publish, repeat.
+
+    On-policy by default: only rollouts of the latest version train it (`follow.max_staleness`
+    widens that). Returns the last checkpoint after `follow.iterations` versions, or runs until
+    stopped when that is None.
+    """
+    session = Session(config, resume=resume)
+    f = config.follow
+    last: Path | None = None
+    try:
+        session.ensure_published()
+        since: datetime | None = None
+        published = 0
+        while f.iterations is None or published < f.iterations:
+            accepted = session.accepted_versions(f.max_staleness)
+            samples = session.wait_for_data(accepted, since)
+            since = session.until  # the next iteration takes what arrives after this cut-off
+            per_epoch = max(1, session.steps_per_epoch(samples))
+            steps = f.steps_per_iteration or per_epoch * config.schedule.epochs
+            session.train(samples, session.step + steps, per_epoch)  # saves and publishes at the end
+            last = session.out_dir / checkpoint.name(session.step)
+            published += 1
+        return last
+    finally:
+        session.close()
 
 
 def run(config: TrainConfig, *, resume: str | Path | bool | None = None) -> Path:
