@@ -218,6 +218,7 @@ def _decorate(func: F, spec: _RolloutSpec) -> F:
                 _emit_final(result)
             return result
 
+        async_wrapper.__lightspan_rollout__ = True  # type: ignore[attr-defined]
         return async_wrapper  # type: ignore[return-value]
 
     @functools.wraps(func)
@@ -232,4 +233,5 @@ def _decorate(func: F, spec: _RolloutSpec) -> F:
             _emit_final(result)
         return result
 
+    wrapper.__lightspan_rollout__ = True  # type: ignore[attr-defined]  # runners: it emits its own reward
     return wrapper  # type: ignore[return-value]

@@ -192,6 +192,19 @@ class Transition:
         return self.prompt_token_ids is None or self.response_token_ids is None
 
 
+@dataclass(frozen=True, slots=True)
+class LLM:
+    """What an agent function `(task, llm)` is given: where to reach the model being trained.
+
+    The fields are exactly what the OpenAI SDK (or any framework on top of it) needs:
+    `openai.OpenAI(base_url=llm.base_url, api_key=llm.api_key)` and `model=llm.model`.
+    """
+
+    base_url: str
+    model: str
+    api_key: str = "lightspan"
+
+
 @dataclass(slots=True)
 class Resource:
     """A versioned artefact the agents consume: a prompt template or a model checkpoint.

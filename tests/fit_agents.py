@@ -1,0 +1,30 @@
+"""Agents for the closed-loop tests. Runner processes import them by name (multiprocessing spawn),
+so they live in a module, as users' agents must."""
+
+from __future__ import annotations
+
+import openai
+
+import lightspan
+
+
+@lightspan.rollout
+def short_answer_agent(task, llm):
+    """One chat call to the model being trained; reward 1 for a reply that starts with a vowel."""
+    client = openai.OpenAI(base_url=llm.base_url, api_key=llm.api_key)
+    reply = client.chat.completions.create(
+        model=llm.model, messages=[{"role": "user", "content": task["question"]}], max_tokens=4, temperature=1.0,
+    )
+    text = (reply.choices[0].message.content or "").strip().lower()
+    return 1.0 if text[:1] in set("aeiou") else 0.0
+
+
+def crashing_agent(task, llm):
+    """Raises on every task whose id ends in 'boom', hangs on 'hang', else returns 0.5 (undecorated)."""
+    if task["id"].endswith("boom"):
+        raise RuntimeError("the tool exploded")
+    if task["id"].endswith("hang"):
+        import time
+
+        time.sleep(3600)
+    return 0.5

@@ -1,0 +1,80 @@
+"""The closed loop with the real parts: collector, trainer (follow), server, runners."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from fit_agents import crashing_agent, short_answer_agent
+
+from lightspan.store import Store
+from lightspan.trainer.api import GRPO, Trainer
+from lightspan.trainer.runner import RunnerPool, jobs_for
+from lightspan.types import LLM
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from lightspan.trainer.tiny import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
+
+
+@pytest.mark.slow
+def test_two_iterations_land_spans_publish_reload_and_validate(tmp_path, tiny):
+    tasks = [{"id": f"t{i}", "question": f"Say something about {word}."}
+             for i, word in enumerate(["cats", "rain", "maps", "tea", "owls", "snow"])]
+    trainer = Trainer(model=tiny, algorithm=GRPO(lr=1e-3, micro_batch_size=4, global_batch_size=8),
+                      n_runners=2, group_size=2, tasks_per_iteration=4, iterations=2,
+                      workdir=tmp_path / "fit", rollout_timeout=120, progress=False)
+    seen = []
+    result = trainer.fit(short_answer_agent, tasks[:4], val_dataset=tasks[4:], on_iteration=seen.append)
+
+    assert [i.resources_id for i in result.iterations] == ["policy:1", "policy:2", "policy:3"]
+    assert result.resources_id == "policy:3" and Path(result.checkpoint).is_dir()
+    assert all(i.val_reward is not None for i in result.iterations) and seen == result.iterations
+    assert [i.rollouts for i in result.iterations] == [8, 8, 0]
+    with Store.connect(f"chdb://{tmp_path / 'fit' / 'store'}") as store:
+        # Spans landed for every train rollout, tagged with the version that produced them...
+        per_version = dict(store.sql(
+            "SELECT ResourcesId, uniqExact(RolloutId) FROM rollout_spans FINAL "
+            "WHERE ServiceName = 'lightspan-fit' AND ResourcesId != '' GROUP BY ResourcesId ORDER BY 1").rows)
+        assert per_version == {"policy:1": 8, "policy:2": 8}
+        # ...and the server answered with the version it served: it reloaded the published checkpoints.
+        answered = {m for (m,) in store.sql(
+            "SELECT DISTINCT SpanAttributes['gen_ai.response.model'] FROM otel_traces "
+            "WHERE SpanAttributes['gen_ai.response.model'] != ''").rows}
+        assert {"policy:1", "policy:2", "policy:3"} <= answered
+        assert [r.version for r in store.resources("policy")] == [1, 2, 3]
+        loop_metrics = store.metrics(f"{result.run}/loop")
+        assert [step for step, _ in loop_metrics["val_reward"]] == [0, 1, 2]
+        assert store.metrics(result.run)["loss"], "the trainer logged its steps"
+
+
+def test_runner_pool_records_crashes_and_timeouts_and_never_hangs(tmp_path):
+    from lightspan.collector.server import Collector
+    from lightspan.trainer.runner import failed_rollout_recorder
+
+    with Collector(f"chdb://{tmp_path / 'store'}", grpc_port=0, http_port=0, sql_port=None) as collector:
+        record, close = failed_rollout_recorder(collector.grpc_endpoint, "runner-test")
+        pool = RunnerPool(crashing_agent, size=2, endpoint=collector.grpc_endpoint, service="runner-test",
+                          llm=LLM("http://127.0.0.1:9/v1", "none"), timeout=8, max_retries=1, record_failure=record)
+        try:
+            jobs = jobs_for([{"id": "ok"}, {"id": "x-boom"}, {"id": "y-hang"}], 1, "policy:1", "t")
+            outcomes = {o.job.task_id: o for o in pool.run(jobs)}
+        finally:
+            pool.close()
+            close()
+        assert outcomes["ok"].reward == 0.5 and not outcomes["ok"].failed
+        assert "the tool exploded" in outcomes["x-boom"].error
+        assert "timed out" in outcomes["y-hang"].error and outcomes["y-hang"].job.attempt == 1  # retried once
+        store = Store.connect(f"chdb://{tmp_path / 'store'}")
+        try:
+            rows = {r.task_id: r for r in store.rollouts(limit=None)}
+            errors = store.sql("SELECT TaskId, Attempt, countIf(StatusCode = 'Error') FROM rollout_spans FINAL "
+                               "GROUP BY TaskId, Attempt ORDER BY TaskId, Attempt").rows
+        finally:
+            store.close()
+        assert rows["ok"].last_reward == 0.5  # an undecorated agent's return value is the final reward
+        assert ("x-boom", 0, 1) in errors  # the agent's exception marks its rollout span
+        assert ("y-hang", 0, 1) in errors and ("y-hang", 1, 1) in errors  # both timed-out attempts recorded

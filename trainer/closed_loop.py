@@ -1,0 +1,175 @@
+"""The closed loop's processes: collector, trainer (follow mode), inference server, runners.
+
+Execution and training meet only in the store. This module starts and supervises the pieces
+and nothing more: the collector (in this process, owning the store and serving its SQL
+endpoint), the trainer (`python -m lightspan.trainer --follow`, a child process reading through
+that endpoint), the server (`lightspan serve`, a child process following the published
+checkpoints) and the runner pool. Every child is stopped on exit, Ctrl-C included, and a child
+that dies is reported with the tail of its log instead of leaving the loop waiting.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from lightspan.errors import LightspanError
+from lightspan.types import LLM, Resource
+
+TRAIN_SERVICE = "lightspan-fit"
+VALIDATION_SERVICE = "lightspan-fit-validation"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Child:
+    """A supervised child process whose output goes to a log file."""
+
+    def __init__(self, name: str, command: Sequence[str], log: Path, env: Mapping[str, str] | None = None):
+        self.name, self.log = name, log
+        self._file = log.open("w")
+        self.process = subprocess.Popen(list(command), stdout=self._file, stderr=subprocess.STDOUT,
+                                        env={**os.environ, **(env or {})}, start_new_session=True)
+
+    def check(self) -> None:
+        """Raise, with the end of its log, when the child has exited."""
+        code = self.process.poll()
+        if code is not None:
+            tail = "".join(self.log.read_text(errors="replace").splitlines(keepends=True)[-25:])
+            raise LightspanError(f"{self.name} exited with code {code}; last lines of {self.log}:\n{tail}")
+
+    def stop(self, grace: float = 20.0) -> None:
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(grace)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+        self._file.close()
+
+
+class ClosedLoop:
+    """Collector + store, trainer in follow mode, server and runners for one training job.
+
+    Use as a context manager; `store` is a `Store` on the same data, for the driver's own
+    queries and metrics.
+    """
+
+    def __init__(self, *, workdir: Path, store_url: str | None, resource: str):
+        from lightspan.collector.server import Collector
+        from lightspan.store import Store, parse_store_url
+
+        self.workdir = workdir
+        self.resource = resource
+        workdir.mkdir(parents=True, exist_ok=True)
+        url = store_url or f"chdb://{workdir / 'store'}"
+        embedded = parse_store_url(url).embedded
+        self.collector = Collector(url, grpc_port=0, http_port=0, sql_port=0 if embedded else None)
+        self.collector.start()
+        # Children reach an embedded store through the collector; a server store directly.
+        self.store_url = self.collector.sql_url if embedded else url
+        self.store = Store.connect(url)
+        self.children: list[Child] = []
+
+    # --- children -----------------------------------------------------------------------------
+    def start_trainer(self, config: Mapping[str, Any], num_gpus: int | None = None) -> Child:
+        path = self.workdir / "train.yaml"
+        path.write_text(yaml.safe_dump({**config, "store": self.store_url}, sort_keys=False))
+        module = ["--module", "lightspan.trainer", "--config", str(path), "--follow"]
+        command = (["deepspeed", "--num_gpus", str(num_gpus), "--master_port", str(free_port()), *module]
+                   if num_gpus else [sys.executable, "-m", "lightspan.trainer", "--follow", "--config", str(path)])
+        return self._child("trainer", command)
+
+    def run_trainer_once(self, config: Mapping[str, Any], name: str) -> Path:
+        """A plain (non-follow) training run to completion, e.g. a warm-up; returns its checkpoint."""
+        path = self.workdir / f"{name}.yaml"
+        path.write_text(yaml.safe_dump({**config, "store": self.store_url}, sort_keys=False))
+        child = Child(name, [sys.executable, "-m", "lightspan.trainer", "--config", str(path)],
+                      self.workdir / f"{name}.log")
+        if child.process.wait() != 0:
+            child.check()  # raises with the end of its log
+        child.stop()
+        for line in child.log.read_text().splitlines():
+            if line.startswith("checkpoint: "):
+                return Path(line.removeprefix("checkpoint: "))
+        raise LightspanError(f"{name} finished without a checkpoint; see {child.log}")
+
+    def start_server(self, model: str | Path, port: int | None = None) -> str:
+        """`lightspan serve` following this loop's resource; returns its base URL once healthy."""
+        port = port or free_port()
+        child = self._child("server", [
+            sys.executable, "-m", "lightspan", "serve", "--model", str(model), "--port", str(port),
+            "--store", self.store_url, "--resource", self.resource, "--poll-seconds", "0.5",
+        ])
+        base = f"http://127.0.0.1:{port}"
+        self._wait(lambda: _get_json(f"{base}/health") is not None, "the server to start", 180, child)
+        return f"{base}/v1"
+
+    def _child(self, name: str, command: Sequence[str]) -> Child:
+        child = Child(name, command, self.workdir / f"{name}.log")
+        self.children.append(child)
+        return child
+
+    # --- waiting ------------------------------------------------------------------------------
+    def _wait(self, ready: Callable[[], Any], what: str, timeout: float, *watch: Child) -> Any:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            value = ready()
+            if value:
+                return value
+            for child in watch or self.children:
+                child.check()
+            time.sleep(0.25)
+        raise LightspanError(f"timed out after {timeout:g} s waiting for {what}")
+
+    def wait_for_version(self, after: int, timeout: float) -> Resource:
+        """The first published version newer than `after`."""
+        def newer() -> Resource | None:
+            latest = self.store.latest_resource(self.resource)
+            return latest if latest is not None and latest.version > after else None
+
+        return self._wait(newer, f"{self.resource} version {after + 1} from the trainer", timeout)
+
+    def wait_until_serving(self, llm: LLM, resource_id: str, timeout: float = 300) -> None:
+        def serving() -> bool:
+            models = _get_json(f"{llm.base_url}/models")
+            return bool(models) and any(m.get("id") == resource_id for m in models.get("data", []))
+
+        self._wait(serving, f"the server to load {resource_id}", timeout)
+
+    # --- shutdown -----------------------------------------------------------------------------
+    def close(self) -> None:
+        for child in reversed(self.children):
+            child.stop()
+        self.store.close()
+        self.collector.stop()
+
+    def __enter__(self) -> "ClosedLoop":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _get_json(url: str) -> Any:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return json.loads(response.read())
+    except (OSError, ValueError):
+        return None
