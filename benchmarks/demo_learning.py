@@ -26,17 +26,17 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
-import shutil
 import os
 import random
+import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
-
 from lightspan.trainer import demo_task
 from lightspan.trainer.demo_task import RECIPE, Recipe, Task
 
@@ -55,13 +55,12 @@ def parse_sets(items: Sequence[str]) -> dict[str, Any]:
 
 # --- spans: instrumentation → in-memory exporter → lightspan Span --------------------------------------
 def _setup_tracing() -> Any:
+    from lightspan.instrumentation import tokens
+    from lightspan.instrumentation.context import add_stamping
     from opentelemetry import trace
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import SimpleSpanProcessor
     from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-
-    from lightspan.instrumentation import tokens
-    from lightspan.instrumentation.context import add_stamping
 
     provider = TracerProvider()
     trace.set_tracer_provider(provider)
@@ -132,6 +131,7 @@ def play_batch(view: Any, tasks: Sequence[Task], group: int, recipe: Recipe, see
     """`group` episodes per task, both turns batched; returns (transitions, rewards per rollout)."""
     from lightspan.trainer.serving_engine import generate
     from lightspan.trainer.serving_protocol import Row, SamplingParams
+
     from lightspan.types import Transition
 
     tok = view.tokenizer
@@ -193,10 +193,9 @@ def evaluate(view: Any, tasks: Sequence[Task], group: int, recipe: Recipe, seed:
 
 def warm_up(recipe: Recipe, base: Path, store_url: str, work: Path, timings: dict[str, float], verbose: bool) -> Path:
     """Scripted episodes → spans → store → trainer selection → SFT steps; returns the warm folder."""
-    from transformers import AutoTokenizer
-
     from lightspan.store import Store
     from lightspan.trainer.data import load_transitions, select_rollouts, step_batches
+    from transformers import AutoTokenizer
 
     # Warm-up data: scripted episodes → spans → store → trainer selection → transitions.
     t0 = time.perf_counter()
@@ -312,11 +311,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         recipe = dataclasses.replace(RECIPE, **{**overrides, "seed": seed})
         print(f"== seed {seed}: {recipe}", flush=True)
         with tempfile.TemporaryDirectory(prefix="lightspan-demo-") as work:
-            result = run(recipe, Path(work), args.reuse_warmup)
+            result = run(recipe, Path(work), args.reuse_warmup / f"seed-{seed}" if args.reuse_warmup else None)
         results.append(result)
         c, t = result["curve"], result["timings"]
         print(f"seed {seed}: success after warm-up {c[0]:.3f} -> last iteration {c[-1]:.3f} "
-              f"(x{c[-1] / max(c[0], 1e-9):.1f}); train eval {result['final_train']:.3f}; held-out "
+              f"(x{c[-1] / max(c[0], 1e-9):.1f}); first >= 0.8 at iteration "
+              f"{next((i + 1 for i, v in enumerate(c) if v >= 0.8), None)}; train eval {result['final_train']:.3f}; held-out "
               f"{result['validation'][0]:.3f} -> {result['validation'][1]:.3f}")
         print("wall s: " + ", ".join(f"{k} {v:.1f}" for k, v in t.items()), flush=True)
     ok = [r["curve"][0] <= 0.3 and r["curve"][-1] >= 0.8 for r in results]

@@ -146,7 +146,7 @@ def make_corpus(repeat: int = 20) -> list[str]:
     space (how questions render them): byte-level BPE gives the two forms different tokens.
     """
     words = [*TOOLS, *CAPITALS, *CAPITALS.values(), *CITIES, *WORDS, *CONDITIONS, ERROR,
-             *{str(n) for n in range(0, 19)}]
+             *{str(n) for n in range(19)}]
     lines = ["user", "assistant", *(t["question"] for t in TRAIN_TASKS + VALIDATION_TASKS), *words,
              " ".join(words)]
     return lines * repeat
@@ -161,13 +161,15 @@ def _field(llm: Any, name: str) -> Any:
 
 
 def _seed(turn: int) -> int | None:
-    """A request seed from the episode's identity, so a seeded demo samples the same tokens."""
+    """A request seed from the rollout id, so a runner that gives rollouts deterministic ids
+    (e.g. "<version>/<task>/<k>") gets a reproducible demo, and samples of one group never share
+    a seed (a group of identical samples has no learning signal)."""
     from lightspan.instrumentation import current_rollout
 
     active = current_rollout()
     if active is None:
         return None
-    key = f"{active.task_id}/{active.attempt}/{active.resources_id or ''}/{turn}"
+    key = f"{active.rollout_id}/{turn}"
     return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=7).digest(), "big")
 
 
@@ -324,7 +326,7 @@ class Recipe:
     # GRPO
     lr: float = 1e-3
     tasks_per_iteration: int = 40  # every training task, every iteration
-    group_size: int = 8
+    group_size: int = 16
     iterations: int = 30
     steps_per_iteration: int = 8  # optimiser steps per iteration (mini-batches of its transitions)
     kl_coef: float = 0.0
