@@ -78,3 +78,66 @@ def test_runner_pool_records_crashes_and_timeouts_and_never_hangs(tmp_path):
         assert rows["ok"].last_reward == 0.5  # an undecorated agent's return value is the final reward
         assert ("x-boom", 0, 1) in errors  # the agent's exception marks its rollout span
         assert ("y-hang", 0, 1) in errors and ("y-hang", 1, 1) in errors  # both timed-out attempts recorded
+
+
+FIT_SCRIPT = """
+import sys
+from fit_agents import short_answer_agent
+from lightspan.trainer.api import GRPO, Trainer
+
+if __name__ == "__main__":
+    tasks = [{"id": f"t{i}", "question": "hello"} for i in range(4)]
+    Trainer(model=sys.argv[1], algorithm=GRPO(micro_batch_size=4, global_batch_size=8), n_runners=2,
+            group_size=2, iterations=50, workdir=sys.argv[2], progress=False).fit(short_answer_agent, tasks)
+"""
+
+
+def _descendants(pid: int) -> set[int]:
+    parents: dict[int, int] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parents[int(stat.parent.name)] = int(fields[1])
+    found, frontier = set(), {pid}
+    while frontier:
+        frontier = {child for child, parent in parents.items() if parent in frontier} - found
+        found |= frontier
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_every_child(tmp_path, tiny):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script = tmp_path / "fit_script.py"
+    script.write_text(FIT_SCRIPT)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
+    fit = subprocess.Popen([sys.executable, str(script), str(tiny), str(tmp_path / "fit")], env=env,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 240
+    children: set[int] = set()
+    while time.monotonic() < deadline:  # wait until trainer, server and both runners are up
+        children = _descendants(fit.pid)
+        if (tmp_path / "fit" / "server.log").exists() and len(children) >= 5:
+            break
+        assert fit.poll() is None, fit.stderr.read()
+        time.sleep(0.5)
+    time.sleep(3)
+    children = _descendants(fit.pid)
+    fit.send_signal(signal.SIGINT)
+    fit.wait(timeout=90)
+    time.sleep(1)
+    assert [pid for pid in children if _alive(pid)] == []
