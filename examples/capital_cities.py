@@ -107,9 +107,13 @@ def main(argv: list[str] | None = None) -> int:
               api_key=args.api_key)
     rewards = []
     for task in TASKS:
-        reward = capital_agent(task, llm)
+        try:
+            reward = capital_agent(task, llm)
+            print(f"{task['id']:<24} reward {reward:.0f}")
+        except Exception as error:  # noqa: BLE001 - as in fit: a failed episode scores 0, the run goes on
+            reward = 0.0
+            print(f"{task['id']:<24} failed: {type(error).__name__}: {error}")
         rewards.append(reward)
-        print(f"{task['id']:<24} reward {reward:.0f}")
     print(f"mean reward {statistics.fmean(rewards):.2f} over {len(rewards)} tasks")
     return 0
 
