@@ -40,12 +40,24 @@ SERVICE = "capital-cities"
 SYSTEM = "Answer with the name of the city only."
 
 TASKS = [
-    {"id": f"capital-{country.lower().replace(' ', '-')}", "question": f"What is the capital of {country}?",
-     "answer": city}
+    {
+        "id": f"capital-{country.lower().replace(' ', '-')}",
+        "question": f"What is the capital of {country}?",
+        "answer": city,
+    }
     for country, city in [
-        ("France", "Paris"), ("Germany", "Berlin"), ("Spain", "Madrid"), ("Italy", "Rome"),
-        ("Japan", "Tokyo"), ("United Kingdom", "London"), ("Portugal", "Lisbon"), ("Austria", "Vienna"),
-        ("Norway", "Oslo"), ("Greece", "Athens"), ("Egypt", "Cairo"), ("Peru", "Lima"),
+        ("France", "Paris"),
+        ("Germany", "Berlin"),
+        ("Spain", "Madrid"),
+        ("Italy", "Rome"),
+        ("Japan", "Tokyo"),
+        ("United Kingdom", "London"),
+        ("Portugal", "Lisbon"),
+        ("Austria", "Vienna"),
+        ("Norway", "Oslo"),
+        ("Greece", "Athens"),
+        ("Egypt", "Cairo"),
+        ("Peru", "Lima"),
     ]
 ]
 TRAIN_TASKS, VAL_TASKS = TASKS[:8], TASKS[8:]
@@ -79,11 +91,16 @@ def served_model(base_url: str, api_key: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--base-url", default="http://127.0.0.1:8000/v1", help="OpenAI-compatible server")
     parser.add_argument("--api-key", default="lightspan", help="API key for that server")
-    parser.add_argument("--model", help="served model name (default: the server's first model); "
-                                        "with --train, the Hugging Face model folder to train")
+    parser.add_argument(
+        "--model",
+        help="served model name (default: the server's first model); "
+        "with --train, the Hugging Face model folder to train",
+    )
     parser.add_argument("--collector", default="http://127.0.0.1:4317", help="OTLP/gRPC endpoint")
     parser.add_argument("--train", action="store_true", help="train with lightspan.Trainer(...).fit")
     parser.add_argument("--iterations", type=int, default=2, help="--train: training iterations")
@@ -95,16 +112,25 @@ def main(argv: list[str] | None = None) -> int:
     if args.train:
         if not args.model:
             parser.error("--train needs --model DIR (a Hugging Face causal LM folder)")
-        trainer = lightspan.Trainer(model=args.model, algorithm=lightspan.GRPO(lr=1e-5), n_runners=args.runners,
-                                    group_size=args.group_size, iterations=args.iterations, workdir=args.workdir)
+        trainer = lightspan.Trainer(
+            model=args.model,
+            algorithm=lightspan.GRPO(lr=1e-5),
+            n_runners=args.runners,
+            group_size=args.group_size,
+            iterations=args.iterations,
+            workdir=args.workdir,
+        )
         result = trainer.fit(capital_agent, TRAIN_TASKS, VAL_TASKS)
         print(f"trained {result.resources_id}: {result.checkpoint}")
         return 0
 
     # request_token_ids: lightspan serve and vLLM return the exact token ids the trainer needs.
     lightspan.instrument(service_name=SERVICE, endpoint=args.collector, request_token_ids=True)
-    llm = LLM(base_url=args.base_url, model=args.model or served_model(args.base_url, args.api_key),
-              api_key=args.api_key)
+    llm = LLM(
+        base_url=args.base_url,
+        model=args.model or served_model(args.base_url, args.api_key),
+        api_key=args.api_key,
+    )
     rewards = []
     for task in TASKS:
         try:

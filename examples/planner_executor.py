@@ -44,20 +44,21 @@ TRAINED_AGENTS = ["planner"]
 PLANNER = "Break the problem into short numbered steps. Do not compute the final answer."
 EXECUTOR = "Carry out the plan step by step for the problem. End with a line 'Answer: N' where N is a number."
 
+_PROBLEMS = [
+    ("Tom has 3 boxes of 12 apples and gives away 5 apples. How many apples are left?", 31),
+    ("A train goes 60 km/h for 3 hours, then 40 km/h for 2 hours. How many km does it travel?", 260),
+    ("Mia buys 4 notebooks at 3 euros each and pays with 20 euros. How much change does she get?", 8),
+    ("28 pupils form teams of 4 and each team gets 2 balls. How many balls are needed?", 14),
+    ("A 500 litre tank loses 15 litres a day. How many litres are left after 12 days?", 320),
+    ("Sam reads 25 pages a day and has read 160 of 410 pages. How many more days does he need?", 10),
+    ("A baker makes 9 trays of 16 rolls and sells all but 23. How many rolls does he sell?", 121),
+    ("3 friends split a 96 euro bill equally and each adds a 4 euro tip. What does each pay?", 36),
+    ("A garden is 14 m by 9 m and fencing costs 5 euros a metre. What does fencing it cost?", 230),
+    ("Lena saves 15 euros a week for 8 weeks, then spends 47. How many euros are left?", 73),
+]
 TASKS = [
     {"id": f"plan-{i}", "question": question, "answer": answer}
-    for i, (question, answer) in enumerate([
-        ("Tom has 3 boxes of 12 apples and gives away 5 apples. How many apples does he have left?", 31),
-        ("A train travels 60 km per hour for 3 hours, then 40 km per hour for 2 hours. How far does it go?", 260),
-        ("Mia buys 4 notebooks at 3 euros each and pays with a 20 euro note. How much change does she get?", 8),
-        ("A class of 28 pupils splits into teams of 4. Each team gets 2 balls. How many balls are needed?", 14),
-        ("A tank holds 500 litres and loses 15 litres a day. How much is left after 12 days?", 320),
-        ("Sam reads 25 pages a day. His book has 410 pages and he has read 160. How many days does he need?", 10),
-        ("A baker makes 9 trays of 16 rolls and sells all but 23. How many rolls does he sell?", 121),
-        ("Three friends share a 96 euro bill equally and each adds a 4 euro tip. How much does each pay?", 36),
-        ("A garden is 14 m long and 9 m wide. Fencing costs 5 euros per metre. What does fencing it cost?", 230),
-        ("Lena saves 15 euros a week for 8 weeks, then spends 47 euros. How much does she have left?", 73),
-    ])
+    for i, (question, answer) in enumerate(_PROBLEMS)
 ]
 TRAIN_TASKS, VAL_TASKS = TASKS[:7], TASKS[7:]
 
@@ -71,6 +72,7 @@ def final_answer(text: str) -> float | None:
 
 
 def chat(client: openai.OpenAI, llm: LLM, system: str, user: str) -> str:
+    """One chat call; both agents use it, so they differ only in their instructions."""
     reply = client.chat.completions.create(
         model=llm.model,
         messages=[{"role": "system", "content": system}, {"role": "user", "content": user}],
@@ -100,13 +102,20 @@ def served_model(base_url: str, api_key: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--base-url", default="http://127.0.0.1:8000/v1", help="OpenAI-compatible server")
     parser.add_argument("--api-key", default="lightspan", help="API key for that server")
-    parser.add_argument("--model", help="served model name (default: the server's first model); "
-                                        "with --train, the Hugging Face model folder to train")
+    parser.add_argument(
+        "--model",
+        help="served model name (default: the server's first model); "
+        "with --train, the Hugging Face model folder to train",
+    )
     parser.add_argument("--collector", default="http://127.0.0.1:4317", help="OTLP/gRPC endpoint")
-    parser.add_argument("--train", action="store_true", help="train the planner with lightspan.Trainer(...).fit")
+    parser.add_argument(
+        "--train", action="store_true", help="train the planner with lightspan.Trainer(...).fit"
+    )
     parser.add_argument("--iterations", type=int, default=2, help="--train: training iterations")
     parser.add_argument("--group-size", type=int, default=4, help="--train: rollouts per task (GRPO group)")
     parser.add_argument("--runners", type=int, default=2, help="--train: runner processes")
@@ -116,17 +125,26 @@ def main(argv: list[str] | None = None) -> int:
     if args.train:
         if not args.model:
             parser.error("--train needs --model DIR (a Hugging Face causal LM folder)")
-        trainer = lightspan.Trainer(model=args.model, algorithm=lightspan.GRPO(lr=1e-5), n_runners=args.runners,
-                                    group_size=args.group_size, iterations=args.iterations, workdir=args.workdir,
-                                    trainer_config={"selection": {"agents": TRAINED_AGENTS}})
+        trainer = lightspan.Trainer(
+            model=args.model,
+            algorithm=lightspan.GRPO(lr=1e-5),
+            n_runners=args.runners,
+            group_size=args.group_size,
+            iterations=args.iterations,
+            workdir=args.workdir,
+            trainer_config={"selection": {"agents": TRAINED_AGENTS}},
+        )
         result = trainer.fit(planner_executor_agent, TRAIN_TASKS, VAL_TASKS)
         print(f"trained {result.resources_id}: {result.checkpoint}")
         return 0
 
     # request_token_ids: lightspan serve and vLLM return the exact token ids the trainer needs.
     lightspan.instrument(service_name=SERVICE, endpoint=args.collector, request_token_ids=True)
-    llm = LLM(base_url=args.base_url, model=args.model or served_model(args.base_url, args.api_key),
-              api_key=args.api_key)
+    llm = LLM(
+        base_url=args.base_url,
+        model=args.model or served_model(args.base_url, args.api_key),
+        api_key=args.api_key,
+    )
     rewards = []
     for task in TASKS:
         try:

@@ -72,27 +72,50 @@ INSERT INTO projects VALUES (1, 'Compiler', 1, 500000), (2, 'Search', 1, 250000)
                             (4, 'Expansion', 2, 150000);"""
 
 TASKS = [
-    {"id": "sql-engineering-names", "question": "List the names of the employees in the Engineering department.",
-     "gold": "SELECT e.name FROM employees e JOIN departments d ON d.id = e.department_id "
-             "WHERE d.name = 'Engineering'"},
-    {"id": "sql-count-employees", "question": "How many employees are there?",
-     "gold": "SELECT COUNT(*) FROM employees"},
-    {"id": "sql-top-salary", "question": "Who earns the highest salary? Return only the name.",
-     "gold": "SELECT name FROM employees ORDER BY salary DESC LIMIT 1"},
-    {"id": "sql-oslo-budget", "question": "What is the total budget of the projects of departments in Oslo?",
-     "gold": "SELECT SUM(p.budget) FROM projects p JOIN departments d ON d.id = p.department_id "
-             "WHERE d.city = 'Oslo'"},
-    {"id": "sql-hired-since-2021", "question": "Which employees were hired in 2021 or later? Return their names.",
-     "gold": "SELECT name FROM employees WHERE hired >= '2021-01-01'"},
-    {"id": "sql-no-projects", "question": "Which departments have no projects? Return their names.",
-     "gold": "SELECT name FROM departments WHERE id NOT IN (SELECT department_id FROM projects)"},
-    {"id": "sql-average-salary",
-     "question": "What is the average salary in each department? Return the department name and the average.",
-     "gold": "SELECT d.name, AVG(e.salary) FROM employees e JOIN departments d ON d.id = e.department_id "
-             "GROUP BY d.name"},
-    {"id": "sql-paris-headcount", "question": "How many employees work in departments located in Paris?",
-     "gold": "SELECT COUNT(*) FROM employees e JOIN departments d ON d.id = e.department_id "
-             "WHERE d.city = 'Paris'"},
+    {
+        "id": "sql-engineering-names",
+        "question": "List the names of the employees in the Engineering department.",
+        "gold": "SELECT e.name FROM employees e JOIN departments d ON d.id = e.department_id "
+        "WHERE d.name = 'Engineering'",
+    },
+    {
+        "id": "sql-count-employees",
+        "question": "How many employees are there?",
+        "gold": "SELECT COUNT(*) FROM employees",
+    },
+    {
+        "id": "sql-top-salary",
+        "question": "Who earns the highest salary? Return only the name.",
+        "gold": "SELECT name FROM employees ORDER BY salary DESC LIMIT 1",
+    },
+    {
+        "id": "sql-oslo-budget",
+        "question": "What is the total budget of the projects of departments in Oslo?",
+        "gold": "SELECT SUM(p.budget) FROM projects p JOIN departments d ON d.id = p.department_id "
+        "WHERE d.city = 'Oslo'",
+    },
+    {
+        "id": "sql-hired-since-2021",
+        "question": "Which employees were hired in 2021 or later? Return their names.",
+        "gold": "SELECT name FROM employees WHERE hired >= '2021-01-01'",
+    },
+    {
+        "id": "sql-no-projects",
+        "question": "Which departments have no projects? Return their names.",
+        "gold": "SELECT name FROM departments WHERE id NOT IN (SELECT department_id FROM projects)",
+    },
+    {
+        "id": "sql-average-salary",
+        "question": "What is the average salary of each department? Return its name and the average.",
+        "gold": "SELECT d.name, AVG(e.salary) FROM employees e JOIN departments d ON d.id = e.department_id "
+        "GROUP BY d.name",
+    },
+    {
+        "id": "sql-paris-headcount",
+        "question": "How many employees work in departments located in Paris?",
+        "gold": "SELECT COUNT(*) FROM employees e JOIN departments d ON d.id = e.department_id "
+        "WHERE d.city = 'Paris'",
+    },
 ]
 TRAIN_TASKS, VAL_TASKS = TASKS[:6], TASKS[6:]
 
@@ -111,7 +134,9 @@ def build_database() -> sqlite3.Connection:
 def describe(db: sqlite3.Connection) -> str:
     """The schema for the prompt, one `table(column TYPE, ...)` line per table: the DDL costs
     several times the tokens, and small models have short contexts."""
-    tables = [name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY rowid")]
+    tables = [
+        name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY rowid")
+    ]
     return "\n".join(
         f"{table}({', '.join(f'{col[1]} {col[2]}' for col in db.execute(f'PRAGMA table_info({table})'))})"
         for table in tables
@@ -144,19 +169,26 @@ def same_rows(rows: list[tuple[Any, ...]], expected: list[tuple[Any, ...]]) -> b
 @lightspan.rollout
 def sql_agent(task: dict, llm: LLM) -> float:
     """Write a query, run it, feed errors back; the returned reward is the final reward."""
-    chat = ChatOpenAI(model=llm.model, base_url=llm.base_url, api_key=llm.api_key, temperature=1.0, max_tokens=128)
+    chat = ChatOpenAI(
+        model=llm.model, base_url=llm.base_url, api_key=llm.api_key, temperature=1.0, max_tokens=128
+    )
     db = build_database()
     try:
         expected = run_query(db, task["gold"])
-        messages: list[BaseMessage] = [SystemMessage(SYSTEM.format(schema=describe(db))),
-                                       HumanMessage(task["question"])]
+        messages: list[BaseMessage] = [
+            SystemMessage(SYSTEM.format(schema=describe(db))),
+            HumanMessage(task["question"]),
+        ]
         for _ in range(MAX_ATTEMPTS):
             reply = chat.invoke(messages)
             try:
                 rows = run_query(db, extract_sql(reply.text))
             except sqlite3.Error as error:
                 lightspan.emit_reward(FAILED_ATTEMPT_REWARD, name="sql_error", error=str(error))
-                messages += [reply, HumanMessage(f"The query failed: {error}\nReply with a corrected query only.")]
+                messages += [
+                    reply,
+                    HumanMessage(f"The query failed: {error}\nReply with a corrected query only."),
+                ]
                 continue
             return 1.0 if same_rows(rows, expected) else 0.0
         return 0.0
@@ -173,11 +205,16 @@ def served_model(base_url: str, api_key: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--base-url", default="http://127.0.0.1:8000/v1", help="OpenAI-compatible server")
     parser.add_argument("--api-key", default="lightspan", help="API key for that server")
-    parser.add_argument("--model", help="served model name (default: the server's first model); "
-                                        "with --train, the Hugging Face model folder to train")
+    parser.add_argument(
+        "--model",
+        help="served model name (default: the server's first model); "
+        "with --train, the Hugging Face model folder to train",
+    )
     parser.add_argument("--collector", default="http://127.0.0.1:4317", help="OTLP/gRPC endpoint")
     parser.add_argument("--train", action="store_true", help="train with lightspan.Trainer(...).fit")
     parser.add_argument("--iterations", type=int, default=2, help="--train: training iterations")
@@ -189,17 +226,25 @@ def main(argv: list[str] | None = None) -> int:
     if args.train:
         if not args.model:
             parser.error("--train needs --model DIR (a Hugging Face causal LM folder)")
-        trainer = lightspan.Trainer(model=args.model, algorithm=lightspan.GRPO(lr=1e-5, credit="step"),
-                                    n_runners=args.runners, group_size=args.group_size,
-                                    iterations=args.iterations, workdir=args.workdir)
+        trainer = lightspan.Trainer(
+            model=args.model,
+            algorithm=lightspan.GRPO(lr=1e-5, credit="step"),
+            n_runners=args.runners,
+            group_size=args.group_size,
+            iterations=args.iterations,
+            workdir=args.workdir,
+        )
         result = trainer.fit(sql_agent, TRAIN_TASKS, VAL_TASKS)
         print(f"trained {result.resources_id}: {result.checkpoint}")
         return 0
 
     # request_token_ids: lightspan serve and vLLM return the exact token ids the trainer needs.
     lightspan.instrument(service_name=SERVICE, endpoint=args.collector, request_token_ids=True)
-    llm = LLM(base_url=args.base_url, model=args.model or served_model(args.base_url, args.api_key),
-              api_key=args.api_key)
+    llm = LLM(
+        base_url=args.base_url,
+        model=args.model or served_model(args.base_url, args.api_key),
+        api_key=args.api_key,
+    )
     rewards = []
     for task in TASKS:
         try:

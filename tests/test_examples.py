@@ -28,8 +28,10 @@ EXAMPLES = TESTS.parent / "examples"
 sys.path[:0] = [str(TESTS), str(EXAMPLES)]
 
 BROKEN_SQL = "SELECT nme FROM employees WHERE department_id = 1"
-FIXED_SQL = ("```sql\nSELECT e.name FROM employees e JOIN departments d ON d.id = e.department_id\n"
-             "WHERE d.name = 'Engineering'\n```")
+FIXED_SQL = (
+    "```sql\nSELECT e.name FROM employees e JOIN departments d ON d.id = e.department_id\n"
+    "WHERE d.name = 'Engineering'\n```"
+)
 PLAN = "1. Multiply 3 by 12.\n2. Subtract 5."
 
 # name -> (example module, agent function, task index in the module's TASKS, the fake server's replies)
@@ -39,7 +41,12 @@ SCENARIOS: dict[str, tuple[str, str, int, list[str]]] = {
     "sql_self_corrects": ("sql_agent", "sql_agent", 0, [BROKEN_SQL, FIXED_SQL]),
     "sql_wrong_rows": ("sql_agent", "sql_agent", 0, ["SELECT name FROM employees"]),
     "sql_gives_up": ("sql_agent", "sql_agent", 0, ["DROP TABLE employees", "", "SELEC name"]),
-    "plan_right": ("planner_executor", "planner_executor_agent", 0, [PLAN, "3 * 12 = 36\n36 - 5 = 31\nAnswer: 31"]),
+    "plan_right": (
+        "planner_executor",
+        "planner_executor_agent",
+        0,
+        [PLAN, "3 * 12 = 36\n36 - 5 = 31\nAnswer: 31"],
+    ),
     "plan_wrong": ("planner_executor", "planner_executor_agent", 0, [PLAN, "3 * 12 = 36\nAnswer: 36"]),
 }
 
@@ -56,18 +63,24 @@ def _record(out: Path) -> None:
     from lightspan.types import LLM
 
     exporter = InMemorySpanExporter()
-    handle = lightspan.instrument(service_name="examples", exporter=exporter, frameworks=["openai", "langchain"],
-                                  request_token_ids=True)
+    handle = lightspan.instrument(
+        service_name="examples", exporter=exporter, frameworks=["openai", "langchain"], request_token_ids=True
+    )
     results: dict[str, Any] = {}
     for name, (module_name, agent_name, task_index, script) in SCENARIOS.items():
         module = importlib.import_module(module_name)
         with FakeOpenAI(script=list(script), default_reply="(the script ran out)") as fake:
             reward = getattr(module, agent_name)(module.TASKS[task_index], LLM(fake.base_url, "fake-model"))
         handle.force_flush()
-        spans = sorted((to_span(s) for s in exporter.get_finished_spans()), key=lambda s: (s.start_ns, s.span_id))
+        spans = sorted(
+            (to_span(s) for s in exporter.get_finished_spans()), key=lambda s: (s.start_ns, s.span_id)
+        )
         exporter.clear()
-        results[name] = {"reward": reward, "requests": fake.requests,
-                         "spans": [dataclasses.asdict(s) for s in spans]}
+        results[name] = {
+            "reward": reward,
+            "requests": fake.requests,
+            "spans": [dataclasses.asdict(s) for s in spans],
+        }
     out.write_text(json.dumps(results))
 
 
@@ -88,8 +101,15 @@ def recorded(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, An
 
 def _rewards(spans: list[Span]) -> list[tuple[str, float, bool]]:
     """(name, value, final) of every lightspan.reward span, in start order."""
-    return [(s.attr(semconv.REWARD_NAME), s.attr_float(semconv.REWARD_VALUE), s.attr(semconv.REWARD_FINAL) == "true")
-            for s in spans if s.name == semconv.REWARD_SPAN]
+    return [
+        (
+            s.attr(semconv.REWARD_NAME),
+            s.attr_float(semconv.REWARD_VALUE),
+            s.attr(semconv.REWARD_FINAL) == "true",
+        )
+        for s in spans
+        if s.name == semconv.REWARD_SPAN
+    ]
 
 
 def _one_rollout(spans: list[Span]) -> None:
@@ -146,7 +166,8 @@ def test_sql_agent_gives_up_after_max_attempts_and_never_writes(recorded):
     assert "readonly" in errors[0] and "no SQL query" in errors[1] and "syntax error" in errors[2]
     assert _rewards(result["spans"])[-1] == ("reward", 0.0, True)
     assert sum(r for _, r, final in _rewards(result["spans"]) if not final) == pytest.approx(
-        MAX_ATTEMPTS * FAILED_ATTEMPT_REWARD)
+        MAX_ATTEMPTS * FAILED_ATTEMPT_REWARD
+    )
 
 
 def test_sql_tasks_have_answers_and_result_sets_compare_as_multisets():
@@ -156,8 +177,9 @@ def test_sql_tasks_have_answers_and_result_sets_compare_as_multisets():
     try:
         for task in sql_agent.TASKS:
             assert sql_agent.run_query(db, task["gold"]), task["id"]
-        assert sql_agent.run_query(db, "SELECT name FROM departments WHERE id NOT IN "
-                                       "(SELECT department_id FROM projects)") == [("Legal",)]
+        assert sql_agent.run_query(
+            db, "SELECT name FROM departments WHERE id NOT IN (SELECT department_id FROM projects)"
+        ) == [("Legal",)]
     finally:
         db.close()
     assert sql_agent.same_rows([("a",), ("b",)], [("b",), ("a",)])
@@ -176,7 +198,9 @@ def test_planner_executor_spans_name_their_agent_and_only_the_planner_is_selecte
     _one_rollout(spans)
     llm_spans = [s for s in spans if s.attr(semconv.GEN_AI_OPERATION_NAME) == "chat"]
     assert [s.attr(semconv.AGENT_NAME) for s in llm_spans] == ["planner", "executor"]
-    assert result["requests"][1]["messages"][-1]["content"].endswith(f"Plan:\n{PLAN}")  # the executor got the plan
+    assert result["requests"][1]["messages"][-1]["content"].endswith(
+        f"Plan:\n{PLAN}"
+    )  # the executor got the plan
 
     everyone = from_spans(spans)
     assert [c.agent_name for c in everyone] == ["planner", "executor"]
@@ -186,8 +210,13 @@ def test_planner_executor_spans_name_their_agent_and_only_the_planner_is_selecte
 
 
 def test_capital_cities_help_exits_zero():
-    done = subprocess.run([sys.executable, str(EXAMPLES / "capital_cities.py"), "--help"],
-                          check=False, capture_output=True, text=True, timeout=60)
+    done = subprocess.run(
+        [sys.executable, str(EXAMPLES / "capital_cities.py"), "--help"],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert done.returncode == 0, done.stderr
     assert "--collector" in done.stdout and "lightspan serve" in done.stdout
 
