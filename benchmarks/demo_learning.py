@@ -18,14 +18,20 @@ publish and reload), which changes timing but not the numbers being learned.
     python benchmarks/demo_learning.py --set lr=1e-3 --set group_size=4
 
 Prints success per GRPO iteration (the mean reward of that iteration's rollouts, sampled at
-temperature 1 before its update), held-out validation success, and wall times per phase.
+temperature 1 before its update), the share of first turns that picked the right tool, held-out
+validation success, and wall times per phase; the ratio is last iteration / after warm-up.
+
+Measured with RECIPE on the shared 2-core machine, one torch thread (seeds 0-4): after warm-up
+0.203 / 0.175 / 0.186 / 0.159 / 0.181, after 30 iterations 0.856 / 0.938 / 0.953 / 0.916 /
+0.961 (first >= 0.8 at iterations 25 / 22 / 25 / 16 / 17); held-out tasks 0.11-0.16 -> 0.59-0.74.
+Wall time per seed: tiny model 2 s, 1000 scripted episodes 3-5 s, warm-up SFT (756 steps) 20-30 s,
+30 GRPO iterations 50-60 s (about 1.8 s each: 1280 sampled calls + 8 optimiser steps).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import math
 import os
 import random
 import shutil
@@ -91,19 +97,12 @@ def to_span(readable: Any) -> Any:
 
 
 # --- trainer pieces ----------------------------------------------------------------------------------
-def train_config(model: str, store: str, out: str, *, sft: bool, recipe: Recipe, batch: int) -> Any:
+def train_config(model: Path, store: str, out: Path, *, sft: bool, recipe: Recipe) -> Any:
+    """The recipe's trainer config, as the real loop would pass it to the trainer."""
     from lightspan.trainer.config import from_dict
 
-    return from_dict({
-        "store": store,
-        "model": {"path": model, "max_length": 256},
-        "algorithm": {"name": "sft" if sft else "grpo", "credit": "step", "group_by": "task",
-                      "kl_coef": 0.0 if sft else recipe.kl_coef, "clip_low": recipe.clip, "clip_high": recipe.clip,
-                      "aggregation": "token", "sft_min_return": -1.0},
-        "optim": {"lr": recipe.sft_lr if sft else recipe.lr, "grad_clip": 1.0},
-        "schedule": {"micro_batch_size": math.gcd(batch, 64), "global_batch_size": batch, "seed": recipe.seed},
-        "output": {"dir": out},
-    }).validate(1)
+    raw = recipe.train_config("sft" if sft else "grpo", model=str(model), store=store, output_dir=str(out))
+    return from_dict(raw).validate(1)
 
 
 def build_step(config: Any) -> Any:
@@ -205,7 +204,7 @@ def warm_up(recipe: Recipe, base: Path, store_url: str, work: Path, timings: dic
     scripted = demo_task.scripted_episodes(tokenizer, count=recipe.warmup_episodes, seed=recipe.seed,
                                            wrong_answer_rate=recipe.warmup_wrong_answer_rate)
     spans = [to_span(s) for s in exporter.get_finished_spans()]
-    sft_config = train_config(str(base), store_url, str(work / "sft"), sft=True, recipe=recipe, batch=recipe.sft_batch)
+    sft_config = train_config(base, store_url, work / "sft", sft=True, recipe=recipe)
     store = Store.connect(store_url)
     try:
         store.insert_spans(spans)
@@ -261,8 +260,8 @@ def run(recipe: Recipe, work: Path, reuse_warmup: Path | None = None, verbose: b
 
     # GRPO from the warm checkpoint.
     t0 = time.perf_counter()
-    batch = recipe.tasks_per_iteration * recipe.group_size * 2 // recipe.steps_per_iteration
-    step = build_step(train_config(str(warm), store_url, str(work / "grpo"), sft=False, recipe=recipe, batch=batch))
+    batch = recipe.grpo_batch
+    step = build_step(train_config(warm, store_url, work / "grpo", sft=False, recipe=recipe))
     view = policy_view(step, warm)
     rng = random.Random(recipe.seed)
     curve: list[float] = []

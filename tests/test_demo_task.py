@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 from lightspan.algorithms import prepare
 from lightspan.instrumentation import tokens
-from lightspan.instrumentation.context import add_stamping
+from lightspan.instrumentation.context import RolloutStampingProcessor
 from lightspan.trainer import demo_task
 from lightspan.trainer.demo_task import TOOLS, TRAIN_TASKS, VALIDATION_TASKS, run_tool, score
 from opentelemetry import trace
@@ -41,8 +41,10 @@ def spans() -> Any:
         trace.set_tracer_provider(TracerProvider())
         provider = trace.get_tracer_provider()
     assert isinstance(provider, TracerProvider)
-    add_stamping(provider)
     if provider not in _ATTACHED:
+        # Our own stamping processor, not `add_stamping`: other test modules attach their exporter
+        # only when they are first to stamp the shared provider. Stamping twice is idempotent.
+        provider.add_span_processor(RolloutStampingProcessor())
         provider.add_span_processor(SimpleSpanProcessor(_EXPORTER))
         _ATTACHED.append(provider)
     tokens.install(request_token_ids=False, capture_content=True)
@@ -246,3 +248,26 @@ def test_request_seeds_follow_the_rollout_id() -> None:
     assert seeds("r1") != seeds("r2")  # samples of one group never share a seed
     assert len(set(seeds("r1"))) == 2  # nor do the two turns
     assert demo_task._seed(1) is None  # outside a rollout the server picks
+
+
+@pytest.mark.parametrize("phase", ["sft", "grpo"])
+def test_recipe_gives_valid_trainer_configs(phase: str, tmp_path: Path) -> None:
+    from lightspan.trainer.config import from_dict
+
+    recipe = demo_task.RECIPE
+    config = from_dict(recipe.train_config(phase, model=str(tmp_path / "m"), store=f"chdb://{tmp_path / 's'}",
+                                           output_dir=str(tmp_path / "out"))).validate(1)
+    assert config.algorithm.name == phase
+    if phase == "grpo":
+        per_iteration = recipe.tasks_per_iteration * recipe.group_size * 2
+        assert config.schedule.global_batch_size * recipe.steps_per_iteration == per_iteration
+        assert config.selection.min_group_size == recipe.group_size
+        assert config.optim.lr == recipe.lr
+    else:
+        assert config.algorithm.sft_min_return < 0  # unrewarded scripted episodes are cloned too
+        assert config.schedule.epochs == recipe.sft_epochs
+
+
+def test_recipe_rejects_unknown_phases() -> None:
+    with pytest.raises(InvalidInput, match="phase"):
+        demo_task.RECIPE.train_config("ppo", model="m", store="chdb://x", output_dir="o")
