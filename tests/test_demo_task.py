@@ -183,6 +183,7 @@ def test_scripted_episodes_land_as_rollout_spans_with_exact_token_ids(spans: Any
                    key=lambda s: int(s.attributes[semconv.ATTEMPT]))
     assert [s.attributes[semconv.TASK_ID] for s in roots] == [e.task["id"] for e in plan]
     assert [s.attributes[semconv.ATTEMPT] for s in roots] == [str(i) for i in range(6)]
+    assert {s.attributes[semconv.RESOURCES_ID] for s in roots} == {demo_task.SCRIPTED_RESOURCES_ID}
     for group in rollouts.values():
         names = Counter(s.name for s in group)
         assert names[semconv.ROLLOUT_SPAN] == 1 and names[semconv.OBSERVATION_SPAN] == 1
@@ -265,6 +266,7 @@ def test_recipe_gives_valid_trainer_configs(phase: str, tmp_path: Path) -> None:
         assert config.optim.lr == recipe.lr
     else:
         assert config.algorithm.sft_min_return < 0  # unrewarded scripted episodes are cloned too
+        assert config.selection.resources_id == demo_task.SCRIPTED_RESOURCES_ID
         assert config.schedule.epochs == recipe.sft_epochs
 
 

@@ -212,6 +212,9 @@ def demo_agent(task: Task, llm: Any) -> float:
 
 
 # --- scripted warm-up episodes ----------------------------------------------------------------------
+SCRIPTED_RESOURCES_ID = "scripted"  # lightspan.resources.id of the warm-up's rollouts
+
+
 @dataclass(frozen=True)
 class ScriptedEpisode:
     """What the scripted policy says in one episode, decided before it runs."""
@@ -281,12 +284,15 @@ def _scripted_agent(task: Task, client: Any) -> float:
 
 
 def scripted_episodes(tokenizer: Any, tasks: Sequence[Task] = TRAIN_TASKS, *, count: int | None = None,
-                      seed: int | None = None, wrong_answer_rate: float | None = None) -> list[float]:
+                      seed: int | None = None, wrong_answer_rate: float | None = None,
+                      resources_id: str = SCRIPTED_RESOURCES_ID) -> list[float]:
     """Run the warm-up episodes through the OpenAI SDK and Lightspan's tracing; returns rewards.
 
     Call after `lightspan.instrument()` (or with any SDK provider and Lightspan's token hook), so
-    the spans reach the collector: each episode is one rollout of its task, attempt = its index.
-    `tokenizer` is the tiny model's (its ids go on the spans). Defaults come from `RECIPE`.
+    the spans reach the collector: each episode is one rollout of its task, attempt = its index,
+    marked with `resources_id` so the warm-up run selects exactly these rollouts and GRPO (which
+    selects the serving version's) never does. `tokenizer` is the tiny model's (its ids go on the
+    spans). Defaults come from `RECIPE`.
     """
     import httpx
     import openai
@@ -302,7 +308,8 @@ def scripted_episodes(tokenizer: Any, tasks: Sequence[Task] = TRAIN_TASKS, *, co
                        max_retries=0) as client:
         for attempt, episode in enumerate(plan):
             transport.replies = [episode.tool, episode.answer]
-            rewards.append(lightspan.rollout(attempt=attempt)(_scripted_agent)(episode.task, client))
+            episode_fn = lightspan.rollout(attempt=attempt, resources_id=resources_id)(_scripted_agent)
+            rewards.append(episode_fn(episode.task, client))
     return rewards
 
 
@@ -358,7 +365,8 @@ class Recipe:
         return {
             "store": store,
             "model": {"path": model, "max_length": 256},
-            "selection": {"min_group_size": 1 if sft else self.group_size},
+            "selection": {"min_group_size": 1, "resources_id": SCRIPTED_RESOURCES_ID} if sft
+            else {"min_group_size": self.group_size},
             "algorithm": {
                 "name": phase, "reference": None if sft else model,  # KL to the warm-up, not the latest "credit": "step", "group_by": "task", "scale": "group",
                 "kl_coef": 0.0 if sft else self.kl_coef, "clip_low": self.clip, "clip_high": self.clip,
