@@ -264,6 +264,9 @@ def test_recipe_gives_valid_trainer_configs(phase: str, tmp_path: Path) -> None:
         assert config.schedule.global_batch_size * recipe.steps_per_iteration == per_iteration
         assert config.selection.min_group_size == recipe.group_size
         assert config.optim.lr == recipe.lr
+        assert config.follow.min_groups == recipe.tasks_per_iteration and config.follow.max_staleness == 0
+        assert config.follow.steps_per_iteration == recipe.steps_per_iteration
+        assert config.algorithm.reference == str(tmp_path / "m")  # KL to the warm-up checkpoint
     else:
         assert config.algorithm.sft_min_return < 0  # unrewarded scripted episodes are cloned too
         assert config.selection.resources_id == demo_task.SCRIPTED_RESOURCES_ID

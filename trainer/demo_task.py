@@ -362,7 +362,7 @@ class Recipe:
             raise InvalidInput(f"phase must be 'sft' or 'grpo', got {phase!r}")
         sft = phase == "sft"
         batch = self.sft_batch if sft else self.grpo_batch
-        return {
+        config: dict[str, Any] = {
             "store": store,
             "model": {"path": model, "max_length": 256},
             "selection": {"min_group_size": 1, "resources_id": SCRIPTED_RESOURCES_ID} if sft
@@ -378,6 +378,10 @@ class Recipe:
                          "epochs": self.sft_epochs if sft else 1, "seed": self.seed},
             "output": {"dir": output_dir, "resource_name": "policy"},
         }
+        if not sft:  # the closed loop's follow mode: one iteration = every task's complete group
+            config["follow"] = {"min_groups": self.tasks_per_iteration, "max_staleness": 0,
+                                "steps_per_iteration": self.steps_per_iteration, "iterations": self.iterations}
+        return config
 
 
 RECIPE = Recipe()
