@@ -33,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from fake_openai import FakeOpenAI, ToolCall, logprob_of, prompt_text, tokenize
 
 _EXPORTER = InMemorySpanExporter()
+_EXPORTING_TO: set[int] = set()  # providers our exporter is attached to
 
 
 def _global_provider() -> TracerProvider:
@@ -41,8 +42,10 @@ def _global_provider() -> TracerProvider:
         trace.set_tracer_provider(TracerProvider())
         provider = trace.get_tracer_provider()
     assert isinstance(provider, TracerProvider), "another test installed a non-SDK global provider"
-    if add_stamping(provider) is not None:
+    add_stamping(provider)  # a no-op when another test in this process already added it
+    if id(provider) not in _EXPORTING_TO:
         provider.add_span_processor(SimpleSpanProcessor(_EXPORTER))
+        _EXPORTING_TO.add(id(provider))
     return provider
 
 

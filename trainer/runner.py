@@ -25,6 +25,7 @@ from multiprocessing.connection import Connection, wait
 from typing import Any
 
 from lightspan import semconv
+from lightspan.errors import LightspanError
 from lightspan.types import LLM
 
 Agent = Callable[[Any, LLM], Any]
@@ -87,6 +88,7 @@ def _runner_main(conn: Connection, agent: Agent, endpoint: str, service: str, ll
     handle = lightspan.instrument(service_name=service, endpoint=endpoint, protocol="grpc",
                                   request_token_ids=True)
     emits_own_reward = getattr(agent, "__lightspan_rollout__", False)
+    conn.send("ready")  # rollout timeouts start counting only from here
     while True:
         job = conn.recv()
         if job is None:
@@ -114,8 +116,9 @@ class _Runner:
         self.process = ctx.Process(target=_runner_main, args=(child, *args), daemon=True)
         self.process.start()
         child.close()
+        self.ready = False
         self.job: Job | None = None
-        self.started = 0.0
+        self.started = time.monotonic()  # of the process until ready, then of the current job
 
     def send(self, job: Job) -> None:
         self.job, self.started = job, time.monotonic()
@@ -143,6 +146,8 @@ class RunnerPool:
     so they reach the store as failed rollouts.
     """
 
+    STARTUP_TIMEOUT = 300.0  # seconds for a runner to import the agent and set up tracing
+
     def __init__(self, agent: Agent, *, size: int, endpoint: str, service: str, llm: LLM,
                  timeout: float, max_retries: int, record_failure: Callable[[Job, str], None]):
         self._ctx = multiprocessing.get_context("spawn")
@@ -152,31 +157,37 @@ class RunnerPool:
 
     def run(self, jobs: Iterable[Job]) -> Iterator[Outcome]:
         pending = deque(jobs)
-        busy: dict[Connection, _Runner] = {}
-        while pending or busy:
+        while pending or any(r.job is not None for r in self._runners):
             for runner in self._runners:
-                if runner.job is None and pending:
+                if runner.ready and runner.job is None and pending:
                     runner.send(pending.popleft())
-                    busy[runner.conn] = runner
-            now = time.monotonic()
-            next_deadline = min(r.started + self.timeout for r in busy.values())
-            for conn in wait(list(busy), timeout=max(0.0, next_deadline - now)):
-                runner = busy.pop(conn)
-                job, runner.job = runner.job, None
+            watched = {r.conn: r for r in self._runners if r.job is not None or not r.ready}
+            deadline = min(r.started + (self.timeout if r.ready else self.STARTUP_TIMEOUT) for r in watched.values())
+            for conn in wait(list(watched), timeout=max(0.0, deadline - time.monotonic())):
+                runner = watched[conn]
                 try:
-                    reward, error = conn.recv()
+                    message = conn.recv()
                 except (EOFError, OSError):
-                    yield from self._replace(runner, job, "the runner process died", pending)
+                    if runner.job is None:
+                        raise LightspanError(f"a runner process exited while starting (exit code "
+                                             f"{runner.process.exitcode}); is the agent importable?") from None
+                    yield from self._replace(runner, "the runner process died", pending)
                     continue
-                yield Outcome(job, reward, error)
-            for conn, runner in list(busy.items()):
-                if time.monotonic() - runner.started > self.timeout:
-                    del busy[conn]
-                    job, runner.job = runner.job, None
-                    yield from self._replace(runner, job, f"timed out after {self.timeout:g} s", pending)
+                if not runner.ready:
+                    runner.ready, runner.started = True, time.monotonic()
+                    continue
+                job, runner.job = runner.job, None
+                yield Outcome(job, *message)
+            for runner in list(self._runners):
+                if runner.job is not None and time.monotonic() - runner.started > self.timeout:
+                    yield from self._replace(runner, f"timed out after {self.timeout:g} s", pending)
+                elif not runner.ready and time.monotonic() - runner.started > self.STARTUP_TIMEOUT:
+                    raise LightspanError(f"a runner process did not start within {self.STARTUP_TIMEOUT:g} s")
 
-    def _replace(self, runner: _Runner, job: Job, reason: str, pending: deque) -> Iterator[Outcome]:
+    def _replace(self, runner: _Runner, reason: str, pending: deque) -> Iterator[Outcome]:
         """Record the failure, swap in a fresh runner, retry the job while retries remain."""
+        job = runner.job
+        assert job is not None
         runner.kill()
         self._runners[self._runners.index(runner)] = _Runner(self._ctx, self._args)
         self.record_failure(job, reason)
