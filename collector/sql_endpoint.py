@@ -17,6 +17,8 @@ so a `SET` lasts one request.
 from __future__ import annotations
 
 import base64
+import email.parser
+import email.policy
 import hmac
 import json
 import os
@@ -140,6 +142,23 @@ def _decompress(body: bytes, encoding: str) -> bytes:
     raise ClickHouseError(271, f"Unknown Content-Encoding {encoding!r}", "CANNOT_DECOMPRESS")
 
 
+def _form_fields(content_type: str, body: bytes) -> dict[str, str]:
+    """The fields of a multipart/form-data body: clients send `query` and `param_*` this way
+    when the parameters would make the URL too long (clickhouse-connect does, past a few KiB)."""
+    message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(
+        f"Content-Type: {content_type}\r\n\r\n".encode() + body)
+    if not message.is_multipart():
+        raise ClickHouseError(62, "malformed multipart/form-data body", "SYNTAX_ERROR")
+    fields = {}
+    for part in message.iter_parts():
+        name = part.get_param("name", header="content-disposition")
+        if part.get_filename() is not None:
+            raise ClickHouseError(48, "external data (file parts) is not supported here", "NOT_IMPLEMENTED")
+        if name:
+            fields[name] = part.get_payload(decode=True).decode("utf-8")
+    return fields
+
+
 def _quote(text: str) -> str:
     return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
@@ -193,6 +212,9 @@ class SQLHandler(Handler):
                         48, "ClickHouse-native request compression (decompress=1) is not supported here; "
                         "use Content-Encoding", "NOT_IMPLEMENTED")
                 body = _decompress(body, self.headers.get("Content-Encoding", ""))
+                if self.headers.get("Content-Type", "").startswith("multipart/form-data"):
+                    params.update(_form_fields(self.headers["Content-Type"], body))
+                    body = b""
             self._execute(params, body, readonly=not post, query_id=query_id)
         except ClickHouseError as error:
             self._error(error, query_id=query_id)

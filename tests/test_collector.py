@@ -235,6 +235,16 @@ def test_sql_endpoint_with_clickhouse_connect(collector: Collector):
         assert remote.sql("SELECT count() FROM otel_traces").scalar() == 0
 
 
+def test_sql_endpoint_takes_large_parameters_as_form_fields(collector: Collector):
+    # Past a few KiB of parameters clickhouse-connect sends query and params as multipart/form-data.
+    ids = [f"rollout-{i:05d}-{'x' * 40}" for i in range(800)]
+    client = _sql(collector)
+    assert client.query("SELECT length({ids:Array(String)}), {s:String} = repeat('y', 30000)",
+                        parameters={"ids": ids, "s": "y" * 30000}).result_rows == [(800, True)]
+    with Store.connect(collector.sql_url) as remote:
+        assert remote.span_trees(ids) == {}
+
+
 def test_sql_endpoint_plain_http(collector: Collector):
     base = f"http://127.0.0.1:{collector.sql_port}"
     assert urllib.request.urlopen(f"{base}/ping").read() == b"Ok.\n"
