@@ -25,7 +25,7 @@ def test_two_iterations_land_spans_publish_reload_and_validate(tmp_path, tiny):
     tasks = [{"id": f"t{i}", "question": f"Say something about {word}."}
              for i, word in enumerate(["cats", "rain", "maps", "tea", "owls", "snow"])]
     trainer = Trainer(model=tiny, algorithm=GRPO(lr=1e-3, micro_batch_size=4, global_batch_size=8),
-                      n_runners=2, group_size=2, tasks_per_iteration=4, iterations=2,
+                      n_runners=2, runner_concurrency=2, group_size=2, tasks_per_iteration=4, iterations=2,
                       workdir=tmp_path / "fit", rollout_timeout=120, progress=False)
     seen = []
     result = trainer.fit(short_answer_agent, tasks[:4], val_dataset=tasks[4:], on_iteration=seen.append)

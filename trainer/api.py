@@ -108,6 +108,7 @@ class Trainer:
         algorithm: GRPO | SFT | None = None,
         *,
         n_runners: int = 4,
+        runner_concurrency: int = 1,
         group_size: int = 8,
         tasks_per_iteration: int | None = None,
         iterations: int = 3,
@@ -119,20 +120,22 @@ class Trainer:
         num_gpus: int | None = None,
         trainer_config: Mapping[str, Any] | None = None,
         seed: int = 0,
+        run: str | None = None,
         progress: bool = True,
     ):
-        if n_runners < 1 or group_size < 1 or iterations < 1 or max_retries < 0 or rollout_timeout <= 0:
+        if runner_concurrency < 1 or n_runners < 1 or group_size < 1 or iterations < 1 or max_retries < 0 or rollout_timeout <= 0:
             raise InvalidInput("n_runners, group_size and iterations must be >= 1, max_retries >= 0, "
                                "rollout_timeout > 0")
         self.model = Path(model)
         self.algorithm = algorithm or GRPO()
-        self.n_runners, self.group_size, self.iterations = n_runners, group_size, iterations
+        self.n_runners, self.runner_concurrency = n_runners, runner_concurrency
+        self.group_size, self.iterations = group_size, iterations
         self.tasks_per_iteration = tasks_per_iteration
         self.store, self.resource, self.workdir = store, resource, Path(workdir)
         self.rollout_timeout, self.max_retries, self.num_gpus = rollout_timeout, max_retries, num_gpus
         self.extra_config = dict(trainer_config or {})
         self.seed, self.progress = seed, progress
-        self.run = f"{resource}-fit-{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}"
+        self.run = run or f"{resource}-fit-{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}"
 
     # --- the loop -----------------------------------------------------------------------------
     def fit(self, agent: Callable[[Any, LLM], Any], train_dataset: Iterable[Any],
@@ -143,7 +146,7 @@ class Trainer:
         if not train:
             raise InvalidInput("fit needs at least one training task")
         with ClosedLoop(workdir=self.workdir, store_url=self.store, resource=self.resource) as loop:
-            return self._fit(loop, agent, train, val, on_iteration)
+            return self.run_loop(loop, agent, train, val, on_iteration)
 
     def trainer_config(self, tasks_per_iteration: int) -> dict[str, Any]:
         sections = self.algorithm.sections()
@@ -160,8 +163,10 @@ class Trainer:
             config[section] = {**config.get(section, {}), **values} if isinstance(values, Mapping) else values
         return config
 
-    def _fit(self, loop: ClosedLoop, agent: Callable[[Any, LLM], Any], train: list[Any], val: list[Any],
-             on_iteration: Callable[[Iteration], None] | None) -> FitResult:
+    def run_loop(self, loop: ClosedLoop, agent: Callable[[Any, LLM], Any], train: list[Any], val: list[Any],
+                 on_iteration: Callable[[Iteration], None] | None = None) -> FitResult:
+        """`fit` on a loop the caller started (and may have prepared: `lightspan demo` lands and
+        trains its warm-up in it first)."""
         per_iteration = min(self.tasks_per_iteration or len(train), len(train))
         loop.start_trainer(self.trainer_config(per_iteration), self.num_gpus)
         version = loop.wait_for_version(0, timeout=600)  # the trainer publishes the base model first
@@ -170,24 +175,26 @@ class Trainer:
         record, close_recorder = failed_rollout_recorder(grpc, TRAIN_SERVICE)
         pools = {
             "train": RunnerPool(agent, size=self.n_runners, endpoint=grpc, service=TRAIN_SERVICE, llm=llm,
-                                timeout=self.rollout_timeout, max_retries=self.max_retries, record_failure=record),
+                                timeout=self.rollout_timeout, max_retries=self.max_retries, record_failure=record,
+                                concurrency=self.runner_concurrency),
         }
         if val:
             pools["val"] = RunnerPool(agent, size=min(self.n_runners, len(val)), endpoint=grpc,
                                       service=VALIDATION_SERVICE, llm=llm, timeout=self.rollout_timeout,
-                                      max_retries=self.max_retries, record_failure=lambda job, reason: None)
+                                      max_retries=self.max_retries, record_failure=lambda job, reason: None,
+                                      concurrency=self.runner_concurrency)
         rng = random.Random(self.seed)
         history: list[Iteration] = []
         try:
             for it in range(self.iterations + 1):
                 started = time.monotonic()
                 loop.wait_until_serving(llm, version.id)
-                val_reward = self._mean_reward(self._rollouts(pools["val"], val, 1, version, f"val{it}",
+                val_reward = self._mean_reward(self._rollouts(pools["val"], val, 1, version, "val",
                                                               f"validate {version.id}")) if val else None
                 outcomes: list[Outcome] = []
                 if it < self.iterations:
                     tasks = rng.sample(train, per_iteration)
-                    outcomes = self._rollouts(pools["train"], tasks, self.group_size, version, f"it{it}",
+                    outcomes = self._rollouts(pools["train"], tasks, self.group_size, version, "train",
                                               f"rollouts {version.id}")
                 result = Iteration(it, version.id, self._mean_reward(outcomes) if outcomes else None, val_reward,
                                    len(outcomes), sum(o.failed for o in outcomes), time.monotonic() - started)
@@ -203,11 +210,11 @@ class Trainer:
             close_recorder()
         return FitResult(self.run, history, version.uri, version.id)
 
-    def _rollouts(self, pool: RunnerPool, tasks: Sequence[Any], samples: int, version: Resource, tag: str,
+    def _rollouts(self, pool: RunnerPool, tasks: Sequence[Any], samples: int, version: Resource, kind: str,
                   desc: str) -> list[Outcome]:
         from tqdm import tqdm
 
-        jobs: list[Job] = jobs_for(tasks, samples, version.id, tag)
+        jobs: list[Job] = jobs_for(tasks, samples, version.id, f"{self.run}/{version.id}/{kind}")
         outcomes = []
         with tqdm(total=len(jobs), desc=desc, unit="rollout", disable=not self.progress, file=sys.stderr,
                   dynamic_ncols=True, leave=False) as bar:

@@ -368,7 +368,8 @@ class Recipe:
             "selection": {"min_group_size": 1, "resources_id": SCRIPTED_RESOURCES_ID} if sft
             else {"min_group_size": self.group_size},
             "algorithm": {
-                "name": phase, "reference": None if sft else model,  # KL to the warm-up, not the latest "credit": "step", "group_by": "task", "scale": "group",
+                "name": phase, "reference": None if sft else model,  # KL to the warm-up, not the latest
+                "credit": "step", "group_by": "task", "scale": "group",
                 "kl_coef": 0.0 if sft else self.kl_coef, "clip_low": self.clip, "clip_high": self.clip,
                 "aggregation": "token", "temperature": self.temperature,
                 "sft_min_return": -1.0,  # behaviour cloning: the unrewarded scripted episodes train too

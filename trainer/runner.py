@@ -1,9 +1,9 @@
 """Runner processes: execute the user's agent on tasks, traced to the collector.
 
 Each runner is a separate process (multiprocessing "spawn", so no chDB, gRPC or torch state is
-inherited) that sets up `lightspan.instrument` towards the collector once and then runs one
-rollout per job, inside `lightspan.rollout(...)` with the rollout id, attempt and resources
-version the driver chose. The driver never waits unboundedly: a rollout that outlives its
+inherited) that sets up `lightspan.instrument` towards the collector once and then runs jobs,
+up to `concurrency` at once in threads (so the inference server can batch them), each inside
+`lightspan.rollout(...)` with the rollout id, attempt and resources version the driver chose. The driver never waits unboundedly: a rollout that outlives its
 timeout, or a runner that dies, is recorded as a failed rollout (a root span with status Error,
 so the trainer keeps it with reward 0 instead of losing it), the runner is replaced, and the
 job is retried with the next attempt number while retries remain. An exception raised by the
@@ -13,12 +13,15 @@ agent is an ordinary failed episode: the rollout span is already marked Error, a
 from __future__ import annotations
 
 import asyncio
+import functools
 import inspect
+import math
 import multiprocessing
 import numbers
+import threading
 import time
-import uuid
 from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
 from multiprocessing.connection import Connection, wait
@@ -69,11 +72,11 @@ def task_id_of(task: Any) -> str:
 
 
 def jobs_for(tasks: Iterable[Any], samples: int, resources_id: str, tag: str) -> list[Job]:
-    """`samples` rollouts of each task; ids are unique per loop iteration (`tag`)."""
-    return [
-        Job(task, task_id_of(task), f"{task_id_of(task)}-{tag}-{k}-{uuid.uuid4().hex[:8]}", 0, resources_id)
-        for task in tasks for k in range(samples)
-    ]
+    """`samples` rollouts of each task: ids `tag/task/k`, so a run with a fixed tag (and an
+    agent that seeds its sampling from the rollout id) is reproducible; `tag` must make them
+    unique in the store (the loop uses run id and version)."""
+    return [Job(task, task_id_of(task), f"{tag}/{task_id_of(task)}/{k}", 0, resources_id)
+            for task in tasks for k in range(samples)]
 
 
 def _run_agent(agent: Agent, task: Any, llm: LLM) -> Any:
@@ -81,32 +84,50 @@ def _run_agent(agent: Agent, task: Any, llm: LLM) -> Any:
     return asyncio.run(result) if inspect.isawaitable(result) else result
 
 
-def _runner_main(conn: Connection, agent: Agent, endpoint: str, service: str, llm: LLM) -> None:
-    """The body of one runner process: instrument once, then run jobs until told to stop."""
+def _run_job(agent: Agent, job: Job, llm: LLM) -> tuple[float | None, str | None]:
+    """One rollout inside `lightspan.rollout`; the agent's return value is the final reward."""
+    import lightspan
+
+    reward: float | None = None
+    try:
+        with lightspan.rollout(job.task_id, rollout_id=job.rollout_id, attempt=job.attempt,
+                               resources_id=job.resources_id):
+            result = _run_agent(agent, job.task, llm)
+            if isinstance(result, numbers.Real) and not isinstance(result, bool):
+                reward = float(result)
+                if not getattr(agent, "__lightspan_rollout__", False):  # a decorated agent emits its own
+                    lightspan.emit_reward(reward, final=True)
+    except Exception as exc:  # the agent's failure is the episode's outcome, not the runner's
+        return reward, f"{type(exc).__name__}: {exc}"
+    return reward, None
+
+
+def _runner_main(conn: Connection, agent: Agent, endpoint: str, service: str, llm: LLM, concurrency: int) -> None:
+    """The body of one runner process: instrument once, then run jobs (up to `concurrency` at
+    once, in threads) until told to stop.
+
+    Spans leave through the batch processor with a short delay and a deep queue rather than a
+    flush per episode: the trainer waits for each rollout's root span, which ends last, so it
+    never sees half an episode.
+    """
+    import os
+
+    os.environ.setdefault("OTEL_BSP_SCHEDULE_DELAY", "200")
+    os.environ.setdefault("OTEL_BSP_MAX_QUEUE_SIZE", "262144")
     import lightspan
 
     handle = lightspan.instrument(service_name=service, endpoint=endpoint, protocol="grpc",
                                   request_token_ids=True)
-    emits_own_reward = getattr(agent, "__lightspan_rollout__", False)
+    send_lock = threading.Lock()
+
+    def finished(job: Job, future: Future) -> None:
+        with send_lock:
+            conn.send((job.rollout_id, *future.result()))
+
     conn.send("ready")  # rollout timeouts start counting only from here
-    while True:
-        job = conn.recv()
-        if job is None:
-            break
-        reward: float | None = None
-        error: str | None = None
-        try:
-            with lightspan.rollout(job.task_id, rollout_id=job.rollout_id, attempt=job.attempt,
-                                   resources_id=job.resources_id):
-                result = _run_agent(agent, job.task, llm)
-                if isinstance(result, numbers.Real) and not isinstance(result, bool):
-                    reward = float(result)
-                    if not emits_own_reward:
-                        lightspan.emit_reward(reward, final=True)
-        except Exception as exc:  # the agent's failure is the episode's outcome, not the runner's
-            error = f"{type(exc).__name__}: {exc}"
-        handle.force_flush()  # the episode is in the store before the driver hears it ended
-        conn.send((reward, error))
+    with ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="rollout") as pool:
+        while (job := conn.recv()) is not None:
+            pool.submit(_run_job, agent, job, llm).add_done_callback(functools.partial(finished, job))
     handle.shutdown()
 
 
@@ -117,12 +138,16 @@ class _Runner:
         self.process.start()
         child.close()
         self.ready = False
-        self.job: Job | None = None
-        self.started = time.monotonic()  # of the process until ready, then of the current job
+        self.spawned = time.monotonic()
+        self.jobs: dict[str, tuple[Job, float]] = {}  # rollout id -> (job, when it was sent)
 
     def send(self, job: Job) -> None:
-        self.job, self.started = job, time.monotonic()
+        self.jobs[job.rollout_id] = (job, time.monotonic())
         self.conn.send(job)
+
+    def overdue(self, timeout: float) -> bool:
+        now = time.monotonic()
+        return any(now - sent > timeout for _, sent in self.jobs.values())
 
     def kill(self) -> None:
         self.process.kill()
@@ -134,67 +159,76 @@ class _Runner:
             self.conn.send(None)
         except OSError:
             pass
-        self.process.join(10)
+        self.process.join(30)
         if self.process.is_alive():
             self.kill()
 
 
 class RunnerPool:
-    """`size` runner processes executing `agent`; `run(jobs)` yields each rollout's outcome.
+    """`size` runner processes, each running up to `concurrency` rollouts at once.
 
-    `record_failure(job, reason)` is called for rollouts that timed out or whose runner died,
-    so they reach the store as failed rollouts.
+    `run(jobs)` yields each rollout's outcome. A rollout past `timeout`, or a runner that dies,
+    takes its runner down: every rollout it was running is passed to `record_failure(job,
+    reason)` (so it reaches the store as a failed rollout) and retried with the next attempt
+    while `max_retries` allows, on a fresh runner.
     """
 
     STARTUP_TIMEOUT = 300.0  # seconds for a runner to import the agent and set up tracing
 
     def __init__(self, agent: Agent, *, size: int, endpoint: str, service: str, llm: LLM,
-                 timeout: float, max_retries: int, record_failure: Callable[[Job, str], None]):
+                 timeout: float, max_retries: int, record_failure: Callable[[Job, str], None],
+                 concurrency: int = 1):
         self._ctx = multiprocessing.get_context("spawn")
-        self._args = (agent, endpoint, service, llm)
+        self._args = (agent, endpoint, service, llm, concurrency)
+        self.concurrency = concurrency
         self.timeout, self.max_retries, self.record_failure = timeout, max_retries, record_failure
         self._runners = [_Runner(self._ctx, self._args) for _ in range(size)]
 
     def run(self, jobs: Iterable[Job]) -> Iterator[Outcome]:
         pending = deque(jobs)
-        while pending or any(r.job is not None for r in self._runners):
+        while pending or any(r.jobs for r in self._runners):
             for runner in self._runners:
-                if runner.ready and runner.job is None and pending:
+                while runner.ready and len(runner.jobs) < self.concurrency and pending:
                     runner.send(pending.popleft())
-            watched = {r.conn: r for r in self._runners if r.job is not None or not r.ready}
-            deadline = min(r.started + (self.timeout if r.ready else self.STARTUP_TIMEOUT) for r in watched.values())
+            watched = {r.conn: r for r in self._runners if r.jobs or not r.ready}
+            deadline = min(
+                min((sent + self.timeout for _, sent in r.jobs.values()), default=math.inf) if r.ready
+                else r.spawned + self.STARTUP_TIMEOUT
+                for r in watched.values()
+            )
             for conn in wait(list(watched), timeout=max(0.0, deadline - time.monotonic())):
                 runner = watched[conn]
                 try:
                     message = conn.recv()
                 except (EOFError, OSError):
-                    if runner.job is None:
+                    if not runner.ready:
                         raise LightspanError(f"a runner process exited while starting (exit code "
                                              f"{runner.process.exitcode}); is the agent importable?") from None
                     yield from self._replace(runner, "the runner process died", pending)
                     continue
                 if not runner.ready:
-                    runner.ready, runner.started = True, time.monotonic()
+                    runner.ready = True
                     continue
-                job, runner.job = runner.job, None
-                yield Outcome(job, *message)
+                rollout_id, reward, error = message
+                job, _ = runner.jobs.pop(rollout_id)
+                yield Outcome(job, reward, error)
             for runner in list(self._runners):
-                if runner.job is not None and time.monotonic() - runner.started > self.timeout:
+                if runner.ready and runner.overdue(self.timeout):
                     yield from self._replace(runner, f"timed out after {self.timeout:g} s", pending)
-                elif not runner.ready and time.monotonic() - runner.started > self.STARTUP_TIMEOUT:
+                elif not runner.ready and time.monotonic() - runner.spawned > self.STARTUP_TIMEOUT:
                     raise LightspanError(f"a runner process did not start within {self.STARTUP_TIMEOUT:g} s")
 
     def _replace(self, runner: _Runner, reason: str, pending: deque) -> Iterator[Outcome]:
-        """Record the failure, swap in a fresh runner, retry the job while retries remain."""
-        job = runner.job
-        assert job is not None
+        """Record the failures, swap in a fresh runner, retry the jobs while retries remain."""
         runner.kill()
         self._runners[self._runners.index(runner)] = _Runner(self._ctx, self._args)
-        self.record_failure(job, reason)
-        if job.attempt < self.max_retries:
-            pending.appendleft(replace(job, rollout_id=f"{job.rollout_id}-a{job.attempt + 1}", attempt=job.attempt + 1))
-        else:
-            yield Outcome(job, None, reason)
+        for job, _ in runner.jobs.values():
+            self.record_failure(job, reason)
+            if job.attempt < self.max_retries:
+                pending.appendleft(replace(job, rollout_id=f"{job.rollout_id}/a{job.attempt + 1}",
+                                           attempt=job.attempt + 1))
+            else:
+                yield Outcome(job, None, reason)
 
     def close(self) -> None:
         for runner in self._runners:
