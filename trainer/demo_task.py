@@ -30,6 +30,7 @@ against an in-process scripted transport, so its spans come from the same instru
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -201,14 +202,19 @@ def demo_agent(task: Task, llm: Any) -> float:
     the recorded transitions carry exactly what was sampled; the returned reward is emitted as the
     rollout's final reward by `@lightspan.rollout`.
     """
-    import openai
-
     base_url, model = _field(llm, "base_url"), _field(llm, "model")
     if not base_url or not model:
         raise InvalidInput(f"demo_agent needs llm.base_url and llm.model, got {llm!r}")
-    with openai.OpenAI(base_url=base_url, api_key=_field(llm, "api_key") or "unused", max_retries=2,
-                       timeout=120) as client:
-        return play(task, client, model)
+    return play(task, _client(base_url, _field(llm, "api_key") or "unused"), model)
+
+
+@functools.lru_cache(maxsize=8)
+def _client(base_url: str, api_key: str) -> Any:
+    """One OpenAI client per server for the whole process: it is thread-safe, and reusing its
+    connection pool saves a TCP connection and the client's set-up on every episode."""
+    import openai
+
+    return openai.OpenAI(base_url=base_url, api_key=api_key, max_retries=2, timeout=120)
 
 
 # --- scripted warm-up episodes ----------------------------------------------------------------------
