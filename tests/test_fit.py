@@ -33,13 +33,13 @@ def test_two_iterations_land_spans_publish_reload_and_validate(tmp_path, tiny):
     assert [i.resources_id for i in result.iterations] == ["policy:1", "policy:2", "policy:3"]
     assert result.resources_id == "policy:3" and Path(result.checkpoint).is_dir()
     assert all(i.val_reward is not None for i in result.iterations) and seen == result.iterations
-    assert [i.rollouts for i in result.iterations] == [8, 8, 0]
+    assert [i.rollouts for i in result.iterations] == [8, 8, 8]
     with Store.connect(f"chdb://{tmp_path / 'fit' / 'store'}") as store:
         # Spans landed for every train rollout, tagged with the version that produced them...
         per_version = dict(store.sql(
             "SELECT ResourcesId, uniqExact(RolloutId) FROM rollout_spans FINAL "
             "WHERE ServiceName = 'lightspan-fit' AND ResourcesId != '' GROUP BY ResourcesId ORDER BY 1").rows)
-        assert per_version == {"policy:1": 8, "policy:2": 8}
+        assert per_version == {"policy:1": 8, "policy:2": 8, "policy:3": 8}
         # ...and the server answered with the version it served: it reloaded the published checkpoints.
         answered = {m for (m,) in store.sql(
             "SELECT DISTINCT SpanAttributes['gen_ai.response.model'] FROM otel_traces "

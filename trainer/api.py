@@ -5,7 +5,8 @@ An agent is a function `(task, llm) -> float | None`, usually decorated with
 framework on top of it. `fit` runs the loop: the collector lands the runners' spans in the store,
 the trainer (follow mode) waits for complete groups of the serving version, trains and publishes
 a checkpoint, the server reloads it, and the next iteration's rollouts carry the new version.
-Validation reward is measured before the first update and after each one.
+Validation and training reward are measured before the first update and after each one (the
+last round's rollouts only measure the final version: nothing trains on them).
 """
 
 from __future__ import annotations
@@ -191,12 +192,11 @@ class Trainer:
                 loop.wait_until_serving(llm, version.id)
                 val_reward = self._mean_reward(self._rollouts(pools["val"], val, 1, version, "val",
                                                               f"validate {version.id}")) if val else None
-                outcomes: list[Outcome] = []
-                if it < self.iterations:
-                    tasks = rng.sample(train, per_iteration)
-                    outcomes = self._rollouts(pools["train"], tasks, self.group_size, version, "train",
-                                              f"rollouts {version.id}")
-                result = Iteration(it, version.id, self._mean_reward(outcomes) if outcomes else None, val_reward,
+                # The last round measures the final version on training tasks; nothing trains on it.
+                tasks = rng.sample(train, per_iteration)
+                outcomes = self._rollouts(pools["train"], tasks, self.group_size, version, "train",
+                                          f"rollouts {version.id}")
+                result = Iteration(it, version.id, self._mean_reward(outcomes), val_reward,
                                    len(outcomes), sum(o.failed for o in outcomes), time.monotonic() - started)
                 history.append(result)
                 self._log(loop, result)
