@@ -58,6 +58,20 @@ _REWARD = (
 )
 
 
+# The Nested span events and links, the same in otel_traces and its copy in rollout_spans.
+_EVENTS_AND_LINKS = """    Events Nested (
+        Timestamp DateTime64(9),
+        Name LowCardinality(String),
+        Attributes Map(LowCardinality(String), String)
+    ) CODEC(ZSTD(1)),
+    Links Nested (
+        TraceId String,
+        SpanId String,
+        TraceState String,
+        Attributes Map(LowCardinality(String), String)
+    ) CODEC(ZSTD(1)),"""
+
+
 class _DDL:
     """Renders engine and name choices for single-node or clustered deployments."""
 
@@ -113,17 +127,7 @@ def _traces(d: _DDL) -> list[str]:
     Duration UInt64 CODEC(T64, ZSTD(1)),
     StatusCode LowCardinality(String) CODEC(ZSTD(1)),
     StatusMessage String CODEC(ZSTD(1)),
-    Events Nested (
-        Timestamp DateTime64(9),
-        Name LowCardinality(String),
-        Attributes Map(LowCardinality(String), String)
-    ) CODEC(ZSTD(1)),
-    Links Nested (
-        TraceId String,
-        SpanId String,
-        TraceState String,
-        Attributes Map(LowCardinality(String), String)
-    ) CODEC(ZSTD(1)),
+{_EVENTS_AND_LINKS}
     ResourceAttributeItems Array(String) ALIAS
         arrayMap(kv -> concat(kv.1, '=', kv.2), CAST(ResourceAttributes, 'Array(Tuple(String, String))')),
     SpanAttributeItems Array(String) ALIAS
@@ -190,17 +194,7 @@ def _rollout_spans(d: _DDL) -> list[str]:
     Duration UInt64,
     StatusCode LowCardinality(String),
     StatusMessage String CODEC(ZSTD(1)),
-    Events Nested (
-        Timestamp DateTime64(9),
-        Name LowCardinality(String),
-        Attributes Map(LowCardinality(String), String)
-    ) CODEC(ZSTD(1)),
-    Links Nested (
-        TraceId String,
-        SpanId String,
-        TraceState String,
-        Attributes Map(LowCardinality(String), String)
-    ) CODEC(ZSTD(1)),
+{_EVENTS_AND_LINKS}
     INDEX idx_task TaskId TYPE bloom_filter(0.01) GRANULARITY 1,
     INDEX idx_resources ResourcesId TYPE set(100) GRANULARITY 1
 ) ENGINE = {d.engine(ROLLOUT_SPANS, "ReplacingMergeTree")}
