@@ -268,7 +268,15 @@ class Session:
         return path
 
     def close(self) -> None:
+        """Close the store and leave the process group. Without an explicit barrier and destroy,
+        gloo's threads can still be running while the interpreter tears down, and a rank that
+        finished its work then dies with `terminate called without an active exception`."""
         self.store.close()
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            _barrier(self.world_size)
+            dist.destroy_process_group()
 
 
 def follow(config: TrainConfig, *, resume: str | Path | bool | None = None) -> Path | None:
