@@ -84,7 +84,11 @@ class ClosedLoop:
         self.collector.start()
         # Children reach an embedded store through the collector; a server store directly.
         self.store_url = self.collector.sql_url if embedded else url
-        self.store = Store.connect(url)
+        try:
+            self.store = Store.connect(url)
+        except BaseException:
+            self.collector.stop()  # not yet a context manager: nobody else would stop it
+            raise
         self.children: list[Child] = []
 
     # --- children -----------------------------------------------------------------------------
