@@ -19,6 +19,7 @@ import threading
 import time
 from pathlib import Path
 
+from lightspan.collector.defaults import DEFAULT_BATCH_MS, DEFAULT_BATCH_SPANS, DEFAULT_DECODERS
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, ArrayValue, InstrumentationScope, KeyValue
 from opentelemetry.proto.resource.v1.resource_pb2 import Resource
@@ -134,11 +135,12 @@ def parse_limit(bodies: list[bytes], rounds: int) -> float:
 
 
 def decode_rate(bodies: list[bytes]) -> tuple[float, list]:
-    """Spans/s of the collector's decode (parse + columns), and the decoded batches."""
-    from lightspan.collector.decode import parse_protobuf, to_columns
+    """Spans/s of the collector's decode (parse + Native block), single-threaded, and the blocks."""
+    from lightspan.collector.decode import parse_protobuf
+    from lightspan.collector.native import to_native
 
     started = time.perf_counter()
-    decoded = [to_columns(parse_protobuf(body)) for body in bodies]
+    decoded = [to_native(parse_protobuf(body)) for body in bodies]
     return sum(d.spans for d in decoded) / (time.perf_counter() - started), decoded
 
 
@@ -148,28 +150,52 @@ def _cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def _family(pid: int) -> list[int]:
+    """A process and its live children (the collector's decoder processes)."""
+    children = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        children += [int(c) for c in (task / "children").read_text().split()]
+    return [pid, *children]
+
+
+def _family_cpu_seconds(pid: int) -> float:
+    return sum(_cpu_seconds(p) for p in _family(pid))
+
+
+def _family_peak_rss_mib(pid: int) -> float:
+    total = 0
+    for p in _family(pid):
+        status = Path(f"/proc/{p}/status").read_text().splitlines()
+        total += int(next(line.split()[1] for line in status if line.startswith("VmHWM")))
+    return total / 1024
+
+
 def insert_limit(store_url: str, decoded: list, batch_requests: int, total_requests: int) -> tuple[float, float]:
-    """Spans/s of raw columnar inserts of the same requests (as many as the ingest run sends, so
-    the store does the same part and merge work) into the same store, batched and configured
-    like the collector, and the CPU seconds per span they cost (immune to other processes' load)."""
-    from lightspan.collector.batcher import _concat
+    """Spans/s of raw columnar inserts of the same requests, already encoded as Native blocks (so
+    only the store works), as many as the ingest run sends (so the store does the same part and
+    merge work), into the same store, batched and configured like the collector, and the CPU
+    seconds per span they cost (immune to other processes' load)."""
+    from lightspan.collector.native import NATIVE_COLUMN_NAMES
     from lightspan.collector.server import INSERT_SETTINGS
     from lightspan.store import Store
 
     replay = [decoded[i % len(decoded)] for i in range(total_requests)]
-    batches = [_concat([d.columns for d in replay[i:i + batch_requests]]) for i in range(0, len(replay), batch_requests)]
+    batches = [[d.block for d in replay[i:i + batch_requests]] for i in range(0, len(replay), batch_requests)]
     with Store.connect(store_url) as store:
         for name, value in INSERT_SETTINGS.items():  # the collector's own insert settings
             store.client.set_client_setting(name, value)
-        store.insert_columns(batches[0])  # warm-up (first parts, caches)
+        store.insert_native(batches[0], NATIVE_COLUMN_NAMES)  # warm-up (first parts, caches)
         started, cpu = time.perf_counter(), _cpu_seconds(os.getpid())
-        spans = sum(store.insert_columns(batch) for batch in batches)
+        for batch in batches:
+            store.insert_native(batch, NATIVE_COLUMN_NAMES)
+        spans = sum(d.spans for d in replay)
         return spans / (time.perf_counter() - started), (_cpu_seconds(os.getpid()) - cpu) / spans
 
 
 def ingest(store_url: str, bodies: list[bytes], total_requests: int, channels: int, per_channel: int,
            extra_args: list[str]) -> dict[str, float]:
-    """Durable spans/s through a collector subprocess, over `channels` gRPC channels."""
+    """Durable spans/s through a collector subprocess, over `channels` gRPC channels; its CPU
+    time and peak RSS include its decoder processes."""
     import subprocess
     import urllib.request
 
@@ -220,15 +246,14 @@ def ingest(store_url: str, bodies: list[bytes], total_requests: int, channels: i
                     latencies.append(time.perf_counter() - started)
 
         workers = [threading.Thread(target=worker, args=(calls[i % channels],)) for i in range(channels * per_channel)]
-        started, cpu = time.perf_counter(), _cpu_seconds(collector.pid)
+        started, cpu = time.perf_counter(), _family_cpu_seconds(collector.pid)
         for w in workers:
             w.start()
         for w in workers:
             w.join()
         elapsed = time.perf_counter() - started
-        cpu = _cpu_seconds(collector.pid) - cpu
-        status = Path(f"/proc/{collector.pid}/status").read_text().splitlines()
-        peak_rss = int(next(line.split()[1] for line in status if line.startswith("VmHWM"))) / 1024
+        cpu = _family_cpu_seconds(collector.pid) - cpu
+        peak_rss = _family_peak_rss_mib(collector.pid)
         for c in channel_list:
             c.close()
         collector.terminate()
@@ -247,11 +272,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--spans", type=int, default=1000, help="spans per request")
     parser.add_argument("--distinct", type=int, default=16, help="distinct pre-encoded requests")
-    parser.add_argument("--requests", type=int, default=120, help="requests sent through the collector")
-    parser.add_argument("--channels", type=int, default=4)
+    parser.add_argument("--requests", type=int, default=240, help="requests sent through the collector")
+    parser.add_argument("--channels", type=int, default=8, help="gRPC channels (clients)")
     parser.add_argument("--per-channel", type=int, default=4, help="concurrent requests per channel")
-    parser.add_argument("--batch-spans", type=int, default=8192)
-    parser.add_argument("--batch-ms", type=float, default=50)
+    parser.add_argument("--batch-spans", type=int, default=DEFAULT_BATCH_SPANS)
+    parser.add_argument("--batch-ms", type=float, default=DEFAULT_BATCH_MS)
+    parser.add_argument("--decoders", type=int, default=DEFAULT_DECODERS, help="collector decoder processes")
     args = parser.parse_args(argv)
 
     bodies = [make_request(args.spans, seed).SerializeToString() for seed in range(args.distinct)]
@@ -261,22 +287,26 @@ def main(argv: list[str] | None = None) -> int:
     parse = parse_limit(bodies, rounds=3)
     decode, decoded = decode_rate(bodies)
     with tempfile.TemporaryDirectory(prefix="lightspan-bench-") as tmp:
-        store_url = f"chdb://{tmp}/store"
-        insert, insert_cpu = insert_limit(store_url, decoded, max(1, args.batch_spans // args.spans), args.requests)
+        # Two fresh stores of the same kind and schema: the ingest run must not inherit (and pay
+        # for) background merges of the parts the limit run left behind.
+        insert, insert_cpu = insert_limit(f"chdb://{tmp}/limit", decoded, max(1, args.batch_spans // args.spans),
+                                          args.requests)
+        store_url = f"chdb://{tmp}/ingest"
         result = ingest(store_url, bodies, args.requests, args.channels, args.per_channel,
-                        ["--batch-spans", str(args.batch_spans), "--batch-ms", str(args.batch_ms)])
+                        ["--batch-spans", str(args.batch_spans), "--batch-ms", str(args.batch_ms),
+                         "--decoders", str(args.decoders)])
         from lightspan.store import Store
 
         with Store.connect(store_url) as store:
             stored = store.sql("SELECT count() FROM otel_traces").scalar()
     limit = min(parse, insert)
     print(f"limit  protobuf parse alone          {parse:>10,.0f} spans/s")
-    print(f"       collector decode (to columns) {decode:>10,.0f} spans/s")
+    print(f"       collector decode (Native)     {decode:>10,.0f} spans/s")
     print(f"limit  raw columnar insert           {insert:>10,.0f} spans/s")
     print(f"ingest durable end to end            {result['spans_per_s']:>10,.0f} spans/s "
           f"({result['acked']} requests acked, {result['failed']} refused, {result['elapsed_s']:.1f} s)")
     print(f"       ack latency p50 {result['p50_ms']:.0f} ms, p99 {result['p99_ms']:.0f} ms; "
-          f"collector peak RSS {result['peak_rss_mib']:.0f} MiB; rows stored {stored:,}")
+          f"collector peak RSS {result['peak_rss_mib']:.0f} MiB (decoders included); rows stored {stored:,}")
     print(f"cpu    collector {result['cpu_per_span'] * 1e6:.0f} us/span vs raw insert {insert_cpu * 1e6:.0f} us/span: "
           f"CPU-bound ratio {insert_cpu / result['cpu_per_span']:.2f} (what a machine to itself would show)")
     print(f"ratio  ingest / slower limit ({'insert' if insert <= parse else 'parse'}) = "

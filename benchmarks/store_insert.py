@@ -1,8 +1,8 @@
 """Store insert throughput against a direct clickhouse-connect insert, same rows, same engine.
 
-Prints spans/s of `Store.insert_columns` (the collector's path) and `Store.insert_spans` (from
-`Span` objects, conversion included) next to a plain `client.insert(..., column_oriented=True)`
-of the same columns into the same embedded ClickHouse, rounds interleaved so machine noise hits
+Prints spans/s of `Store.insert_columns` (the columnar path for tools and tests) and
+`Store.insert_spans` (from `Span` objects, conversion included) next to a plain
+`client.insert(..., column_oriented=True)` of the same columns into the same embedded ClickHouse, rounds interleaved so machine noise hits
 both alike, and the ratio (target >= 0.8). Then the time to fetch 1,000 span trees of 20 spans.
 
     python benchmarks/store_insert.py [--spans-per-batch 5000] [--rounds 5]

@@ -1,8 +1,9 @@
 """Group commit: many export requests, one store insert, acknowledged only once committed.
 
-Receivers decode a request into columns and `submit` them; one committer thread takes what is
-queued, up to `batch_spans` spans or after `batch_ms` milliseconds, concatenates it into one
-columnar batch, inserts it, and only then completes each request's future. A failed commit
+Receivers decode a request into a block (a Native block of its spans) and `submit` it; a
+committer thread takes what is queued, up to `batch_spans` spans or after `batch_ms`
+milliseconds, hands the blocks to `commit` as one batch (one store insert), and only then
+completes each request's future. A failed commit
 fails every request of the batch with `StoreUnavailable`, so nothing is acknowledged that is not
 stored and clients retry (duplicates collapse in `rollout_spans`). A request is never split
 across batches, so it is stored whole or not at all.
@@ -28,7 +29,6 @@ from lightspan.errors import InvalidInput, StoreUnavailable
 
 log = logging.getLogger(__name__)
 
-Columns = list[list[Any]]
 
 
 class QueueFull(StoreUnavailable):
@@ -45,7 +45,7 @@ class ShuttingDown(StoreUnavailable):
 
 @dataclass(slots=True)
 class _Pending:
-    columns: Columns
+    block: bytes
     spans: int
     future: Future = field(default_factory=Future)
 
@@ -53,15 +53,15 @@ class _Pending:
 class GroupCommitter:
     """The queue between receivers and the store, with one committer thread per `commit`.
 
-    Each `commit(columns)` is a store insert on its own connection; it must return only after
-    the batch is durable. Two committers let one serialise its batch (Python, holding the GIL)
-    while the other's insert runs in ClickHouse (native code, GIL released).
+    Each `commit(blocks)` is one store insert of the batch's blocks on its own connection; it
+    must return only after the batch is durable. Two committers let one batch fill (or be
+    handed over) while the other's insert runs in ClickHouse (native code, GIL released).
     `on_commit(spans, seconds, error)` reports each attempt (metrics).
     """
 
     def __init__(
         self,
-        commit: Callable[[Columns], Any] | Sequence[Callable[[Columns], Any]],
+        commit: Callable[[list[bytes]], Any] | Sequence[Callable[[list[bytes]], Any]],
         *,
         batch_spans: int = 8192,
         batch_ms: float = 50.0,
@@ -119,9 +119,9 @@ class GroupCommitter:
         with self._cond:
             self._bytes -= nbytes
 
-    def submit(self, columns: Columns, spans: int) -> Future:
-        """Queue one request's columns; the future completes when its batch is committed."""
-        pending = _Pending(columns, spans)
+    def submit(self, block: bytes, spans: int) -> Future:
+        """Queue one request's block; the future completes when its batch is committed."""
+        pending = _Pending(block, spans)
         with self._cond:
             if self._closing:
                 raise ShuttingDown("the collector is shutting down; retry")
@@ -172,7 +172,7 @@ class GroupCommitter:
                 self._first_at = time.monotonic()
             return batch
 
-    def _run(self, commit: Callable[[Columns], Any]) -> None:
+    def _run(self, commit: Callable[[list[bytes]], Any]) -> None:
         while True:
             batch = self._take()
             if batch is None:
@@ -184,11 +184,11 @@ class GroupCommitter:
                     self._spans -= sum(p.spans for p in batch)
                     self._cond.notify_all()
 
-    def _commit_batch(self, commit: Callable[[Columns], Any], batch: Sequence[_Pending]) -> None:
+    def _commit_batch(self, commit: Callable[[list[bytes]], Any], batch: Sequence[_Pending]) -> None:
         spans = sum(p.spans for p in batch)
         started = time.perf_counter()
         try:
-            commit(_concat([p.columns for p in batch]))
+            commit([p.block for p in batch])
         except InvalidInput as error:
             # The store refused the data itself: find the culprit so the others still land.
             self._report(spans, started, error)
@@ -229,12 +229,3 @@ class _Admission:
     def __exit__(self, *exc: object) -> None:
         self._owner._release(self._nbytes)
 
-
-def _concat(parts: Sequence[Columns]) -> Columns:
-    if len(parts) == 1:
-        return parts[0]
-    merged: Columns = [[] for _ in parts[0]]
-    for columns in parts:
-        for target, column in zip(merged, columns):
-            target.extend(column)
-    return merged

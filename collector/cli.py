@@ -15,6 +15,14 @@ import sys
 import threading
 from typing import Any
 
+from lightspan.collector.defaults import (
+    DEFAULT_BATCH_MS,
+    DEFAULT_BATCH_SPANS,
+    DEFAULT_DECODERS,
+    DEFAULT_QUEUE_BYTES,
+    DEFAULT_QUEUE_SPANS,
+)
+
 from lightspan import semconv
 
 
@@ -32,12 +40,18 @@ def _add_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tls-cert", default=None, help="PEM certificate: serve OTLP and SQL over TLS")
     parser.add_argument("--tls-key", default=None, help="PEM private key for --tls-cert")
     parser.add_argument("--max-request-mib", type=float, default=64, help="largest accepted request (default 64 MiB)")
-    parser.add_argument("--batch-spans", type=int, default=8192, help="commit when this many spans are queued")
-    parser.add_argument("--batch-ms", type=float, default=50, help="or when the oldest queued request is this old")
-    parser.add_argument("--queue-spans", type=int, default=65536,
-                        help="spans queued before clients are told to retry (memory bound)")
-    parser.add_argument("--queue-mib", type=float, default=256,
-                        help="request bytes in flight before clients are told to retry (memory bound)")
+    parser.add_argument("--batch-spans", type=int, default=DEFAULT_BATCH_SPANS,
+                        help=f"commit when this many spans are queued (default {DEFAULT_BATCH_SPANS})")
+    parser.add_argument("--batch-ms", type=float, default=DEFAULT_BATCH_MS,
+                        help=f"or when the oldest queued request is this old (default {DEFAULT_BATCH_MS:g} ms)")
+    parser.add_argument("--decoders", type=int, default=DEFAULT_DECODERS,
+                        help="processes that decode OTLP requests, off the receivers' interpreter lock "
+                             f"(default: one per CPU, here {DEFAULT_DECODERS}; 0 = decode in the receiving threads)")
+    parser.add_argument("--queue-spans", type=int, default=DEFAULT_QUEUE_SPANS,
+                        help=f"spans queued before clients are told to retry (memory bound, default {DEFAULT_QUEUE_SPANS})")
+    parser.add_argument("--queue-mib", type=float, default=DEFAULT_QUEUE_BYTES >> 20,
+                        help="request bytes in flight before clients are told to retry "
+                             f"(memory bound, default {DEFAULT_QUEUE_BYTES >> 20})")
 
 
 def register(subparsers: Any) -> None:
@@ -92,6 +106,7 @@ def run(args: argparse.Namespace) -> int:
         batch_ms=args.batch_ms,
         queue_spans=args.queue_spans,
         queue_bytes=int(args.queue_mib * (1 << 20)),
+        decoders=args.decoders,
     )
     stop = threading.Event()
     previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}

@@ -9,26 +9,26 @@ ExportTraceServiceResponse, with `partial_success` when spans were rejected.
 from __future__ import annotations
 
 import hmac
-from collections.abc import Callable
 from contextlib import AbstractContextManager
 
 from lightspan.collector.batcher import GroupCommitter, QueueFull
-from lightspan.collector.decode import Decoded, parse_json, parse_protobuf, to_columns
+from lightspan.collector.decoders import JSON, PROTOBUF, Decoders
 from lightspan.collector.metrics import Metrics
+from lightspan.collector.native import Decoded
 
 from lightspan.errors import InvalidInput, StoreUnavailable
 
-PROTOBUF = "protobuf"
-JSON = "json"
-_PARSERS: dict[str, Callable[[bytes], object]] = {PROTOBUF: parse_protobuf, JSON: parse_json}
+__all__ = ["JSON", "PROTOBUF", "Receiver"]
 
 
 class Receiver:
     """Turns export request bodies into committed spans, counting everything it does."""
 
-    def __init__(self, committer: GroupCommitter, metrics: Metrics, *, auth_token: str | None = None):
+    def __init__(self, committer: GroupCommitter, metrics: Metrics, *, auth_token: str | None = None,
+                 decoders: Decoders | None = None):
         self.committer = committer
         self.metrics = metrics
+        self.decoders = decoders or Decoders(0)
         self._token = auth_token.encode() if auth_token else None
 
     def authorized(self, header: str | None) -> bool:
@@ -51,7 +51,7 @@ class Receiver:
     def export(self, body: bytes, encoding: str, protocol: str) -> Decoded:
         """Decode, queue and wait until committed; raises InvalidInput or StoreUnavailable."""
         try:
-            decoded = to_columns(_PARSERS[encoding](body))
+            decoded = self.decoders.decode(body, encoding)
         except InvalidInput:
             self.count(protocol, "invalid")
             raise
@@ -61,7 +61,7 @@ class Receiver:
             metrics.inc("lightspan_collector_spans_rejected_total", decoded.rejected, reason="invalid_span")
         if decoded.spans:
             try:
-                self.committer.submit(decoded.columns, decoded.spans).result()
+                self.committer.submit(decoded.block, decoded.spans).result()
             except StoreUnavailable as error:
                 reason = "queue_full" if isinstance(error, QueueFull) else "unavailable"
                 metrics.inc("lightspan_collector_spans_rejected_total", decoded.spans, reason=reason)

@@ -15,11 +15,19 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from lightspan.collector.batcher import Columns, GroupCommitter
+from lightspan.collector.batcher import GroupCommitter
+from lightspan.collector.decoders import Decoders
+from lightspan.collector.defaults import (
+    DEFAULT_BATCH_MS,
+    DEFAULT_BATCH_SPANS,
+    DEFAULT_QUEUE_BYTES,
+    DEFAULT_QUEUE_SPANS,
+)
 from lightspan.collector.grpc_server import OTLPGrpcServer
 from lightspan.collector.http_server import OTLPHandler, OTLPHttpApp
 from lightspan.collector.httpd import Server, tls_context
 from lightspan.collector.metrics import Metrics
+from lightspan.collector.native import NATIVE_COLUMN_NAMES
 from lightspan.collector.receiver import Receiver
 from lightspan.store import Store, parse_store_url
 from lightspan.store import lock as store_lock
@@ -28,15 +36,13 @@ from lightspan.errors import InvalidInput, StoreUnavailable
 
 log = logging.getLogger(__name__)
 
-DEFAULT_BATCH_SPANS = 8192
-DEFAULT_BATCH_MS = 50.0
-DEFAULT_QUEUE_SPANS = 65536
-DEFAULT_QUEUE_BYTES = 256 << 20
 SQL_MAX_BODY_BYTES = 256 << 20
 # Settings of the committers' store connections. rollout_spans is a ReplacingMergeTree read with
 # FINAL: collapsing each inserted block at insert time as well (optimize_on_insert) only costs,
 # about a quarter of the store's insert CPU; retried duplicates still collapse on read and merge.
-INSERT_SETTINGS = {"optimize_on_insert": "0"}
+# The Native blocks send LowCardinality columns as String for ClickHouse to convert (the default,
+# set here so that a server configured otherwise still accepts them).
+INSERT_SETTINGS = {"optimize_on_insert": "0", "input_format_native_allow_types_conversion": "1"}
 
 
 class Collector:
@@ -64,6 +70,7 @@ class Collector:
         sql_host: str = "127.0.0.1",
         retry_after: float = 1.0,
         committers: int = 2,
+        decoders: int = 0,
     ):
         if bool(tls_cert) != bool(tls_key):
             raise InvalidInput("TLS needs both --tls-cert and --tls-key")
@@ -85,6 +92,8 @@ class Collector:
         self._store_up = True
         self._last_error = ""
         self._committer: GroupCommitter | None = None
+        self._decoder_processes = decoders
+        self._decoders: Decoders | None = None
         self._grpc: OTLPGrpcServer | None = None
         self._http: Server | None = None
         self._sql: Server | None = None
@@ -113,7 +122,8 @@ class Collector:
         metrics.gauge("lightspan_collector_queue_spans", lambda: committer.depth_spans)
         metrics.gauge("lightspan_collector_queue_bytes", lambda: committer.depth_bytes)
         metrics.gauge("lightspan_collector_store_up", lambda: 1.0 if self._store_up else 0.0)
-        receiver = Receiver(committer, metrics, auth_token=self.auth_token)
+        self._decoders = Decoders(self._decoder_processes)
+        receiver = Receiver(committer, metrics, auth_token=self.auth_token, decoders=self._decoders)
         tls_files = None
         ssl_context = None
         if self.tls:
@@ -161,6 +171,9 @@ class Collector:
     def _close_all(self) -> None:
         if self._committer is not None:
             self._committer.close(timeout=5)
+        if self._decoders is not None:
+            self._decoders.close()
+            self._decoders = None
         if self._sql is not None:
             self._sql.stop_listening()
             self._sql.drain(5)
@@ -201,11 +214,11 @@ class Collector:
                     self._store_up, self._last_error = False, str(error)
             return self._stores[index]
 
-    def _commit_via(self, index: int) -> Callable[[Columns], None]:
-        def commit(columns: Columns) -> None:
+    def _commit_via(self, index: int) -> Callable[[list[bytes]], None]:
+        def commit(blocks: list[bytes]) -> None:
             store = self._stores[index] or self._open_store(index)
             assert store is not None  # _open_store raises when it cannot connect
-            store.insert_columns(columns)
+            store.insert_native(blocks, NATIVE_COLUMN_NAMES)
 
         return commit
 

@@ -196,7 +196,7 @@ class Store:
 
     # --- spans ----------------------------------------------------------------------------------
     def insert_columns(self, columns: Sequence[Sequence[Any]], column_names: Sequence[str] = TRACE_COLUMNS) -> int:
-        """Insert one columnar batch into `otel_traces` (the collector's path); returns rows.
+        """Insert one columnar batch into `otel_traces`; returns rows.
 
         The insert returns after ClickHouse committed the batch, materialised views included,
         which is what lets the collector acknowledge only committed spans.
@@ -205,6 +205,15 @@ class Store:
             return 0
         self._call("insert", TRACES, columns, column_names=list(column_names), column_oriented=True)
         return len(columns[0])
+
+    def insert_native(self, blocks: Sequence[bytes], column_names: Sequence[str]) -> None:
+        """Insert Native-format blocks into `otel_traces` as one insert (the collector's path).
+
+        Like `insert_columns` it returns once ClickHouse committed them, views included.
+        """
+        data = blocks[0] if len(blocks) == 1 else b"".join(blocks)
+        if data:
+            self._call("raw_insert", TRACES, list(column_names), data, fmt="Native")
 
     def insert_spans(self, spans: Sequence[Span]) -> int:
         """Insert `Span` objects (tests, tools, synthetic data sets)."""

@@ -1,6 +1,6 @@
 """Group commit semantics, with a plain callable standing in for the store insert.
 
-The batcher's contract with the store is one function, `commit(columns)`; these tests drive it
+The batcher's contract with the store is one function, `commit(blocks)`; these tests drive it
 with callables that block, fail or record, to pin down batching, acknowledgement and bounds.
 The store-backed behaviour is tested end to end in test_collector*.py.
 """
@@ -16,42 +16,43 @@ from lightspan.collector.batcher import GroupCommitter, QueueFull, ShuttingDown
 from lightspan.errors import InvalidInput, StoreUnavailable
 
 
-def _columns(*values: int) -> list[list[int]]:
-    return [list(values), [v * 10 for v in values]]
+def _block(*values: int) -> bytes:
+    """A stand-in for one request's Native block: the batcher never looks inside."""
+    return ",".join(map(str, values)).encode()
 
 
 def test_requests_are_grouped_and_acknowledged_after_commit():
-    commits: list[list[list[int]]] = []
+    commits: list[list[bytes]] = []
     gate = threading.Event()
 
-    def commit(columns):
+    def commit(blocks):
         gate.wait(5)
-        commits.append(columns)
+        commits.append(blocks)
 
     committer = GroupCommitter(commit, batch_spans=100, batch_ms=50)
-    futures = [committer.submit(_columns(i, i + 100), 2) for i in range(5)]
+    futures = [committer.submit(_block(i, i + 100), 2) for i in range(5)]
     time.sleep(0.2)
     assert not any(f.done() for f in futures)  # not acknowledged before the commit returns
     gate.set()
     assert [f.result(5) for f in futures] == [2] * 5
-    assert commits[0] == [[0, 100, 1, 101, 2, 102, 3, 103, 4, 104], [0, 1000, 10, 1010, 20, 1020, 30, 1030, 40, 1040]]
+    assert commits == [[b"0,100", b"1,101", b"2,102", b"3,103", b"4,104"]]  # one insert, in arrival order
     committer.close()
 
 
 def test_full_batch_commits_without_waiting_for_the_timer():
-    committer = GroupCommitter(lambda columns: None, batch_spans=4, batch_ms=60_000)
+    committer = GroupCommitter(lambda blocks: None, batch_spans=4, batch_ms=60_000)
     started = time.monotonic()
-    futures = [committer.submit(_columns(i), 2) for i in range(2)]
+    futures = [committer.submit(_block(i), 2) for i in range(2)]
     assert [f.result(5) for f in futures] == [2, 2] and time.monotonic() - started < 5
     committer.close()
 
 
 def test_failed_commit_fails_every_request_retryably():
-    def commit(columns):
+    def commit(blocks):
         raise ConnectionError("store went away")
 
     committer = GroupCommitter(commit, batch_ms=20)
-    futures = [committer.submit(_columns(i), 1) for i in range(3)]
+    futures = [committer.submit(_block(i), 1) for i in range(3)]
     for future in futures:
         with pytest.raises(StoreUnavailable, match="store went away"):
             future.result(5)
@@ -59,35 +60,35 @@ def test_failed_commit_fails_every_request_retryably():
 
 
 def test_store_refusal_is_isolated_to_the_request_that_caused_it():
-    stored: list[int] = []
+    stored: list[bytes] = []
 
-    def commit(columns):
-        if -1 in columns[0]:
+    def commit(blocks):
+        if b"-1" in blocks:
             raise InvalidInput("Code: 27. bad value")
-        stored.extend(columns[0])
+        stored.extend(blocks)
 
     gate = threading.Event()
     committer = GroupCommitter(lambda c: (gate.wait(5), commit(c)), batch_spans=100, batch_ms=20)
-    blocker = committer.submit(_columns(0), 1)  # holds the committer while the next three queue up
-    futures = [committer.submit(_columns(1), 1), committer.submit(_columns(-1), 1), committer.submit(_columns(2), 1)]
+    blocker = committer.submit(_block(0), 1)  # holds the committer while the next three queue up
+    futures = [committer.submit(_block(1), 1), committer.submit(_block(-1), 1), committer.submit(_block(2), 1)]
     gate.set()
     assert blocker.result(5) == 1 and futures[0].result(5) == 1 and futures[2].result(5) == 1
     with pytest.raises(InvalidInput):
         futures[1].result(5)
-    assert sorted(stored) == [0, 1, 2]
+    assert sorted(stored) == [b"0", b"1", b"2"]
     committer.close()
 
 
 def test_queue_bound_pushes_back_instead_of_growing():
     gate = threading.Event()
     committer = GroupCommitter(lambda c: gate.wait(5), batch_spans=10, batch_ms=1, queue_spans=10, retry_after=2)
-    first = committer.submit(_columns(*range(8)), 8)
+    first = committer.submit(_block(*range(8)), 8)
     with pytest.raises(QueueFull) as error:
-        committer.submit(_columns(*range(3)), 3)
+        committer.submit(_block(*range(3)), 3)
     assert error.value.retry_after == 2 and committer.depth_spans == 8
     gate.set()
     first.result(5)
-    committer.submit(_columns(1), 1).result(5)  # room again once committed
+    committer.submit(_block(1), 1).result(5)  # room again once committed
     committer.close()
 
 
@@ -103,22 +104,22 @@ def test_byte_budget_admits_one_large_request_but_not_two():
 
 
 def test_close_flushes_queued_requests_then_refuses():
-    committed: list[int] = []
-    committer = GroupCommitter(lambda c: committed.extend(c[0]), batch_ms=60_000, batch_spans=1000)
-    futures = [committer.submit(_columns(i), 1) for i in range(3)]
+    committed: list[bytes] = []
+    committer = GroupCommitter(lambda blocks: committed.extend(blocks), batch_ms=60_000, batch_spans=1000)
+    futures = [committer.submit(_block(i), 1) for i in range(3)]
     committer.close(timeout=5)
-    assert all(f.result(0) == 1 for f in futures) and committed == [0, 1, 2]
+    assert all(f.result(0) == 1 for f in futures) and committed == [b"0", b"1", b"2"]
     with pytest.raises(ShuttingDown):
-        committer.submit(_columns(9), 1)
+        committer.submit(_block(9), 1)
 
 
 def test_two_committers_never_commit_an_empty_batch():
     batches: list[int] = []
     lock = threading.Lock()
 
-    def commit(columns):
+    def commit(blocks):
         with lock:
-            batches.append(len(columns[0]))
+            batches.append(len(blocks))
         time.sleep(0.01)
 
     reports: list[tuple[int, BaseException | None]] = []
@@ -126,7 +127,7 @@ def test_two_committers_never_commit_an_empty_batch():
                                on_commit=lambda spans, seconds, error: reports.append((spans, error)))
     futures = []
     for i in range(40):
-        futures.append(committer.submit(_columns(i), 1))
+        futures.append(committer.submit(_block(i), 1))
         time.sleep(0.002)
     assert all(f.result(5) == 1 for f in futures)
     committer.close()

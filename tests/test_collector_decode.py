@@ -1,4 +1,5 @@
-"""Decoding OTLP into otel_traces columns: the fast wire view against the generated classes."""
+"""Decoding OTLP into otel_traces Native blocks: the fast wire view against the generated classes,
+and the blocks read back by ClickHouse itself (chDB)."""
 
 from __future__ import annotations
 
@@ -9,8 +10,9 @@ import pytest
 from google.protobuf import json_format
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from lightspan.collector import wire
-from lightspan.collector.decode import decode_value, parse_json, parse_protobuf, to_columns
+from lightspan.collector import native, wire
+from lightspan.collector.decode import decode_value, parse_json, parse_protobuf
+from lightspan.collector.native import NATIVE_COLUMN_NAMES, to_native
 from lightspan.store.spans import TRACE_COLUMNS
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.proto.common.v1 import common_pb2
@@ -114,6 +116,26 @@ def test_decode_value_matches_encode_attribute_value(value):
     assert decode_value(_any(value).SerializeToString()) == _expected(value)
 
 
+def _read_native_string(data: bytes) -> str:
+    length = shift = pos = 0
+    while True:
+        byte = data[pos]
+        pos += 1
+        length |= (byte & 0x7F) << shift
+        shift += 7
+        if byte < 0x80:
+            break
+    assert len(data) == pos + length
+    return data[pos:].decode()
+
+
+@settings(max_examples=300, deadline=None)
+@given(values)
+def test_native_value_is_the_stored_string(value):
+    """The Native String a value becomes (the raw bytes reused for strings) reads back as the same text."""
+    assert _read_native_string(native._value(_any(value).SerializeToString())) == _expected(value)
+
+
 @pytest.mark.parametrize("value", [
     "", "x" * 127, "y" * 128, "z" * 20000, "ünïcødé ✓", 0, -1, 2**63 - 1, -(2**63), True, False, 0.0, -2.5, 1e300,
     [], [1, 2, 3], [0, -7, 2**40], [1, "a"], ["a", "b"], [1.5, 2.5], [True], [[1, 2], [3]], {"a": 1, "b": [1, 2]},
@@ -121,6 +143,7 @@ def test_decode_value_matches_encode_attribute_value(value):
 ])
 def test_decode_value_edge_cases(value):
     assert decode_value(_any(value).SerializeToString()) == _expected(value)
+    assert _read_native_string(native._value(_any(value).SerializeToString())) == _expected(value)
 
 
 def test_int_array_with_an_empty_element_is_not_taken_for_ints():
@@ -148,7 +171,7 @@ def test_invalid_utf8_string_is_invalid_input():
     resource_spans = b"\x12" + bytes([len(scope_spans)]) + scope_spans
     body = b"\x0a" + bytes([len(resource_spans)]) + resource_spans
     with pytest.raises(InvalidInput):
-        to_columns(parse_protobuf(body))
+        to_native(parse_protobuf(body))
 
 
 # --- whole requests -------------------------------------------------------------------------------
@@ -172,10 +195,19 @@ def _request() -> ExportTraceServiceRequest:
     )])
 
 
-def test_request_to_columns_and_partial_rejection():
-    decoded = to_columns(parse_protobuf(_request().SerializeToString()))
+def _stored(store, *blocks: bytes) -> list[dict]:
+    """The rows ClickHouse reads from Native blocks, timestamps as integer nanoseconds."""
+    store.insert_native(list(blocks), NATIVE_COLUMN_NAMES)
+    nanos = {"Timestamp": "toUnixTimestamp64Nano(Timestamp)",
+             "Events.Timestamp": "arrayMap(t -> toUnixTimestamp64Nano(t), `Events.Timestamp`)"}
+    columns = ", ".join(f"{nanos.get(name, f'`{name}`')} AS `{name}`" for name in TRACE_COLUMNS)
+    return store.sql(f"SELECT {columns} FROM otel_traces ORDER BY Timestamp").dicts()
+
+
+def test_request_to_native_block_and_partial_rejection(store):
+    decoded = to_native(parse_protobuf(_request().SerializeToString()))
     assert decoded.spans == 1 and decoded.rejected == 2 and "2 span(s) rejected" in decoded.message
-    row = dict(zip(TRACE_COLUMNS, (column[0] for column in decoded.columns)))
+    [row] = _stored(store, decoded.block)
     assert row == {
         "Timestamp": 1_700_000_000_000_000_000, "TraceId": TRACE.hex(), "SpanId": SPAN.hex(),
         "ParentSpanId": bytes(range(9, 17)).hex(), "TraceState": "k=v", "SpanName": "chat", "SpanKind": "Client",
@@ -205,16 +237,16 @@ def test_otlp_json_matches_protobuf():
             span["status"]["code"] = 2
     document["unknownTopLevelField"] = {"ignored": True}
     document["resourceSpans"][0]["scopeSpans"][0]["spans"][0]["futureField"] = 1
-    from_json = to_columns(parse_json(json.dumps(document).encode()))
-    from_proto = to_columns(parse_protobuf(request.SerializeToString()))
-    assert from_json.columns == from_proto.columns
+    from_json = to_native(parse_json(json.dumps(document).encode()))
+    from_proto = to_native(parse_protobuf(request.SerializeToString()))
+    assert from_json.block == from_proto.block
     assert (from_json.spans, from_json.rejected) == (1, 2)
 
 
 @pytest.mark.parametrize("body", [b"\xff\xff\xff", b"\x0a\x05abc"])
 def test_malformed_protobuf_is_invalid_input(body):
     with pytest.raises(InvalidInput):
-        to_columns(parse_protobuf(body))
+        to_native(parse_protobuf(body))
 
 
 @pytest.mark.parametrize("body", [b"{", b"[]", b'{"resourceSpans": [{"scopeSpans": [{"spans": [{"traceId": "zz"}]}]}]}',
@@ -224,9 +256,62 @@ def test_malformed_json_is_invalid_input(body):
         parse_json(body)
 
 
-def test_kind_and_status_out_of_range_fall_back_to_unspecified_and_unset():
+def test_kind_and_status_out_of_range_fall_back_to_unspecified_and_unset(store):
     span = trace_pb2.Span(trace_id=TRACE, span_id=SPAN, kind=42, status=Status(code=9))
     request = ExportTraceServiceRequest(resource_spans=[ResourceSpans(scope_spans=[ScopeSpans(spans=[span])])])
-    decoded = to_columns(parse_protobuf(request.SerializeToString()))
-    assert decoded.columns[TRACE_COLUMNS.index("SpanKind")] == ["Unspecified"]
-    assert decoded.columns[TRACE_COLUMNS.index("StatusCode")] == ["Unset"]
+    [row] = _stored(store, to_native(parse_protobuf(request.SerializeToString())).block)
+    assert (row["SpanKind"], row["StatusCode"], row["ServiceName"], row["ResourceAttributes"]) == (
+        "Unspecified", "Unset", "", {})
+
+
+def _text(value: AnyValue) -> str:
+    return value.string_value if value.HasField("string_value") else str(value.int_value)
+
+
+def _resource_spans(service: str | None, n_spans: int, seed: int) -> ResourceSpans:
+    texts = ["", "short", "é" * 100, "x" * 200, "長" * 7000]  # 0-, 1-, 2- and 3-byte varint lengths
+    spans = []
+    for i in range(n_spans):
+        attributes = [KeyValue(key=f"k{j}", value=_any(text)) for j, text in enumerate(texts[: 1 + (i + seed) % 5])]
+        attributes.append(KeyValue(key="n", value=_any(i)))
+        spans.append(Span(trace_id=bytes([seed + 1] * 16), span_id=bytes([i + 1] * 8), name=f"span {i}",
+                          start_time_unix_nano=1_700_000_000_000_000_000 + i, end_time_unix_nano=1_700_000_001_000_000_000,
+                          attributes=attributes,
+                          events=[Span.Event(time_unix_nano=5, name=f"e{e}") for e in range(i % 3)]))
+    resource = Resource(attributes=[KeyValue(key="service.name", value=_any(service))] if service else [])
+    return ResourceSpans(resource=resource, scope_spans=[
+        ScopeSpans(scope=common_pb2.InstrumentationScope(name=f"scope{s}"), spans=spans[s::2]) for s in range(2)])
+
+
+def test_blocks_of_several_requests_are_one_insert_with_every_span_intact(store):
+    """Several resources and scopes per request, strings of every varint length, empty maps and
+    event lists: each stored row equals the generated classes' reading of the same request."""
+    requests = [ExportTraceServiceRequest(resource_spans=[_resource_spans("svc", 5, seed), _resource_spans(None, 4, seed + 1)])
+                for seed in (0, 10)]
+    blocks = [to_native(parse_protobuf(request.SerializeToString())) for request in requests]
+    assert [b.spans for b in blocks] == [9, 9]
+    stored = {(row["TraceId"], row["SpanId"]): row for row in _stored(store, *(b.block for b in blocks))}
+    assert len(stored) == 18
+    for request in requests:
+        for resource_spans in request.resource_spans:
+            resource = {kv.key: _text(kv.value) for kv in resource_spans.resource.attributes}
+            for scope_spans in resource_spans.scope_spans:
+                for span in scope_spans.spans:
+                    row = stored[(span.trace_id.hex(), span.span_id.hex())]
+                    assert row["SpanAttributes"] == {kv.key: _text(kv.value)
+                                                     for kv in span.attributes}
+                    assert (row["SpanName"], row["ScopeName"], row["ResourceAttributes"], row["ServiceName"]) == (
+                        span.name, scope_spans.scope.name, resource, resource.get("service.name", ""))
+                    assert row["Events.Name"] == [e.name for e in span.events]
+                    assert row["Duration"] == span.end_time_unix_nano - span.start_time_unix_nano
+
+
+def test_invalid_utf8_in_a_long_string_is_invalid_input():
+    value = b"\x0a\xc8\x01" + b"a" * 199 + b"\xff"  # a 200-byte string_value, two-byte varint length
+    kv = b"\x0a\x01k\x12" + bytes([len(value)]) + value
+    span = b"\x0a\x10" + TRACE + b"\x12\x08" + SPAN + b"\x4a" + bytes([len(kv)]) + kv
+    scope_spans = b"\x12" + bytes([len(span)]) + span
+    resource_spans = b"\x12" + bytes([len(scope_spans)]) + scope_spans
+    body = b"\x0a" + bytes([len(resource_spans)]) + resource_spans
+    with pytest.raises(InvalidInput):
+        to_native(parse_protobuf(body))

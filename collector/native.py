@@ -1,0 +1,237 @@
+"""OTLP trace export requests to ClickHouse Native blocks for `otel_traces`: the hot path.
+
+The collector used to decode each request into Python column lists and let clickhouse-connect
+serialise them again at commit time, so every attribute value crossed Python twice (bytes to
+str, str to bytes) under one interpreter lock. Here a request goes from the upb-parsed wire view
+(`lightspan.collector.wire`) straight to the bytes of one Native block, which ClickHouse reads
+without another conversion and which concatenates with other requests' blocks into one insert:
+
+- A single-field string AnyValue is the tag byte 0x0A, a varint length and the UTF-8 text, and a
+  Native String is the same varint length and text: its bytes are reused as they are (after a
+  UTF-8 check, since OTLP requires valid UTF-8 and the Go collector refuses anything else).
+- Other values become the strings `lightspan.types.encode_attribute_value` writes (the ClickHouse
+  exporter's convention), through `decode.decode_value`.
+- Attribute keys repeat across spans; their encodings are cached.
+- LowCardinality columns are sent as plain String (and Map keys as String), which ClickHouse
+  converts on insert (`input_format_native_allow_types_conversion`, on by default and set by
+  the collector), as it does Map(String, String) into Map(LowCardinality(String), String).
+
+A span without a valid trace id or span id cannot be stored meaningfully; it is dropped and
+counted, and the request answers with `partial_success` instead of failing as a whole.
+"""
+
+from __future__ import annotations
+
+from array import array
+from binascii import hexlify
+from dataclasses import dataclass
+from itertools import repeat
+from typing import Any
+
+from google.protobuf.message import DecodeError
+from lightspan.collector.decode import decode_value
+
+from lightspan import semconv
+from lightspan.errors import InvalidInput
+
+# The block's columns, in the ClickHouse exporter's insert order, with the types they are sent as.
+NATIVE_COLUMNS: tuple[tuple[str, str], ...] = (
+    ("Timestamp", "DateTime64(9)"), ("TraceId", "String"), ("SpanId", "String"), ("ParentSpanId", "String"),
+    ("TraceState", "String"), ("SpanName", "String"), ("SpanKind", "String"), ("ServiceName", "String"),
+    ("ResourceAttributes", "Map(String, String)"), ("ScopeName", "String"), ("ScopeVersion", "String"),
+    ("SpanAttributes", "Map(String, String)"), ("Duration", "UInt64"), ("StatusCode", "String"),
+    ("StatusMessage", "String"), ("Events.Timestamp", "Array(DateTime64(9))"), ("Events.Name", "Array(String)"),
+    ("Events.Attributes", "Array(Map(String, String))"), ("Links.TraceId", "Array(String)"),
+    ("Links.SpanId", "Array(String)"), ("Links.TraceState", "Array(String)"),
+    ("Links.Attributes", "Array(Map(String, String))"),
+)
+NATIVE_COLUMN_NAMES = tuple(name for name, _ in NATIVE_COLUMNS)
+
+_SHORT = [bytes((n,)) for n in range(128)]  # one-byte varints
+_EMPTY = b"\x00"  # the empty string
+_ZERO_TRACE = bytes(16)
+_ZERO_SPAN = bytes(8)
+_MAX_CACHED_KEYS = 65536
+
+
+@dataclass(slots=True)
+class Decoded:
+    """One request's accepted spans as a Native block, plus what was rejected and why."""
+
+    block: bytes
+    spans: int
+    rejected: int = 0
+    message: str = ""
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while n >= 0x80:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def native_string(text: str) -> bytes:
+    """A Native String: varint byte length, then UTF-8."""
+    data = text.encode()
+    n = len(data)
+    return _SHORT[n] + data if n < 0x80 else _varint(n) + data
+
+
+_HEADERS = [native_string(name) + native_string(kind) for name, kind in NATIVE_COLUMNS]
+_KINDS = [native_string(kind) for kind in semconv.SPAN_KINDS]
+_STATUSES = [native_string(code) for code in semconv.STATUS_CODES]
+_keys: dict[str, bytes] = {}
+
+
+def _key(key: str) -> bytes:
+    encoded = _keys.get(key)
+    if encoded is None:
+        if len(_keys) >= _MAX_CACHED_KEYS:  # unbounded key sets (ids in keys) must not grow memory
+            _keys.clear()
+        encoded = _keys[key] = native_string(key)
+    return encoded
+
+
+def _value(raw: bytes) -> bytes:
+    """An attribute value's AnyValue wire bytes as a Native String."""
+    if raw and raw[0] == 0x0A:  # string_value, reused when it is the only field
+        n = raw[1] if len(raw) > 1 else 0
+        if n < 0x80:
+            if len(raw) == n + 2:
+                raw[2:].decode()  # UTF-8 check
+                return raw[1:]
+        elif len(raw) > 2 and raw[2] < 0x80 and len(raw) == ((n & 0x7F) | (raw[2] << 7)) + 3:
+            raw[3:].decode()
+            return raw[1:]
+    return native_string(decode_value(raw))
+
+
+def _map(attributes: Any, keys: list[bytes], values: list[bytes]) -> int:
+    """Append one attribute map's keys and values; returns how many there were."""
+    key, value = _key, _value
+    for name in attributes:
+        keys.append(key(name))
+        values.append(value(attributes[name]))
+    return len(attributes)
+
+
+def to_native(request: Any) -> Decoded:
+    """The request's valid spans as one Native block; invalid spans are counted, not stored."""
+    try:
+        return _to_native(request)
+    except (DecodeError, UnicodeDecodeError) as error:
+        raise InvalidInput(f"malformed OTLP attribute value: {error}") from None
+
+
+def _to_native(request: Any) -> Decoded:
+    timestamps, durations = array("q"), array("Q")
+    trace_ids: list[bytes] = []
+    span_ids: list[bytes] = []
+    parents: list[bytes] = []
+    states: list[bytes] = []
+    names: list[bytes] = []
+    kinds: list[bytes] = []
+    services: list[bytes] = []
+    scopes: list[bytes] = []
+    scope_versions: list[bytes] = []
+    statuses: list[bytes] = []
+    status_messages: list[bytes] = []
+    resource_offsets, resource_keys, resource_values, resource_total = array("Q"), [], [], 0
+    attr_offsets, attr_keys, attr_values, attr_total = array("Q"), [], [], 0
+    event_offsets, event_times, event_names, events_total = array("Q"), array("q"), [], 0
+    event_attr_offsets, event_keys, event_values, event_attr_total = array("Q"), [], [], 0
+    link_offsets, link_traces, link_spans, link_states, links_total = array("Q"), [], [], [], 0
+    link_attr_offsets, link_keys, link_values, link_attr_total = array("Q"), [], [], 0
+    string, key, value, span_kinds, status_codes = native_string, _key, _value, _KINDS, _STATUSES
+    accepted = rejected = 0
+
+    for resource_spans in request.resource_spans:
+        resource = resource_spans.resource.attributes
+        resource_key_list: list[bytes] = []
+        resource_value_list: list[bytes] = []
+        per_resource = _map(resource, resource_key_list, resource_value_list)
+        service_raw = resource.get(semconv.SERVICE_NAME)
+        service = value(service_raw) if service_raw is not None else _EMPTY
+        for scope_spans in resource_spans.scope_spans:
+            count = 0
+            for span in scope_spans.spans:
+                trace_id, span_id = span.trace_id, span.span_id
+                if len(trace_id) != 16 or len(span_id) != 8 or trace_id == _ZERO_TRACE or span_id == _ZERO_SPAN:
+                    rejected += 1
+                    continue
+                count += 1
+                start, end = span.start_time_unix_nano, span.end_time_unix_nano
+                timestamps.append(start)
+                durations.append(end - start if end > start else 0)
+                trace_ids.append(b"\x20" + hexlify(trace_id))
+                span_ids.append(b"\x10" + hexlify(span_id))
+                parent = span.parent_span_id
+                parents.append(string(parent.hex()) if parent else _EMPTY)
+                text = span.trace_state
+                states.append(string(text) if text else _EMPTY)
+                names.append(string(span.name))
+                kind = span.kind
+                kinds.append(span_kinds[kind] if 0 <= kind < 6 else span_kinds[0])
+                attributes = span.attributes
+                for name in attributes:
+                    attr_keys.append(key(name))
+                    attr_values.append(value(attributes[name]))
+                attr_total += len(attributes)
+                attr_offsets.append(attr_total)
+                status = span.status
+                code = status.code
+                statuses.append(status_codes[code] if 0 <= code < 3 else status_codes[0])
+                text = status.message
+                status_messages.append(string(text) if text else _EMPTY)
+                events = span.events
+                if events:
+                    for event in events:
+                        event_times.append(event.time_unix_nano)
+                        event_names.append(string(event.name))
+                        event_attr_total += _map(event.attributes, event_keys, event_values)
+                        event_attr_offsets.append(event_attr_total)
+                    events_total += len(events)
+                event_offsets.append(events_total)
+                links = span.links
+                if links:
+                    for link in links:
+                        link_traces.append(string(link.trace_id.hex()))
+                        link_spans.append(string(link.span_id.hex()))
+                        link_states.append(string(link.trace_state))
+                        link_attr_total += _map(link.attributes, link_keys, link_values)
+                        link_attr_offsets.append(link_attr_total)
+                    links_total += len(links)
+                link_offsets.append(links_total)
+            if count:
+                accepted += count
+                scope = scope_spans.scope
+                services.extend(repeat(service, count))
+                scopes.extend(repeat(string(scope.name), count))
+                scope_versions.extend(repeat(string(scope.version), count))
+                resource_keys.extend(resource_key_list * count)
+                resource_values.extend(resource_value_list * count)
+                resource_offsets.extend(range(resource_total + per_resource, resource_total + per_resource * count + 1,
+                                              per_resource) if per_resource else repeat(resource_total, count))
+                resource_total += per_resource * count
+
+    join = b"".join
+    events_at, links_at = event_offsets.tobytes(), link_offsets.tobytes()
+    data = (
+        timestamps.tobytes(), join(trace_ids), join(span_ids), join(parents), join(states), join(names),
+        join(kinds), join(services), resource_offsets.tobytes() + join(resource_keys) + join(resource_values),
+        join(scopes), join(scope_versions), attr_offsets.tobytes() + join(attr_keys) + join(attr_values),
+        durations.tobytes(), join(statuses), join(status_messages),
+        events_at + event_times.tobytes(), events_at + join(event_names),
+        events_at + event_attr_offsets.tobytes() + join(event_keys) + join(event_values),
+        links_at + join(link_traces), links_at + join(link_spans), links_at + join(link_states),
+        links_at + link_attr_offsets.tobytes() + join(link_keys) + join(link_values),
+    )
+    parts = [_varint(len(NATIVE_COLUMNS)), _varint(accepted)]
+    for header, column in zip(_HEADERS, data):
+        parts.append(header)
+        parts.append(column)
+    message = f"{rejected} span(s) rejected: trace_id must be 16 and span_id 8 non-zero bytes" if rejected else ""
+    return Decoded(join(parts) if accepted else b"", accepted, rejected, message)
