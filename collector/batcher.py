@@ -3,10 +3,10 @@
 Receivers decode a request into a block (a Native block of its spans) and `submit` it; a
 committer thread takes what is queued, up to `batch_spans` spans or after `batch_ms`
 milliseconds, hands the blocks to `commit` as one batch (one store insert), and only then
-completes each request's future. A failed commit
-fails every request of the batch with `StoreUnavailable`, so nothing is acknowledged that is not
-stored and clients retry (duplicates collapse in `rollout_spans`). A request is never split
-across batches, so it is stored whole or not at all.
+completes each request's future. A failed commit fails every request of the batch with
+`StoreUnavailable`, so nothing is acknowledged that is not stored and clients retry (duplicates
+collapse in `rollout_spans`). A request is never split across batches, so it is stored whole or
+not at all.
 
 Memory is bounded twice: `admit` caps the request bytes in flight (reading, decoding, queued,
 committing) before any work is done on them, and `submit` caps the queued spans. Past either
@@ -25,10 +25,16 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
+from lightspan.collector.defaults import (
+    DEFAULT_BATCH_MS,
+    DEFAULT_BATCH_SPANS,
+    DEFAULT_QUEUE_BYTES,
+    DEFAULT_QUEUE_SPANS,
+)
+
 from lightspan.errors import InvalidInput, StoreUnavailable
 
 log = logging.getLogger(__name__)
-
 
 
 class QueueFull(StoreUnavailable):
@@ -63,10 +69,10 @@ class GroupCommitter:
         self,
         commit: Callable[[list[bytes]], Any] | Sequence[Callable[[list[bytes]], Any]],
         *,
-        batch_spans: int = 8192,
-        batch_ms: float = 50.0,
-        queue_spans: int = 65536,
-        queue_bytes: int = 256 << 20,
+        batch_spans: int = DEFAULT_BATCH_SPANS,
+        batch_ms: float = DEFAULT_BATCH_MS,
+        queue_spans: int = DEFAULT_QUEUE_SPANS,
+        queue_bytes: int = DEFAULT_QUEUE_BYTES,
         retry_after: float = 1.0,
         on_commit: Callable[[int, float, BaseException | None], None] | None = None,
     ):

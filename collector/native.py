@@ -145,7 +145,7 @@ def _to_native(request: Any) -> Decoded:
     event_attr_offsets, event_keys, event_values, event_attr_total = array("Q"), [], [], 0
     link_offsets, link_traces, link_spans, link_states, links_total = array("Q"), [], [], [], 0
     link_attr_offsets, link_keys, link_values, link_attr_total = array("Q"), [], [], 0
-    string, key, value, span_kinds, status_codes = native_string, _key, _value, _KINDS, _STATUSES
+    string, value, span_kinds, status_codes = native_string, _value, _KINDS, _STATUSES
     accepted = rejected = 0
 
     for resource_spans in request.resource_spans:
@@ -175,11 +175,7 @@ def _to_native(request: Any) -> Decoded:
                 names.append(string(span.name))
                 kind = span.kind
                 kinds.append(span_kinds[kind] if 0 <= kind < 6 else span_kinds[0])
-                attributes = span.attributes
-                for name in attributes:
-                    attr_keys.append(key(name))
-                    attr_values.append(value(attributes[name]))
-                attr_total += len(attributes)
+                attr_total += _map(span.attributes, attr_keys, attr_values)
                 attr_offsets.append(attr_total)
                 status = span.status
                 code = status.code

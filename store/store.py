@@ -211,7 +211,7 @@ class Store:
 
         Like `insert_columns` it returns once ClickHouse committed them, views included.
         """
-        data = blocks[0] if len(blocks) == 1 else b"".join(blocks)
+        data = b"".join(blocks)  # one block is returned as it is, not copied
         if data:
             self._call("raw_insert", TRACES, list(column_names), data, fmt="Native")
 

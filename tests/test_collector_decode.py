@@ -164,14 +164,18 @@ def test_nan_double_is_its_repr():
     assert math.isnan(float(decode_value(AnyValue(double_value=float("nan")).SerializeToString())))
 
 
-def test_invalid_utf8_string_is_invalid_input():
-    kv = b"\x0a\x01k\x12\x03\x0a\x01\xff"  # KeyValue(key="k", value=AnyValue(string_value=b"\xff"))
+def _body_with_attribute(kv: bytes) -> bytes:
+    """A request of one span holding one raw KeyValue: bytes the generated classes would refuse to write."""
     span = b"\x0a\x10" + TRACE + b"\x12\x08" + SPAN + b"\x4a" + bytes([len(kv)]) + kv
     scope_spans = b"\x12" + bytes([len(span)]) + span
     resource_spans = b"\x12" + bytes([len(scope_spans)]) + scope_spans
-    body = b"\x0a" + bytes([len(resource_spans)]) + resource_spans
+    return b"\x0a" + bytes([len(resource_spans)]) + resource_spans
+
+
+def test_invalid_utf8_string_is_invalid_input():
+    kv = b"\x0a\x01k\x12\x03\x0a\x01\xff"  # KeyValue(key="k", value=AnyValue(string_value=b"\xff"))
     with pytest.raises(InvalidInput):
-        to_native(parse_protobuf(body))
+        to_native(parse_protobuf(_body_with_attribute(kv)))
 
 
 # --- whole requests -------------------------------------------------------------------------------
@@ -309,9 +313,5 @@ def test_blocks_of_several_requests_are_one_insert_with_every_span_intact(store)
 def test_invalid_utf8_in_a_long_string_is_invalid_input():
     value = b"\x0a\xc8\x01" + b"a" * 199 + b"\xff"  # a 200-byte string_value, two-byte varint length
     kv = b"\x0a\x01k\x12" + bytes([len(value)]) + value
-    span = b"\x0a\x10" + TRACE + b"\x12\x08" + SPAN + b"\x4a" + bytes([len(kv)]) + kv
-    scope_spans = b"\x12" + bytes([len(span)]) + span
-    resource_spans = b"\x12" + bytes([len(scope_spans)]) + scope_spans
-    body = b"\x0a" + bytes([len(resource_spans)]) + resource_spans
     with pytest.raises(InvalidInput):
-        to_native(parse_protobuf(body))
+        to_native(parse_protobuf(_body_with_attribute(kv)))
