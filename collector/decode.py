@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 from google.protobuf import json_format
 from google.protobuf.message import DecodeError
-from lightspan.collector.wire import ArrayElements, PackedInt64, TraceRequestView
+from lightspan.collector.wire import PackedInt64, TraceRequestView
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTracePartialSuccess,
     ExportTraceServiceRequest,
@@ -39,6 +39,7 @@ _orjson_dumps = orjson.dumps
 
 # First byte of an AnyValue holding one field: (field number << 3) | wire type.
 _STRING, _BOOL, _INT, _DOUBLE, _ARRAY = 0x0A, 0x10, 0x18, 0x21, 0x2A
+_HIGH_BYTES = bytes(range(0x80, 0x100))  # varint continuation bytes
 
 
 # --- attribute values -----------------------------------------------------------------------------
@@ -97,12 +98,13 @@ def _int_array(payload: bytes) -> str | None:
     """An ArrayValue's bytes as a JSON list when every element is an int_value, else None."""
     try:
         numbers = PackedInt64.FromString(payload).values
-        elements = len(ArrayElements.FromString(payload).values)
     except DecodeError:
         return None
-    # Every element one (tag 24, value) pair: every element is an int. An empty element would
-    # contribute no pair and one holding two ints two, so the element count must match too.
-    if len(numbers) != 2 * elements or numbers[0::2].count(_INT) != elements:
+    # Every element must be one (tag 24, value) pair. An int element is the bytes 0x0A, length,
+    # 0x18, varint, and exactly four of them are below 0x80 (each varint's last byte): two per
+    # number read. An empty element (two such bytes, no number) or one holding two ints (six, four
+    # numbers) breaks that count, so it holds when there are as many elements as pairs.
+    if len(payload.translate(None, _HIGH_BYTES)) != 2 * len(numbers) or 2 * numbers[0::2].count(_INT) != len(numbers):
         return None
     return _orjson_dumps(numbers[1::2]).decode()
 

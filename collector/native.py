@@ -11,7 +11,8 @@ without another conversion and which concatenates with other requests' blocks in
   UTF-8 check, since OTLP requires valid UTF-8 and the Go collector refuses anything else).
 - Other values become the strings `lightspan.types.encode_attribute_value` writes (the ClickHouse
   exporter's convention), through `decode.decode_value`.
-- Attribute keys repeat across spans; their encodings are cached.
+- Attribute keys repeat across spans, and so do short non-string values (token counts, flags,
+  temperatures, attempt numbers): their encodings are cached, in bounded dictionaries.
 - LowCardinality columns are sent as plain String (and Map keys as String), which ClickHouse
   converts on insert (`input_format_native_allow_types_conversion`, on by default and set by
   the collector), as it does Map(String, String) into Map(LowCardinality(String), String).
@@ -52,6 +53,8 @@ _EMPTY = b"\x00"  # the empty string
 _ZERO_TRACE = bytes(16)
 _ZERO_SPAN = bytes(8)
 _MAX_CACHED_KEYS = 65536
+_MAX_CACHED_VALUES = 65536
+_CACHED_VALUE_BYTES = 16  # ints, doubles, bools and tiny arrays: few distinct values, decoded often
 
 
 @dataclass(slots=True)
@@ -84,6 +87,7 @@ _HEADERS = [native_string(name) + native_string(kind) for name, kind in NATIVE_C
 _KINDS = [native_string(kind) for kind in semconv.SPAN_KINDS]
 _STATUSES = [native_string(code) for code in semconv.STATUS_CODES]
 _keys: dict[str, bytes] = {}
+_values: dict[bytes, bytes] = {}
 
 
 def _key(key: str) -> bytes:
@@ -106,7 +110,14 @@ def _value(raw: bytes) -> bytes:
         elif len(raw) > 2 and raw[2] < 0x80 and len(raw) == ((n & 0x7F) | (raw[2] << 7)) + 3:
             raw[3:].decode()
             return raw[1:]
-    return native_string(decode_value(raw))
+    if len(raw) > _CACHED_VALUE_BYTES:
+        return native_string(decode_value(raw))
+    encoded = _values.get(raw)
+    if encoded is None:
+        if len(_values) >= _MAX_CACHED_VALUES:
+            _values.clear()
+        encoded = _values[raw] = native_string(decode_value(raw))
+    return encoded
 
 
 def _map(attributes: Any, keys: list[bytes], values: list[bytes]) -> int:

@@ -11,8 +11,7 @@ here against the generated OTLP descriptors, so a drift cannot go unnoticed.
 
 `PackedInt64` reads an ArrayValue of ints the same way: each element is a length-delimited
 AnyValue holding tag byte 24 and a varint, so parsed as a packed int64 field the bytes come out
-as [24, v1, 24, v2, ...]. `ArrayElements` reads the same bytes as one raw string per element,
-which counts the elements far more cheaply than the generated ArrayValue.
+as [24, v1, 24, v2, ...].
 """
 
 from __future__ import annotations
@@ -52,7 +51,6 @@ _MESSAGES: dict[str, list[tuple[str, int, int, bool, str | None]]] = {
     ],
     "ExportTraceServiceRequest": [("resource_spans", 1, _F.TYPE_MESSAGE, True, "ResourceSpans")],
     "PackedInt64": [("values", 1, _F.TYPE_INT64, True, None)],
-    "ArrayElements": [("values", 1, _F.TYPE_BYTES, True, None)],
 }
 
 # Where OTLP has `repeated KeyValue attributes`, with its field number.
@@ -84,5 +82,4 @@ def _build() -> dict[str, Any]:
 _CLASSES = _build()
 TraceRequestView = _CLASSES["ExportTraceServiceRequest"]
 PackedInt64 = _CLASSES["PackedInt64"]
-ArrayElements = _CLASSES["ArrayElements"]
 VIEW_CLASSES = _CLASSES

@@ -32,7 +32,6 @@ _GENERATED = {
     "Event": Span.Event.DESCRIPTOR, "Link": Span.Link.DESCRIPTOR, "Status": Status.DESCRIPTOR,
     "Span": Span.DESCRIPTOR, "ScopeSpans": ScopeSpans.DESCRIPTOR, "ResourceSpans": ResourceSpans.DESCRIPTOR,
     "ExportTraceServiceRequest": ExportTraceServiceRequest.DESCRIPTOR, "PackedInt64": ArrayValue.DESCRIPTOR,
-    "ArrayElements": ArrayValue.DESCRIPTOR,
 }
 
 
