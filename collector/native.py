@@ -11,7 +11,7 @@ without another conversion and which concatenates with other requests' blocks in
   UTF-8 check, since OTLP requires valid UTF-8 and the Go collector refuses anything else).
 - Other values become the strings `lightspan.types.encode_attribute_value` writes (the ClickHouse
   exporter's convention), through `decode.decode_value`.
-- Attribute keys repeat across spans, and so do short non-string values (token counts, flags,
+- Attribute keys and span names repeat across spans, and so do short non-string values (token counts, flags,
   temperatures, attempt numbers): their encodings are cached, in bounded dictionaries.
 - LowCardinality columns are sent as plain String (and Map keys as String), which ClickHouse
   converts on insert (`input_format_native_allow_types_conversion`, on by default and set by
@@ -156,7 +156,7 @@ def _to_native(request: Any) -> Decoded:
     event_attr_offsets, event_keys, event_values, event_attr_total = array("Q"), [], [], 0
     link_offsets, link_traces, link_spans, link_states, links_total = array("Q"), [], [], [], 0
     link_attr_offsets, link_keys, link_values, link_attr_total = array("Q"), [], [], 0
-    string, value, span_kinds, status_codes = native_string, _value, _KINDS, _STATUSES
+    string, key, value, span_kinds, status_codes = native_string, _key, _value, _KINDS, _STATUSES
     accepted = rejected = 0
 
     for resource_spans in request.resource_spans:
@@ -180,10 +180,10 @@ def _to_native(request: Any) -> Decoded:
                 trace_ids.append(b"\x20" + hexlify(trace_id))
                 span_ids.append(b"\x10" + hexlify(span_id))
                 parent = span.parent_span_id
-                parents.append(string(parent.hex()) if parent else _EMPTY)
+                parents.append(b"\x10" + hexlify(parent) if len(parent) == 8 else string(parent.hex()))
                 text = span.trace_state
                 states.append(string(text) if text else _EMPTY)
-                names.append(string(span.name))
+                names.append(key(span.name))
                 kind = span.kind
                 kinds.append(span_kinds[kind] if 0 <= kind < 6 else span_kinds[0])
                 attr_total += _map(span.attributes, attr_keys, attr_values)

@@ -223,6 +223,15 @@ def test_request_to_native_block_and_partial_rejection(store):
     }
 
 
+def test_root_and_odd_length_parent_ids(store):
+    spans = [Span(trace_id=TRACE, span_id=SPAN, name="root", start_time_unix_nano=1),
+             Span(trace_id=TRACE, span_id=bytes(range(2, 10)), parent_span_id=b"\x01\x02\x03\x04", name="odd",
+                  start_time_unix_nano=2)]
+    request = ExportTraceServiceRequest(resource_spans=[ResourceSpans(scope_spans=[ScopeSpans(spans=spans)])])
+    rows = _stored(store, to_native(parse_protobuf(request.SerializeToString())).block)
+    assert [(row["SpanName"], row["ParentSpanId"]) for row in rows] == [("root", ""), ("odd", "01020304")]
+
+
 def test_otlp_json_matches_protobuf():
     request = _request()
     document = json_format.MessageToDict(request)
