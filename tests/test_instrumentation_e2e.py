@@ -11,47 +11,15 @@ from __future__ import annotations
 
 import os
 import re
-import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
 
 TESTS = Path(__file__).parent
 LIGHTSPAN = [sys.executable, "-m", "lightspan.cli"]
-
-
-@pytest.fixture
-def collector(tmp_path):
-    """A running collector; yields (grpc endpoint, http endpoint, SQL store URL)."""
-    proc = subprocess.Popen(
-        [*LIGHTSPAN, "collector", "--store", f"chdb://{tmp_path / 'data'}",
-         "--grpc-port", "0", "--http-port", "0", "--sql-port", "0"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )
-    banner = ""
-    deadline = time.monotonic() + 120
-    try:
-        while "SQL (ClickHouse HTTP)" not in banner:
-            line = proc.stdout.readline()
-            if not line:
-                raise AssertionError(f"collector exited: {proc.stderr.read()}")
-            banner += line
-            assert time.monotonic() < deadline, banner
-        grpc_endpoint = re.search(r"OTLP/gRPC\s+(\S+)", banner).group(1)
-        http_endpoint = re.search(r"OTLP/HTTP\s+(\S+)/v1/traces", banner).group(1)
-        sql_url = re.search(r"SQL \(ClickHouse HTTP\)\s+(\S+)", banner).group(1)
-        yield grpc_endpoint, http_endpoint, sql_url
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 AGENT = """
@@ -74,10 +42,9 @@ AGENT = """
 
 @pytest.mark.slow
 @pytest.mark.parametrize("protocol", ["grpc", "http/protobuf"])
-def test_agent_traces_reach_collector_and_show_prints_the_tree(collector, protocol):
-    grpc_endpoint, http_endpoint, sql_url = collector
+def test_agent_traces_reach_collector_and_show_prints_the_tree(collector_process, protocol):
     rollout_id = f"e2e-{protocol.replace('/', '-')}"
-    endpoint = grpc_endpoint if protocol == "grpc" else http_endpoint
+    endpoint = collector_process.grpc_endpoint if protocol == "grpc" else collector_process.http_endpoint
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "LIGHTSPAN_"))}
     env["PYTHONPATH"] = str(TESTS) + os.pathsep + env.get("PYTHONPATH", "")
     code = textwrap.dedent(AGENT.format(endpoint=endpoint, protocol=protocol, rollout_id=rollout_id))
@@ -85,7 +52,7 @@ def test_agent_traces_reach_collector_and_show_prints_the_tree(collector, protoc
                          check=False)
     assert app.returncode == 0, app.stderr
 
-    show = subprocess.run([*LIGHTSPAN, "show", rollout_id, "--store", sql_url], capture_output=True,
+    show = subprocess.run([*LIGHTSPAN, "show", rollout_id, "--store", collector_process.sql_url], capture_output=True,
                           text=True, timeout=120, check=False)
     assert show.returncode == 0, show.stderr
     out = show.stdout

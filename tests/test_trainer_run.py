@@ -233,35 +233,6 @@ for task in range(tasks):
 """
 
 
-@pytest.fixture
-def collector(tmp_path):
-    """`lightspan collector` on an embedded store, ephemeral ports; yields (OTLP gRPC, SQL URL)."""
-    import re
-
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "lightspan", "collector", "--store", f"chdb://{tmp_path / 'data'}",
-         "--grpc-port", "0", "--http-port", "0", "--sql-port", "0"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )
-    banner, deadline = "", time.monotonic() + 120
-    try:
-        while "SQL (ClickHouse HTTP)" not in banner:
-            line = proc.stdout.readline()
-            if not line:
-                raise AssertionError(f"collector exited: {proc.stderr.read()}")
-            banner += line
-            assert time.monotonic() < deadline, banner
-        yield (re.search(r"OTLP/gRPC\s+(\S+)", banner).group(1),
-               re.search(r"SQL \(ClickHouse HTTP\)\s+(\S+)", banner).group(1))
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
 def _free_port() -> int:
     import socket
 
@@ -272,14 +243,14 @@ def _free_port() -> int:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", [2, 3])
-def test_two_ranks_under_zero_split_task_groups_and_save_the_gathered_weights(tmp_path, tiny, collector, stage):
+def test_two_ranks_under_zero_split_task_groups_and_save_the_gathered_weights(tmp_path, tiny, collector_process, stage):
     import json
 
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    grpc_endpoint, sql_url = collector
+    grpc_endpoint, sql_url = collector_process.grpc_endpoint, collector_process.sql_url
     tasks = 8
     agent = subprocess.run([sys.executable, "-c", AGENT, grpc_endpoint, str(tasks), "4"], capture_output=True,
                            text=True, timeout=120, check=False)
