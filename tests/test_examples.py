@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -209,16 +210,86 @@ def test_planner_executor_spans_name_their_agent_and_only_the_planner_is_selecte
     assert planner.response_token_ids == everyone[0].response_token_ids
 
 
-def test_capital_cities_help_exits_zero():
-    done = subprocess.run(
-        [sys.executable, str(EXAMPLES / "capital_cities.py"), "--help"],
-        check=False,
-        capture_output=True,
-        text=True,
-        timeout=60,
+# --- the shared command line (examples/_run.py) ---------------------------------------------------
+def _example(name: str, *args: str, timeout: float = 60, **kwargs: Any) -> subprocess.CompletedProcess[str]:
+    """`python examples/NAME.py ARGS` as a user runs it: the script's folder puts _run on sys.path."""
+    return subprocess.run(
+        [sys.executable, str(EXAMPLES / f"{name}.py"), *args],
+        check=False, capture_output=True, text=True, timeout=timeout, **kwargs,
     )
+
+
+@pytest.mark.parametrize(
+    ("name", "train_help"),
+    [
+        ("capital_cities", "train with lightspan.Trainer(...).fit"),
+        ("sql_agent", "train with lightspan.Trainer(...).fit"),
+        ("planner_executor", "train the planner with lightspan.Trainer(...).fit"),
+    ],
+)
+def test_help_shows_the_examples_own_docstring_the_shared_options_and_the_setup(name, train_help):
+    import importlib
+
+    done = _example(name, "--help")
     assert done.returncode == 0, done.stderr
-    assert "--collector" in done.stdout and "lightspan serve" in done.stdout
+    out = done.stdout
+    first_line = importlib.import_module(name).__doc__.splitlines()[0]
+    assert out.index(first_line) < out.index("OTLP/gRPC endpoint") < out.index("lightspan serve --model tiny-model")
+    assert f"python examples/{name}.py --train" in out
+    assert " ".join(out[out.index("--train  "):].split()).startswith(f"--train {train_help}")
+
+
+def test_train_without_a_model_folder_is_a_usage_error():
+    done = _example("capital_cities", "--train")
+    assert done.returncode == 2
+    assert "--train needs --model DIR" in done.stderr and not done.stdout
+
+
+def test_run_tasks_scores_a_failed_episode_zero_and_goes_on(capsys):
+    from _run import run_tasks
+
+    from lightspan.types import LLM
+
+    def agent(task: dict, llm: LLM) -> float:
+        if task["id"] == "b":
+            raise RuntimeError("server went away")
+        return 1.0
+
+    rewards = run_tasks(agent, [{"id": "a"}, {"id": "b"}, {"id": "c"}], LLM("http://unused/v1", "m"))
+    assert rewards == [1.0, 0.0, 1.0]
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1].split() == ["b", "failed:", "RuntimeError:", "server", "went", "away"]
+    assert lines[-1] == "mean reward 0.67 over 3 tasks"
+
+
+@pytest.mark.slow
+def test_a_run_once_traces_every_task_to_a_real_collector(collector_process):
+    """The run-once mode end to end: the script, the fake OpenAI server, the real collector."""
+    import capital_cities
+    from fake_openai import FakeOpenAI
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "LIGHTSPAN_"))}
+    with FakeOpenAI(script=["Paris", "Berlin."], default_reply="Lyon") as fake:
+        done = _example(
+            "capital_cities", "--base-url", fake.base_url, "--model", "fake-model",
+            "--collector", collector_process.grpc_endpoint, timeout=120, env=env,
+        )
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert [line.split() for line in lines[:3]] == [
+        ["capital-france", "reward", "1"], ["capital-germany", "reward", "1"], ["capital-spain", "reward", "0"],
+    ]
+    tasks = capital_cities.TASKS
+    assert lines[-1] == f"mean reward {2 / len(tasks):.2f} over {len(tasks)} tasks"
+
+    listed = subprocess.run(
+        [sys.executable, "-m", "lightspan", "rollouts", "--service", capital_cities.SERVICE, "--format", "json",
+         "--limit", "100", "--store", collector_process.sql_url],
+        check=False, capture_output=True, text=True, timeout=120,
+    )
+    assert listed.returncode == 0, listed.stderr
+    rollouts = {r["task_id"]: r["last_reward"] for r in map(json.loads, listed.stdout.splitlines())}
+    assert rollouts == {t["id"]: 1.0 if t["answer"] in ("Paris", "Berlin") else 0.0 for t in tasks}
 
 
 if __name__ == "__main__":
