@@ -13,7 +13,6 @@ from collections.abc import Iterable, Mapping, Sequence
 from lightspan.algorithms import advantages as advantage_estimators
 from lightspan.algorithms import credit as credit_strategies
 from lightspan.algorithms.transitions import AgentSelector, FailedPolicy, from_spans
-
 from lightspan.types import Span, SpanTree, Transition
 
 

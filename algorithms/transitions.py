@@ -33,9 +33,8 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, Union
 
-from lightspan.algorithms.dialects import LLMCall, is_llm_call, parse_call
-
 from lightspan import semconv
+from lightspan.algorithms.dialects import LLMCall, is_llm_call, parse_call
 from lightspan.errors import InvalidInput
 from lightspan.types import Span, SpanTree, Transition
 

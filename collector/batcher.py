@@ -31,7 +31,6 @@ from lightspan.collector.defaults import (
     DEFAULT_QUEUE_BYTES,
     DEFAULT_QUEUE_SPANS,
 )
-
 from lightspan.errors import InvalidInput, StoreUnavailable
 
 log = logging.getLogger(__name__)

@@ -15,6 +15,7 @@ import sys
 import threading
 from typing import Any
 
+from lightspan import semconv
 from lightspan.collector.defaults import (
     DEFAULT_BATCH_MS,
     DEFAULT_BATCH_SPANS,
@@ -22,8 +23,6 @@ from lightspan.collector.defaults import (
     DEFAULT_QUEUE_BYTES,
     DEFAULT_QUEUE_SPANS,
 )
-
-from lightspan import semconv
 
 
 def _add_flags(parser: argparse.ArgumentParser) -> None:

@@ -19,7 +19,6 @@ from typing import TYPE_CHECKING, Any
 import orjson
 from google.protobuf import json_format
 from google.protobuf.message import DecodeError
-from lightspan.collector.wire import PackedInt64, TraceRequestView
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTracePartialSuccess,
     ExportTraceServiceRequest,
@@ -27,6 +26,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
 )
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue
 
+from lightspan.collector.wire import PackedInt64, TraceRequestView
 from lightspan.errors import InvalidInput
 
 if TYPE_CHECKING:

@@ -18,11 +18,11 @@ import grpc
 from google.protobuf.any_pb2 import Any as AnyProto
 from google.protobuf.duration_pb2 import Duration
 from google.rpc import code_pb2, error_details_pb2, status_pb2
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
+
 from lightspan.collector.batcher import QueueFull
 from lightspan.collector.decode import response
 from lightspan.collector.receiver import PROTOBUF, Receiver
-from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
-
 from lightspan.errors import InvalidInput, StoreUnavailable
 
 SERVICE = trace_service_pb2.DESCRIPTOR.services_by_name["TraceService"].full_name

@@ -17,12 +17,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from google.rpc import code_pb2, status_pb2
+
 from lightspan.collector.batcher import QueueFull
 from lightspan.collector.decode import response, response_json
 from lightspan.collector.httpd import BadBody, BodyTooLarge, Handler, Server
 from lightspan.collector.metrics import Metrics
 from lightspan.collector.receiver import JSON, PROTOBUF, Receiver
-
 from lightspan.errors import InvalidInput, StoreUnavailable
 
 TRACES_PATH = "/v1/traces"

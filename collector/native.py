@@ -30,9 +30,9 @@ from itertools import repeat
 from typing import Any
 
 from google.protobuf.message import DecodeError
-from lightspan.collector.decode import decode_value
 
 from lightspan import semconv
+from lightspan.collector.decode import decode_value
 from lightspan.errors import InvalidInput
 
 # The block's columns, in the ClickHouse exporter's insert order, with the types they are sent as.

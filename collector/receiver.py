@@ -15,7 +15,6 @@ from lightspan.collector.batcher import GroupCommitter, QueueFull
 from lightspan.collector.decoders import JSON, PROTOBUF, Decoders
 from lightspan.collector.metrics import Metrics
 from lightspan.collector.native import Decoded
-
 from lightspan.errors import InvalidInput, StoreUnavailable
 
 __all__ = ["JSON", "PROTOBUF", "Receiver"]

@@ -15,6 +15,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from typing_extensions import Self
+
 from lightspan.collector.batcher import GroupCommitter
 from lightspan.collector.decoders import Decoders
 from lightspan.collector.defaults import (
@@ -29,10 +31,9 @@ from lightspan.collector.httpd import Server, tls_context
 from lightspan.collector.metrics import Metrics
 from lightspan.collector.native import NATIVE_COLUMN_NAMES
 from lightspan.collector.receiver import Receiver
+from lightspan.errors import InvalidInput, StoreUnavailable
 from lightspan.store import Store, parse_store_url
 from lightspan.store import lock as store_lock
-
-from lightspan.errors import InvalidInput, StoreUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -190,7 +191,7 @@ class Collector:
         """Block until the collector has stopped; False on timeout."""
         return self._stopped.wait(timeout)
 
-    def __enter__(self) -> Collector:
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

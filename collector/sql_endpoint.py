@@ -31,6 +31,7 @@ from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
 import chdb
+
 from lightspan.collector.httpd import BadBody, BodyTooLarge, Handler, Server
 
 # URL parameters that steer the HTTP layer rather than being ClickHouse settings.

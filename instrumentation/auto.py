@@ -14,14 +14,14 @@ import os
 from collections.abc import Collection
 from typing import Any
 
-from lightspan.instrumentation import tokens
-from lightspan.instrumentation.context import add_stamping
-from lightspan.instrumentation.setup import instrument
 from opentelemetry import trace
 from opentelemetry.instrumentation.instrumentor import BaseInstrumentor  # type: ignore[attr-defined]
 from opentelemetry.sdk.trace import TracerProvider
 
 from lightspan import semconv
+from lightspan.instrumentation import tokens
+from lightspan.instrumentation.context import add_stamping
+from lightspan.instrumentation.setup import instrument
 
 
 def _env_flag(name: str) -> bool:

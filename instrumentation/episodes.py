@@ -35,6 +35,12 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, TypeVar
 
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+from opentelemetry.trace import Status, StatusCode
+
+from lightspan import semconv
+from lightspan.errors import InvalidInput
 from lightspan.instrumentation.context import (
     NestedRolloutError,
     RolloutInfo,
@@ -44,12 +50,6 @@ from lightspan.instrumentation.context import (
     new_rollout_info,
 )
 from lightspan.instrumentation.rewards import _tracer, emit_reward
-from opentelemetry import context as otel_context
-from opentelemetry import trace
-from opentelemetry.trace import Status, StatusCode
-
-from lightspan import semconv
-from lightspan.errors import InvalidInput
 
 F = TypeVar("F", bound=Callable[..., Any])
 

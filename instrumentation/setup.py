@@ -28,15 +28,15 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlparse
 
-from lightspan.instrumentation import frameworks as _frameworks
-from lightspan.instrumentation import tokens
-from lightspan.instrumentation.context import add_stamping
 from opentelemetry import trace
 from opentelemetry.sdk.resources import SERVICE_NAME, Resource
 from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
 
 from lightspan.errors import InvalidInput
+from lightspan.instrumentation import frameworks as _frameworks
+from lightspan.instrumentation import tokens
+from lightspan.instrumentation.context import add_stamping
 
 PROTOCOLS = ("grpc", "http/protobuf")
 

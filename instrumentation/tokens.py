@@ -26,12 +26,12 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from lightspan.instrumentation.rewards import _tracer
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 
 from lightspan import semconv
+from lightspan.instrumentation.rewards import _tracer
 
 _CHAT_PATH = "/chat/completions"
 _ORIGINAL = "_lightspan_original_request"

@@ -26,7 +26,12 @@ _EXPORTS: dict[str, str] = {
     "SFT": "lightspan.trainer.api",
 }
 
-__all__ = sorted(_EXPORTS) + ["__version__"]
+# Spelled out, not computed, so editors and type checkers see the API (tests/test_cli.py keeps the
+# two in step).
+__all__ = [
+    "GRPO", "SFT", "Store", "Trainer", "__version__", "agent", "emit_action", "emit_exception",
+    "emit_observation", "emit_reward", "instrument", "rollout",
+]
 
 
 def __getattr__(name: str) -> Any:

@@ -9,9 +9,10 @@ JSON-encoded (the OpenTelemetry Collector ClickHouse exporter's convention).
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Iterator
+from typing import Any
 
 
 def encode_attribute_value(value: Any) -> str:

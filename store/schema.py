@@ -99,11 +99,11 @@ class _DDL:
         """The plain-named Distributed table over `<table>_local`, when clustered."""
         if not self.options.cluster:
             return []
-        return [
+        return [(
             f"CREATE TABLE IF NOT EXISTS {table}{self.on_cluster} AS {self.local(table)}"
             f" ENGINE = Distributed('{self.options.cluster}', currentDatabase(), {self.local(table)},"
             f" {sharding_key})"
-        ]
+        )]
 
 
 def _traces(d: _DDL) -> list[str]:

@@ -7,7 +7,8 @@ lost to Python's microsecond datetimes.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from lightspan.types import Span, SpanEvent, SpanLink
 

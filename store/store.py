@@ -11,18 +11,28 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 import clickhouse_connect
 from clickhouse_connect.driver.exceptions import DatabaseError, OperationalError
+from typing_extensions import Self
 
 from lightspan.errors import InvalidInput, LightspanError, NotFound, StoreLocked, StoreUnavailable
 from lightspan.store import lock
 from lightspan.store.schema import (
-    LATEST_VERSION, MIGRATIONS, RESOURCES, ROLLOUT_SPANS, SCHEMA_VERSION, TRACES, TRAIN_METRICS,
-    SchemaOptions, migration_statements, schema_version_ddl,
+    LATEST_VERSION,
+    MIGRATIONS,
+    RESOURCES,
+    ROLLOUT_SPANS,
+    SCHEMA_VERSION,
+    TRACES,
+    TRAIN_METRICS,
+    SchemaOptions,
+    migration_statements,
+    schema_version_ddl,
 )
 from lightspan.store.spans import SPAN_SELECT, TRACE_COLUMNS, row_to_span, spans_to_columns
 from lightspan.store.url import StoreURL, parse_store_url
@@ -84,7 +94,7 @@ class Store:
 
     # --- connection -----------------------------------------------------------------------------
     @classmethod
-    def connect(cls, url: str | None = None, *, migrate: bool = True, connect_timeout: int = 10) -> "Store":
+    def connect(cls, url: str | None = None, *, migrate: bool = True, connect_timeout: int = 10) -> Store:
         """Open the store the URL names (default: LIGHTSPAN_STORE or ./lightspan-data).
 
         An embedded directory owned by a running collector is reached through the SQL endpoint
@@ -116,7 +126,7 @@ class Store:
             lock.acquire(url.path)
             try:
                 return clickhouse_connect.get_client(dsn=f"chdb://{url.path}")
-            except Exception as error:
+            except Exception as error:  # noqa: BLE001 - whatever chDB raised, the lock must go
                 lock.release(url.path)
                 raise StoreUnavailable(f"cannot open the embedded store {url.path}: {error}") from None
         try:
@@ -142,7 +152,7 @@ class Store:
         if self.url.embedded and self.url.path is not None:
             lock.release(self.url.path)
 
-    def __enter__(self) -> "Store":
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

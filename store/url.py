@@ -51,7 +51,7 @@ def parse_store_url(url: str | None) -> StoreURL:
     url = url or default_url()
     if url.startswith("chdb:"):
         rest, _, query = url[len("chdb:"):].partition("?")
-        rest = rest[2:] if rest.startswith("//") else rest
+        rest = rest.removeprefix("//")
         if not rest:
             raise InvalidInput(f"store URL {url!r} names no directory; use chdb:///abs/path or chdb://./rel/path")
         cluster = parse_qs(query).get("cluster", [None])[0]

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from lightspan.algorithms import advantages, credit, prepare
 
+from lightspan.algorithms import advantages, credit, prepare
 from lightspan.errors import InvalidInput
 from lightspan.types import Span, SpanTree, Transition
 from tests.test_algorithms_transitions import chat, reward, span

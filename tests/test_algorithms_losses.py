@@ -10,8 +10,8 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
-from lightspan.algorithms import losses
 
+from lightspan.algorithms import losses
 from lightspan.errors import InvalidInput
 
 

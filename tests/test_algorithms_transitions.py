@@ -7,10 +7,10 @@ import re
 from pathlib import Path
 
 import pytest
-from lightspan.algorithms import from_spans
-from lightspan.algorithms.dialects import is_llm_call
 
 from lightspan import semconv
+from lightspan.algorithms import from_spans
+from lightspan.algorithms.dialects import is_llm_call
 from lightspan.errors import InvalidInput
 from lightspan.types import Span, SpanEvent, SpanLink, SpanTree
 

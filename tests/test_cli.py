@@ -87,3 +87,10 @@ def test_import_lightspan_stays_light():
             "print(heavy)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_public_api_list_matches_the_lazy_exports():
+    import lightspan
+
+    assert sorted(lightspan.__all__) == sorted([*lightspan._EXPORTS, "__version__"])
+    assert all(getattr(lightspan, name) is not None for name in lightspan.__all__)

@@ -15,10 +15,6 @@ import grpc
 import pytest
 from clickhouse_connect.driver.exceptions import DatabaseError
 from google.rpc import status_pb2
-from lightspan.collector.grpc_server import METHOD, SERVICE
-from lightspan.collector.server import Collector
-from lightspan.store import Store
-from lightspan.store.lock import read_endpoint
 from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
 from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter as GrpcExporter
 from opentelemetry.exporter.otlp.proto.http import Compression
@@ -26,6 +22,11 @@ from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExport
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceResponse
 from opentelemetry.sdk.trace.export import SpanExportResult
 from test_collector_support import make_spans
+
+from lightspan.collector.grpc_server import METHOD, SERVICE
+from lightspan.collector.server import Collector
+from lightspan.store import Store
+from lightspan.store.lock import read_endpoint
 
 TOKEN = "s3cret-token"
 

@@ -11,8 +11,8 @@ import threading
 import time
 
 import pytest
-from lightspan.collector.batcher import GroupCommitter, QueueFull, ShuttingDown
 
+from lightspan.collector.batcher import GroupCommitter, QueueFull, ShuttingDown
 from lightspan.errors import InvalidInput, StoreUnavailable
 
 

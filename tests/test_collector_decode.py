@@ -10,10 +10,6 @@ import pytest
 from google.protobuf import json_format
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from lightspan.collector import native, wire
-from lightspan.collector.decode import decode_value, parse_json, parse_protobuf
-from lightspan.collector.native import NATIVE_COLUMN_NAMES, to_native
-from lightspan.store.spans import TRACE_COLUMNS
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.proto.common.v1 import common_pb2
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, ArrayValue, KeyValue, KeyValueList
@@ -21,7 +17,11 @@ from opentelemetry.proto.resource.v1.resource_pb2 import Resource
 from opentelemetry.proto.trace.v1 import trace_pb2
 from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans, ScopeSpans, Span, Status
 
+from lightspan.collector import native, wire
+from lightspan.collector.decode import decode_value, parse_json, parse_protobuf
+from lightspan.collector.native import NATIVE_COLUMN_NAMES, to_native
 from lightspan.errors import InvalidInput
+from lightspan.store.spans import TRACE_COLUMNS
 from lightspan.types import encode_attribute_value
 
 TRACE = bytes(range(1, 17))

@@ -7,11 +7,11 @@ import os
 import signal
 
 import pytest
-from lightspan.collector.decoders import JSON, PROTOBUF, Decoders, decode
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
 from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans, ScopeSpans, Span
 
+from lightspan.collector.decoders import JSON, PROTOBUF, Decoders, decode
 from lightspan.errors import InvalidInput
 
 

@@ -17,13 +17,14 @@ from pathlib import Path
 import grpc
 import pytest
 from google.rpc import error_details_pb2
-from lightspan.collector.grpc_server import METHOD, SERVICE
-from lightspan.store import Store
 from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
 from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceResponse
 from opentelemetry.sdk.trace.export import SpanExportResult
 from test_collector_support import CollectorProcess, free_ports, make_spans
+
+from lightspan.collector.grpc_server import METHOD, SERVICE
+from lightspan.store import Store
 
 
 def _span_ids(spans) -> set[str]:

@@ -14,11 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from lightspan.algorithms import prepare
-from lightspan.instrumentation import tokens
-from lightspan.instrumentation.context import RolloutStampingProcessor
-from lightspan.trainer import demo_task
-from lightspan.trainer.demo_task import TOOLS, TRAIN_TASKS, VALIDATION_TASKS, run_tool, score
 from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
@@ -26,7 +21,12 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import StatusCode
 
 from lightspan import semconv
+from lightspan.algorithms import prepare
 from lightspan.errors import InvalidInput
+from lightspan.instrumentation import tokens
+from lightspan.instrumentation.context import RolloutStampingProcessor
+from lightspan.trainer import demo_task
+from lightspan.trainer.demo_task import TOOLS, TRAIN_TASKS, VALIDATION_TASKS, run_tool, score
 from lightspan.types import Span, SpanEvent, encode_attribute_value
 
 _EXPORTER = InMemorySpanExporter()

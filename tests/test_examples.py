@@ -19,9 +19,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from lightspan.algorithms import from_spans
 
 from lightspan import semconv
+from lightspan.algorithms import from_spans
 from lightspan.types import Span, SpanEvent, SpanLink
 
 TESTS = Path(__file__).resolve().parent

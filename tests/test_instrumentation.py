@@ -17,8 +17,6 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from lightspan.instrumentation import NestedRolloutError, tokens
-from lightspan.instrumentation.context import RolloutStampingProcessor, add_stamping
 from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
@@ -28,6 +26,8 @@ from opentelemetry.trace import StatusCode
 import lightspan
 from lightspan import semconv
 from lightspan.errors import InvalidInput
+from lightspan.instrumentation import NestedRolloutError, tokens
+from lightspan.instrumentation.context import RolloutStampingProcessor, add_stamping
 
 sys.path.insert(0, str(Path(__file__).parent))
 from fake_openai import FakeOpenAI, ToolCall, logprob_of, prompt_text, tokenize
@@ -72,9 +72,8 @@ def _ids(span) -> tuple:
 
 # --- rollout context and stamping ----------------------------------------------------------------
 def test_rollout_stamps_every_span_and_reward_is_child_of_current(spans):
-    with lightspan.rollout("task-7", attempt=2, resources_id="policy:3") as r:
-        with tracer.start_as_current_span("step") as step:
-            lightspan.emit_reward(0.5, name="partial", judge="exact")
+    with lightspan.rollout("task-7", attempt=2, resources_id="policy:3") as r, tracer.start_as_current_span("step") as step:
+        lightspan.emit_reward(0.5, name="partial", judge="exact")
     (rollout_span,) = spans(semconv.ROLLOUT_SPAN)
     (reward,) = spans(semconv.REWARD_SPAN)
     (step_span,) = spans("step")
@@ -167,9 +166,8 @@ def test_span_started_with_explicit_parent_context_inherits_ids(spans):
 
 def test_nested_rollouts_are_rejected_and_outer_continues(spans):
     with lightspan.rollout("outer") as outer:
-        with pytest.raises(NestedRolloutError, match=r"cannot nest.*") as info:
-            with lightspan.rollout("inner"):
-                pass  # pragma: no cover
+        with pytest.raises(NestedRolloutError, match=r"cannot nest.*") as info, lightspan.rollout("inner"):
+            pass  # pragma: no cover
         assert "outer" in str(info.value) and "inner" in str(info.value)
         lightspan.emit_reward(1.0)
     (reward,) = spans(semconv.REWARD_SPAN)

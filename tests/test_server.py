@@ -22,9 +22,10 @@ import openai
 import pytest
 import torch
 from conftest import run_cli
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
 from lightspan.trainer.server import InferenceServer
 from lightspan.trainer.tiny import build_tiny_model
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 MESSAGES = [
     {"role": "system", "content": "You are a helpful assistant."},

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 from conftest import run_cli
+
+from lightspan.errors import InvalidInput
 from lightspan.trainer.config import TrainConfig, apply_override, from_dict, load_config
 from lightspan.trainer.data import (
     Sample,
@@ -19,8 +21,6 @@ from lightspan.trainer.data import (
     step_batches,
     to_sample,
 )
-
-from lightspan.errors import InvalidInput
 from lightspan.types import Transition
 
 

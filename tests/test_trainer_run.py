@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from lightspan.store import Store
 from lightspan.trainer import checkpoint
 from lightspan.trainer.synthetic import arithmetic_rollouts

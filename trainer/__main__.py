@@ -34,9 +34,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from lightspan.trainer.config import load_config
-
     from lightspan.errors import LightspanError
+    from lightspan.trainer.config import load_config
 
     try:
         config = load_config(args.config, args.overrides)

@@ -69,9 +69,8 @@ def launcher_command(args: argparse.Namespace) -> list[str]:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from lightspan.trainer.config import load_config
-
     from lightspan.errors import InvalidInput
+    from lightspan.trainer.config import load_config
 
     config = load_config(args.config, args.overrides)  # fails here, before any rank starts
     if args.num_gpus is not None and args.num_gpus < 1:

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from typing_extensions import Self
 
 from lightspan.errors import LightspanError
 from lightspan.types import LLM, Resource
@@ -166,7 +167,7 @@ class ClosedLoop:
         self.store.close()
         self.collector.stop()
 
-    def __enter__(self) -> "ClosedLoop":
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -16,9 +16,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+
 from lightspan.algorithms import prepare
 from lightspan.trainer.config import TrainConfig
-
 from lightspan.types import Transition
 
 SPAN_TREE_CHUNK = 500  # rollouts per span-tree query: bounded result sets on big selections

@@ -26,7 +26,14 @@ from lightspan.errors import LightspanError
 from lightspan.trainer.api import FitResult, Iteration, Trainer
 from lightspan.trainer.closed_loop import ClosedLoop
 from lightspan.trainer.demo_task import (
-    RECIPE, SCRIPTED_RESOURCES_ID, TRAIN_TASKS, VALIDATION_TASKS, Recipe, demo_agent, make_corpus, scripted_episodes,
+    RECIPE,
+    SCRIPTED_RESOURCES_ID,
+    TRAIN_TASKS,
+    VALIDATION_TASKS,
+    Recipe,
+    demo_agent,
+    make_corpus,
+    scripted_episodes,
 )
 
 WARMUP_SERVICE = "lightspan-demo-warmup"
@@ -80,8 +87,9 @@ def run_demo(workdir: Path, *, seed: int = 0, iterations: int | None = None, run
 
 def _land_warmup(loop: ClosedLoop, base: Path, recipe: Recipe) -> float:
     """Play the scripted episodes through the tracing path and wait until all have landed."""
-    import lightspan
     from transformers import AutoTokenizer
+
+    import lightspan
 
     handle = lightspan.instrument(service_name=WARMUP_SERVICE, endpoint=loop.collector.grpc_endpoint,
                                   protocol="grpc")

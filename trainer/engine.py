@@ -17,11 +17,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+
 from lightspan.algorithms import losses
+from lightspan.errors import InvalidInput
 from lightspan.trainer.config import TrainConfig
 from lightspan.trainer.data import MicroBatch, Sample, collate, micro_batches, to_sample
-
-from lightspan.errors import InvalidInput
 from lightspan.types import Transition
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

@@ -22,12 +22,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from lightspan.errors import InvalidInput, LightspanError
 from lightspan.trainer import checkpoint
 from lightspan.trainer.config import TrainConfig, to_dict
 from lightspan.trainer.data import Sample, load_transitions, select_rollouts, step_batches
 from lightspan.trainer.engine import Loaded, TrainStep, build
-
-from lightspan.errors import InvalidInput, LightspanError
 
 
 def init_distributed() -> tuple[int, int]:

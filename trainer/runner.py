@@ -21,8 +21,8 @@ import numbers
 import threading
 import time
 from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from multiprocessing.connection import Connection, wait
 from typing import Any
@@ -97,7 +97,7 @@ def _run_job(agent: Agent, job: Job, llm: LLM) -> tuple[float | None, str | None
                 reward = float(result)
                 if not getattr(agent, "__lightspan_rollout__", False):  # a decorated agent emits its own
                     lightspan.emit_reward(reward, final=True)
-    except Exception as exc:  # the agent's failure is the episode's outcome, not the runner's
+    except Exception as exc:  # noqa: BLE001 - the agent's failure is the episode's outcome, not the runner's
         return reward, f"{type(exc).__name__}: {exc}"
     return reward, None
 

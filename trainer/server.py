@@ -24,11 +24,12 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
+from typing_extensions import Self
+
+from lightspan.errors import InvalidInput, LightspanError, StoreUnavailable
 from lightspan.trainer.serving_engine import LoadedModel, load_model
 from lightspan.trainer.serving_protocol import APIError, parse_chat, parse_completion, stream_chunks
 from lightspan.trainer.serving_scheduler import Scheduler
-
-from lightspan.errors import InvalidInput, LightspanError, StoreUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -129,7 +130,7 @@ class InferenceServer:
         finally:
             self.close()
 
-    def __enter__(self) -> InferenceServer:
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

@@ -23,9 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lightspan.trainer.serving_protocol import Completion, Row, TokenLogprob, invalid
-
 from lightspan.errors import InvalidInput
+from lightspan.trainer.serving_protocol import Completion, Row, TokenLogprob, invalid
 
 log = logging.getLogger(__name__)
 

@@ -327,7 +327,7 @@ def parse_chat(body: Mapping[str, Any]) -> GenerationRequest:
                 return_dict=True,
                 **template_kwargs,
             )["input_ids"]
-        except Exception as error:  # jinja raises its own errors for messages a template rejects
+        except Exception as error:  # noqa: BLE001 - jinja raises its own errors for messages a template rejects
             raise invalid(
                 "messages", f"the chat template rejected the messages: {error}", "chat_template_error"
             ) from None

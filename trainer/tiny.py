@@ -8,8 +8,8 @@ template, and the model is a small Llama built from a config. Both are saved wit
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
