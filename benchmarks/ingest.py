@@ -20,12 +20,13 @@ import threading
 import time
 from pathlib import Path
 
-from lightspan.collector.defaults import DEFAULT_BATCH_MS, DEFAULT_BATCH_SPANS, DEFAULT_DECODERS
-from lightspan.store import Store
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, ArrayValue, InstrumentationScope, KeyValue
 from opentelemetry.proto.resource.v1.resource_pb2 import Resource
 from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans, ScopeSpans, Span, Status
+
+from lightspan.collector.defaults import DEFAULT_BATCH_MS, DEFAULT_BATCH_SPANS, DEFAULT_DECODERS
+from lightspan.store import Store
 
 SPANS_PER_ROLLOUT = 10  # root, 4 LLM calls, 4 tool calls, 1 reward
 
