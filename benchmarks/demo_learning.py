@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
 from lightspan.trainer import demo_task
 from lightspan.trainer.demo_task import RECIPE, Recipe, Task
 
@@ -61,12 +62,13 @@ def parse_sets(items: Sequence[str]) -> dict[str, Any]:
 
 # --- spans: instrumentation → in-memory exporter → lightspan Span --------------------------------------
 def _setup_tracing() -> Any:
-    from lightspan.instrumentation import tokens
-    from lightspan.instrumentation.context import add_stamping
     from opentelemetry import trace
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import SimpleSpanProcessor
     from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from lightspan.instrumentation import tokens
+    from lightspan.instrumentation.context import add_stamping
 
     provider = TracerProvider()
     trace.set_tracer_provider(provider)
@@ -130,7 +132,6 @@ def play_batch(view: Any, tasks: Sequence[Task], group: int, recipe: Recipe, see
     """`group` episodes per task, both turns batched; returns (transitions, rewards per rollout)."""
     from lightspan.trainer.serving_engine import generate
     from lightspan.trainer.serving_protocol import Row, SamplingParams
-
     from lightspan.types import Transition
 
     tok = view.tokenizer
@@ -192,9 +193,10 @@ def evaluate(view: Any, tasks: Sequence[Task], group: int, recipe: Recipe, seed:
 
 def warm_up(recipe: Recipe, base: Path, store_url: str, work: Path, timings: dict[str, float], verbose: bool) -> Path:
     """Scripted episodes → spans → store → trainer selection → SFT steps; returns the warm folder."""
+    from transformers import AutoTokenizer
+
     from lightspan.store import Store
     from lightspan.trainer.data import load_transitions, select_rollouts, step_batches
-    from transformers import AutoTokenizer
 
     # Warm-up data: scripted episodes → spans → store → trainer selection → transitions.
     t0 = time.perf_counter()

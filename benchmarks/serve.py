@@ -54,17 +54,23 @@ def _serve(model: Path, max_batch: int, clients: int, requests: int, max_tokens:
             return response.usage.completion_tokens, time.perf_counter() - started
 
         one(0)  # warm-up
+        before = server.stats()
         started = time.perf_counter()
         with ThreadPoolExecutor(clients) as pool:
             results = list(pool.map(one, range(clients * requests)))
         elapsed = time.perf_counter() - started
-        stats = server.stats()
+        after = server.stats()
     latencies = sorted(latency for _, latency in results)
+    tokens = sum(tokens for tokens, _ in results)
+    # The server's own counters over the timed window (warm-up excluded): what it actually batched.
+    served, rows, batches = (after[k] - before[k] for k in ("requests", "rows", "batches"))
     return {
-        "tokens_per_s": sum(tokens for tokens, _ in results) / elapsed,
+        "tokens_per_s": tokens / elapsed,
         "p50_s": statistics.median(latencies),
         "p95_s": latencies[int(0.95 * (len(latencies) - 1))],
-        "mean_batch": stats["rows"] / stats["batches"],
+        "mean_batch": rows / batches,
+        "requests": served,
+        "tokens": tokens,
     }
 
 
@@ -140,7 +146,8 @@ def main() -> None:
     ):
         print(
             f"{label:<42s}{result['tokens_per_s']:8.1f} tokens/s   p50 {result['p50_s']:.3f}s   "
-            f"p95 {result['p95_s']:.3f}s   mean batch {result['mean_batch']:.1f} rows"
+            f"p95 {result['p95_s']:.3f}s   mean batch {result['mean_batch']:.1f} rows   "
+            f"{result['requests']} requests served, {result['tokens']} tokens"
         )
     print(
         f"batching speed-up over max_batch=1: {batched['tokens_per_s'] / single['tokens_per_s']:.2f}x; "

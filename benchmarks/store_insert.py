@@ -2,8 +2,10 @@
 
 Prints spans/s of `Store.insert_columns` (the columnar path for tools and tests) and
 `Store.insert_spans` (from `Span` objects, conversion included) next to a plain
-`client.insert(..., column_oriented=True)` of the same columns into the same embedded ClickHouse, rounds interleaved so machine noise hits
-both alike, and the ratio (target >= 0.8). Then the time to fetch 1,000 span trees of 20 spans.
+`client.insert(..., column_oriented=True)` of the same columns into the same embedded ClickHouse,
+rounds interleaved so machine noise hits both alike, and the ratio (target >= 0.8), with the
+count of rows the store holds afterwards (every inserted span must be there). Then the time to
+fetch up to 1,000 span trees of ~21 spans in one query.
 
     python benchmarks/store_insert.py [--spans-per-batch 5000] [--rounds 5]
 """
@@ -15,15 +17,16 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from spanfactory import rollout_spans  # noqa: E402
+from spanfactory import rollout_spans
 
-from lightspan.store import Store  # noqa: E402
-from lightspan.store.schema import TRACES  # noqa: E402
-from lightspan.store.spans import TRACE_COLUMNS, spans_to_columns  # noqa: E402
+from lightspan.store import Store
+from lightspan.store.schema import TRACES
+from lightspan.store.spans import TRACE_COLUMNS, spans_to_columns
 
 
 def make_batch(n_spans: int, offset: int) -> list:
@@ -35,16 +38,18 @@ def make_batch(n_spans: int, offset: int) -> list:
     return spans[:n_spans]
 
 
-def timed(fn) -> float:
+def timed(fn: Callable[..., object], *args: object, **kwargs: object) -> float:
+    """Seconds of one call `fn(*args, **kwargs)`."""
     start = time.perf_counter()
-    fn()
+    fn(*args, **kwargs)
     return time.perf_counter() - start
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--spans-per-batch", type=int, default=5000)
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--spans-per-batch", type=int, default=5000, help="spans per insert call")
+    parser.add_argument("--rounds", type=int, default=5,
+                        help="interleaved rounds (one batch per insert path each); medians are reported")
     args = parser.parse_args()
     n = args.spans_per_batch
     with tempfile.TemporaryDirectory() as tmp, Store.connect(f"chdb://{tmp}/store") as store:
@@ -52,16 +57,17 @@ def main() -> None:
         rates: dict[str, list[float]] = {"direct clickhouse-connect": [], "Store.insert_columns": [],
                                          "Store.insert_spans": []}
         for r in range(args.rounds):
-            spans = make_batch(n, 3 * r)
-            columns = spans_to_columns(spans)
-            t = timed(lambda: client.insert(TRACES, columns, column_names=list(TRACE_COLUMNS), column_oriented=True))
+            columns = spans_to_columns(make_batch(n, 3 * r))
+            t = timed(client.insert, TRACES, columns, column_names=list(TRACE_COLUMNS), column_oriented=True)
             rates["direct clickhouse-connect"].append(n / t)
             columns = spans_to_columns(make_batch(n, 3 * r + 1))
-            rates["Store.insert_columns"].append(n / timed(lambda: store.insert_columns(columns)))
+            rates["Store.insert_columns"].append(n / timed(store.insert_columns, columns))
             spans = make_batch(n, 3 * r + 2)
-            rates["Store.insert_spans"].append(n / timed(lambda: store.insert_spans(spans)))
+            rates["Store.insert_spans"].append(n / timed(store.insert_spans, spans))
         baseline = statistics.median(rates["direct clickhouse-connect"])
-        print(f"insert, {n} spans per batch, median of {args.rounds} interleaved rounds (embedded chDB):")
+        stored = store.sql(f"SELECT count() FROM {TRACES}").scalar()
+        print(f"insert, {n} spans per batch, median of {args.rounds} interleaved rounds (embedded chDB), "
+              f"{stored:,} of {3 * n * args.rounds:,} spans stored:")
         for name, values in rates.items():
             rate = statistics.median(values)
             print(f"  {name:28s} {rate:10,.0f} spans/s   ratio {rate / baseline:.2f}")

@@ -31,8 +31,9 @@ import torch
 
 
 def build_model(path: Path, args: argparse.Namespace) -> None:
-    from lightspan.trainer.tiny import build_tokenizer
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+
+    from lightspan.trainer.tiny import build_tokenizer
 
     tokenizer = build_tokenizer(vocab_size=512)
     torch.manual_seed(0)
@@ -113,12 +114,18 @@ def main() -> None:
 
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    with tempfile.TemporaryDirectory(prefix="lightspan-bench-") as workdir:
+        measure(args, Path(workdir))
+
+
+def measure(args: argparse.Namespace, workdir: Path) -> None:
+    """Build the model in `workdir`, time both sides, print the figures."""
+    from transformers import AutoModelForCausalLM
+
     from lightspan.trainer.config import from_dict
     from lightspan.trainer.engine import TrainStep, build
     from lightspan.trainer.loop import init_distributed
-    from transformers import AutoModelForCausalLM
 
-    workdir = Path(tempfile.mkdtemp(prefix="lightspan-bench-"))
     model_path = workdir / "model"
     build_model(model_path, args)
     config = from_dict({

@@ -22,10 +22,9 @@ import time
 from collections.abc import Callable
 from typing import TypeVar
 
+from lightspan import semconv
 from lightspan.algorithms import prepare
 from lightspan.store import Store
-
-from lightspan import semconv
 from lightspan.types import Span
 
 T = TypeVar("T")
