@@ -12,8 +12,14 @@ span itself (model, usage, and OpenAI-format messages when content capture is on
 install still yields trainable LLM spans.
 
 `request_token_ids=True` adds vLLM's `return_token_ids: true` and `logprobs: true` to the body of
-each non-streaming chat completion request, unless the caller set them. Streaming responses are
-passed through untouched (no ids are captured from streams).
+each chat completion request, unless the caller set them.
+
+Streams (`stream=True`) carry the same fields spread over their chunks: `prompt_token_ids` in the
+first, each chunk's new `token_ids` and logprobs. The hook leaves the SDK's `Stream` object in
+place (instrumentors and frameworks check its type and wrap it) and only wraps the iterator inside
+it, so the chunks are read as the app consumes them; the ids are set on the span when the stream
+ends, before the instrumentor that wraps the stream ends its span. A stream the app abandons early
+records no ids: a truncated response is not what the model sampled.
 
 The patch is applied when `openai` is imported (a post-import hook), so an app that never uses
 the OpenAI SDK never imports it.
@@ -22,7 +28,7 @@ the OpenAI SDK never imports it.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -99,12 +105,10 @@ def _response_payload(result: Any) -> Mapping[str, Any] | None:
 
 
 def _prepare(options: Any) -> tuple[bool, Mapping[str, Any]]:
-    """(is a non-streaming chat completion, request body), adding the token-id asks if enabled."""
+    """(is a chat completion, request body), adding the token-id asks if enabled."""
     if getattr(options, "method", "").lower() != "post" or not str(getattr(options, "url", "")).endswith(_CHAT_PATH):
         return False, {}
     body = options.json_data if isinstance(options.json_data, Mapping) else {}
-    if body.get("stream"):
-        return False, body
     if CONFIG.request_token_ids:
         extra = options.extra_json or {}
         asks = {k: True for k in ("return_token_ids", "logprobs") if k not in body and k not in extra}
@@ -139,6 +143,78 @@ def _finish_fallback_span(span: Span, payload: Mapping[str, Any]) -> None:
         span.set_attribute(semconv.GEN_AI_OUTPUT_MESSAGES, json.dumps(messages, default=str))
 
 
+class _StreamData:
+    """A chat completion stream's chunks gathered back into the body of one (first) choice."""
+
+    def __init__(self) -> None:
+        self.prompt_ids: list[Any] = []
+        self.response_ids: list[Any] = []
+        self.logprobs: list[Any] = []
+        self.content: list[str] = []
+        self.model = ""
+        self.usage: Mapping[str, Any] | None = None
+        self.finish_reason: str | None = None
+
+    def add(self, chunk: Any) -> None:
+        data = chunk.model_dump() if hasattr(chunk, "model_dump") else chunk
+        if not isinstance(data, Mapping):
+            return
+        self.model = data.get("model") or self.model
+        self.usage = data.get("usage") or self.usage
+        choice = next((c for c in data.get("choices") or [] if isinstance(c, Mapping) and c.get("index", 0) == 0), {})
+        prompt_ids = data.get("prompt_token_ids") or choice.get("prompt_token_ids")
+        if isinstance(prompt_ids, list) and not self.prompt_ids:
+            self.prompt_ids = prompt_ids
+        if isinstance(choice.get("token_ids"), list):
+            self.response_ids += choice["token_ids"]
+        logprobs = choice.get("logprobs")
+        if isinstance(logprobs, Mapping) and isinstance(logprobs.get("content"), list):
+            self.logprobs += logprobs["content"]
+        delta = choice.get("delta")
+        if isinstance(delta, Mapping) and isinstance(delta.get("content"), str):
+            self.content.append(delta["content"])
+        self.finish_reason = choice.get("finish_reason") or self.finish_reason
+
+    def payload(self) -> dict[str, Any]:
+        """The non-streaming body these chunks add up to (what `extract_token_data` reads)."""
+        message = {"role": "assistant", "content": "".join(self.content)}
+        choice: dict[str, Any] = {"index": 0, "message": message, "finish_reason": self.finish_reason}
+        if self.response_ids:
+            choice["token_ids"] = self.response_ids
+        if self.logprobs:
+            choice["logprobs"] = {"content": self.logprobs}
+        body: dict[str, Any] = {"model": self.model, "choices": [choice]}
+        if self.prompt_ids:
+            body["prompt_token_ids"] = self.prompt_ids
+        if self.usage:
+            body["usage"] = self.usage
+        return body
+
+
+def _watch(iterator: Iterator[Any], call: _Call) -> Iterator[Any]:
+    data = _StreamData()
+    try:
+        for chunk in iterator:
+            data.add(chunk)
+            yield chunk
+    except BaseException as error:  # GeneratorExit: the app dropped the stream before its end
+        call.stream_ended(None, None if isinstance(error, GeneratorExit) else error)
+        raise
+    call.stream_ended(data, None)
+
+
+async def _watch_async(iterator: AsyncIterator[Any], call: _Call) -> AsyncIterator[Any]:
+    data = _StreamData()
+    try:
+        async for chunk in iterator:
+            data.add(chunk)
+            yield chunk
+    except BaseException as error:
+        call.stream_ended(None, None if isinstance(error, GeneratorExit) else error)
+        raise
+    call.stream_ended(data, None)
+
+
 class _Call:
     """Bookkeeping around one request: which span gets the ids, and the fallback span if ours."""
 
@@ -157,10 +233,36 @@ class _Call:
             self._token = otel_context.attach(trace.set_span_in_context(self.own))
 
     def done(self, result: Any = None, error: BaseException | None = None) -> None:
+        """The request returned `result` (or raised `error`), in the context it was made in."""
         if not self.active or self.span is None:
             return
+        if self.own is not None:
+            otel_context.detach(self._token)  # type: ignore[arg-type]
+        if error is None and self._watch_stream(result):
+            return  # the ids come with the chunks: `stream_ended` finishes
+        self._record(_response_payload(result) if error is None else None, error)
+
+    def stream_ended(self, data: _StreamData | None, error: BaseException | None) -> None:
+        """The watched stream ran to its end (`data`), failed (`error`) or was dropped (neither)."""
+        self._record(data.payload() if data is not None else None, error)
+
+    def _watch_stream(self, result: Any) -> bool:
+        from openai import AsyncStream, Stream
+
+        iterator = getattr(result, "_iterator", None)  # what Stream.__next__ / __anext__ draw from
+        if iterator is None:
+            return False
+        if isinstance(result, Stream):
+            result._iterator = _watch(iterator, self)
+            return True
+        if isinstance(result, AsyncStream):
+            result._iterator = _watch_async(iterator, self)
+            return True
+        return False
+
+    def _record(self, payload: Mapping[str, Any] | None, error: BaseException | None) -> None:
+        assert self.span is not None
         try:
-            payload = _response_payload(result) if error is None else None
             if payload is not None:
                 data = extract_token_data(payload)
                 if data:
@@ -169,7 +271,6 @@ class _Call:
                     _finish_fallback_span(self.own, payload)
         finally:
             if self.own is not None:
-                otel_context.detach(self._token)  # type: ignore[arg-type]
                 if error is not None:
                     self.own.record_exception(error)
                     self.own.set_status(Status(StatusCode.ERROR, f"{type(error).__name__}: {error}"))

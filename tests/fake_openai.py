@@ -3,7 +3,10 @@
 It stands for a third-party service we cannot run in tests (the OpenAI API / a vLLM server): it
 answers `POST /v1/chat/completions` with vLLM-shaped bodies, including `prompt_token_ids` and
 `choices[].token_ids` when the request has `return_token_ids: true` (or the server is built with
-`always_token_ids=True`), and `choices[].logprobs.content[]` when it has `logprobs: true`.
+`always_token_ids=True`), and `choices[].logprobs.content[]` when it has `logprobs: true`. With
+`stream: true` the same reply comes as server-sent chunks the way vLLM cuts them: one word (one
+token) per chunk with its `token_ids` and logprobs, `prompt_token_ids` on the first chunk, then a
+chunk with the finish reason, a usage chunk when `stream_options.include_usage` asks, `[DONE]`.
 
 Replies are scripted: `FakeOpenAI(script=[...])` takes strings (assistant text) and
 `ToolCall(name, arguments)` items (a tool call), consumed one per request; when the script runs
@@ -85,7 +88,19 @@ class FakeOpenAI:
                     return self._send(400, {"error": {"message": "invalid JSON"}})
                 if not self.path.rstrip("/").endswith("/chat/completions"):
                     return self._send(404, {"error": {"message": f"no route {self.path}"}})
-                return self._send(200, fake.complete(body))
+                payload = fake.complete(body)
+                if body.get("stream"):
+                    return self._send_stream(fake.stream_chunks(body, payload))
+                return self._send(200, payload)
+
+            def _send_stream(self, chunks: list[dict[str, Any]]) -> None:
+                self.send_response(200)
+                self.send_header("content-type", "text/event-stream")
+                self.end_headers()
+                for chunk in chunks:
+                    self.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
+                self.wfile.write(b"data: [DONE]\n\n")
+                self.close_connection = True
 
             def _send(self, status: int, payload: dict[str, Any]) -> None:
                 data = json.dumps(payload).encode()
@@ -167,3 +182,33 @@ class FakeOpenAI:
         if with_ids:
             payload["prompt_token_ids"] = prompt_ids
         return payload
+
+    def stream_chunks(self, body: dict[str, Any], payload: dict[str, Any]) -> list[dict[str, Any]]:
+        """`payload` (a complete reply) cut into the chunks of a vLLM chat completion stream."""
+        base = {k: payload[k] for k in ("id", "created", "model")} | {"object": "chat.completion.chunk"}
+        choice = payload["choices"][0]
+        message = choice["message"]
+        entries = (choice.get("logprobs") or {}).get("content")
+        chunks: list[dict[str, Any]] = []
+        if message.get("tool_calls"):
+            parts = [({"role": "assistant", "tool_calls": [dict(c, index=0) for c in message["tool_calls"]]},
+                      choice.get("token_ids"), entries)]
+        else:
+            words = (message["content"] or "").split()
+            parts = [({"content": word if i == 0 else f" {word}"} | ({"role": "assistant"} if i == 0 else {}),
+                      choice.get("token_ids", [None] * len(words))[i:i + 1] if "token_ids" in choice else None,
+                      entries[i:i + 1] if entries else None)
+                     for i, word in enumerate(words)]
+        for i, (delta, token_ids, logprobs) in enumerate(parts):
+            streamed: dict[str, Any] = {"index": 0, "delta": delta, "finish_reason": None,
+                                        "logprobs": {"content": logprobs} if logprobs else None}
+            if token_ids is not None:
+                streamed["token_ids"] = token_ids
+            chunk = base | {"choices": [streamed]}
+            if i == 0 and "prompt_token_ids" in payload:
+                chunk["prompt_token_ids"] = payload["prompt_token_ids"]
+            chunks.append(chunk)
+        chunks.append(base | {"choices": [{"index": 0, "delta": {}, "finish_reason": choice["finish_reason"]}]})
+        if (body.get("stream_options") or {}).get("include_usage"):
+            chunks.append(base | {"choices": [], "usage": payload["usage"]})
+        return chunks

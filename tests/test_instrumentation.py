@@ -343,6 +343,94 @@ def test_token_ids_land_on_the_current_llm_span(spans, openai_hook):
     assert list(spans("LLM")[0].attributes[semconv.LLM_RESPONSE_TOKEN_IDS]) == tokenize('add {"a": 1}')
 
 
+def _stream_text(stream) -> str:
+    return "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices)
+
+
+def test_streamed_chat_gets_token_ids_logprobs_and_usage(spans, openai_hook):
+    messages = [{"role": "user", "content": "What is 2 + 2?"}]
+    with FakeOpenAI() as fake:
+        client = openai_hook.OpenAI(base_url=fake.base_url, api_key="k")
+        stream = client.chat.completions.create(model="m1", messages=messages, stream=True,
+                                                stream_options={"include_usage": True})
+        assert isinstance(stream, openai_hook.Stream)  # the SDK's own object: instrumentors still wrap it
+        assert not spans("chat m1")  # open until the app has read the stream
+        assert _stream_text(stream) == fake.default_reply
+    assert fake.requests[0]["return_token_ids"] is True and fake.requests[0]["logprobs"] is True
+    (llm,) = spans("chat m1")
+    prompt_ids, response_ids = _expected_ids(messages, fake.default_reply)
+    a = llm.attributes
+    assert len(response_ids) > 1  # spread over several chunks
+    assert list(a[semconv.LLM_PROMPT_TOKEN_IDS]) == prompt_ids
+    assert list(a[semconv.LLM_RESPONSE_TOKEN_IDS]) == response_ids
+    assert list(a[semconv.LLM_RESPONSE_LOGPROBS]) == [logprob_of(t) for t in response_ids]
+    assert a[semconv.GEN_AI_USAGE_OUTPUT_TOKENS] == len(response_ids)
+    assert fake.default_reply in a[semconv.GEN_AI_OUTPUT_MESSAGES]
+
+
+def test_streamed_ids_land_on_the_llm_span_before_it_ends(spans, openai_hook):
+    """As an instrumentor does with a stream: its span is current at the call and ends after the
+    app has read the stream; the ids must be there by then."""
+    with FakeOpenAI(script=[ToolCall("add", {"a": 1})]) as fake:
+        client = openai_hook.OpenAI(base_url=fake.base_url, api_key="k")
+        span = tracer.start_span("LLM", attributes={semconv.OPENINFERENCE_SPAN_KIND: "LLM"})
+        with trace.use_span(span, end_on_exit=False):
+            stream = client.chat.completions.create(model="m", messages=[{"role": "user", "content": "x"}],
+                                                    stream=True)
+        calls = [c.choices[0].delta.tool_calls for c in stream if c.choices and c.choices[0].delta.tool_calls]
+        span.end()
+    assert calls[0][0].function.name == "add"
+    assert [s.name for s in spans()] == ["LLM"]
+    assert list(spans("LLM")[0].attributes[semconv.LLM_RESPONSE_TOKEN_IDS]) == tokenize('add {"a": 1}')
+
+
+def test_stream_through_the_openai_v2_instrumentor_puts_ids_on_its_span(spans, openai_hook):
+    openai_v2 = pytest.importorskip("opentelemetry.instrumentation.openai_v2")
+    instrumentor = openai_v2.OpenAIInstrumentor()
+    instrumentor.instrument(tracer_provider=_global_provider())
+    try:
+        with FakeOpenAI() as fake:
+            client = openai_hook.OpenAI(base_url=fake.base_url, api_key="k")
+            stream = client.chat.completions.create(model="iv", messages=[{"role": "user", "content": "hi"}],
+                                                    stream=True)
+            assert _stream_text(stream) == fake.default_reply
+    finally:
+        instrumentor.uninstrument()
+    (llm,) = spans("chat iv")  # the instrumentor's span, no fallback span of ours
+    assert llm.instrumentation_scope.name != "lightspan"
+    assert list(llm.attributes[semconv.LLM_RESPONSE_TOKEN_IDS]) == tokenize(fake.default_reply)
+
+
+def test_dropped_stream_ends_its_span_without_partial_ids(spans, openai_hook):
+    import gc
+
+    with FakeOpenAI() as fake:
+        client = openai_hook.OpenAI(base_url=fake.base_url, api_key="k")
+        stream = client.chat.completions.create(model="m2", messages=[{"role": "user", "content": "hi"}],
+                                                stream=True)
+        first = next(iter(stream))
+        assert first.choices[0].delta.content == fake.default_reply.split()[0]
+        stream.close()
+        del stream
+        gc.collect()
+    (llm,) = spans("chat m2")
+    assert semconv.LLM_RESPONSE_TOKEN_IDS not in llm.attributes
+    assert semconv.LLM_PROMPT_TOKEN_IDS not in llm.attributes
+
+
+def test_async_stream_is_captured(spans, openai_hook):
+    async def call() -> str:
+        client = openai_hook.AsyncOpenAI(base_url=fake.base_url, api_key="k")
+        stream = await client.chat.completions.create(model="as", messages=[{"role": "user", "content": "hi"}],
+                                                      stream=True)
+        return "".join([chunk.choices[0].delta.content or "" async for chunk in stream if chunk.choices])
+
+    with FakeOpenAI() as fake:
+        assert asyncio.run(call()) == fake.default_reply
+    (llm,) = spans("chat as")
+    assert list(llm.attributes[semconv.LLM_RESPONSE_TOKEN_IDS]) == tokenize(fake.default_reply)
+
+
 def test_async_openai_client_is_captured(spans, openai_hook):
     async def call():
         client = openai_hook.AsyncOpenAI(base_url=fake.base_url, api_key="k")

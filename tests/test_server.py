@@ -274,6 +274,39 @@ def test_streaming_matches_plain_response(client: openai.OpenAI) -> None:
     assert chunks[-1].usage.completion_tokens == plain.usage.completion_tokens
 
 
+def test_streamed_token_ids_are_captured_on_the_llm_span(client: openai.OpenAI) -> None:
+    """The instrumentation hook on this server's stream: the same ids as the plain response."""
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+    from opentelemetry.trace import use_span
+
+    from lightspan import semconv
+    from lightspan.instrumentation import tokens
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tokens.install(request_token_ids=True, capture_content=True)
+    tokens.patch_openai()
+    try:
+        plain = client.chat.completions.create(model="m1", messages=MESSAGES, max_tokens=8, seed=3)
+        span = provider.get_tracer("test").start_span("LLM", attributes={semconv.OPENINFERENCE_SPAN_KIND: "LLM"})
+        with use_span(span, end_on_exit=False):
+            stream = client.chat.completions.create(model="m1", messages=MESSAGES, max_tokens=8, seed=3, stream=True)
+        text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+        span.end()
+    finally:
+        tokens.unpatch_openai()
+        tokens.CONFIG.request_token_ids = False
+    (llm,) = exporter.get_finished_spans()
+    assert text == plain.choices[0].message.content
+    assert list(llm.attributes[semconv.LLM_PROMPT_TOKEN_IDS]) == plain.model_extra["prompt_token_ids"]
+    assert list(llm.attributes[semconv.LLM_RESPONSE_TOKEN_IDS]) == plain.choices[0].model_extra["token_ids"]
+    logprobs = [entry.logprob for entry in plain.choices[0].logprobs.content]
+    assert list(llm.attributes[semconv.LLM_RESPONSE_LOGPROBS]) == pytest.approx(logprobs)
+
+
 @pytest.mark.parametrize(
     "kwargs, param",
     [
