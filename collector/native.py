@@ -11,8 +11,8 @@ without another conversion and which concatenates with other requests' blocks in
   UTF-8 check, since OTLP requires valid UTF-8 and the Go collector refuses anything else).
 - Other values become the strings `lightspan.types.encode_attribute_value` writes (the ClickHouse
   exporter's convention), through `decode.decode_value`.
-- Attribute keys and span names repeat across spans, and so do short non-string values (token counts, flags,
-  temperatures, attempt numbers): their encodings are cached, in bounded dictionaries.
+- Attribute keys and span names repeat across spans, and so do short non-string values (token
+  counts, flags, temperatures, attempt numbers): their encodings are kept in bounded LRU caches.
 - LowCardinality columns are sent as plain String (and Map keys as String), which ClickHouse
   converts on insert (`input_format_native_allow_types_conversion`, on by default and set by
   the collector), as it does Map(String, String) into Map(LowCardinality(String), String).
@@ -26,6 +26,7 @@ from __future__ import annotations
 from array import array
 from binascii import hexlify
 from dataclasses import dataclass
+from functools import lru_cache
 from itertools import repeat
 from typing import Any
 
@@ -52,8 +53,7 @@ _SHORT = [bytes((n,)) for n in range(128)]  # one-byte varints
 _EMPTY = b"\x00"  # the empty string
 _ZERO_TRACE = bytes(16)
 _ZERO_SPAN = bytes(8)
-_MAX_CACHED_KEYS = 65536
-_MAX_CACHED_VALUES = 65536
+_CACHE_ENTRIES = 65536  # per cache: unbounded key sets (ids in keys or names) must not grow memory
 _CACHED_VALUE_BYTES = 16  # ints, doubles, bools and tiny arrays: few distinct values, decoded often
 
 
@@ -86,17 +86,13 @@ def native_string(text: str) -> bytes:
 _HEADERS = [native_string(name) + native_string(kind) for name, kind in NATIVE_COLUMNS]
 _KINDS = [native_string(kind) for kind in semconv.SPAN_KINDS]
 _STATUSES = [native_string(code) for code in semconv.STATUS_CODES]
-_keys: dict[str, bytes] = {}
-_values: dict[bytes, bytes] = {}
+# Attribute keys and span names: the same few strings in every span.
+_cached_string = lru_cache(maxsize=_CACHE_ENTRIES)(native_string)
 
 
-def _key(key: str) -> bytes:
-    encoded = _keys.get(key)
-    if encoded is None:
-        if len(_keys) >= _MAX_CACHED_KEYS:  # unbounded key sets (ids in keys) must not grow memory
-            _keys.clear()
-        encoded = _keys[key] = native_string(key)
-    return encoded
+@lru_cache(maxsize=_CACHE_ENTRIES)
+def _short_value(raw: bytes) -> bytes:
+    return native_string(decode_value(raw))
 
 
 def _value(raw: bytes) -> bytes:
@@ -110,19 +106,14 @@ def _value(raw: bytes) -> bytes:
         elif len(raw) > 2 and raw[2] < 0x80 and len(raw) == ((n & 0x7F) | (raw[2] << 7)) + 3:
             raw[3:].decode()
             return raw[1:]
-    if len(raw) > _CACHED_VALUE_BYTES:
-        return native_string(decode_value(raw))
-    encoded = _values.get(raw)
-    if encoded is None:
-        if len(_values) >= _MAX_CACHED_VALUES:
-            _values.clear()
-        encoded = _values[raw] = native_string(decode_value(raw))
-    return encoded
+    if len(raw) <= _CACHED_VALUE_BYTES:
+        return _short_value(raw)
+    return native_string(decode_value(raw))
 
 
 def _map(attributes: Any, keys: list[bytes], values: list[bytes]) -> int:
     """Append one attribute map's keys and values; returns how many there were."""
-    key, value = _key, _value
+    key, value = _cached_string, _value
     for name in attributes:
         keys.append(key(name))
         values.append(value(attributes[name]))
@@ -156,7 +147,7 @@ def _to_native(request: Any) -> Decoded:
     event_attr_offsets, event_keys, event_values, event_attr_total = array("Q"), [], [], 0
     link_offsets, link_traces, link_spans, link_states, links_total = array("Q"), [], [], [], 0
     link_attr_offsets, link_keys, link_values, link_attr_total = array("Q"), [], [], 0
-    string, key, value, span_kinds, status_codes = native_string, _key, _value, _KINDS, _STATUSES
+    string, cached, value, span_kinds, status_codes = native_string, _cached_string, _value, _KINDS, _STATUSES
     accepted = rejected = 0
 
     for resource_spans in request.resource_spans:
@@ -183,7 +174,7 @@ def _to_native(request: Any) -> Decoded:
                 parents.append(b"\x10" + hexlify(parent) if len(parent) == 8 else string(parent.hex()))
                 text = span.trace_state
                 states.append(string(text) if text else _EMPTY)
-                names.append(key(span.name))
+                names.append(cached(span.name))
                 kind = span.kind
                 kinds.append(span_kinds[kind] if 0 <= kind < 6 else span_kinds[0])
                 attr_total += _map(span.attributes, attr_keys, attr_values)
