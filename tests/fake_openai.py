@@ -188,17 +188,16 @@ class FakeOpenAI:
         base = {k: payload[k] for k in ("id", "created", "model")} | {"object": "chat.completion.chunk"}
         choice = payload["choices"][0]
         message = choice["message"]
+        ids = choice.get("token_ids")
         entries = (choice.get("logprobs") or {}).get("content")
         chunks: list[dict[str, Any]] = []
         if message.get("tool_calls"):
             parts = [({"role": "assistant", "tool_calls": [dict(c, index=0) for c in message["tool_calls"]]},
-                      choice.get("token_ids"), entries)]
-        else:
-            words = (message["content"] or "").split()
-            parts = [({"content": word if i == 0 else f" {word}"} | ({"role": "assistant"} if i == 0 else {}),
-                      choice.get("token_ids", [None] * len(words))[i:i + 1] if "token_ids" in choice else None,
-                      entries[i:i + 1] if entries else None)
-                     for i, word in enumerate(words)]
+                      ids, entries)]
+        else:  # one word, which the fake tokenizer makes one token, per chunk
+            parts = [({"content": word, "role": "assistant"} if i == 0 else {"content": f" {word}"},
+                      None if ids is None else ids[i:i + 1], entries[i:i + 1] if entries else None)
+                     for i, word in enumerate((message["content"] or "").split())]
         for i, (delta, token_ids, logprobs) in enumerate(parts):
             streamed: dict[str, Any] = {"index": 0, "delta": delta, "finish_reason": None,
                                         "logprobs": {"content": logprobs} if logprobs else None}
