@@ -13,9 +13,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
-
-from typing_extensions import Self
+from typing import TYPE_CHECKING, Any
 
 from lightspan.collector.batcher import GroupCommitter
 from lightspan.collector.decoders import Decoders
@@ -34,6 +32,9 @@ from lightspan.collector.receiver import Receiver
 from lightspan.errors import InvalidInput, StoreUnavailable
 from lightspan.store import Store, parse_store_url
 from lightspan.store import lock as store_lock
+
+if TYPE_CHECKING:
+    from typing_extensions import Self  # annotations only: Python 3.10 has no typing.Self
 
 log = logging.getLogger(__name__)
 

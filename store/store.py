@@ -14,11 +14,10 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import clickhouse_connect
 from clickhouse_connect.driver.exceptions import DatabaseError, OperationalError
-from typing_extensions import Self
 
 from lightspan.errors import InvalidInput, LightspanError, NotFound, StoreLocked, StoreUnavailable
 from lightspan.store import lock
@@ -37,6 +36,9 @@ from lightspan.store.schema import (
 from lightspan.store.spans import SPAN_SELECT, TRACE_COLUMNS, row_to_span, spans_to_columns
 from lightspan.store.url import StoreURL, parse_store_url
 from lightspan.types import Resource, Span, SpanTree
+
+if TYPE_CHECKING:
+    from typing_extensions import Self  # annotations only: Python 3.10 has no typing.Self
 
 
 @dataclass(slots=True)

@@ -20,13 +20,15 @@ import time
 import urllib.request
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
-from typing_extensions import Self
 
 from lightspan.errors import LightspanError
 from lightspan.types import LLM, Resource
+
+if TYPE_CHECKING:
+    from typing_extensions import Self  # annotations only: Python 3.10 has no typing.Self
 
 TRAIN_SERVICE = "lightspan-fit"
 VALIDATION_SERVICE = "lightspan-fit-validation"

@@ -21,15 +21,16 @@ import time
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlsplit
-
-from typing_extensions import Self
 
 from lightspan.errors import InvalidInput, LightspanError, StoreUnavailable
 from lightspan.trainer.serving_engine import LoadedModel, load_model
 from lightspan.trainer.serving_protocol import APIError, parse_chat, parse_completion, stream_chunks
 from lightspan.trainer.serving_scheduler import Scheduler
+
+if TYPE_CHECKING:
+    from typing_extensions import Self  # annotations only: Python 3.10 has no typing.Self
 
 log = logging.getLogger(__name__)
 
