@@ -43,7 +43,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     demo.add_argument("--workdir", default="./lightspan-demo", help="where the store, checkpoints, logs and "
                       "reward.png go (default ./lightspan-demo; must not hold an earlier demo)")
     demo.add_argument("--seed", type=int, default=0, help="seeds the model, the warm-up and the sampling")
-    demo.add_argument("--iterations", type=int, default=None, help="GRPO iterations (default: the recipe's 30)")
+    demo.add_argument("--iterations", type=int, default=None, help="GRPO iterations (default: the recipe's 40)")
     demo.add_argument("--runners", type=int, default=2, help="runner processes (default 2)")
     demo.add_argument("--concurrency", type=int, default=16, help="episodes per runner at once (default 16)")
     demo.set_defaults(func=_demo)
