@@ -194,6 +194,15 @@ def insert_limit(store_url: str, decoded: list, batch_requests: int, total_reque
         return spans / (time.perf_counter() - started), (_cpu_seconds(os.getpid()) - cpu) / spans
 
 
+def _commits(metrics_url: str) -> int:
+    """Batches the collector committed so far, from its Prometheus metrics."""
+    import urllib.request
+
+    text = urllib.request.urlopen(metrics_url, timeout=10).read().decode()
+    return sum(int(float(line.rsplit(" ", 1)[1])) for line in text.splitlines()
+               if line.startswith('lightspan_collector_commits_total{outcome="ok"}'))
+
+
 def ingest(store_url: str, bodies: list[bytes], total_requests: int, channels: int, per_channel: int,
            extra_args: list[str]) -> dict[str, float]:
     """Durable spans/s through a collector subprocess, over `channels` gRPC channels; its CPU
@@ -256,6 +265,7 @@ def ingest(store_url: str, bodies: list[bytes], total_requests: int, channels: i
         elapsed = time.perf_counter() - started
         cpu = _family_cpu_seconds(collector.pid) - cpu
         peak_rss = _family_peak_rss_mib(collector.pid)
+        commits = _commits(f"http://127.0.0.1:{http_port}/metrics")
         for c in channel_list:
             c.close()
         collector.terminate()
@@ -264,6 +274,7 @@ def ingest(store_url: str, bodies: list[bytes], total_requests: int, channels: i
             "spans_per_s": len(latencies) * spans_per_request / elapsed, "p50_ms": _percentile(latencies, 0.5) * 1000,
             "p99_ms": _percentile(latencies, 0.99) * 1000, "peak_rss_mib": peak_rss, "acked": len(latencies),
             "failed": failures, "elapsed_s": elapsed, "cpu_per_span": cpu / max(1, len(latencies) * spans_per_request),
+            "mean_batch": (len(latencies) + 1) * spans_per_request / max(1, commits),
         }
     finally:
         if collector.poll() is None:
@@ -276,7 +287,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--distinct", type=int, default=16, help="distinct pre-encoded requests")
     parser.add_argument("--requests", type=int, default=240, help="requests sent through the collector")
     parser.add_argument("--channels", type=int, default=8, help="gRPC channels (clients)")
-    parser.add_argument("--per-channel", type=int, default=4, help="concurrent requests per channel")
+    parser.add_argument("--per-channel", type=int, default=8,
+                        help="concurrent requests per channel (the default keeps two full batches in flight)")
     parser.add_argument("--batch-spans", type=int, default=DEFAULT_BATCH_SPANS)
     parser.add_argument("--batch-ms", type=float, default=DEFAULT_BATCH_MS)
     parser.add_argument("--decoders", type=int, default=DEFAULT_DECODERS, help="collector decoder processes")
@@ -287,7 +299,8 @@ def main(argv: list[str] | None = None) -> int:
     bodies = [make_request(args.spans, seed).SerializeToString() for seed in range(args.distinct)]
     size = sum(map(len, bodies)) / len(bodies)
     print(f"requests: {args.distinct} distinct x {args.spans} LLM-agent spans, {size / 1024:.0f} KiB each "
-          f"({size / args.spans:.0f} B/span); {os.cpu_count()} CPUs")
+          f"({size / args.spans:.0f} B/span); {args.channels * args.per_channel} in flight over {args.channels} gRPC "
+          f"channels; {os.cpu_count()} CPUs")
     parse = parse_limit(bodies, rounds=3)
     decode, decoded = decode_rate(bodies)
     with tempfile.TemporaryDirectory(prefix="lightspan-bench-") as tmp:
@@ -312,7 +325,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ingest durable end to end            {result['spans_per_s']:>10,.0f} spans/s "
               f"({result['acked']} requests acked, {result['failed']} refused, {result['elapsed_s']:.1f} s)")
         print(f"       ack latency p50 {result['p50_ms']:.0f} ms, p99 {result['p99_ms']:.0f} ms; "
-              f"collector peak RSS {result['peak_rss_mib']:.0f} MiB (decoders included); rows stored {result['stored']:,}")
+              f"collector peak RSS {result['peak_rss_mib']:.0f} MiB (decoders included); rows stored {result['stored']:,}; "
+              f"mean batch {result['mean_batch']:,.0f} spans")
         print(f"cpu    collector {result['cpu_per_span'] * 1e6:.0f} us/span vs raw insert {insert_cpu * 1e6:.0f} us/span: "
               f"CPU-bound ratio {insert_cpu / result['cpu_per_span']:.2f} (what a machine to itself would show)")
     rates = [r["spans_per_s"] for r in results]

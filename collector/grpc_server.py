@@ -67,9 +67,15 @@ class OTLPGrpcServer:
         host: str = "127.0.0.1",
         port: int = 4317,
         max_request_bytes: int = 64 << 20,
-        workers: int = 32,
+        workers: int = 128,
         tls: tuple[bytes, bytes] | None = None,
     ):
+        # One handler thread per request in flight, most of them waiting for their batch's
+        # commit. 128 let SDK clients (512 spans a request) keep two full batches in flight,
+        # one filling while the other commits; 32 capped them at 16,384 spans, half a batch,
+        # which kept batches small and the store's merges busy. The committer's byte budget
+        # bounds what is queued; a body is read before it is admitted, so the handler count
+        # also bounds the bytes being read.
         self.receiver = receiver
         self.retry_after = receiver.committer.retry_after
         self._server = grpc.server(

@@ -133,3 +133,45 @@ def test_two_committers_never_commit_an_empty_batch():
     committer.close()
     assert sum(batches) == 40 and min(batches) >= 1
     assert all(spans >= 1 and error is None for spans, error in reports)
+
+
+def _gated_committers(gate: threading.Event, batches: list[list[bytes]]):
+    """Two committers whose inserts record their batch, the first one blocking until `gate`."""
+    first = threading.Event()
+
+    def commit(blocks):
+        batches.append(blocks)
+        if not first.is_set():
+            first.set()
+            gate.wait(5)
+
+    return [commit, commit], first
+
+
+def test_a_due_batch_waits_for_the_running_commit_and_keeps_growing():
+    gate, batches = threading.Event(), []
+    commits, first_started = _gated_committers(gate, batches)
+    committer = GroupCommitter(commits, batch_spans=100, batch_ms=20)
+    head = committer.submit(_block(0), 1)
+    assert first_started.wait(5)  # the first batch is being inserted (and blocks)
+    later = [committer.submit(_block(i), 1) for i in range(1, 4)]
+    time.sleep(0.3)  # many timer periods: the second committer must not insert a small batch beside it
+    assert batches == [[b"0"]] and not any(f.done() for f in later)
+    gate.set()
+    assert head.result(5) == 1 and [f.result(5) for f in later] == [1, 1, 1]
+    assert batches == [[b"0"], [b"1", b"2", b"3"]]  # what queued meanwhile went in as one insert
+    committer.close()
+
+
+def test_a_full_batch_goes_in_beside_the_running_commit():
+    gate, batches = threading.Event(), []
+    commits, first_started = _gated_committers(gate, batches)
+    committer = GroupCommitter(commits, batch_spans=4, batch_ms=20)
+    head = committer.submit(_block(0), 1)
+    assert first_started.wait(5)
+    full = [committer.submit(_block(i), 2) for i in range(1, 3)]
+    assert [f.result(5) for f in full] == [2, 2]  # committed while the first insert still runs
+    assert not head.done()
+    gate.set()
+    assert head.result(5) == 1 and batches == [[b"0"], [b"1", b"2"]]
+    committer.close()
