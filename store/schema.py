@@ -202,25 +202,59 @@ PARTITION BY toYYYYMM(Timestamp)
 ORDER BY (RolloutId, TraceId, SpanId)
 {d.ttl("Timestamp")}""",
         *d.distributed(ROLLOUT_SPANS, "cityHash64(RolloutId)"),
-        f"""CREATE MATERIALIZED VIEW IF NOT EXISTS {table}_mv{d.on_cluster}
-TO {table}
-AS SELECT
+        f"CREATE MATERIALIZED VIEW IF NOT EXISTS {table}_mv{d.on_cluster}\nTO {table}\nAS {_rollout_select(d, _TOKEN_COLUMNS)}",
+    ]
+
+
+# Token ids and logprobs as typed arrays, parsed from the attributes' JSON.
+_TOKEN_COLUMNS = (
+    ("PromptTokenIds", "Array(UInt32)", semconv.LLM_PROMPT_TOKEN_IDS),
+    ("ResponseTokenIds", "Array(UInt32)", semconv.LLM_RESPONSE_TOKEN_IDS),
+    ("ResponseLogprobs", "Array(Float64)", semconv.LLM_RESPONSE_LOGPROBS),
+)
+
+
+def _token_expression(type_: str, key: str) -> str:
+    return f"JSONExtract({_attr(key)}, '{type_}')"
+
+
+def _rollout_select(d: _DDL, token_columns: tuple[tuple[str, str, str], ...] = ()) -> str:
+    """The view's SELECT: typed columns (`token_columns` among them when they are stored), then the span."""
+    tokens = "".join(f"\n    {_token_expression(type_, key)} AS {name}," for name, type_, key in token_columns)
+    return f"""SELECT
     {_ROLLOUT_ID} AS RolloutId,
     {_attr(semconv.TASK_ID)} AS TaskId,
     toUInt32OrZero({_attr(semconv.ATTEMPT)}) AS Attempt,
     {_AGENT} AS AgentName,
     {_attr(semconv.RESOURCES_ID)} AS ResourcesId,
     {_IS_LLM_CALL} AS IsLLMCall,
-    {_REWARD} AS Reward,
-    JSONExtract({_attr(semconv.LLM_PROMPT_TOKEN_IDS)}, 'Array(UInt32)') AS PromptTokenIds,
-    JSONExtract({_attr(semconv.LLM_RESPONSE_TOKEN_IDS)}, 'Array(UInt32)') AS ResponseTokenIds,
-    JSONExtract({_attr(semconv.LLM_RESPONSE_LOGPROBS)}, 'Array(Float64)') AS ResponseLogprobs,
+    {_REWARD} AS Reward,{tokens}
     Timestamp, TraceId, SpanId, ParentSpanId, TraceState, SpanName, SpanKind, ServiceName,
     ResourceAttributes, ScopeName, ScopeVersion, SpanAttributes, Duration, StatusCode, StatusMessage,
     `Events.Timestamp`, `Events.Name`, `Events.Attributes`,
     `Links.TraceId`, `Links.SpanId`, `Links.TraceState`, `Links.Attributes`
-FROM {d.local(TRACES)}""",
-    ]
+FROM {d.local(TRACES)}"""
+
+
+def _token_ids_on_read(d: _DDL) -> list[str]:
+    """Token ids and logprobs become ALIAS columns, parsed from `SpanAttributes` when read.
+
+    Parsing them on every insert and storing them a second time (they are already in the span's
+    attributes, copied into this table) was a fifth of the store's insert work and grew every
+    merge, for columns training never reads: the trainer takes token ids from the attributes.
+    The view stops writing them first, so no insert ever targets an ALIAS column.
+    """
+    table = d.local(ROLLOUT_SPANS)
+    statements = [f"ALTER TABLE {table}_mv{d.on_cluster} MODIFY QUERY {_rollout_select(d)}"]
+    for target in (table, ROLLOUT_SPANS) if d.options.cluster else (table,):
+        drops = ", ".join(f"DROP COLUMN IF EXISTS {name}" for name, _, _ in _TOKEN_COLUMNS)
+        after = "Reward"
+        adds = []
+        for name, type_, key in _TOKEN_COLUMNS:
+            adds.append(f"ADD COLUMN IF NOT EXISTS {name} {type_} ALIAS {_token_expression(type_, key)} AFTER {after}")
+            after = name
+        statements += [f"ALTER TABLE {target}{d.on_cluster} {drops}", f"ALTER TABLE {target}{d.on_cluster} {', '.join(adds)}"]
+    return statements
 
 
 def _resources_and_metrics(d: _DDL) -> list[str]:
@@ -253,6 +287,7 @@ MIGRATIONS = (
     (1, "otel_traces as the OpenTelemetry ClickHouse exporter creates it", _traces),
     (2, "rollout_spans materialised view", _rollout_spans),
     (3, "resources and train_metrics", _resources_and_metrics),
+    (4, "rollout_spans token ids and logprobs computed on read", _token_ids_on_read),
 )
 
 LATEST_VERSION = MIGRATIONS[-1][0]

@@ -28,7 +28,7 @@ def filled(store_url):
 
 def test_store_init_and_migrate(store_url):
     first = run_cli("store", "init", "--store", store_url)
-    assert first.returncode == 0 and "applied migrations 1, 2, 3" in first.stdout
+    assert first.returncode == 0 and "applied migrations 1, 2, 3, 4" in first.stdout
     again = run_cli("store", "migrate", "--store", store_url)
     assert again.returncode == 0 and "already up to date" in again.stdout
 
