@@ -94,8 +94,24 @@ def _varint(raw: bytes, pos: int) -> tuple[int, int]:
         shift += 7
 
 
-def _int_array(payload: bytes) -> str | None:
-    """An ArrayValue's bytes as a JSON list when every element is an int_value, else None."""
+def int_array_json(raw: bytes) -> bytes | None:
+    """The JSON list (UTF-8) of an AnyValue's wire bytes when they are exactly one array of ints, else None.
+
+    Token ids are most of an LLM span's non-string values, so this skips the generic path: one
+    upb parse, no Python per element.
+    """
+    size = len(raw)
+    if size < 2 or raw[0] != _ARRAY:
+        return None
+    if raw[1] < 0x80:  # the array's length: one varint byte, or two for 128 B to 16 KiB
+        start, length = 2, raw[1]
+    elif size > 2 and raw[2] < 0x80:
+        start, length = 3, (raw[1] & 0x7F) | (raw[2] << 7)
+    else:
+        length, start = _varint(raw, 1)
+    if start + length != size:
+        return None
+    payload = raw[start:]
     try:
         numbers = PackedInt64.FromString(payload).values
     except DecodeError:
@@ -106,7 +122,7 @@ def _int_array(payload: bytes) -> str | None:
     # numbers) breaks that count, so it holds when there are as many elements as pairs.
     if len(payload.translate(None, _HIGH_BYTES)) != 2 * len(numbers) or 2 * numbers[0::2].count(_INT) != len(numbers):
         return None
-    return _orjson_dumps(numbers[1::2]).decode()
+    return _orjson_dumps(numbers[1::2])
 
 
 def decode_value(raw: bytes) -> str:
@@ -130,11 +146,9 @@ def decode_value(raw: bytes) -> str:
             if size == 9:
                 return repr(_double(raw, 1)[0])
         elif tag == _ARRAY:
-            length, start = _varint(raw, 1)
-            if start + length == size:
-                text = _int_array(raw[start:])
-                if text is not None:
-                    return text
+            text = int_array_json(raw)
+            if text is not None:
+                return text.decode()
     except IndexError:
         pass  # truncated: the generated parser below reports it
     return encode_value(AnyValue.FromString(raw))

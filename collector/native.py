@@ -11,8 +11,9 @@ without another conversion and which concatenates with other requests' blocks in
   UTF-8 check, since OTLP requires valid UTF-8 and the Go collector refuses anything else).
 - Other values become the strings `lightspan.types.encode_attribute_value` writes (the ClickHouse
   exporter's convention), through `decode.decode_value`.
-- Attribute keys and span names repeat across spans, and so do short non-string values (token
-  counts, flags, temperatures, attempt numbers): their encodings are kept in bounded LRU caches.
+- Attribute keys and span names repeat across spans, and so do whole key sequences (spans of one
+  kind carry the same keys in the same order) and short non-string values (token counts, flags,
+  temperatures, attempt numbers): their encodings are kept in bounded LRU caches.
 - LowCardinality columns are sent as plain String (and Map keys as String), which ClickHouse
   converts on insert (`input_format_native_allow_types_conversion`, on by default and set by
   the collector), as it does Map(String, String) into Map(LowCardinality(String), String).
@@ -33,7 +34,7 @@ from typing import Any
 from google.protobuf.message import DecodeError
 
 from lightspan import semconv
-from lightspan.collector.decode import decode_value
+from lightspan.collector.decode import decode_value, int_array_json
 from lightspan.errors import InvalidInput
 
 # The block's columns, in the ClickHouse exporter's insert order, with the types they are sent as.
@@ -54,6 +55,7 @@ _EMPTY = b"\x00"  # the empty string
 _ZERO_TRACE = bytes(16)
 _ZERO_SPAN = bytes(8)
 _CACHE_ENTRIES = 65536  # per cache: unbounded key sets (ids in keys or names) must not grow memory
+_KEY_SETS = 1024  # distinct attribute key sequences cached (a few per span kind in practice)
 _CACHED_VALUE_BYTES = 16  # ints, doubles, bools and tiny arrays: few distinct values, decoded often
 
 
@@ -97,27 +99,39 @@ def _short_value(raw: bytes) -> bytes:
 
 def _value(raw: bytes) -> bytes:
     """An attribute value's AnyValue wire bytes as a Native String."""
-    if raw and raw[0] == 0x0A:  # string_value, reused when it is the only field
+    tag = raw[0] if raw else 0
+    if tag == 0x0A:  # string_value, reused when it is the only field
         n = raw[1] if len(raw) > 1 else 0
         if n < 0x80:
             if len(raw) == n + 2:
-                raw[2:].decode()  # UTF-8 check
+                raw.decode()  # UTF-8 check (the two bytes before the text are ASCII)
                 return raw[1:]
         elif len(raw) > 2 and raw[2] < 0x80 and len(raw) == ((n & 0x7F) | (raw[2] << 7)) + 3:
             raw[3:].decode()
             return raw[1:]
+    elif tag == 0x2A:  # token ids: their JSON bytes straight into the Native String
+        text = int_array_json(raw)
+        if text is not None:
+            n = len(text)
+            return _SHORT[n] + text if n < 0x80 else _varint(n) + text
     if len(raw) <= _CACHED_VALUE_BYTES:
         return _short_value(raw)
     return native_string(decode_value(raw))
 
 
+@lru_cache(maxsize=_KEY_SETS)
+def _keys(names: tuple[str, ...]) -> bytes:
+    """One attribute map's keys as Native Strings back to back: spans of a kind share their keys."""
+    return b"".join(map(_cached_string, names))
+
+
 def _map(attributes: Any, keys: list[bytes], values: list[bytes]) -> int:
-    """Append one attribute map's keys and values; returns how many there were."""
-    key, value = _cached_string, _value
-    for name in attributes:
-        keys.append(key(name))
-        values.append(value(attributes[name]))
-    return len(attributes)
+    """Append one attribute map's keys (as one piece) and values; returns how many there were."""
+    names = tuple(attributes)
+    keys.append(_keys(names))
+    value = _value
+    values.extend([value(attributes[name]) for name in names])
+    return len(names)
 
 
 def to_native(request: Any) -> Decoded:

@@ -137,7 +137,7 @@ def test_native_value_is_the_stored_string(value):
 
 @pytest.mark.parametrize("value", [
     "", "x" * 127, "y" * 128, "z" * 20000, "ünïcødé ✓", 0, -1, 2**63 - 1, -(2**63), True, False, 0.0, -2.5, 1e300,
-    [], [1, 2, 3], [0, -7, 2**40], [1, "a"], ["a", "b"], [1.5, 2.5], [True], [[1, 2], [3]], {"a": 1, "b": [1, 2]},
+    [], [1, 2, 3], [0, -7, 2**40], list(range(200_000, 200_040)), list(range(100_000, 105_000)), [1, "a"], ["a", "b"], [1.5, 2.5], [True], [[1, 2], [3]], {"a": 1, "b": [1, 2]},
     b"\x00\xff",
 ])
 def test_decode_value_edge_cases(value):
