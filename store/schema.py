@@ -242,7 +242,9 @@ def _token_ids_on_read(d: _DDL) -> list[str]:
     Parsing them on every insert and storing them a second time (they are already in the span's
     attributes, copied into this table) was a fifth of the store's insert work and grew every
     merge, for columns training never reads: the trainer takes token ids from the attributes.
-    The view stops writing them first, so no insert ever targets an ALIAS column.
+    The view stops writing them first (`MODIFY QUERY`, ClickHouse 24.1 or later; older servers
+    need `allow_experimental_alter_materialized_view_structure`), so no insert ever targets an
+    ALIAS column.
     """
     table = d.local(ROLLOUT_SPANS)
     statements = [f"ALTER TABLE {table}_mv{d.on_cluster} MODIFY QUERY {_rollout_select(d)}"]
