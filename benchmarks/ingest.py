@@ -187,12 +187,10 @@ def insert_limit(store_url: str, decoded: list, batch_requests: int, total_reque
     replay = [decoded[i % len(decoded)] for i in range(total_requests)]
     batches = [[d.block for d in replay[i:i + batch_requests]] for i in range(0, len(replay), batch_requests)]
     with Store.connect(store_url) as store:
-        for name, value in INSERT_SETTINGS.items():  # the collector's own insert settings
-            store.client.set_client_setting(name, value)
-        store.insert_native(batches[0], NATIVE_COLUMN_NAMES)  # warm-up (first parts, caches)
+        store.insert_native(batches[0], NATIVE_COLUMN_NAMES, INSERT_SETTINGS)  # warm-up (first parts, caches)
         started, cpu = time.perf_counter(), _cpu_seconds(os.getpid())
         for batch in batches:
-            store.insert_native(batch, NATIVE_COLUMN_NAMES)
+            store.insert_native(batch, NATIVE_COLUMN_NAMES, INSERT_SETTINGS)  # the collector's own insert
         spans = sum(d.spans for d in replay)
         return spans / (time.perf_counter() - started), (_cpu_seconds(os.getpid()) - cpu) / spans
 

@@ -39,7 +39,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 SQL_MAX_BODY_BYTES = 256 << 20
-# Settings of the committers' store connections. rollout_spans is a ReplacingMergeTree read with
+# Settings of the committers' inserts. rollout_spans is a ReplacingMergeTree read with
 # FINAL: collapsing each inserted block at insert time as well (optimize_on_insert) only costs,
 # about a quarter of the store's insert CPU; retried duplicates still collapse on read and merge.
 # The Native blocks send LowCardinality columns as String for ClickHouse to convert (the default,
@@ -203,10 +203,7 @@ class Collector:
         with self._store_lock:
             if self._stores[index] is None:
                 try:
-                    store = Store.connect(self.store_url, migrate=index == 0)
-                    for name, value in INSERT_SETTINGS.items():
-                        store.client.set_client_setting(name, value)
-                    self._stores[index] = store
+                    self._stores[index] = Store.connect(self.store_url, migrate=index == 0)
                 except StoreUnavailable as error:
                     # A server that is down now may be up later: start anyway and answer
                     # UNAVAILABLE until it is. An embedded store that cannot open is fatal.
@@ -220,7 +217,7 @@ class Collector:
         def commit(blocks: list[bytes]) -> None:
             store = self._stores[index] or self._open_store(index)
             assert store is not None  # _open_store raises when it cannot connect
-            store.insert_native(blocks, NATIVE_COLUMN_NAMES)
+            store.insert_native(blocks, NATIVE_COLUMN_NAMES, INSERT_SETTINGS)
 
         return commit
 

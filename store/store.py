@@ -10,7 +10,9 @@ errors surface as `InvalidInput` with ClickHouse's message; an unreachable serve
 from __future__ import annotations
 
 import json
+import os
 import re
+import threading
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -86,6 +88,14 @@ def _clickhouse_message(error: Exception) -> str:
     return text.split("Stack trace")[0].strip().splitlines()[0] if text.strip() else repr(error)
 
 
+def _setting_value(value: str) -> str:
+    """A setting's value in a SETTINGS clause: numbers as they are, anything else as a string literal."""
+    text = str(value)
+    if re.fullmatch(r"-?\d+(\.\d+)?", text):
+        return text
+    return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
 class Store:
     """A connection to the LightningStore; create with `Store.connect(url)`."""
 
@@ -93,6 +103,8 @@ class Store:
         self._client = client
         self.url = url
         self.options = SchemaOptions(cluster=url.cluster)
+        self._streaming: Any = None  # embedded only: a chDB connection of its own for `insert_native`
+        self._streaming_lock = threading.Lock()
 
     # --- connection -----------------------------------------------------------------------------
     @classmethod
@@ -149,6 +161,10 @@ class Store:
     def close(self) -> None:
         if self._client is None:
             return
+        with self._streaming_lock:
+            if self._streaming is not None:
+                self._streaming.close()
+                self._streaming = None
         self._client.close()
         self._client = None
         if self.url.embedded and self.url.path is not None:
@@ -218,14 +234,39 @@ class Store:
         self._call("insert", TRACES, columns, column_names=list(column_names), column_oriented=True)
         return len(columns[0])
 
-    def insert_native(self, blocks: Sequence[bytes], column_names: Sequence[str]) -> None:
+    def insert_native(self, blocks: Sequence[bytes], column_names: Sequence[str],
+                      settings: Mapping[str, str] | None = None) -> None:
         """Insert Native-format blocks into `otel_traces` as one insert (the collector's path).
 
-        Like `insert_columns` it returns once ClickHouse committed them, views included.
+        Like `insert_columns` it returns once ClickHouse committed them, views included. An
+        embedded store takes the blocks from memory through chDB's streaming insert: the
+        clickhouse-connect chDB backend would first write the batch to a temporary file for an
+        `INSERT ... FROM INFILE`, a file written, read back and deleted for every commit.
         """
-        data = b"".join(blocks)  # one block is returned as it is, not copied
-        if data:
-            self._call("raw_insert", TRACES, list(column_names), data, fmt="Native")
+        blocks = [block for block in blocks if block]
+        if not blocks:
+            return
+        if not self.url.embedded:
+            self._call("raw_insert", TRACES, list(column_names), b"".join(blocks), settings=dict(settings or {}),
+                       fmt="Native")
+            return
+        columns = ", ".join(f"`{name}`" for name in column_names)
+        clause = f" SETTINGS {', '.join(f'{name} = {_setting_value(value)}' for name, value in settings.items())}" \
+            if settings else ""
+        with self._streaming_lock:
+            try:
+                if self._streaming is None:
+                    import chdb  # the embedded backend's own package; a server store never needs it
+
+                    if self._client is None:
+                        raise LightspanError(f"the store {self.url} is closed")
+                    self._streaming = chdb.connect(os.path.realpath(str(self.url.path)))
+                with self._streaming.send_insert(f"INSERT INTO {TRACES} ({columns}){clause}", "Native") as insert:
+                    for block in blocks:
+                        insert.append(block)
+                    insert.finish()
+            except RuntimeError as error:  # chDB reports what ClickHouse refused as RuntimeError
+                raise InvalidInput(_clickhouse_message(error)) from None
 
     def insert_spans(self, spans: Sequence[Span]) -> int:
         """Insert `Span` objects (tests, tools, synthetic data sets)."""

@@ -323,3 +323,20 @@ def test_invalid_utf8_in_a_long_string_is_invalid_input():
     kv = b"\x0a\x01k\x12" + bytes([len(value)]) + value
     with pytest.raises(InvalidInput):
         to_native(parse_protobuf(_body_with_attribute(kv)))
+
+
+def test_a_batch_with_a_block_clickhouse_refuses_is_invalid_input_and_stores_nothing(store):
+    """The embedded store streams a batch's blocks into one insert: a block ClickHouse cannot read
+    fails the whole insert (the batcher then retries its requests one by one), and nothing of the
+    batch is stored; the connection keeps working. String setting values are quoted."""
+    from lightspan.collector.server import INSERT_SETTINGS
+
+    good = to_native(parse_protobuf(_request().SerializeToString())).block
+    truncated = good[: len(good) // 2]
+    settings = {**INSERT_SETTINGS, "insert_deduplication_token": "it's-a-token"}
+    with pytest.raises(InvalidInput, match="Code: "):
+        store.insert_native([good, truncated], NATIVE_COLUMN_NAMES, settings)
+    assert store.sql("SELECT count() FROM otel_traces").scalar() == 0
+    store.insert_native([good, good], NATIVE_COLUMN_NAMES, settings)
+    assert store.sql("SELECT count() FROM otel_traces").scalar() == 2
+    assert store.sql("SELECT count() FROM rollout_spans").scalar() == 2
