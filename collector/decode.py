@@ -108,7 +108,10 @@ def int_array_json(raw: bytes) -> bytes | None:
     elif size > 2 and raw[2] < 0x80:
         start, length = 3, (raw[1] & 0x7F) | (raw[2] << 7)
     else:
-        length, start = _varint(raw, 1)
+        try:
+            length, start = _varint(raw, 1)
+        except IndexError:  # the length itself is cut short: the generic parser reports it
+            return None
     if start + length != size:
         return None
     payload = raw[start:]

@@ -177,6 +177,14 @@ def test_invalid_utf8_string_is_invalid_input():
         to_native(parse_protobuf(_body_with_attribute(kv)))
 
 
+
+@pytest.mark.parametrize("value", [b"\x2a\xff\xff", b"\x2a\xff\xff\xff\xff", b"\x2a\x05\x0a\x02\x18"])
+def test_truncated_array_value_is_invalid_input(value):
+    """An array value cut short, its length varint included, is malformed data (400), not a crash."""
+    kv = b"\x0a\x01k\x12" + bytes([len(value)]) + value
+    with pytest.raises(InvalidInput):
+        to_native(parse_protobuf(_body_with_attribute(kv)))
+
 # --- whole requests -------------------------------------------------------------------------------
 def _request() -> ExportTraceServiceRequest:
     span = Span(
