@@ -3,16 +3,14 @@
 One class serves every caller: the collector inserts columnar span batches, the trainer reads
 span trees and publishes checkpoints, the CLI runs users' SQL. Every user value travels as a
 server-side query parameter (`{name:Type}`), never spliced into SQL text. ClickHouse's own
-errors surface as `InvalidInput` with ClickHouse's message; an unreachable server as
-`StoreUnavailable`.
+errors surface as `InvalidInput` with ClickHouse's message; an unreachable server, and a refusal
+that a retry can outlive (memory, disk, too many parts), as `StoreUnavailable`.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import re
-import threading
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -88,12 +86,37 @@ def _clickhouse_message(error: Exception) -> str:
     return text.split("Stack trace")[0].strip().splitlines()[0] if text.strip() else repr(error)
 
 
-def _setting_value(value: str) -> str:
-    """A setting's value in a SETTINGS clause: numbers as they are, anything else as a string literal."""
-    text = str(value)
-    if re.fullmatch(r"-?\d+(\.\d+)?", text):
-        return text
-    return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
+# ClickHouse error codes that mean "not now" rather than "not this": the server is short of memory,
+# disk or parts headroom, overloaded, read-only for a moment, or lost its Keeper. The same data can
+# go in later, so the caller gets StoreUnavailable (a collector answers UNAVAILABLE and the client
+# retries) instead of InvalidInput (a collector answers INVALID_ARGUMENT and the client drops it).
+_RETRYABLE_CODES = frozenset({
+    159,  # TIMEOUT_EXCEEDED
+    202,  # TOO_MANY_SIMULTANEOUS_QUERIES
+    209,  # SOCKET_TIMEOUT
+    210,  # NETWORK_ERROR
+    225,  # NO_ZOOKEEPER
+    236,  # ABORTED
+    241,  # MEMORY_LIMIT_EXCEEDED
+    242,  # TABLE_IS_READ_ONLY
+    243,  # NOT_ENOUGH_SPACE
+    252,  # TOO_MANY_PARTS
+    319,  # UNKNOWN_STATUS_OF_INSERT
+    394,  # QUERY_WAS_CANCELLED
+    425,  # SYSTEM_ERROR
+    439,  # CANNOT_SCHEDULE_TASK
+    473,  # DEADLOCK_AVOIDED
+    999,  # KEEPER_EXCEPTION
+})
+
+
+def _refusal(error: Exception, url: StoreURL) -> LightspanError:
+    """What ClickHouse's refusal means for the caller: retry later, or fix the input."""
+    message = _clickhouse_message(error)
+    code = re.match(r"Code: (\d+)\.", message)
+    if code and int(code.group(1)) in _RETRYABLE_CODES:
+        return StoreUnavailable(f"store {url} cannot take it now: {message}")
+    return InvalidInput(message)
 
 
 class Store:
@@ -103,8 +126,6 @@ class Store:
         self._client = client
         self.url = url
         self.options = SchemaOptions(cluster=url.cluster)
-        self._streaming: Any = None  # embedded only: a chDB connection of its own for `insert_native`
-        self._streaming_lock = threading.Lock()
 
     # --- connection -----------------------------------------------------------------------------
     @classmethod
@@ -161,10 +182,6 @@ class Store:
     def close(self) -> None:
         if self._client is None:
             return
-        with self._streaming_lock:
-            if self._streaming is not None:
-                self._streaming.close()
-                self._streaming = None
         self._client.close()
         self._client = None
         if self.url.embedded and self.url.path is not None:
@@ -189,7 +206,7 @@ class Store:
         except OperationalError as error:
             raise StoreUnavailable(f"store {self.url} unavailable: {_clickhouse_message(error)}") from None
         except DatabaseError as error:
-            raise InvalidInput(_clickhouse_message(error)) from None
+            raise _refusal(error, self.url) from None
 
     # --- SQL ------------------------------------------------------------------------------------
     def sql(self, query: str, parameters: Mapping[str, Any] | None = None) -> Rows:
@@ -238,35 +255,15 @@ class Store:
                       settings: Mapping[str, str] | None = None) -> None:
         """Insert Native-format blocks into `otel_traces` as one insert (the collector's path).
 
-        Like `insert_columns` it returns once ClickHouse committed them, views included. An
-        embedded store takes the blocks from memory through chDB's streaming insert: the
-        clickhouse-connect chDB backend would first write the batch to a temporary file for an
-        `INSERT ... FROM INFILE`, a file written, read back and deleted for every commit.
+        Like `insert_columns` it returns once ClickHouse committed them, views included, and
+        raises when ClickHouse refused them. (chDB's streaming insert, `Connection.send_insert`,
+        would take the blocks from memory instead of the temporary file clickhouse-connect's chDB
+        backend writes, but chDB 4.4 reports success for an insert that ClickHouse refused with
+        TOO_MANY_PARTS and stores nothing: a collector would acknowledge lost spans.)
         """
-        blocks = [block for block in blocks if block]
-        if not blocks:
-            return
-        if not self.url.embedded:
-            self._call("raw_insert", TRACES, list(column_names), b"".join(blocks), settings=dict(settings or {}),
-                       fmt="Native")
-            return
-        columns = ", ".join(f"`{name}`" for name in column_names)
-        clause = f" SETTINGS {', '.join(f'{name} = {_setting_value(value)}' for name, value in settings.items())}" \
-            if settings else ""
-        with self._streaming_lock:
-            try:
-                if self._streaming is None:
-                    import chdb  # the embedded backend's own package; a server store never needs it
-
-                    if self._client is None:
-                        raise LightspanError(f"the store {self.url} is closed")
-                    self._streaming = chdb.connect(os.path.realpath(str(self.url.path)))
-                with self._streaming.send_insert(f"INSERT INTO {TRACES} ({columns}){clause}", "Native") as insert:
-                    for block in blocks:
-                        insert.append(block)
-                    insert.finish()
-            except RuntimeError as error:  # chDB reports what ClickHouse refused as RuntimeError
-                raise InvalidInput(_clickhouse_message(error)) from None
+        data = b"".join(blocks)  # one block is returned as it is, not copied
+        if data:
+            self._call("raw_insert", TRACES, list(column_names), data, settings=dict(settings or {}), fmt="Native")
 
     def insert_spans(self, spans: Sequence[Span]) -> int:
         """Insert `Span` objects (tests, tools, synthetic data sets)."""

@@ -328,3 +328,24 @@ def test_otel_collector_gateway_config_is_consistent():
         assert set(pipeline[kind]) <= set(config[kind]), kind
     exporter = config["exporters"]["otlp/lightspan"]
     assert exporter["retry_on_failure"]["enabled"] and exporter["endpoint"].endswith(":4317}")
+
+
+def test_a_store_refusing_for_now_answers_unavailable_and_the_retried_spans_land(collector):
+    """ClickHouse refusing an insert for want of headroom (here: too many parts) is not the
+    client's fault: gRPC UNAVAILABLE / HTTP 503, so exporters retry, and nothing is lost."""
+    assert EXPORTERS["grpc"](collector).export(make_spans(rollout="before")) == SpanExportResult.SUCCESS
+    sql = _sql(collector)
+    sql.command("SYSTEM STOP MERGES otel_traces")
+    sql.command("ALTER TABLE otel_traces MODIFY SETTING parts_to_throw_insert = 1, parts_to_delay_insert = 0")
+    refused = make_spans(rollout="refused")
+    body = encode_spans(refused).SerializeToString()
+    with pytest.raises(grpc.RpcError) as error:
+        _raw_export(collector, body)
+    assert error.value.code() == grpc.StatusCode.UNAVAILABLE and "Too many parts" in error.value.details()
+    status, _, headers = _post(f"{collector.http_endpoint}/v1/traces", body)
+    assert status == 503 and "Retry-After" in headers
+    before = _count(collector)
+    sql.command("ALTER TABLE otel_traces MODIFY SETTING parts_to_throw_insert = 3000")
+    sql.command("SYSTEM START MERGES otel_traces")
+    assert EXPORTERS["http"](collector).export(refused) == SpanExportResult.SUCCESS
+    assert _count(collector) == before + len(refused)

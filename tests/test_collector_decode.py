@@ -348,3 +348,18 @@ def test_a_batch_with_a_block_clickhouse_refuses_is_invalid_input_and_stores_not
     store.insert_native([good, good], NATIVE_COLUMN_NAMES, settings)
     assert store.sql("SELECT count() FROM otel_traces").scalar() == 2
     assert store.sql("SELECT count() FROM rollout_spans").scalar() == 2
+
+
+def test_a_batch_the_store_has_no_room_for_is_store_unavailable_and_stores_nothing(store):
+    """Too many parts is "not now", not "not this": a retryable StoreUnavailable. And it must be
+    reported at all: chDB 4.4's streaming insert returns success for it and drops the rows."""
+    from lightspan.collector.server import INSERT_SETTINGS
+    from lightspan.errors import StoreUnavailable
+
+    block = to_native(parse_protobuf(_request().SerializeToString())).block
+    store.insert_native([block], NATIVE_COLUMN_NAMES, INSERT_SETTINGS)
+    store.command("SYSTEM STOP MERGES otel_traces")
+    store.command("ALTER TABLE otel_traces MODIFY SETTING parts_to_throw_insert = 1, parts_to_delay_insert = 0")
+    with pytest.raises(StoreUnavailable, match="Too many parts"):
+        store.insert_native([block, block], NATIVE_COLUMN_NAMES, INSERT_SETTINGS)
+    assert store.sql("SELECT count() FROM otel_traces").scalar() == 1
