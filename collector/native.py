@@ -78,11 +78,15 @@ def _varint(n: int) -> bytes:
     return bytes(out)
 
 
-def native_string(text: str) -> bytes:
-    """A Native String: varint byte length, then UTF-8."""
-    data = text.encode()
+def native_bytes(data: bytes) -> bytes:
+    """A Native String of bytes that are already UTF-8: varint byte length, then the bytes."""
     n = len(data)
     return _SHORT[n] + data if n < 0x80 else _varint(n) + data
+
+
+def native_string(text: str) -> bytes:
+    """A Native String: varint byte length, then UTF-8."""
+    return native_bytes(text.encode())
 
 
 _HEADERS = [native_string(name) + native_string(kind) for name, kind in NATIVE_COLUMNS]
@@ -112,8 +116,7 @@ def _value(raw: bytes) -> bytes:
     elif tag == 0x2A:  # token ids: their JSON bytes straight into the Native String
         text = int_array_json(raw)
         if text is not None:
-            n = len(text)
-            return _SHORT[n] + text if n < 0x80 else _varint(n) + text
+            return native_bytes(text)
     if len(raw) <= _CACHED_VALUE_BYTES:
         return _short_value(raw)
     return native_string(decode_value(raw))

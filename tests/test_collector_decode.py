@@ -177,13 +177,13 @@ def test_invalid_utf8_string_is_invalid_input():
         to_native(parse_protobuf(_body_with_attribute(kv)))
 
 
-
 @pytest.mark.parametrize("value", [b"\x2a\xff\xff", b"\x2a\xff\xff\xff\xff", b"\x2a\x05\x0a\x02\x18"])
 def test_truncated_array_value_is_invalid_input(value):
     """An array value cut short, its length varint included, is malformed data (400), not a crash."""
     kv = b"\x0a\x01k\x12" + bytes([len(value)]) + value
     with pytest.raises(InvalidInput):
         to_native(parse_protobuf(_body_with_attribute(kv)))
+
 
 # --- whole requests -------------------------------------------------------------------------------
 def _request() -> ExportTraceServiceRequest:
@@ -334,9 +334,9 @@ def test_invalid_utf8_in_a_long_string_is_invalid_input():
 
 
 def test_a_batch_with_a_block_clickhouse_refuses_is_invalid_input_and_stores_nothing(store):
-    """The embedded store streams a batch's blocks into one insert: a block ClickHouse cannot read
-    fails the whole insert (the batcher then retries its requests one by one), and nothing of the
-    batch is stored; the connection keeps working. String setting values are quoted."""
+    """A batch's blocks are one insert: a block ClickHouse cannot read fails the whole insert (the
+    batcher then retries its requests one by one), and nothing of the batch is stored; the store
+    keeps working. Insert settings travel with the insert, string values included."""
     from lightspan.collector.server import INSERT_SETTINGS
 
     good = to_native(parse_protobuf(_request().SerializeToString())).block
