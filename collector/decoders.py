@@ -18,8 +18,10 @@ decoder never loses a request.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import multiprocessing
+import platform
 import threading
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
@@ -44,6 +46,29 @@ def _ready() -> bool:
     return True
 
 
+# glibc's mallopt parameters, and the values a decoder process runs with.
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_MMAP_THRESHOLD = 32 << 20  # glibc's maximum on 64-bit: larger blocks are still mapped on their own
+_TRIM_THRESHOLD = 64 << 20  # free memory a decoder keeps at the top of its heap before returning it
+
+
+def keep_freed_memory() -> None:
+    """Make glibc reuse freed megabytes instead of handing them back to the kernel at once.
+
+    Decoding a request allocates and frees buffers of about a megabyte each: the body, the
+    Native block, numpy's temporaries (`int_arrays`). With glibc's defaults each of them is a
+    fresh mmap or lands on a heap top that is trimmed on free, and is faulted in again page by
+    page: under the ingest benchmark 1.7 page faults and 18 µs of decoder CPU a span, against 0.2
+    and 14 µs with these settings. Above the thresholds (one request's working set is a few MB)
+    memory still goes back, so a decoder stays bounded. A no-op on other C libraries.
+    """
+    if platform.libc_ver()[0] != "glibc":
+        return
+    libc = ctypes.CDLL(None)
+    libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD)
+    libc.mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD)
+
+
 class Decoders:
     """Decodes request bodies in `processes` worker processes, or in the caller when 0."""
 
@@ -55,7 +80,8 @@ class Decoders:
             self._pool = self._start_pool()
 
     def _start_pool(self) -> ProcessPoolExecutor:
-        pool = ProcessPoolExecutor(self.processes, mp_context=multiprocessing.get_context("spawn"))
+        pool = ProcessPoolExecutor(self.processes, mp_context=multiprocessing.get_context("spawn"),
+                                   initializer=keep_freed_memory)
         # Start every worker now (imports included), not on the first requests.
         for future in [pool.submit(_ready) for _ in range(self.processes)]:
             future.result()

@@ -10,7 +10,9 @@ without another conversion and which concatenates with other requests' blocks in
   Native String is the same varint length and text: its bytes are reused as they are (after a
   UTF-8 check, since OTLP requires valid UTF-8 and the Go collector refuses anything else).
 - Other values become the strings `lightspan.types.encode_attribute_value` writes (the ClickHouse
-  exporter's convention), through `decode.decode_value`.
+  exporter's convention), through `decode.decode_value`. Arrays wait for the end of the request:
+  its int arrays (token ids, most of an LLM span's non-string bytes) are then written as JSON
+  together, in one numpy pass (`lightspan.collector.int_arrays`).
 - Attribute keys and span names repeat across spans, and so do whole key sequences (spans of one
   kind carry the same keys in the same order) and short non-string values (token counts, flags,
   temperatures, attempt numbers): their encodings are kept in bounded LRU caches.
@@ -35,6 +37,7 @@ from google.protobuf.message import DecodeError
 
 from lightspan import semconv
 from lightspan.collector.decode import decode_value, int_array_json
+from lightspan.collector.int_arrays import int_arrays_json
 from lightspan.errors import InvalidInput
 
 # The block's columns, in the ClickHouse exporter's insert order, with the types they are sent as.
@@ -101,8 +104,9 @@ def _short_value(raw: bytes) -> bytes:
     return native_string(decode_value(raw))
 
 
-def _value(raw: bytes) -> bytes:
-    """An attribute value's AnyValue wire bytes as a Native String."""
+def _value(raw: bytes, later: list[tuple[bytes, bytearray]] | None = None) -> bytes | bytearray:
+    """An attribute value's AnyValue wire bytes as a Native String. With `later`, an array is
+    left to `_fill_arrays` with the request's other arrays: an empty slot now, its bytes then."""
     tag = raw[0] if raw else 0
     if tag == 0x0A:  # string_value, reused when it is the only field
         n = raw[1] if len(raw) > 1 else 0
@@ -114,6 +118,10 @@ def _value(raw: bytes) -> bytes:
             raw[3:].decode()
             return raw[1:]
     elif tag == 0x2A:  # token ids: their JSON bytes straight into the Native String
+        if later is not None:
+            slot = bytearray()
+            later.append((raw, slot))
+            return slot
         text = int_array_json(raw)
         if text is not None:
             return native_bytes(text)
@@ -122,18 +130,28 @@ def _value(raw: bytes) -> bytes:
     return native_string(decode_value(raw))
 
 
+def _fill_arrays(later: list[tuple[bytes, bytearray]]) -> None:
+    """Write the arrays `_value` left for later into their slots: the int arrays in one numpy
+    pass (`int_arrays`), any other array one by one."""
+    texts = int_arrays_json([raw for raw, _ in later])
+    for (raw, slot), text in zip(later, texts):
+        slot += native_bytes(text) if text is not None else native_string(decode_value(raw))
+
+
 @lru_cache(maxsize=_KEY_SETS)
 def _keys(names: tuple[str, ...]) -> bytes:
     """One attribute map's keys as Native Strings back to back: spans of a kind share their keys."""
     return b"".join(map(_cached_string, names))
 
 
-def _map(attributes: Any, keys: list[bytes], values: list[bytes]) -> int:
-    """Append one attribute map's keys (as one piece) and values; returns how many there were."""
+def _map(attributes: Any, keys: list[bytes], values: list[bytes | bytearray],
+         later: list[tuple[bytes, bytearray]]) -> int:
+    """Append one attribute map's keys (as one piece) and values, arrays to be filled `later`;
+    returns how many there were."""
     names = tuple(attributes)
     keys.append(_keys(names))
     value = _value
-    values.extend([value(attributes[name]) for name in names])
+    values.extend([value(attributes[name], later) for name in names])
     return len(names)
 
 
@@ -165,13 +183,14 @@ def _to_native(request: Any) -> Decoded:
     link_offsets, link_traces, link_spans, link_states, links_total = array("Q"), [], [], [], 0
     link_attr_offsets, link_keys, link_values, link_attr_total = array("Q"), [], [], 0
     string, cached, value, span_kinds, status_codes = native_string, _cached_string, _value, _KINDS, _STATUSES
+    later: list[tuple[bytes, bytearray]] = []  # arrays, filled after the loop
     accepted = rejected = 0
 
     for resource_spans in request.resource_spans:
         resource = resource_spans.resource.attributes
         resource_key_list: list[bytes] = []
         resource_value_list: list[bytes] = []
-        per_resource = _map(resource, resource_key_list, resource_value_list)
+        per_resource = _map(resource, resource_key_list, resource_value_list, later)
         service_raw = resource.get(semconv.SERVICE_NAME)
         service = value(service_raw) if service_raw is not None else _EMPTY
         for scope_spans in resource_spans.scope_spans:
@@ -194,7 +213,7 @@ def _to_native(request: Any) -> Decoded:
                 names.append(cached(span.name))
                 kind = span.kind
                 kinds.append(span_kinds[kind] if 0 <= kind < 6 else span_kinds[0])
-                attr_total += _map(span.attributes, attr_keys, attr_values)
+                attr_total += _map(span.attributes, attr_keys, attr_values, later)
                 attr_offsets.append(attr_total)
                 status = span.status
                 code = status.code
@@ -206,7 +225,7 @@ def _to_native(request: Any) -> Decoded:
                     for event in events:
                         event_times.append(event.time_unix_nano)
                         event_names.append(string(event.name))
-                        event_attr_total += _map(event.attributes, event_keys, event_values)
+                        event_attr_total += _map(event.attributes, event_keys, event_values, later)
                         event_attr_offsets.append(event_attr_total)
                     events_total += len(events)
                 event_offsets.append(events_total)
@@ -216,7 +235,7 @@ def _to_native(request: Any) -> Decoded:
                         link_traces.append(string(link.trace_id.hex()))
                         link_spans.append(string(link.span_id.hex()))
                         link_states.append(string(link.trace_state))
-                        link_attr_total += _map(link.attributes, link_keys, link_values)
+                        link_attr_total += _map(link.attributes, link_keys, link_values, later)
                         link_attr_offsets.append(link_attr_total)
                     links_total += len(links)
                 link_offsets.append(links_total)
@@ -232,6 +251,8 @@ def _to_native(request: Any) -> Decoded:
                                               per_resource) if per_resource else repeat(resource_total, count))
                 resource_total += per_resource * count
 
+    if later:
+        _fill_arrays(later)
     join = b"".join
     events_at, links_at = event_offsets.tobytes(), link_offsets.tobytes()
     data = (
