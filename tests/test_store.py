@@ -87,13 +87,13 @@ def test_sql_errors_carry_clickhouse_message(store):
 def test_migrations_are_idempotent(store_url):
     tables = "SELECT name, create_table_query FROM system.tables WHERE database = currentDatabase() ORDER BY name"
     with Store.connect(store_url, migrate=False) as s:
-        assert s.migrate() == [1, 2, 3, 4]
+        assert s.migrate() == [1, 2, 3, 4, 5]
         before = s.sql(tables).rows
         assert s.migrate() == []
         assert s.sql(tables).rows == before
-        assert s.sql("SELECT count() FROM schema_version FINAL").scalar() == 4
+        assert s.sql("SELECT count() FROM schema_version FINAL").scalar() == 5
     with Store.connect(store_url) as s:  # a second open migrates nothing either
-        assert s.schema_version() == s.latest_schema_version == 4
+        assert s.schema_version() == s.latest_schema_version == 5
         assert s.sql(tables).rows == before
 
 
@@ -112,13 +112,39 @@ def test_token_id_migration_keeps_stored_rows_and_new_inserts_readable(store_url
             before = old.sql(typed).rows
     assert before == [("r-old", 60, 30, -15.0)]
     with Store.connect(store_url) as s:
-        assert s.schema_version() == 4
+        assert s.schema_version() == s.latest_schema_version
         assert s.sql(typed).rows == before
         s.insert_spans(rollout_spans("r-new", "t", seed=2))
         assert s.sql(typed).rows == [("r-new", 60, 30, -15.0), *before]
         columns = dict(s.sql("SELECT name, default_kind FROM system.columns WHERE table = 'rollout_spans' AND name "
                              "IN ('PromptTokenIds', 'ResponseTokenIds', 'ResponseLogprobs')").rows)
         assert columns == {"PromptTokenIds": "ALIAS", "ResponseTokenIds": "ALIAS", "ResponseLogprobs": "ALIAS"}
+
+
+def test_span_inserts_write_compact_parts_and_a_migrated_store_does_too(store_url, monkeypatch):
+    """One data file per inserted part, not files per column: a store from before migration 5
+    gets the setting too, and its Wide parts stay readable beside the new Compact ones."""
+    import lightspan.store.store as store_module
+
+    parts = ("SELECT table, part_type FROM system.parts WHERE active AND table IN ('otel_traces', 'rollout_spans') "
+             "ORDER BY table, part_type")
+    with monkeypatch.context() as patch:
+        patch.setattr(store_module, "MIGRATIONS", store_module.MIGRATIONS[:4])
+        with Store.connect(store_url) as old:
+            old.command("ALTER TABLE otel_traces MODIFY SETTING min_bytes_for_wide_part = 0")
+            old.command("ALTER TABLE rollout_spans MODIFY SETTING min_bytes_for_wide_part = 0")
+            old.command("SYSTEM STOP MERGES")
+            wide = rollout_spans("r-wide", "t", seed=1)
+            old.insert_spans(wide)
+            assert old.sql(parts).rows == [("otel_traces", "Wide"), ("rollout_spans", "Wide")]
+    with Store.connect(store_url) as s:
+        s.command("SYSTEM STOP MERGES")
+        compact = rollout_spans("r-compact", "t", seed=2)
+        s.insert_spans(compact)
+        assert s.sql(parts).rows == [("otel_traces", "Compact"), ("otel_traces", "Wide"),
+                                     ("rollout_spans", "Compact"), ("rollout_spans", "Wide")]
+        assert s.sql("SELECT RolloutId, count() FROM rollout_spans FINAL GROUP BY RolloutId ORDER BY RolloutId").rows == [
+            ("r-compact", len(compact)), ("r-wide", len(wide))]
 
 
 def test_otel_traces_matches_the_clickhouse_exporter_layout(store):
@@ -204,7 +230,7 @@ def test_metrics_round_trip(store):
 def test_cluster_ddl_uses_on_cluster_replicated_and_distributed():
     # No ClickHouse cluster here: the generated DDL text is what we can check.
     options = SchemaOptions(cluster="prod")
-    ddl = "\n".join(s for v in (1, 2, 3, 4) for s in migration_statements(v, options)) + schema_version_ddl(options)
+    ddl = "\n".join(s for v in (1, 2, 3, 4, 5) for s in migration_statements(v, options)) + schema_version_ddl(options)
     assert "CREATE TABLE IF NOT EXISTS otel_traces_local ON CLUSTER prod" in ddl
     assert "ReplicatedMergeTree('/clickhouse/tables/{shard}/{database}/otel_traces', '{replica}')" in ddl
     assert "ReplicatedReplacingMergeTree('/clickhouse/tables/{shard}/{database}/rollout_spans', '{replica}')" in ddl
@@ -215,7 +241,10 @@ def test_cluster_ddl_uses_on_cluster_replicated_and_distributed():
     alters = migration_statements(4, options)
     assert alters[0].startswith("ALTER TABLE rollout_spans_local_mv ON CLUSTER prod MODIFY QUERY SELECT")
     assert {s.split(" ON CLUSTER")[0] for s in alters[1:]} == {"ALTER TABLE rollout_spans_local", "ALTER TABLE rollout_spans"}
-    single = "\n".join(s for v in (1, 2, 3, 4) for s in migration_statements(v, SchemaOptions()))
+    assert migration_statements(5, options) == [
+        f"ALTER TABLE {table}_local ON CLUSTER prod MODIFY SETTING min_bytes_for_wide_part = 134217728"
+        for table in ("otel_traces", "rollout_spans")]
+    single = "\n".join(s for v in (1, 2, 3, 4, 5) for s in migration_statements(v, SchemaOptions()))
     assert "ON CLUSTER" not in single and "Distributed" not in single and "Replicated" not in single
     assert parse_store_url("http://u:p@h:9000/db?cluster=prod").cluster == "prod"
 
@@ -261,14 +290,14 @@ def test_a_locked_directory_names_its_path_and_the_way_in(tmp_path):
         holder.stdin.close()
         holder.wait(timeout=30)
     with Store.connect(f"chdb://{path}") as store:  # released when the holder exits
-        assert store.schema_version() == 4
+        assert store.schema_version() == store.latest_schema_version
 
 
 def test_one_directory_per_process_is_explained(store, tmp_path):
     with pytest.raises(StoreLocked, match="one data directory per process"):
         Store.connect(f"chdb://{tmp_path / 'other'}")
     with Store.connect(str(store.url)) as same:  # the same directory twice is fine
-        assert same.schema_version() == 4
+        assert same.schema_version() == same.latest_schema_version
 
 
 def test_landed_rollouts_have_their_root(store):
