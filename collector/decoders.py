@@ -80,16 +80,21 @@ def keep_freed_memory() -> None:
 
 
 def _buffer(path: str | None = None) -> tuple[str, mmap.mmap]:
-    """A shared buffer: a new file in tmpfs with its pages allocated now, or the one at `path`."""
+    """A shared buffer: a new file with its space allocated now, or the one at `path`. The file
+    goes to tmpfs, or to the temporary directory when there is no room there (a container's
+    /dev/shm is often 64 MiB)."""
     if path is None:
-        directory = _SHARED_MEMORY_DIR if os.path.isdir(_SHARED_MEMORY_DIR) else None
-        fd, path = tempfile.mkstemp(prefix="lightspan-decoder-", dir=directory)
-        try:
-            os.posix_fallocate(fd, 0, BUFFER_BYTES)
-        except OSError:
-            os.close(fd)
-            os.unlink(path)
-            raise
+        directories = [_SHARED_MEMORY_DIR] if os.path.isdir(_SHARED_MEMORY_DIR) else []
+        for directory in [*directories, None]:
+            fd, path = tempfile.mkstemp(prefix="lightspan-decoder-", dir=directory)
+            try:
+                os.posix_fallocate(fd, 0, BUFFER_BYTES)
+                break
+            except OSError:
+                os.close(fd)
+                os.unlink(path)
+                if directory is None:
+                    raise
     else:
         fd = os.open(path, os.O_RDWR)
     try:

@@ -147,3 +147,27 @@ def test_a_decoder_process_runs_with_the_allocator_tuned():
 def _minor_faults(pid: int) -> int:
     with open(f"/proc/{pid}/stat") as stat:
         return int(stat.read().rsplit(")", 1)[1].split()[7])
+
+
+def test_without_room_in_shared_memory_the_buffers_go_to_the_temporary_directory(tmp_path, monkeypatch):
+    import lightspan.collector.decoders as decoders_module
+
+    full, elsewhere = tmp_path / "shm", tmp_path / "tmp"
+    full.mkdir()
+    elsewhere.mkdir()
+    real_fallocate = os.posix_fallocate
+
+    def fallocate(fd: int, offset: int, length: int) -> None:
+        if os.readlink(f"/proc/self/fd/{fd}").startswith(str(full)):
+            raise OSError(28, "No space left on device")
+        real_fallocate(fd, offset, length)
+
+    monkeypatch.setattr(decoders_module, "_SHARED_MEMORY_DIR", str(full))
+    monkeypatch.setattr(os, "posix_fallocate", fallocate)
+    monkeypatch.setattr(decoders_module.tempfile, "tempdir", str(elsewhere))
+    path, buffer = decoders_module._buffer()
+    try:
+        assert path.startswith(str(elsewhere)) and len(buffer) == BUFFER_BYTES and list(full.iterdir()) == []
+    finally:
+        buffer.close()
+        os.unlink(path)
