@@ -94,12 +94,8 @@ def _varint(raw: bytes, pos: int) -> tuple[int, int]:
         shift += 7
 
 
-def int_array_json(raw: bytes) -> bytes | None:
-    """The JSON list (UTF-8) of an AnyValue's wire bytes when they are exactly one array of ints, else None.
-
-    Token ids are most of an LLM span's non-string values, so this skips the generic path: one
-    upb parse, no Python per element.
-    """
+def array_payload(raw: bytes) -> bytes | None:
+    """The ArrayValue bytes of an AnyValue that is exactly one array_value field, else None."""
     size = len(raw)
     if size < 2 or raw[0] != _ARRAY:
         return None
@@ -112,9 +108,18 @@ def int_array_json(raw: bytes) -> bytes | None:
             length, start = _varint(raw, 1)
         except IndexError:  # the length itself is cut short: the generic parser reports it
             return None
-    if start + length != size:
+    return raw[start:] if start + length == size else None
+
+
+def int_array_json(raw: bytes) -> bytes | None:
+    """The JSON list (UTF-8) of an AnyValue's wire bytes when they are exactly one array of ints, else None.
+
+    Token ids are most of an LLM span's non-string values, so this skips the generic path: one
+    upb parse, no Python per element.
+    """
+    payload = array_payload(raw)
+    if payload is None:
         return None
-    payload = raw[start:]
     try:
         numbers = PackedInt64.FromString(payload).values
     except DecodeError:

@@ -20,21 +20,10 @@ from __future__ import annotations
 import numpy as np
 import orjson
 
-_ARRAY = 0x2A  # AnyValue.array_value, length-delimited
+from lightspan.collector.decode import array_payload
+
 _LONGEST_VARINT = 9  # bytes: 63 bits, every int64 >= 0
 _JSON_NUMPY = orjson.OPT_SERIALIZE_NUMPY
-
-
-def _payload(raw: bytes) -> bytes | None:
-    """The ArrayValue bytes of an array AnyValue whose length prefix matches its size, else None."""
-    size = len(raw)
-    if size < 2 or raw[0] != _ARRAY:
-        return None
-    if raw[1] < 0x80:  # one length byte, or two for 128 B to 16 KiB; longer arrays take the generic path
-        return raw[2:] if raw[1] + 2 == size else None
-    if size > 2 and raw[2] < 0x80 and ((raw[1] & 0x7F) | (raw[2] << 7)) + 3 == size:
-        return raw[3:]
-    return None
 
 
 def _elements(data: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
@@ -66,7 +55,7 @@ def int_arrays_json(raws: list[bytes]) -> list[bytes | None]:
     """Each AnyValue (wire bytes) that is exactly an array of ints in [0, 2**63) as its JSON list
     (UTF-8), in order; None for any other value, and for all of them when one of them is malformed
     inside (the caller's per-value path then decodes or rejects each exactly)."""
-    payloads = [_payload(raw) for raw in raws]
+    payloads = [array_payload(raw) for raw in raws]
     taken = [p for p in payloads if p is not None]
     data = np.frombuffer(b"".join(taken), np.uint8)
     elements = _elements(data)

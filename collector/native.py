@@ -132,10 +132,10 @@ def _value(raw: bytes, later: list[tuple[bytes, bytearray]] | None = None) -> by
 
 def _fill_arrays(later: list[tuple[bytes, bytearray]]) -> None:
     """Write the arrays `_value` left for later into their slots: the int arrays in one numpy
-    pass (`int_arrays`), any other array one by one."""
+    pass (`int_arrays`), any other array through `_value` on its own."""
     texts = int_arrays_json([raw for raw, _ in later])
     for (raw, slot), text in zip(later, texts):
-        slot += native_bytes(text) if text is not None else native_string(decode_value(raw))
+        slot += native_bytes(text) if text is not None else _value(raw)
 
 
 @lru_cache(maxsize=_KEY_SETS)

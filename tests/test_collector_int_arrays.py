@@ -79,6 +79,12 @@ def test_an_element_split_across_two_arrays_is_not_taken_for_one():
     assert int_arrays_json([_array(b"\x0a\x02"), _array(b"\x18\x05")]) == [None, None]
 
 
+def test_an_array_over_16_kib_has_a_three_byte_length_and_still_takes_the_batch():
+    raw = _ints(list(range(100_000, 105_000)))
+    assert raw[3] < 0x80 <= raw[2]  # the length varint takes three bytes
+    assert int_arrays_json([raw]) == [int_array_json(raw)] and int_array_json(raw) is not None
+
+
 def test_overlong_varints_read_as_protobuf_reads_them():
     """A varint may carry extra 0x80 bytes (protobuf accepts them): the number is the same."""
     raw = _array(b"\x0a\x04\x18\x85\x80\x00" + _element(AnyValue(int_value=300)))
