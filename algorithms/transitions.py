@@ -218,10 +218,14 @@ def _link_time_wrappers(
         if llm_ancestor[inner.span_id] is not None:
             continue
         around = [
-            outer for outer in spans
-            if outer.trace_id == inner.trace_id and outer.scope_name != inner.scope_name
-            and outer.start_ns <= inner.start_ns and inner.end_ns <= outer.end_ns
-            and outer.duration_ns > inner.duration_ns and not related(inner, outer)
+            outer
+            for outer in spans
+            if outer.trace_id == inner.trace_id
+            and outer.scope_name != inner.scope_name
+            and outer.start_ns <= inner.start_ns
+            and inner.end_ns <= outer.end_ns
+            and outer.duration_ns > inner.duration_ns
+            and not related(inner, outer)
         ]
         if around:
             llm_ancestor[inner.span_id] = min(around, key=lambda s: s.duration_ns)

@@ -89,12 +89,19 @@ def to_span(readable: Any) -> Any:
     def attrs(values: Any) -> dict[str, str]:
         return {k: encode_attribute_value(v) for k, v in (values or {}).items()}
 
-    status = {StatusCode.UNSET: "Unset", StatusCode.OK: "Ok", StatusCode.ERROR: "Error"}[readable.status.status_code]
+    status = {StatusCode.UNSET: "Unset", StatusCode.OK: "Ok", StatusCode.ERROR: "Error"}[
+        readable.status.status_code
+    ]
     return Span(
-        trace_id=format(readable.context.trace_id, "032x"), span_id=format(readable.context.span_id, "016x"),
+        trace_id=format(readable.context.trace_id, "032x"),
+        span_id=format(readable.context.span_id, "016x"),
         parent_span_id=format(readable.parent.span_id, "016x") if readable.parent else "",
-        name=readable.name, start_ns=readable.start_time, end_ns=readable.end_time, attributes=attrs(readable.attributes),
-        status_code=status, service_name="lightspan-demo",
+        name=readable.name,
+        start_ns=readable.start_time,
+        end_ns=readable.end_time,
+        attributes=attrs(readable.attributes),
+        status_code=status,
+        service_name="lightspan-demo",
         events=[SpanEvent(e.name, e.timestamp, attrs(e.attributes)) for e in readable.events],
     )
 
@@ -119,17 +126,31 @@ def policy_view(step: Any, path: Path) -> Any:
     from lightspan.trainer.serving_engine import LoadedModel
 
     tok = step.loaded.tokenizer
-    return LoadedModel(id="policy", name="policy", path=path, model=step.engine.module, tokenizer=tok,
-                       device=torch.device("cpu"), eos_ids=frozenset({tok.eos_token_id}), pad_id=tok.pad_token_id,
-                       max_length=1024)
+    return LoadedModel(
+        id="policy",
+        name="policy",
+        path=path,
+        model=step.engine.module,
+        tokenizer=tok,
+        device=torch.device("cpu"),
+        eos_ids=frozenset({tok.eos_token_id}),
+        pad_id=tok.pad_token_id,
+        max_length=1024,
+    )
 
 
 # --- episodes in lockstep ----------------------------------------------------------------------------
 def _prompt(tok: Any, messages: list[dict[str, str]]) -> list[int]:
-    return list(tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"])
+    return list(
+        tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)[
+            "input_ids"
+        ]
+    )
 
 
-def play_batch(view: Any, tasks: Sequence[Task], group: int, recipe: Recipe, seed: int) -> tuple[list[Any], list[float]]:
+def play_batch(
+    view: Any, tasks: Sequence[Task], group: int, recipe: Recipe, seed: int
+) -> tuple[list[Any], list[float]]:
     """`group` episodes per task, both turns batched; returns (transitions, rewards per rollout)."""
     from lightspan.trainer.serving_engine import generate
     from lightspan.trainer.serving_protocol import Row, SamplingParams
@@ -157,12 +178,21 @@ def play_batch(view: Any, tasks: Sequence[Task], group: int, recipe: Recipe, see
     for i, ((task, k), reward) in enumerate(zip(episodes, rewards)):
         rollout = f"{task['id']}/{seed}/{k}"
         for step, (messages, prompt, c) in enumerate(((first[i], p1[i], c1[i]), (second[i], p2[i], c2[i]))):
-            transitions.append(Transition(
-                rollout_id=rollout, task_id=task["id"], span_id=f"{rollout}/{step}", messages=messages,
-                response={"role": "assistant", "content": c.text}, step=step, attempt=k,
-                prompt_token_ids=prompt, response_token_ids=list(c.token_ids),
-                response_logprobs=[lp.logprob for lp in c.logprobs], final_reward=reward,
-            ))
+            transitions.append(
+                Transition(
+                    rollout_id=rollout,
+                    task_id=task["id"],
+                    span_id=f"{rollout}/{step}",
+                    messages=messages,
+                    response={"role": "assistant", "content": c.text},
+                    step=step,
+                    attempt=k,
+                    prompt_token_ids=prompt,
+                    response_token_ids=list(c.token_ids),
+                    response_logprobs=[lp.logprob for lp in c.logprobs],
+                    final_reward=reward,
+                )
+            )
     return transitions, rewards
 
 
@@ -192,7 +222,9 @@ def evaluate(view: Any, tasks: Sequence[Task], group: int, recipe: Recipe, seed:
     return sum(rewards) / len(rewards)
 
 
-def warm_up(recipe: Recipe, base: Path, store_url: str, work: Path, timings: dict[str, float], verbose: bool) -> Path:
+def warm_up(
+    recipe: Recipe, base: Path, store_url: str, work: Path, timings: dict[str, float], verbose: bool
+) -> Path:
     """Scripted episodes → spans → store → trainer selection → SFT steps; returns the warm folder."""
     from transformers import AutoTokenizer
 
@@ -204,8 +236,12 @@ def warm_up(recipe: Recipe, base: Path, store_url: str, work: Path, timings: dic
     exporter = _EXPORTER
     exporter.clear()
     tokenizer = AutoTokenizer.from_pretrained(base)
-    scripted = demo_task.scripted_episodes(tokenizer, count=recipe.warmup_episodes, seed=recipe.seed,
-                                           wrong_answer_rate=recipe.warmup_wrong_answer_rate)
+    scripted = demo_task.scripted_episodes(
+        tokenizer,
+        count=recipe.warmup_episodes,
+        seed=recipe.seed,
+        wrong_answer_rate=recipe.warmup_wrong_answer_rate,
+    )
     spans = [to_span(s) for s in exporter.get_finished_spans()]
     sft_config = train_config(base, store_url, work / "sft", sft=True, recipe=recipe)
     store = Store.connect(store_url)
@@ -232,8 +268,10 @@ def warm_up(recipe: Recipe, base: Path, store_url: str, work: Path, timings: dic
     step.engine.module.save_pretrained(warm)
     tokenizer.save_pretrained(warm)
     if verbose:
-        print(f"warm-up: {len(scripted)} scripted episodes (scripted success {sum(scripted) / len(scripted):.2f}), "
-              f"{len(samples)} transitions, {steps} SFT steps, last loss {metrics['loss']:.3f}")
+        print(
+            f"warm-up: {len(scripted)} scripted episodes (scripted success {sum(scripted) / len(scripted):.2f}), "
+            f"{len(samples)} transitions, {steps} SFT steps, last loss {metrics['loss']:.3f}"
+        )
 
     return warm
 
@@ -246,9 +284,15 @@ def run(recipe: Recipe, work: Path, reuse_warmup: Path | None = None, verbose: b
     timings: dict[str, float] = {}
     started = time.perf_counter()
     torch.manual_seed(recipe.seed)
-    base = build_tiny_model(work / "base", corpus=demo_task.make_corpus(), vocab_size=recipe.vocab_size,
-                            hidden_size=recipe.hidden_size, num_layers=recipe.num_layers,
-                            num_heads=recipe.num_heads, seed=recipe.seed)
+    base = build_tiny_model(
+        work / "base",
+        corpus=demo_task.make_corpus(),
+        vocab_size=recipe.vocab_size,
+        hidden_size=recipe.hidden_size,
+        num_layers=recipe.num_layers,
+        num_heads=recipe.num_heads,
+        seed=recipe.seed,
+    )
     timings["build"] = time.perf_counter() - started
 
     store_url = f"chdb://{work / 'store'}"
@@ -281,8 +325,11 @@ def run(recipe: Recipe, work: Path, reuse_warmup: Path | None = None, verbose: b
         for minibatch in step_batches(samples, batch, recipe.seed, iteration):
             metrics = step.run(minibatch)
         if verbose:
-            print(f"iteration {iteration + 1:2d}: success {curve[-1]:.3f}  right tool {tools:.3f}  loss {metrics['loss']:+.4f}  "
-                  f"clip {metrics.get('clip_fraction', 0):.3f}  {time.perf_counter() - t0:6.1f}s", flush=True)
+            print(
+                f"iteration {iteration + 1:2d}: success {curve[-1]:.3f}  right tool {tools:.3f}  loss {metrics['loss']:+.4f}  "
+                f"clip {metrics.get('clip_fraction', 0):.3f}  {time.perf_counter() - t0:6.1f}s",
+                flush=True,
+            )
     timings["grpo"] = time.perf_counter() - t0
     final_train = evaluate(view, demo_task.TRAIN_TASKS, 8, recipe, seed=20_000)
     validation.append(evaluate(view, demo_task.VALIDATION_TASKS, 4, recipe, seed=10_000))
@@ -297,8 +344,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     global _EXPORTER
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[RECIPE.seed])
-    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="override a RECIPE field")
-    parser.add_argument("--reuse-warmup", type=Path, help="keep the warm-up checkpoint here and reuse it (GRPO-only calibration)")
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="FIELD=VALUE", help="override a RECIPE field"
+    )
+    parser.add_argument(
+        "--reuse-warmup",
+        type=Path,
+        help="keep the warm-up checkpoint here and reuse it (GRPO-only calibration)",
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch threads (the machine is shared)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -313,13 +366,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         recipe = dataclasses.replace(RECIPE, **{**overrides, "seed": seed})
         print(f"== seed {seed}: {recipe}", flush=True)
         with tempfile.TemporaryDirectory(prefix="lightspan-demo-") as work:
-            result = run(recipe, Path(work), args.reuse_warmup / f"seed-{seed}" if args.reuse_warmup else None)
+            result = run(
+                recipe, Path(work), args.reuse_warmup / f"seed-{seed}" if args.reuse_warmup else None
+            )
         results.append(result)
         c, t = result["curve"], result["timings"]
-        print(f"seed {seed}: success after warm-up {c[0]:.3f} -> last iteration {c[-1]:.3f} "
-              f"(x{c[-1] / max(c[0], 1e-9):.1f}); first >= 0.8 at iteration "
-              f"{next((i + 1 for i, v in enumerate(c) if v >= 0.8), None)}; train eval {result['final_train']:.3f}; held-out "
-              f"{result['validation'][0]:.3f} -> {result['validation'][1]:.3f}")
+        print(
+            f"seed {seed}: success after warm-up {c[0]:.3f} -> last iteration {c[-1]:.3f} "
+            f"(x{c[-1] / max(c[0], 1e-9):.1f}); first >= 0.8 at iteration "
+            f"{next((i + 1 for i, v in enumerate(c) if v >= 0.8), None)}; train eval {result['final_train']:.3f}; held-out "
+            f"{result['validation'][0]:.3f} -> {result['validation'][1]:.3f}"
+        )
         print("wall s: " + ", ".join(f"{k} {v:.1f}" for k, v in t.items()), flush=True)
     ok = [r["curve"][0] <= 0.3 and r["curve"][-1] >= 0.8 for r in results]
     print(f"criterion (<= 0.3 after warm-up, >= 0.8 at the end) met for {sum(ok)}/{len(ok)} seeds")

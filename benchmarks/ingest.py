@@ -42,18 +42,32 @@ def _kv(key: str, value: object) -> KeyValue:
     if isinstance(value, float):
         return KeyValue(key=key, value=AnyValue(double_value=value))
     if isinstance(value, list):
-        return KeyValue(key=key, value=AnyValue(array_value=ArrayValue(values=[AnyValue(int_value=v) for v in value])))
+        return KeyValue(
+            key=key, value=AnyValue(array_value=ArrayValue(values=[AnyValue(int_value=v) for v in value]))
+        )
     return KeyValue(key=key, value=AnyValue(string_value=str(value)))
 
 
 def _llm_attributes(rng: random.Random, rollout: str, task: str, step: int) -> list[KeyValue]:
-    question = " ".join(rng.choice(("compute", "the", "sum", "of", "list", "rows", "table", "where")) for _ in range(30))
+    question = " ".join(
+        rng.choice(("compute", "the", "sum", "of", "list", "rows", "table", "where")) for _ in range(30)
+    )
     messages = [
-        {"role": "system", "parts": [{"type": "text", "content": "You are a careful SQL agent. Answer with one query."}]},
+        {
+            "role": "system",
+            "parts": [{"type": "text", "content": "You are a careful SQL agent. Answer with one query."}],
+        },
         {"role": "user", "parts": [{"type": "text", "content": question}]},
     ]
-    output = [{"role": "assistant", "finish_reason": "stop",
-               "parts": [{"type": "text", "content": f"SELECT sum(x) FROM t{step} WHERE y > {rng.randint(0, 99)}"}]}]
+    output = [
+        {
+            "role": "assistant",
+            "finish_reason": "stop",
+            "parts": [
+                {"type": "text", "content": f"SELECT sum(x) FROM t{step} WHERE y > {rng.randint(0, 99)}"}
+            ],
+        }
+    ]
     return [
         _kv("gen_ai.operation.name", "chat"),
         _kv("gen_ai.provider.name", "openai"),
@@ -83,34 +97,83 @@ def make_request(n_spans: int = 1000, seed: int = 0) -> ExportTraceServiceReques
         rollout = f"ro-{seed}-{len(spans)}"
         task = f"task-{rng.randint(0, 99)}"
         root_id = rng.randbytes(8)
-        context = [_kv("lightspan.rollout.id", rollout), _kv("lightspan.task.id", task), _kv("lightspan.attempt", 0)]
+        context = [
+            _kv("lightspan.rollout.id", rollout),
+            _kv("lightspan.task.id", task),
+            _kv("lightspan.attempt", 0),
+        ]
         start = now - 60_000_000_000
-        spans.append(Span(trace_id=trace_id, span_id=root_id, name="lightspan.rollout", kind=Span.SPAN_KIND_INTERNAL,
-                          start_time_unix_nano=start, end_time_unix_nano=start + 30_000_000_000, attributes=context))
+        spans.append(
+            Span(
+                trace_id=trace_id,
+                span_id=root_id,
+                name="lightspan.rollout",
+                kind=Span.SPAN_KIND_INTERNAL,
+                start_time_unix_nano=start,
+                end_time_unix_nano=start + 30_000_000_000,
+                attributes=context,
+            )
+        )
         for step in range(4):
             t = start + step * 5_000_000_000
-            spans.append(Span(trace_id=trace_id, span_id=rng.randbytes(8), parent_span_id=root_id,
-                              name="chat Qwen/Qwen2.5-0.5B-Instruct", kind=Span.SPAN_KIND_CLIENT,
-                              start_time_unix_nano=t, end_time_unix_nano=t + 900_000_000,
-                              attributes=_llm_attributes(rng, rollout, task, step)))
-            spans.append(Span(trace_id=trace_id, span_id=rng.randbytes(8), parent_span_id=root_id,
-                              name="execute_tool run_sql", kind=Span.SPAN_KIND_INTERNAL,
-                              start_time_unix_nano=t + 1_000_000_000, end_time_unix_nano=t + 1_200_000_000,
-                              attributes=context + [_kv("gen_ai.tool.name", "run_sql"), _kv("db.query.text", "SELECT 1")],
-                              status=Status(code=Status.STATUS_CODE_OK)))
-        spans.append(Span(trace_id=trace_id, span_id=rng.randbytes(8), parent_span_id=root_id,
-                          name="lightspan.reward", start_time_unix_nano=start + 29_000_000_000,
-                          end_time_unix_nano=start + 29_000_000_001,
-                          attributes=context + [_kv("lightspan.reward.value", rng.random()),
-                                                _kv("lightspan.reward.name", "exact_match")],
-                          events=[Span.Event(time_unix_nano=start + 29_000_000_000, name="gen_ai.evaluation.result",
-                                             attributes=[_kv("gen_ai.evaluation.score.value", 1.0)])]))
-    resource_ = Resource(attributes=[_kv("service.name", "sql-agent"), _kv("service.version", "1.0"),
-                                     _kv("telemetry.sdk.language", "python")])
+            spans.append(
+                Span(
+                    trace_id=trace_id,
+                    span_id=rng.randbytes(8),
+                    parent_span_id=root_id,
+                    name="chat Qwen/Qwen2.5-0.5B-Instruct",
+                    kind=Span.SPAN_KIND_CLIENT,
+                    start_time_unix_nano=t,
+                    end_time_unix_nano=t + 900_000_000,
+                    attributes=_llm_attributes(rng, rollout, task, step),
+                )
+            )
+            spans.append(
+                Span(
+                    trace_id=trace_id,
+                    span_id=rng.randbytes(8),
+                    parent_span_id=root_id,
+                    name="execute_tool run_sql",
+                    kind=Span.SPAN_KIND_INTERNAL,
+                    start_time_unix_nano=t + 1_000_000_000,
+                    end_time_unix_nano=t + 1_200_000_000,
+                    attributes=context
+                    + [_kv("gen_ai.tool.name", "run_sql"), _kv("db.query.text", "SELECT 1")],
+                    status=Status(code=Status.STATUS_CODE_OK),
+                )
+            )
+        spans.append(
+            Span(
+                trace_id=trace_id,
+                span_id=rng.randbytes(8),
+                parent_span_id=root_id,
+                name="lightspan.reward",
+                start_time_unix_nano=start + 29_000_000_000,
+                end_time_unix_nano=start + 29_000_000_001,
+                attributes=context
+                + [_kv("lightspan.reward.value", rng.random()), _kv("lightspan.reward.name", "exact_match")],
+                events=[
+                    Span.Event(
+                        time_unix_nano=start + 29_000_000_000,
+                        name="gen_ai.evaluation.result",
+                        attributes=[_kv("gen_ai.evaluation.score.value", 1.0)],
+                    )
+                ],
+            )
+        )
+    resource_ = Resource(
+        attributes=[
+            _kv("service.name", "sql-agent"),
+            _kv("service.version", "1.0"),
+            _kv("telemetry.sdk.language", "python"),
+        ]
+    )
     scope = InstrumentationScope(name="opentelemetry.instrumentation.openai_v2", version="2.1b0")
-    return ExportTraceServiceRequest(resource_spans=[
-        ResourceSpans(resource=resource_, scope_spans=[ScopeSpans(scope=scope, spans=spans[:n_spans])])
-    ])
+    return ExportTraceServiceRequest(
+        resource_spans=[
+            ResourceSpans(resource=resource_, scope_spans=[ScopeSpans(scope=scope, spans=spans[:n_spans])])
+        ]
+    )
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -132,7 +195,9 @@ def _free_ports(count: int) -> list[int]:
 
 def parse_limit(bodies: list[bytes], rounds: int) -> float:
     """Spans/s of protobuf parsing alone (opentelemetry-proto's generated class, upb)."""
-    spans = sum(len(ExportTraceServiceRequest.FromString(b).resource_spans[0].scope_spans[0].spans) for b in bodies)
+    spans = sum(
+        len(ExportTraceServiceRequest.FromString(b).resource_spans[0].scope_spans[0].spans) for b in bodies
+    )
     started = time.perf_counter()
     for _ in range(rounds):
         for body in bodies:
@@ -179,7 +244,9 @@ def _family_peak_rss_mib(pid: int) -> float:
     return total / 1024
 
 
-def insert_limit(store_url: str, decoded: list, batch_requests: int, total_requests: int) -> tuple[float, float]:
+def insert_limit(
+    store_url: str, decoded: list, batch_requests: int, total_requests: int
+) -> tuple[float, float]:
     """Spans/s of raw columnar inserts of the same requests, already encoded as Native blocks (so
     only the store works), as many as the ingest run sends (so the store does the same part and
     merge work), into the same store, batched and configured like the collector, and the CPU
@@ -188,7 +255,9 @@ def insert_limit(store_url: str, decoded: list, batch_requests: int, total_reque
     from lightspan.collector.server import INSERT_SETTINGS
 
     replay = [decoded[i % len(decoded)] for i in range(total_requests)]
-    batches = [[d.block for d in replay[i:i + batch_requests]] for i in range(0, len(replay), batch_requests)]
+    batches = [
+        [d.block for d in replay[i : i + batch_requests]] for i in range(0, len(replay), batch_requests)
+    ]
     with Store.connect(store_url) as store:
         store.insert_native(batches[0], NATIVE_COLUMN_NAMES, INSERT_SETTINGS)  # warm-up (first parts, caches)
         started, cpu = time.perf_counter(), _cpu_seconds(os.getpid())
@@ -203,12 +272,21 @@ def _commits(metrics_url: str) -> int:
     import urllib.request
 
     text = urllib.request.urlopen(metrics_url, timeout=10).read().decode()
-    return sum(int(float(line.rsplit(" ", 1)[1])) for line in text.splitlines()
-               if line.startswith('lightspan_collector_commits_total{outcome="ok"}'))
+    return sum(
+        int(float(line.rsplit(" ", 1)[1]))
+        for line in text.splitlines()
+        if line.startswith('lightspan_collector_commits_total{outcome="ok"}')
+    )
 
 
-def ingest(store_url: str, bodies: list[bytes], total_requests: int, channels: int, per_channel: int,
-           extra_args: list[str]) -> dict[str, float]:
+def ingest(
+    store_url: str,
+    bodies: list[bytes],
+    total_requests: int,
+    channels: int,
+    per_channel: int,
+    extra_args: list[str],
+) -> dict[str, float]:
     """Durable spans/s through a collector subprocess, over `channels` gRPC channels; its CPU
     time and peak RSS include its decoder processes."""
     import subprocess
@@ -218,9 +296,23 @@ def ingest(store_url: str, bodies: list[bytes], total_requests: int, channels: i
 
     grpc_port, http_port = _free_ports(2)
     collector = subprocess.Popen(
-        [sys.executable, "-m", "lightspan", "collector", "--store", store_url, "--grpc-port", str(grpc_port),
-         "--http-port", str(http_port), "--sql-port", "-1", *extra_args],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [
+            sys.executable,
+            "-m",
+            "lightspan",
+            "collector",
+            "--store",
+            store_url,
+            "--grpc-port",
+            str(grpc_port),
+            "--http-port",
+            str(http_port),
+            "--sql-port",
+            "-1",
+            *extra_args,
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     try:
         deadline = time.monotonic() + 60
@@ -232,10 +324,18 @@ def ingest(store_url: str, bodies: list[bytes], total_requests: int, channels: i
                 if time.monotonic() > deadline or collector.poll() is not None:
                     raise RuntimeError("collector did not start")
                 time.sleep(0.1)
-        spans_per_request = len(ExportTraceServiceRequest.FromString(bodies[0]).resource_spans[0].scope_spans[0].spans)
-        channel_list = [grpc.insecure_channel(f"127.0.0.1:{grpc_port}", options=[("grpc.max_send_message_length", 64 << 20)])
-                        for _ in range(channels)]
-        calls = [c.unary_unary("/opentelemetry.proto.collector.trace.v1.TraceService/Export") for c in channel_list]
+        spans_per_request = len(
+            ExportTraceServiceRequest.FromString(bodies[0]).resource_spans[0].scope_spans[0].spans
+        )
+        channel_list = [
+            grpc.insecure_channel(
+                f"127.0.0.1:{grpc_port}", options=[("grpc.max_send_message_length", 64 << 20)]
+            )
+            for _ in range(channels)
+        ]
+        calls = [
+            c.unary_unary("/opentelemetry.proto.collector.trace.v1.TraceService/Export") for c in channel_list
+        ]
         calls[0](bodies[0], timeout=60)  # warm-up
         latencies: list[float] = []
         failures = 0
@@ -260,7 +360,10 @@ def ingest(store_url: str, bodies: list[bytes], total_requests: int, channels: i
                 with lock:
                     latencies.append(time.perf_counter() - started)
 
-        workers = [threading.Thread(target=worker, args=(calls[i % channels],)) for i in range(channels * per_channel)]
+        workers = [
+            threading.Thread(target=worker, args=(calls[i % channels],))
+            for i in range(channels * per_channel)
+        ]
         started, cpu = time.perf_counter(), _family_cpu_seconds(collector.pid)
         for w in workers:
             w.start()
@@ -275,9 +378,14 @@ def ingest(store_url: str, bodies: list[bytes], total_requests: int, channels: i
         collector.terminate()
         collector.wait(60)
         return {
-            "spans_per_s": len(latencies) * spans_per_request / elapsed, "p50_ms": _percentile(latencies, 0.5) * 1000,
-            "p99_ms": _percentile(latencies, 0.99) * 1000, "peak_rss_mib": peak_rss, "acked": len(latencies),
-            "failed": failures, "elapsed_s": elapsed, "cpu_per_span": cpu / max(1, len(latencies) * spans_per_request),
+            "spans_per_s": len(latencies) * spans_per_request / elapsed,
+            "p50_ms": _percentile(latencies, 0.5) * 1000,
+            "p99_ms": _percentile(latencies, 0.99) * 1000,
+            "peak_rss_mib": peak_rss,
+            "acked": len(latencies),
+            "failed": failures,
+            "elapsed_s": elapsed,
+            "cpu_per_span": cpu / max(1, len(latencies) * spans_per_request),
             "mean_batch": (len(latencies) + 1) * spans_per_request / max(1, commits),
         }
     finally:
@@ -291,20 +399,30 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--distinct", type=int, default=16, help="distinct pre-encoded requests")
     parser.add_argument("--requests", type=int, default=240, help="requests sent through the collector")
     parser.add_argument("--channels", type=int, default=8, help="gRPC channels (clients)")
-    parser.add_argument("--per-channel", type=int, default=8,
-                        help="concurrent requests per channel (the default keeps two full batches in flight)")
+    parser.add_argument(
+        "--per-channel",
+        type=int,
+        default=8,
+        help="concurrent requests per channel (the default keeps two full batches in flight)",
+    )
     parser.add_argument("--batch-spans", type=int, default=DEFAULT_BATCH_SPANS)
     parser.add_argument("--batch-ms", type=float, default=DEFAULT_BATCH_MS)
     parser.add_argument("--decoders", type=int, default=DEFAULT_DECODERS, help="collector decoder processes")
-    parser.add_argument("--repeat", type=int, default=1,
-                        help="ingest runs, each into a fresh store after its own insert limit (report the spread)")
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="ingest runs, each into a fresh store after its own insert limit (report the spread)",
+    )
     args = parser.parse_args(argv)
 
     bodies = [make_request(args.spans, seed).SerializeToString() for seed in range(args.distinct)]
     size = sum(map(len, bodies)) / len(bodies)
-    print(f"requests: {args.distinct} distinct x {args.spans} LLM-agent spans, {size / 1024:.0f} KiB each "
-          f"({size / args.spans:.0f} B/span); {args.channels * args.per_channel} in flight over {args.channels} gRPC "
-          f"channels; {os.cpu_count()} CPUs")
+    print(
+        f"requests: {args.distinct} distinct x {args.spans} LLM-agent spans, {size / 1024:.0f} KiB each "
+        f"({size / args.spans:.0f} B/span); {args.channels * args.per_channel} in flight over {args.channels} gRPC "
+        f"channels; {os.cpu_count()} CPUs"
+    )
     parse = parse_limit(bodies, rounds=3)
     decode, decoded = decode_rate(bodies)
     print(f"limit  protobuf parse alone          {parse:>10,.0f} spans/s")
@@ -316,36 +434,61 @@ def main(argv: list[str] | None = None) -> int:
             # two figures from the same state of a shared, noisy machine. Each uses a fresh store
             # of the same kind and schema: the ingest run must not inherit (and pay for) background
             # merges of the parts the limit run left behind.
-            insert, insert_cpu = insert_limit(f"chdb://{tmp}/limit-{run}", decoded,
-                                              max(1, args.batch_spans // args.spans), args.requests)
+            insert, insert_cpu = insert_limit(
+                f"chdb://{tmp}/limit-{run}", decoded, max(1, args.batch_spans // args.spans), args.requests
+            )
             store_url = f"chdb://{tmp}/ingest-{run}"
-            result = ingest(store_url, bodies, args.requests, args.channels, args.per_channel,
-                            ["--batch-spans", str(args.batch_spans), "--batch-ms", str(args.batch_ms),
-                             "--decoders", str(args.decoders)])
+            result = ingest(
+                store_url,
+                bodies,
+                args.requests,
+                args.channels,
+                args.per_channel,
+                [
+                    "--batch-spans",
+                    str(args.batch_spans),
+                    "--batch-ms",
+                    str(args.batch_ms),
+                    "--decoders",
+                    str(args.decoders),
+                ],
+            )
             with Store.connect(store_url) as store:
                 result["stored"] = store.sql("SELECT count() FROM otel_traces").scalar()
             result["limit"] = "insert" if insert <= parse else "parse"
             result["ratio"] = result["spans_per_s"] / min(parse, insert)
             results.append(result)
-            print(f"limit  raw columnar insert           {insert:>10,.0f} spans/s (run {run + 1}, just before it)")
-            print(f"ingest durable end to end            {result['spans_per_s']:>10,.0f} spans/s "
-                  f"({result['acked']} requests acked, {result['failed']} refused, {result['elapsed_s']:.1f} s)")
-            print(f"       ack latency p50 {result['p50_ms']:.0f} ms, p99 {result['p99_ms']:.0f} ms; collector peak RSS "
-                  f"{result['peak_rss_mib']:.0f} MiB (decoders included); rows stored {result['stored']:,}; "
-                  f"mean batch {result['mean_batch']:,.0f} spans")
-            print(f"cpu    collector {result['cpu_per_span'] * 1e6:.0f} us/span vs raw insert {insert_cpu * 1e6:.0f} "
-                  f"us/span: CPU-bound ratio {insert_cpu / result['cpu_per_span']:.2f} (what a machine to itself would "
-                  f"show); ratio ingest / {result['limit']} limit {result['ratio']:.2f}")
+            print(
+                f"limit  raw columnar insert           {insert:>10,.0f} spans/s (run {run + 1}, just before it)"
+            )
+            print(
+                f"ingest durable end to end            {result['spans_per_s']:>10,.0f} spans/s "
+                f"({result['acked']} requests acked, {result['failed']} refused, {result['elapsed_s']:.1f} s)"
+            )
+            print(
+                f"       ack latency p50 {result['p50_ms']:.0f} ms, p99 {result['p99_ms']:.0f} ms; collector peak RSS "
+                f"{result['peak_rss_mib']:.0f} MiB (decoders included); rows stored {result['stored']:,}; "
+                f"mean batch {result['mean_batch']:,.0f} spans"
+            )
+            print(
+                f"cpu    collector {result['cpu_per_span'] * 1e6:.0f} us/span vs raw insert {insert_cpu * 1e6:.0f} "
+                f"us/span: CPU-bound ratio {insert_cpu / result['cpu_per_span']:.2f} (what a machine to itself would "
+                f"show); ratio ingest / {result['limit']} limit {result['ratio']:.2f}"
+            )
     rates = [r["spans_per_s"] for r in results]
     ratios = [r["ratio"] for r in results]
     spread = ""
     if len(results) > 1:
         spread = f", median of {len(results)} runs"
-        print(f"ingest median of {len(rates)} runs           {statistics.median(rates):>10,.0f} spans/s "
-              f"(range {min(rates):,.0f}-{max(rates):,.0f})")
+        print(
+            f"ingest median of {len(rates)} runs           {statistics.median(rates):>10,.0f} spans/s "
+            f"(range {min(rates):,.0f}-{max(rates):,.0f})"
+        )
     slower = "/".join(sorted({r["limit"] for r in results}))
-    print(f"ratio  ingest / slower limit ({slower}) = {statistics.median(ratios):.2f}{spread}   "
-          "(targets: >= 50,000 spans/s, ratio >= 0.5)")
+    print(
+        f"ratio  ingest / slower limit ({slower}) = {statistics.median(ratios):.2f}{spread}   "
+        "(targets: >= 50,000 spans/s, ratio >= 0.5)"
+    )
     return 0
 
 

@@ -27,12 +27,22 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
 
 # The shape of an instrumentor's LLM span: a few attributes at start, the rest set on the response.
-START_ATTRIBUTES = {"gen_ai.operation.name": "chat", "gen_ai.request.model": "m", "gen_ai.provider.name": "openai",
-                    "server.address": "127.0.0.1"}
-RESPONSE_ATTRIBUTES = {"gen_ai.response.model": "m", "gen_ai.response.id": "chatcmpl-1",
-                       "gen_ai.usage.input_tokens": 120, "gen_ai.usage.output_tokens": 32,
-                       "gen_ai.response.finish_reasons": ("stop",), "gen_ai.input.messages": '[{"role":"user"}]',
-                       "gen_ai.output.messages": '[{"role":"assistant"}]', "server.port": 8000}
+START_ATTRIBUTES = {
+    "gen_ai.operation.name": "chat",
+    "gen_ai.request.model": "m",
+    "gen_ai.provider.name": "openai",
+    "server.address": "127.0.0.1",
+}
+RESPONSE_ATTRIBUTES = {
+    "gen_ai.response.model": "m",
+    "gen_ai.response.id": "chatcmpl-1",
+    "gen_ai.usage.input_tokens": 120,
+    "gen_ai.usage.output_tokens": 32,
+    "gen_ai.response.finish_reasons": ("stop",),
+    "gen_ai.input.messages": '[{"role":"user"}]',
+    "gen_ai.output.messages": '[{"role":"assistant"}]',
+    "server.port": 8000,
+}
 
 
 class DropExporter(SpanExporter):

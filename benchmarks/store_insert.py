@@ -48,14 +48,21 @@ def timed(fn: Callable[..., object], *args: object, **kwargs: object) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--spans-per-batch", type=int, default=5000, help="spans per insert call")
-    parser.add_argument("--rounds", type=int, default=5,
-                        help="interleaved rounds (one batch per insert path each); medians are reported")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=5,
+        help="interleaved rounds (one batch per insert path each); medians are reported",
+    )
     args = parser.parse_args()
     n = args.spans_per_batch
     with tempfile.TemporaryDirectory() as tmp, Store.connect(f"chdb://{tmp}/store") as store:
         client = store.client
-        rates: dict[str, list[float]] = {"direct clickhouse-connect": [], "Store.insert_columns": [],
-                                         "Store.insert_spans": []}
+        rates: dict[str, list[float]] = {
+            "direct clickhouse-connect": [],
+            "Store.insert_columns": [],
+            "Store.insert_spans": [],
+        }
         for r in range(args.rounds):
             columns = spans_to_columns(make_batch(n, 3 * r))
             t = timed(client.insert, TRACES, columns, column_names=list(TRACE_COLUMNS), column_oriented=True)
@@ -66,8 +73,10 @@ def main() -> None:
             rates["Store.insert_spans"].append(n / timed(store.insert_spans, spans))
         baseline = statistics.median(rates["direct clickhouse-connect"])
         stored = store.sql(f"SELECT count() FROM {TRACES}").scalar()
-        print(f"insert, {n} spans per batch, median of {args.rounds} interleaved rounds (embedded chDB), "
-              f"{stored:,} of {3 * n * args.rounds:,} spans stored:")
+        print(
+            f"insert, {n} spans per batch, median of {args.rounds} interleaved rounds (embedded chDB), "
+            f"{stored:,} of {3 * n * args.rounds:,} spans stored:"
+        )
         for name, values in rates.items():
             rate = statistics.median(values)
             print(f"  {name:28s} {rate:10,.0f} spans/s   ratio {rate / baseline:.2f}")
@@ -76,8 +85,10 @@ def main() -> None:
         sizes = [len(t) for t in store.span_trees(ids[:5]).values()]
         fetch = timed(lambda: store.span_trees(ids))
         one_by_one = timed(lambda: [store.span_tree(i) for i in ids[:100]]) * len(ids) / 100
-        print(f"span trees: {len(ids)} trees of ~{statistics.mean(sizes):.0f} spans in {fetch:.2f} s "
-              f"({len(ids) / fetch:,.0f} trees/s) in one query; one query per tree would take ~{one_by_one:.1f} s")
+        print(
+            f"span trees: {len(ids)} trees of ~{statistics.mean(sizes):.0f} spans in {fetch:.2f} s "
+            f"({len(ids) / fetch:,.0f} trees/s) in one query; one query per tree would take ~{one_by_one:.1f} s"
+        )
 
 
 if __name__ == "__main__":

@@ -38,11 +38,16 @@ def build_model(path: Path, args: argparse.Namespace) -> None:
     tokenizer = build_tokenizer(vocab_size=512)
     torch.manual_seed(0)
     config = LlamaConfig(
-        vocab_size=max(args.vocab_size, len(tokenizer)), hidden_size=args.hidden_size,
-        intermediate_size=args.intermediate_size or args.hidden_size * 4, num_hidden_layers=args.layers,
-        num_attention_heads=args.heads, num_key_value_heads=args.kv_heads or args.heads,
-        max_position_embeddings=max(2048, args.seq), pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=True,
+        vocab_size=max(args.vocab_size, len(tokenizer)),
+        hidden_size=args.hidden_size,
+        intermediate_size=args.intermediate_size or args.hidden_size * 4,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.heads,
+        num_key_value_heads=args.kv_heads or args.heads,
+        max_position_embeddings=max(2048, args.seq),
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        tie_word_embeddings=True,
     )
     model = LlamaForCausalLM(config)
     model.generation_config = GenerationConfig(eos_token_id=tokenizer.eos_token_id)
@@ -59,12 +64,19 @@ def transitions(args: argparse.Namespace, vocab: int) -> list:
     for i in range(args.batch):
         response = rng.randint(args.seq // 8, args.seq // 4)
         prompt = args.seq - response - rng.randint(0, args.seq // 8)
-        out.append(Transition(
-            rollout_id=f"r{i}", task_id=f"t{i // 4}", span_id=f"s{i}", messages=[], response={},
-            prompt_token_ids=[rng.randrange(10, vocab) for _ in range(prompt)],
-            response_token_ids=[rng.randrange(10, vocab) for _ in range(response)],
-            credited_return=float(i % 2), advantage=1.0 if i % 2 else -1.0,
-        ))
+        out.append(
+            Transition(
+                rollout_id=f"r{i}",
+                task_id=f"t{i // 4}",
+                span_id=f"s{i}",
+                messages=[],
+                response={},
+                prompt_token_ids=[rng.randrange(10, vocab) for _ in range(prompt)],
+                response_token_ids=[rng.randrange(10, vocab) for _ in range(response)],
+                credited_return=float(i % 2),
+                advantage=1.0 if i % 2 else -1.0,
+            )
+        )
     return out
 
 
@@ -74,16 +86,16 @@ def plain_step(model, optimizer, batch, micro: int, pad: int, device) -> int:
     tokens = 0
     ordered = sorted(batch, key=lambda t: len(t.prompt_token_ids) + len(t.response_token_ids))
     for start in range(0, len(ordered), micro):
-        rows = ordered[start:start + micro]
+        rows = ordered[start : start + micro]
         length = max(len(t.prompt_token_ids) + len(t.response_token_ids) for t in rows)
         ids = torch.full((len(rows), length), pad, dtype=torch.long)
         mask = torch.zeros((len(rows), length - 1))
         attention = torch.zeros((len(rows), length), dtype=torch.long)
         for i, t in enumerate(rows):
             seq = t.prompt_token_ids + t.response_token_ids
-            ids[i, :len(seq)] = torch.tensor(seq)
-            attention[i, :len(seq)] = 1
-            mask[i, len(t.prompt_token_ids) - 1:len(seq) - 1] = 1
+            ids[i, : len(seq)] = torch.tensor(seq)
+            attention[i, : len(seq)] = 1
+            mask[i, len(t.prompt_token_ids) - 1 : len(seq) - 1] = 1
         ids, mask, attention = ids.to(device), mask.to(device), attention.to(device)
         advantages = torch.tensor([t.advantage for t in rows], device=device).unsqueeze(-1)
         logits = model(input_ids=ids, attention_mask=attention).logits[:, :-1].float()
@@ -128,13 +140,15 @@ def measure(args: argparse.Namespace, workdir: Path) -> None:
 
     model_path = workdir / "model"
     build_model(model_path, args)
-    config = from_dict({
-        "model": {"path": str(model_path)},
-        "algorithm": {"name": "grpo", "aggregation": "token"},
-        "optim": {"lr": 1e-5, "grad_clip": 1.0},
-        "schedule": {"micro_batch_size": args.micro, "global_batch_size": args.batch},
-        "output": {"dir": str(workdir / "out")},
-    })
+    config = from_dict(
+        {
+            "model": {"path": str(model_path)},
+            "algorithm": {"name": "grpo", "aggregation": "token"},
+            "optim": {"lr": 1e-5, "grad_clip": 1.0},
+            "schedule": {"micro_batch_size": args.micro, "global_batch_size": args.batch},
+            "output": {"dir": str(workdir / "out")},
+        }
+    )
     rank, world = init_distributed()
     loaded = build(config.validate(world), world, rank)
     step = TrainStep(loaded)
@@ -174,18 +188,24 @@ def measure(args: argparse.Namespace, workdir: Path) -> None:
         theirs.append(timed(plain_run))
     params = sum(p.numel() for p in plain.parameters())
     tokens = sum(len(t.prompt_token_ids) + len(t.response_token_ids) for t in batch)
-    print(f"model: {params / 1e6:.1f}M parameters, batch {args.batch} x <= {args.seq} tokens ({tokens} tokens), "
-          f"micro {args.micro}, device {device}, bf16 {bf16}, {torch.get_num_threads()} threads, {args.rounds} rounds")
+    print(
+        f"model: {params / 1e6:.1f}M parameters, batch {args.batch} x <= {args.seq} tokens ({tokens} tokens), "
+        f"micro {args.micro}, device {device}, bf16 {bf16}, {torch.get_num_threads()} threads, {args.rounds} rounds"
+    )
     ratios = {}
     for index, clock in enumerate(("wall", "CPU")):
         mine = [v[index] for v in ours]
         base = [v[index] for v in theirs]
         ratios[clock] = statistics.median(mine) / statistics.median(base)
-        print(f"{clock:>4} clock  plain PyTorch {statistics.median(base):9.0f} tok/s   Lightspan "
-              f"{statistics.median(mine):9.0f} tok/s   ratio {ratios[clock]:.3f} (medians; "
-              f"best {max(mine) / max(base):.3f})")
-    print(f"ratio Lightspan / plain: {ratios['wall']:.3f} wall, {ratios['CPU']:.3f} CPU time  (target >= 0.9; "
-          "on a shared machine CPU time is the steadier measure)")
+        print(
+            f"{clock:>4} clock  plain PyTorch {statistics.median(base):9.0f} tok/s   Lightspan "
+            f"{statistics.median(mine):9.0f} tok/s   ratio {ratios[clock]:.3f} (medians; "
+            f"best {max(mine) / max(base):.3f})"
+        )
+    print(
+        f"ratio Lightspan / plain: {ratios['wall']:.3f} wall, {ratios['CPU']:.3f} CPU time  (target >= 0.9; "
+        "on a shared machine CPU time is the steadier measure)"
+    )
     ours_tps = statistics.median(v[0] for v in ours)
     if torch.cuda.is_available():
         achieved = 6 * params * ours_tps

@@ -216,7 +216,11 @@ class GroupCommitter:
             return
         except Exception as error:  # noqa: BLE001 - any store failure fails the batch, retryably
             self._report(spans, started, error)
-            failure = error if isinstance(error, StoreUnavailable) else StoreUnavailable(f"store commit failed: {error}")
+            failure = (
+                error
+                if isinstance(error, StoreUnavailable)
+                else StoreUnavailable(f"store commit failed: {error}")
+            )
             for pending in batch:
                 pending.future.set_exception(failure)
             return
@@ -244,4 +248,3 @@ class _Admission:
 
     def __exit__(self, *exc: object) -> None:
         self._owner._release(self._nbytes)
-

@@ -26,31 +26,65 @@ from lightspan.collector.defaults import (
 
 
 def _add_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--store", default=None,
-                        help=f"store URL (default: ${semconv.ENV_STORE} or chdb://./lightspan-data)")
-    parser.add_argument("--host", default="127.0.0.1", help="address for the OTLP receivers (default 127.0.0.1)")
+    parser.add_argument(
+        "--store", default=None, help=f"store URL (default: ${semconv.ENV_STORE} or chdb://./lightspan-data)"
+    )
+    parser.add_argument(
+        "--host", default="127.0.0.1", help="address for the OTLP receivers (default 127.0.0.1)"
+    )
     parser.add_argument("--grpc-port", type=int, default=4317, help="OTLP/gRPC port (default 4317, 0 = any)")
     parser.add_argument("--http-port", type=int, default=4318, help="OTLP/HTTP port (default 4318, 0 = any)")
-    parser.add_argument("--sql-port", type=int, default=8123,
-                        help="SQL endpoint port for an embedded store (default 8123, 0 = any, -1 = off)")
-    parser.add_argument("--sql-host", default="127.0.0.1", help="address for the SQL endpoint (default 127.0.0.1)")
-    parser.add_argument("--auth-token", default=os.environ.get("LIGHTSPAN_AUTH_TOKEN"),
-                        help="require 'Authorization: Bearer TOKEN' (default $LIGHTSPAN_AUTH_TOKEN)")
+    parser.add_argument(
+        "--sql-port",
+        type=int,
+        default=8123,
+        help="SQL endpoint port for an embedded store (default 8123, 0 = any, -1 = off)",
+    )
+    parser.add_argument(
+        "--sql-host", default="127.0.0.1", help="address for the SQL endpoint (default 127.0.0.1)"
+    )
+    parser.add_argument(
+        "--auth-token",
+        default=os.environ.get("LIGHTSPAN_AUTH_TOKEN"),
+        help="require 'Authorization: Bearer TOKEN' (default $LIGHTSPAN_AUTH_TOKEN)",
+    )
     parser.add_argument("--tls-cert", default=None, help="PEM certificate: serve OTLP and SQL over TLS")
     parser.add_argument("--tls-key", default=None, help="PEM private key for --tls-cert")
-    parser.add_argument("--max-request-mib", type=float, default=64, help="largest accepted request (default 64 MiB)")
-    parser.add_argument("--batch-spans", type=int, default=DEFAULT_BATCH_SPANS,
-                        help=f"commit when this many spans are queued (default {DEFAULT_BATCH_SPANS})")
-    parser.add_argument("--batch-ms", type=float, default=DEFAULT_BATCH_MS,
-                        help=f"or when the oldest queued request is this old (default {DEFAULT_BATCH_MS:g} ms)")
-    parser.add_argument("--decoders", type=int, default=DEFAULT_DECODERS,
-                        help="processes that decode OTLP requests, off the receivers' interpreter lock "
-                             f"(default: one per CPU, here {DEFAULT_DECODERS}; 0 = decode in the receiving threads)")
-    parser.add_argument("--queue-spans", type=int, default=DEFAULT_QUEUE_SPANS,
-                        help=f"spans queued before clients are told to retry (memory bound, default {DEFAULT_QUEUE_SPANS})")
-    parser.add_argument("--queue-mib", type=float, default=DEFAULT_QUEUE_BYTES >> 20,
-                        help="request bytes in flight before clients are told to retry "
-                             f"(memory bound, default {DEFAULT_QUEUE_BYTES >> 20})")
+    parser.add_argument(
+        "--max-request-mib", type=float, default=64, help="largest accepted request (default 64 MiB)"
+    )
+    parser.add_argument(
+        "--batch-spans",
+        type=int,
+        default=DEFAULT_BATCH_SPANS,
+        help=f"commit when this many spans are queued (default {DEFAULT_BATCH_SPANS})",
+    )
+    parser.add_argument(
+        "--batch-ms",
+        type=float,
+        default=DEFAULT_BATCH_MS,
+        help=f"or when the oldest queued request is this old (default {DEFAULT_BATCH_MS:g} ms)",
+    )
+    parser.add_argument(
+        "--decoders",
+        type=int,
+        default=DEFAULT_DECODERS,
+        help="processes that decode OTLP requests, off the receivers' interpreter lock "
+        f"(default: one per CPU, here {DEFAULT_DECODERS}; 0 = decode in the receiving threads)",
+    )
+    parser.add_argument(
+        "--queue-spans",
+        type=int,
+        default=DEFAULT_QUEUE_SPANS,
+        help=f"spans queued before clients are told to retry (memory bound, default {DEFAULT_QUEUE_SPANS})",
+    )
+    parser.add_argument(
+        "--queue-mib",
+        type=float,
+        default=DEFAULT_QUEUE_BYTES >> 20,
+        help="request bytes in flight before clients are told to retry "
+        f"(memory bound, default {DEFAULT_QUEUE_BYTES >> 20})",
+    )
 
 
 def register(subparsers: Any) -> None:
@@ -69,8 +103,10 @@ def _banner(collector: Any) -> str:
         f"  send spans   OTLP/gRPC  {collector.grpc_endpoint}",
         f"               OTLP/HTTP  {collector.http_endpoint}/v1/traces",
         f"  in your app  export OTEL_EXPORTER_OTLP_ENDPOINT={collector.grpc_endpoint}",
-        (f"               (HTTP exporters: OTEL_EXPORTER_OTLP_ENDPOINT={collector.http_endpoint}"
-         " OTEL_EXPORTER_OTLP_PROTOCOL=http/protobuf)"),
+        (
+            f"               (HTTP exporters: OTEL_EXPORTER_OTLP_ENDPOINT={collector.http_endpoint}"
+            " OTEL_EXPORTER_OTLP_PROTOCOL=http/protobuf)"
+        ),
     ]
     if collector.auth_token:
         lines.append("               export OTEL_EXPORTER_OTLP_HEADERS='Authorization=Bearer <token>'")

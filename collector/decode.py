@@ -128,7 +128,9 @@ def int_array_json(raw: bytes) -> bytes | None:
     # 0x18, varint, and exactly four of them are below 0x80 (each varint's last byte): two per
     # number read. An empty element (two such bytes, no number) or one holding two ints (six, four
     # numbers) breaks that count, so it holds when there are as many elements as pairs.
-    if len(payload.translate(None, _HIGH_BYTES)) != 2 * len(numbers) or 2 * numbers[0::2].count(_INT) != len(numbers):
+    if len(payload.translate(None, _HIGH_BYTES)) != 2 * len(numbers) or 2 * numbers[0::2].count(_INT) != len(
+        numbers
+    ):
         return None
     return _orjson_dumps(numbers[1::2])
 
@@ -223,7 +225,9 @@ def response(decoded: Decoded | None = None) -> ExportTraceServiceResponse:
     if decoded is None or not decoded.rejected:
         return ExportTraceServiceResponse()
     return ExportTraceServiceResponse(
-        partial_success=ExportTracePartialSuccess(rejected_spans=decoded.rejected, error_message=decoded.message)
+        partial_success=ExportTracePartialSuccess(
+            rejected_spans=decoded.rejected, error_message=decoded.message
+        )
     )
 
 

@@ -148,8 +148,9 @@ class _Worker:
             raise
         try:
             self.conn, child = context.Pipe()
-            self.process = context.Process(target=_serve, args=(child, bodies_path, blocks_path),
-                                           name="lightspan-decoder", daemon=True)
+            self.process = context.Process(
+                target=_serve, args=(child, bodies_path, blocks_path), name="lightspan-decoder", daemon=True
+            )
             self.process.start()
             child.close()
             ready = self.conn.recv()  # both buffers are mapped in the worker: the names can go

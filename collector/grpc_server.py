@@ -89,7 +89,9 @@ class OTLPGrpcServer:
         handler = grpc.unary_unary_rpc_method_handler(
             self._export, response_serializer=trace_service_pb2.ExportTraceServiceResponse.SerializeToString
         )
-        self._server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, {METHOD: handler}),))
+        self._server.add_generic_rpc_handlers(
+            (grpc.method_handlers_generic_handler(SERVICE, {METHOD: handler}),)
+        )
         address = f"{host}:{port}"
         if tls is not None:
             credentials = grpc.ssl_server_credentials([(tls[1], tls[0])])
@@ -106,11 +108,15 @@ class OTLPGrpcServer:
         """Refuse new RPCs; in-flight ones get `grace` seconds. Returns an event set when done."""
         return self._server.stop(grace)
 
-    def _export(self, body: bytes, context: grpc.ServicerContext) -> trace_service_pb2.ExportTraceServiceResponse:
+    def _export(
+        self, body: bytes, context: grpc.ServicerContext
+    ) -> trace_service_pb2.ExportTraceServiceResponse:
         receiver = self.receiver
         if not receiver.authorized(dict(context.invocation_metadata()).get("authorization")):
             receiver.count("grpc", "unauthenticated")
-            context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token in the authorization metadata")
+            context.abort(
+                grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token in the authorization metadata"
+            )
         try:
             with receiver.admit(len(body), "grpc"):
                 decoded = receiver.export(body, PROTOBUF, "grpc")

@@ -26,7 +26,11 @@ from lightspan.collector.receiver import JSON, PROTOBUF, Receiver
 from lightspan.errors import InvalidInput, StoreUnavailable
 
 TRACES_PATH = "/v1/traces"
-_CONTENT_TYPES = {"application/x-protobuf": PROTOBUF, "application/protobuf": PROTOBUF, "application/json": JSON}
+_CONTENT_TYPES = {
+    "application/x-protobuf": PROTOBUF,
+    "application/protobuf": PROTOBUF,
+    "application/json": JSON,
+}
 _MEDIA = {PROTOBUF: "application/x-protobuf", JSON: "application/json"}
 _WBITS = {"gzip": 31, "x-gzip": 31, "deflate": 15}
 
@@ -94,14 +98,24 @@ class OTLPHandler(Handler):
         encoding = _CONTENT_TYPES.get(media)
         if not receiver.authorized(self.headers.get("Authorization")):
             receiver.count("http", "unauthenticated")
-            self._status(401, code_pb2.UNAUTHENTICATED, "missing or wrong bearer token", encoding or PROTOBUF,
-                         {"WWW-Authenticate": "Bearer"}, close=True)
+            self._status(
+                401,
+                code_pb2.UNAUTHENTICATED,
+                "missing or wrong bearer token",
+                encoding or PROTOBUF,
+                {"WWW-Authenticate": "Bearer"},
+                close=True,
+            )
             return
         if encoding is None:
             receiver.count("http", "invalid")
-            self._status(415, code_pb2.INVALID_ARGUMENT,
-                         f"unsupported Content-Type {media!r}; use application/x-protobuf or application/json",
-                         PROTOBUF, close=True)
+            self._status(
+                415,
+                code_pb2.INVALID_ARGUMENT,
+                f"unsupported Content-Type {media!r}; use application/x-protobuf or application/json",
+                PROTOBUF,
+                close=True,
+            )
             return
         try:
             declared = int(self.headers.get("Content-Length") or 0)
@@ -150,11 +164,24 @@ class OTLPHandler(Handler):
 
     def _unavailable(self, error: StoreUnavailable, encoding: str, close: bool = False) -> None:
         retry_after = error.retry_after if isinstance(error, QueueFull) else self.app.retry_after
-        self._status(503, code_pb2.UNAVAILABLE, str(error), encoding,
-                     {"Retry-After": str(max(1, math.ceil(retry_after)))}, close=close)
+        self._status(
+            503,
+            code_pb2.UNAVAILABLE,
+            str(error),
+            encoding,
+            {"Retry-After": str(max(1, math.ceil(retry_after)))},
+            close=close,
+        )
 
-    def _status(self, http_status: int, code: int, message: str, encoding: str,
-                headers: dict[str, str] | None = None, close: bool = False) -> None:
+    def _status(
+        self,
+        http_status: int,
+        code: int,
+        message: str,
+        encoding: str,
+        headers: dict[str, str] | None = None,
+        close: bool = False,
+    ) -> None:
         """An error reply whose body is a google.rpc.Status in the request's encoding."""
         status = status_pb2.Status(code=code, message=message)
         if encoding == JSON:

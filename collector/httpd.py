@@ -41,8 +41,14 @@ class Server(ThreadingHTTPServer):
     allow_reuse_address = True
     request_queue_size = 128
 
-    def __init__(self, host: str, port: int, handler: type[BaseHTTPRequestHandler], app: Any,
-                 ssl_context: ssl.SSLContext | None = None):
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        handler: type[BaseHTTPRequestHandler],
+        app: Any,
+        ssl_context: ssl.SSLContext | None = None,
+    ):
         super().__init__((host, port), handler)
         self.app = app
         self.ssl_context = ssl_context
@@ -83,7 +89,9 @@ class Server(ThreadingHTTPServer):
                 self._active -= 1
 
     def start(self, name: str) -> None:
-        self._thread = threading.Thread(target=self.serve_forever, kwargs={"poll_interval": 0.2}, name=name, daemon=True)
+        self._thread = threading.Thread(
+            target=self.serve_forever, kwargs={"poll_interval": 0.2}, name=name, daemon=True
+        )
         self._thread.start()
 
     def stop_listening(self) -> None:
@@ -145,8 +153,14 @@ class Handler(BaseHTTPRequestHandler):
             parts.append(self.rfile.read(size))
             self.rfile.readline(1024)
 
-    def reply(self, status: int, body: bytes = b"", content_type: str = "text/plain; charset=utf-8",
-              headers: Mapping[str, str] | None = None, close: bool = False) -> None:
+    def reply(
+        self,
+        status: int,
+        body: bytes = b"",
+        content_type: str = "text/plain; charset=utf-8",
+        headers: Mapping[str, str] | None = None,
+        close: bool = False,
+    ) -> None:
         self.send_response(status)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))

@@ -36,8 +36,12 @@ def _elements(data: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
     gaps = np.diff(low, append=len(data)).reshape(-1, 4)  # 1, 1, varint length, 1 (to the next element)
     lengths = gaps[:, 2]
     if not (
-        (marks[:, 0] == 0x0A).all() and (marks[:, 2] == 0x18).all() and (gaps[:, 0] == 1).all()
-        and (gaps[:, 1] == 1).all() and (gaps[:, 3] == 1).all() and (marks[:, 1] == lengths + 1).all()
+        (marks[:, 0] == 0x0A).all()
+        and (marks[:, 2] == 0x18).all()
+        and (gaps[:, 0] == 1).all()
+        and (gaps[:, 1] == 1).all()
+        and (gaps[:, 3] == 1).all()
+        and (marks[:, 1] == lengths + 1).all()
         and (lengths <= _LONGEST_VARINT).all()
     ):
         return None

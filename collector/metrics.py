@@ -17,7 +17,10 @@ COMMIT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 _HELP = {
     "lightspan_collector_spans_received_total": ("counter", "Spans decoded from export requests."),
-    "lightspan_collector_spans_committed_total": ("counter", "Spans committed to the store and acknowledged."),
+    "lightspan_collector_spans_committed_total": (
+        "counter",
+        "Spans committed to the store and acknowledged.",
+    ),
     "lightspan_collector_spans_rejected_total": ("counter", "Spans not stored, by reason."),
     "lightspan_collector_requests_total": ("counter", "Export requests answered, by protocol and outcome."),
     "lightspan_collector_commits_total": ("counter", "Batches committed to the store, by outcome."),

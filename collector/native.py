@@ -42,13 +42,27 @@ from lightspan.errors import InvalidInput
 
 # The block's columns, in the ClickHouse exporter's insert order, with the types they are sent as.
 NATIVE_COLUMNS: tuple[tuple[str, str], ...] = (
-    ("Timestamp", "DateTime64(9)"), ("TraceId", "String"), ("SpanId", "String"), ("ParentSpanId", "String"),
-    ("TraceState", "String"), ("SpanName", "String"), ("SpanKind", "String"), ("ServiceName", "String"),
-    ("ResourceAttributes", "Map(String, String)"), ("ScopeName", "String"), ("ScopeVersion", "String"),
-    ("SpanAttributes", "Map(String, String)"), ("Duration", "UInt64"), ("StatusCode", "String"),
-    ("StatusMessage", "String"), ("Events.Timestamp", "Array(DateTime64(9))"), ("Events.Name", "Array(String)"),
-    ("Events.Attributes", "Array(Map(String, String))"), ("Links.TraceId", "Array(String)"),
-    ("Links.SpanId", "Array(String)"), ("Links.TraceState", "Array(String)"),
+    ("Timestamp", "DateTime64(9)"),
+    ("TraceId", "String"),
+    ("SpanId", "String"),
+    ("ParentSpanId", "String"),
+    ("TraceState", "String"),
+    ("SpanName", "String"),
+    ("SpanKind", "String"),
+    ("ServiceName", "String"),
+    ("ResourceAttributes", "Map(String, String)"),
+    ("ScopeName", "String"),
+    ("ScopeVersion", "String"),
+    ("SpanAttributes", "Map(String, String)"),
+    ("Duration", "UInt64"),
+    ("StatusCode", "String"),
+    ("StatusMessage", "String"),
+    ("Events.Timestamp", "Array(DateTime64(9))"),
+    ("Events.Name", "Array(String)"),
+    ("Events.Attributes", "Array(Map(String, String))"),
+    ("Links.TraceId", "Array(String)"),
+    ("Links.SpanId", "Array(String)"),
+    ("Links.TraceState", "Array(String)"),
     ("Links.Attributes", "Array(Map(String, String))"),
 )
 NATIVE_COLUMN_NAMES = tuple(name for name, _ in NATIVE_COLUMNS)
@@ -144,8 +158,9 @@ def _keys(names: tuple[str, ...]) -> bytes:
     return b"".join(map(_cached_string, names))
 
 
-def _map(attributes: Any, keys: list[bytes], values: list[bytes | bytearray],
-         later: list[tuple[bytes, bytearray]]) -> int:
+def _map(
+    attributes: Any, keys: list[bytes], values: list[bytes | bytearray], later: list[tuple[bytes, bytearray]]
+) -> int:
     """Append one attribute map's keys (as one piece) and values, arrays to be filled `later`;
     returns how many there were."""
     names = tuple(attributes)
@@ -197,7 +212,12 @@ def _to_native(request: Any) -> Decoded:
             count = 0
             for span in scope_spans.spans:
                 trace_id, span_id = span.trace_id, span.span_id
-                if len(trace_id) != 16 or len(span_id) != 8 or trace_id == _ZERO_TRACE or span_id == _ZERO_SPAN:
+                if (
+                    len(trace_id) != 16
+                    or len(span_id) != 8
+                    or trace_id == _ZERO_TRACE
+                    or span_id == _ZERO_SPAN
+                ):
                     rejected += 1
                     continue
                 count += 1
@@ -247,8 +267,13 @@ def _to_native(request: Any) -> Decoded:
                 scope_versions.extend(repeat(string(scope.version), count))
                 resource_keys.extend(resource_key_list * count)
                 resource_values.extend(resource_value_list * count)
-                resource_offsets.extend(range(resource_total + per_resource, resource_total + per_resource * count + 1,
-                                              per_resource) if per_resource else repeat(resource_total, count))
+                resource_offsets.extend(
+                    range(
+                        resource_total + per_resource, resource_total + per_resource * count + 1, per_resource
+                    )
+                    if per_resource
+                    else repeat(resource_total, count)
+                )
                 resource_total += per_resource * count
 
     if later:
@@ -256,18 +281,34 @@ def _to_native(request: Any) -> Decoded:
     join = b"".join
     events_at, links_at = event_offsets.tobytes(), link_offsets.tobytes()
     data = (
-        timestamps.tobytes(), join(trace_ids), join(span_ids), join(parents), join(states), join(names),
-        join(kinds), join(services), resource_offsets.tobytes() + join(resource_keys) + join(resource_values),
-        join(scopes), join(scope_versions), attr_offsets.tobytes() + join(attr_keys) + join(attr_values),
-        durations.tobytes(), join(statuses), join(status_messages),
-        events_at + event_times.tobytes(), events_at + join(event_names),
+        timestamps.tobytes(),
+        join(trace_ids),
+        join(span_ids),
+        join(parents),
+        join(states),
+        join(names),
+        join(kinds),
+        join(services),
+        resource_offsets.tobytes() + join(resource_keys) + join(resource_values),
+        join(scopes),
+        join(scope_versions),
+        attr_offsets.tobytes() + join(attr_keys) + join(attr_values),
+        durations.tobytes(),
+        join(statuses),
+        join(status_messages),
+        events_at + event_times.tobytes(),
+        events_at + join(event_names),
         events_at + event_attr_offsets.tobytes() + join(event_keys) + join(event_values),
-        links_at + join(link_traces), links_at + join(link_spans), links_at + join(link_states),
+        links_at + join(link_traces),
+        links_at + join(link_spans),
+        links_at + join(link_states),
         links_at + link_attr_offsets.tobytes() + join(link_keys) + join(link_values),
     )
     parts = [_varint(len(NATIVE_COLUMNS)), _varint(accepted)]
     for header, column in zip(_HEADERS, data):
         parts.append(header)
         parts.append(column)
-    message = f"{rejected} span(s) rejected: trace_id must be 16 and span_id 8 non-zero bytes" if rejected else ""
+    message = (
+        f"{rejected} span(s) rejected: trace_id must be 16 and span_id 8 non-zero bytes" if rejected else ""
+    )
     return Decoded(join(parts) if accepted else b"", accepted, rejected, message)

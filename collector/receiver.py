@@ -23,8 +23,14 @@ __all__ = ["JSON", "PROTOBUF", "Receiver"]
 class Receiver:
     """Turns export request bodies into committed spans, counting everything it does."""
 
-    def __init__(self, committer: GroupCommitter, metrics: Metrics, *, auth_token: str | None = None,
-                 decoders: Decoders | None = None):
+    def __init__(
+        self,
+        committer: GroupCommitter,
+        metrics: Metrics,
+        *,
+        auth_token: str | None = None,
+        decoders: Decoders | None = None,
+    ):
         self.committer = committer
         self.metrics = metrics
         self.decoders = decoders or Decoders(0)
@@ -55,7 +61,9 @@ class Receiver:
             self.count(protocol, "invalid")
             raise
         metrics = self.metrics
-        metrics.inc("lightspan_collector_spans_received_total", decoded.spans + decoded.rejected, protocol=protocol)
+        metrics.inc(
+            "lightspan_collector_spans_received_total", decoded.spans + decoded.rejected, protocol=protocol
+        )
         if decoded.rejected:
             metrics.inc("lightspan_collector_spans_rejected_total", decoded.rejected, reason="invalid_span")
         if decoded.spans:

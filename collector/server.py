@@ -85,8 +85,13 @@ class Collector:
         self.auth_token = auth_token or None
         self.tls = (tls_cert, tls_key) if tls_cert and tls_key else None
         self.max_request_bytes = max_request_bytes
-        self._batching = {"batch_spans": batch_spans, "batch_ms": batch_ms, "queue_spans": queue_spans,
-                          "queue_bytes": queue_bytes, "retry_after": retry_after}
+        self._batching = {
+            "batch_spans": batch_spans,
+            "batch_ms": batch_ms,
+            "queue_spans": queue_spans,
+            "queue_bytes": queue_bytes,
+            "retry_after": retry_after,
+        }
         self.metrics = Metrics()
         # One store connection per committer thread (a connection runs one insert at a time).
         self._stores: list[Store | None] = [None] * max(1, committers)
@@ -136,9 +141,16 @@ class Collector:
             except (OSError, ValueError) as error:
                 raise InvalidInput(f"cannot load the TLS certificate/key: {error}") from None
         try:
-            self._grpc = OTLPGrpcServer(receiver, host=self.host, port=grpc_port,
-                                        max_request_bytes=self.max_request_bytes, tls=tls_files)
-            app = OTLPHttpApp(receiver, metrics, self.health, self.max_request_bytes, self._batching["retry_after"])
+            self._grpc = OTLPGrpcServer(
+                receiver,
+                host=self.host,
+                port=grpc_port,
+                max_request_bytes=self.max_request_bytes,
+                tls=tls_files,
+            )
+            app = OTLPHttpApp(
+                receiver, metrics, self.health, self.max_request_bytes, self._batching["retry_after"]
+            )
             self._http = Server(self.host, http_port, OTLPHandler, app, ssl_context)
             if self.url.embedded and sql_port is not None:
                 from lightspan.collector.sql_endpoint import SQLApp, SQLHandler
@@ -146,7 +158,9 @@ class Collector:
                 sql_app = SQLApp(os.path.realpath(str(self.url.path)), self.auth_token, SQL_MAX_BODY_BYTES)
                 self._sql = Server(self.sql_host, sql_port, SQLHandler, sql_app, ssl_context)
         except OSError as error:
-            raise StoreUnavailable(f"cannot listen on {self.host}: {error} (is another collector running?)") from None
+            raise StoreUnavailable(
+                f"cannot listen on {self.host}: {error} (is another collector running?)"
+            ) from None
         self._grpc.start()
         self._http.start("lightspan-otlp-http")
         if self._sql is not None:
@@ -279,4 +293,3 @@ class Collector:
             "spans_committed": int(self.metrics.total("lightspan_collector_spans_committed_total")),
             "time": time.time(),
         }
-

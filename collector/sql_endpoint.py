@@ -35,20 +35,44 @@ import chdb
 from lightspan.collector.httpd import BadBody, BodyTooLarge, Handler, Server
 
 # URL parameters that steer the HTTP layer rather than being ClickHouse settings.
-TRANSPORT_PARAMS = frozenset({
-    "query", "database", "default_format", "user", "password", "quota_key", "query_id", "session_id",
-    "session_timeout", "session_check", "compress", "decompress", "buffer_size", "wait_end_of_query",
-    "client_protocol_version", "role", "enable_http_compression", "http_zlib_compression_level",
-    "send_progress_in_http_headers", "http_headers_progress_interval_ms", "http_native_compression_disable_checksumming_on_decompress",
-})
+TRANSPORT_PARAMS = frozenset(
+    {
+        "query",
+        "database",
+        "default_format",
+        "user",
+        "password",
+        "quota_key",
+        "query_id",
+        "session_id",
+        "session_timeout",
+        "session_check",
+        "compress",
+        "decompress",
+        "buffer_size",
+        "wait_end_of_query",
+        "client_protocol_version",
+        "role",
+        "enable_http_compression",
+        "http_zlib_compression_level",
+        "send_progress_in_http_headers",
+        "http_headers_progress_interval_ms",
+        "http_native_compression_disable_checksumming_on_decompress",
+    }
+)
 
 _CONTENT_TYPES = {
-    "TabSeparated": "text/tab-separated-values; charset=UTF-8", "TSV": "text/tab-separated-values; charset=UTF-8",
-    "CSV": "text/csv; charset=UTF-8; header=absent", "JSON": "application/json; charset=UTF-8",
-    "JSONEachRow": "application/x-ndjson; charset=UTF-8", "JSONCompact": "application/json; charset=UTF-8",
+    "TabSeparated": "text/tab-separated-values; charset=UTF-8",
+    "TSV": "text/tab-separated-values; charset=UTF-8",
+    "CSV": "text/csv; charset=UTF-8; header=absent",
+    "JSON": "application/json; charset=UTF-8",
+    "JSONEachRow": "application/x-ndjson; charset=UTF-8",
+    "JSONCompact": "application/json; charset=UTF-8",
 }
 # Statements that produce a result set (and so a format header), by first keyword.
-_RESULT_KEYWORDS = frozenset({"SELECT", "WITH", "SHOW", "DESCRIBE", "DESC", "EXISTS", "EXPLAIN", "CHECK", "VALUES"})
+_RESULT_KEYWORDS = frozenset(
+    {"SELECT", "WITH", "SHOW", "DESCRIBE", "DESC", "EXISTS", "EXPLAIN", "CHECK", "VALUES"}
+)
 _COMMENTS = re.compile(r"\A(?:\s+|--[^\n]*(?:\n|\Z)|/\*.*?\*/)*", re.DOTALL)
 _FIRST_WORD = re.compile(r"\(*\s*([A-Za-z]+)")
 _TRAILING_FORMAT = re.compile(r"\bFORMAT\s+(\w+)\s*;?\s*\Z", re.IGNORECASE)
@@ -56,10 +80,52 @@ _TRAILING_FORMAT = re.compile(r"\bFORMAT\s+(\w+)\s*;?\s*\Z", re.IGNORECASE)
 _INSERT_FORMAT = re.compile(rb"\bFORMAT\s+(\w+)[ \t]*(?:\r?\n|\s)?", re.IGNORECASE)
 _CODE = re.compile(r"Code: (\d+)\.")
 
-_BAD_REQUEST_CODES = frozenset({
-    6, 25, 26, 27, 32, 33, 34, 35, 36, 38, 41, 42, 43, 44, 46, 47, 48, 49, 51, 53, 62, 69, 70, 72, 73, 75, 107,
-    115, 117, 130, 131, 179, 190, 215, 352, 386, 394, 403, 457, 456, 472, 473,
-})
+_BAD_REQUEST_CODES = frozenset(
+    {
+        6,
+        25,
+        26,
+        27,
+        32,
+        33,
+        34,
+        35,
+        36,
+        38,
+        41,
+        42,
+        43,
+        44,
+        46,
+        47,
+        48,
+        49,
+        51,
+        53,
+        62,
+        69,
+        70,
+        72,
+        73,
+        75,
+        107,
+        115,
+        117,
+        130,
+        131,
+        179,
+        190,
+        215,
+        352,
+        386,
+        394,
+        403,
+        457,
+        456,
+        472,
+        473,
+    }
+)
 _HTTP_STATUS = {60: 404, 81: 404, 164: 403, 497: 403, 516: 403, 192: 403, 202: 429, 159: 504, 209: 504}
 
 AUTH_FAILED = 516
@@ -87,7 +153,9 @@ class SQLApp:
     def __post_init__(self) -> None:
         connection = chdb.connect(self.path)
         try:
-            version, timezone = connection.query("SELECT version(), timezone()", "TabSeparated").bytes().decode().split()
+            version, timezone = (
+                connection.query("SELECT version(), timezone()", "TabSeparated").bytes().decode().split()
+            )
         finally:
             connection.close()
         self.version, self.timezone = version, timezone
@@ -139,7 +207,9 @@ def _decompress(body: bytes, encoding: str) -> bytes:
     except ImportError:
         pass
     except Exception as error:  # noqa: BLE001 - each codec raises its own error type
-        raise ClickHouseError(271, f"Cannot decompress {encoding} request body: {error}", "CANNOT_DECOMPRESS") from None
+        raise ClickHouseError(
+            271, f"Cannot decompress {encoding} request body: {error}", "CANNOT_DECOMPRESS"
+        ) from None
     raise ClickHouseError(271, f"Unknown Content-Encoding {encoding!r}", "CANNOT_DECOMPRESS")
 
 
@@ -147,7 +217,8 @@ def _form_fields(content_type: str, body: bytes) -> dict[str, str]:
     """The fields of a multipart/form-data body: clients send `query` and `param_*` this way
     when the parameters would make the URL too long (clickhouse-connect does, past a few KiB)."""
     message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(
-        f"Content-Type: {content_type}\r\n\r\n".encode() + body)
+        f"Content-Type: {content_type}\r\n\r\n".encode() + body
+    )
     if not message.is_multipart():
         raise ClickHouseError(62, "malformed multipart/form-data body", "SYNTAX_ERROR")
     fields = {}
@@ -185,7 +256,9 @@ class SQLHandler(Handler):
     def _handle(self, post: bool) -> None:
         url = urlsplit(self.path)
         params = dict(parse_qsl(url.query, keep_blank_values=True))
-        if url.path in ("/ping", "/replicas_status") or (url.path == "/" and not post and "query" not in params):
+        if url.path in ("/ping", "/replicas_status") or (
+            url.path == "/" and not post and "query" not in params
+        ):
             self.reply(200, b"Ok.\n")
             return
         if url.path not in ("/", ""):
@@ -196,8 +269,11 @@ class SQLHandler(Handler):
             if not self.app.authorized(self.headers, params):
                 self.close_connection = True  # the unread body must not be taken for the next request
                 raise ClickHouseError(
-                    AUTH_FAILED, "default: Authentication failed: password is incorrect, or there is no user "
-                    "with such name", "AUTHENTICATION_FAILED")
+                    AUTH_FAILED,
+                    "default: Authentication failed: password is incorrect, or there is no user "
+                    "with such name",
+                    "AUTHENTICATION_FAILED",
+                )
             body = b""
             if post:
                 try:
@@ -210,8 +286,11 @@ class SQLHandler(Handler):
                     raise ClickHouseError(33, str(error), "CANNOT_READ_ALL_DATA") from None
                 if params.get("decompress") == "1":
                     raise ClickHouseError(
-                        48, "ClickHouse-native request compression (decompress=1) is not supported here; "
-                        "use Content-Encoding", "NOT_IMPLEMENTED")
+                        48,
+                        "ClickHouse-native request compression (decompress=1) is not supported here; "
+                        "use Content-Encoding",
+                        "NOT_IMPLEMENTED",
+                    )
                 body = _decompress(body, self.headers.get("Content-Encoding", ""))
                 if self.headers.get("Content-Type", "").startswith("multipart/form-data"):
                     params.update(_form_fields(self.headers["Content-Type"], body))
@@ -235,7 +314,9 @@ class SQLHandler(Handler):
             raise ClickHouseError(62, "Empty query", "SYNTAX_ERROR")
         default_format = params.get("default_format", "TabSeparated")
         bind = {k[6:]: v for k, v in params.items() if k.startswith("param_")}
-        settings = {k: v for k, v in params.items() if k not in TRANSPORT_PARAMS and not k.startswith("param_")}
+        settings = {
+            k: v for k, v in params.items() if k not in TRANSPORT_PARAMS and not k.startswith("param_")
+        }
         connection = chdb.connect(self.app.path)
         infile = None
         try:
@@ -250,7 +331,9 @@ class SQLHandler(Handler):
             if readonly:  # as ClickHouse does for GET
                 run("SET readonly = 2")
             if data is not None:
-                with tempfile.NamedTemporaryFile(prefix="lightspan-sql-", suffix=".data", delete=False) as handle:
+                with tempfile.NamedTemporaryFile(
+                    prefix="lightspan-sql-", suffix=".data", delete=False
+                ) as handle:
                     handle.write(data)
                     infile = handle.name
                 statement = f"{statement} FROM INFILE {_quote(infile)} FORMAT {fmt}"
@@ -271,7 +354,10 @@ class SQLHandler(Handler):
                 match = _CODE.search(text)
                 code = int(match.group(1)) if match else 1001
                 start = text.find("Code:")
-                raise ClickHouseError(code, text, "STD_EXCEPTION", text=text[start:] if start >= 0 else None) from None
+                raise ClickHouseError(
+                    code, text, "STD_EXCEPTION", text=text[start:] if start >= 0 else None
+                ) from None
+
         return run
 
     @staticmethod
@@ -280,7 +366,7 @@ class SQLHandler(Handler):
         if query:
             match = _TRAILING_FORMAT.search(query)
             if match:
-                return query[:match.start()].rstrip(), match.group(1), body
+                return query[: match.start()].rstrip(), match.group(1), body
             try:
                 return (f"{query}\n{body.decode()}" if body else query), None, None
             except UnicodeDecodeError:
@@ -290,23 +376,31 @@ class SQLHandler(Handler):
             try:
                 return body.decode(), None, None
             except UnicodeDecodeError:
-                raise ClickHouseError(62, "INSERT without FORMAT is not valid UTF-8", "SYNTAX_ERROR") from None
-        return body[:match.start()].decode().rstrip(), match.group(1).decode(), body[match.end():]
+                raise ClickHouseError(
+                    62, "INSERT without FORMAT is not valid UTF-8", "SYNTAX_ERROR"
+                ) from None
+        return body[: match.start()].decode().rstrip(), match.group(1).decode(), body[match.end() :]
 
-    def _answer(self, statement: str, was_insert: bool, result: Any, default_format: str, query_id: str) -> None:
+    def _answer(
+        self, statement: str, was_insert: bool, result: Any, default_format: str, query_id: str
+    ) -> None:
         payload = result.bytes() or b""
         headers = {
             "X-ClickHouse-Query-Id": query_id,
             "X-ClickHouse-Timezone": self.app.timezone,
             "X-ClickHouse-Server-Display-Name": "lightspan",
-            "X-ClickHouse-Summary": json.dumps({
-                "read_rows": str(0 if was_insert else result.rows_read()),
-                "read_bytes": str(0 if was_insert else result.bytes_read()),
-                "written_rows": str(result.rows_read() if was_insert else 0),
-                "written_bytes": str(result.bytes_read() if was_insert else 0),
-                "total_rows_to_read": "0", "result_rows": "0", "result_bytes": "0",
-                "elapsed_ns": str(int(result.elapsed() * 1e9)),
-            }),
+            "X-ClickHouse-Summary": json.dumps(
+                {
+                    "read_rows": str(0 if was_insert else result.rows_read()),
+                    "read_bytes": str(0 if was_insert else result.bytes_read()),
+                    "written_rows": str(result.rows_read() if was_insert else 0),
+                    "written_bytes": str(result.bytes_read() if was_insert else 0),
+                    "total_rows_to_read": "0",
+                    "result_rows": "0",
+                    "result_bytes": "0",
+                    "elapsed_ns": str(int(result.elapsed() * 1e9)),
+                }
+            ),
         }
         content_type = "text/plain; charset=UTF-8"
         if not was_insert and _first_keyword(statement) in _RESULT_KEYWORDS:
@@ -326,4 +420,6 @@ class SQLHandler(Handler):
         headers = {"X-ClickHouse-Exception-Code": str(code)}
         if query_id:
             headers["X-ClickHouse-Query-Id"] = query_id
-        self.reply(status, (text + "\n").encode(), "text/plain; charset=UTF-8", headers, close=self.close_connection)
+        self.reply(
+            status, (text + "\n").encode(), "text/plain; charset=UTF-8", headers, close=self.close_connection
+        )

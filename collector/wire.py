@@ -27,27 +27,37 @@ _PACKAGE = "lightspan.wire"
 # message -> [(field, number, type, repeated, message type or None)]
 _MESSAGES: dict[str, list[tuple[str, int, int, bool, str | None]]] = {
     "Resource": [],
-    "InstrumentationScope": [("name", 1, _F.TYPE_STRING, False, None), ("version", 2, _F.TYPE_STRING, False, None)],
+    "InstrumentationScope": [
+        ("name", 1, _F.TYPE_STRING, False, None),
+        ("version", 2, _F.TYPE_STRING, False, None),
+    ],
     "Event": [("time_unix_nano", 1, _F.TYPE_FIXED64, False, None), ("name", 2, _F.TYPE_STRING, False, None)],
     "Link": [
-        ("trace_id", 1, _F.TYPE_BYTES, False, None), ("span_id", 2, _F.TYPE_BYTES, False, None),
+        ("trace_id", 1, _F.TYPE_BYTES, False, None),
+        ("span_id", 2, _F.TYPE_BYTES, False, None),
         ("trace_state", 3, _F.TYPE_STRING, False, None),
     ],
     "Status": [("message", 2, _F.TYPE_STRING, False, None), ("code", 3, _F.TYPE_INT32, False, None)],
     "Span": [
-        ("trace_id", 1, _F.TYPE_BYTES, False, None), ("span_id", 2, _F.TYPE_BYTES, False, None),
-        ("trace_state", 3, _F.TYPE_STRING, False, None), ("parent_span_id", 4, _F.TYPE_BYTES, False, None),
-        ("name", 5, _F.TYPE_STRING, False, None), ("kind", 6, _F.TYPE_INT32, False, None),
+        ("trace_id", 1, _F.TYPE_BYTES, False, None),
+        ("span_id", 2, _F.TYPE_BYTES, False, None),
+        ("trace_state", 3, _F.TYPE_STRING, False, None),
+        ("parent_span_id", 4, _F.TYPE_BYTES, False, None),
+        ("name", 5, _F.TYPE_STRING, False, None),
+        ("kind", 6, _F.TYPE_INT32, False, None),
         ("start_time_unix_nano", 7, _F.TYPE_FIXED64, False, None),
         ("end_time_unix_nano", 8, _F.TYPE_FIXED64, False, None),
-        ("events", 11, _F.TYPE_MESSAGE, True, "Event"), ("links", 13, _F.TYPE_MESSAGE, True, "Link"),
+        ("events", 11, _F.TYPE_MESSAGE, True, "Event"),
+        ("links", 13, _F.TYPE_MESSAGE, True, "Link"),
         ("status", 15, _F.TYPE_MESSAGE, False, "Status"),
     ],
     "ScopeSpans": [
-        ("scope", 1, _F.TYPE_MESSAGE, False, "InstrumentationScope"), ("spans", 2, _F.TYPE_MESSAGE, True, "Span"),
+        ("scope", 1, _F.TYPE_MESSAGE, False, "InstrumentationScope"),
+        ("spans", 2, _F.TYPE_MESSAGE, True, "Span"),
     ],
     "ResourceSpans": [
-        ("resource", 1, _F.TYPE_MESSAGE, False, "Resource"), ("scope_spans", 2, _F.TYPE_MESSAGE, True, "ScopeSpans"),
+        ("resource", 1, _F.TYPE_MESSAGE, False, "Resource"),
+        ("scope_spans", 2, _F.TYPE_MESSAGE, True, "ScopeSpans"),
     ],
     "ExportTraceServiceRequest": [("resource_spans", 1, _F.TYPE_MESSAGE, True, "ResourceSpans")],
     "PackedInt64": [("values", 1, _F.TYPE_INT64, True, None)],
@@ -62,7 +72,9 @@ def _build() -> dict[str, Any]:
     for name, fields in _MESSAGES.items():
         message = file.message_type.add(name=name)
         for field, number, kind, repeated, type_name in fields:
-            added = message.field.add(name=field, number=number, type=kind, label=_REPEATED if repeated else _OPTIONAL)
+            added = message.field.add(
+                name=field, number=number, type=kind, label=_REPEATED if repeated else _OPTIONAL
+            )
             if type_name:
                 added.type_name = f".{_PACKAGE}.{type_name}"
         if name in ATTRIBUTE_FIELDS:
@@ -71,12 +83,18 @@ def _build() -> dict[str, Any]:
             entry.field.add(name="key", number=1, type=_F.TYPE_STRING, label=_OPTIONAL)
             entry.field.add(name="value", number=2, type=_F.TYPE_BYTES, label=_OPTIONAL)
             message.field.add(
-                name="attributes", number=ATTRIBUTE_FIELDS[name], type=_F.TYPE_MESSAGE, label=_REPEATED,
+                name="attributes",
+                number=ATTRIBUTE_FIELDS[name],
+                type=_F.TYPE_MESSAGE,
+                label=_REPEATED,
                 type_name=f".{_PACKAGE}.{name}.AttributesEntry",
             )
     pool = descriptor_pool.DescriptorPool()
     pool.Add(file)
-    return {name: message_factory.GetMessageClass(pool.FindMessageTypeByName(f"{_PACKAGE}.{name}")) for name in _MESSAGES}
+    return {
+        name: message_factory.GetMessageClass(pool.FindMessageTypeByName(f"{_PACKAGE}.{name}"))
+        for name in _MESSAGES
+    }
 
 
 _CLASSES = _build()

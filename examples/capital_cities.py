@@ -79,8 +79,13 @@ def capital_agent(task: dict, llm: LLM) -> float:
 def main(argv: list[str] | None = None) -> int:
     """Run every task once against a served model, or train the agent with `--train` (see above)."""
     return run_example(
-        argv, description=__doc__, service=SERVICE, agent=capital_agent,
-        train_tasks=TRAIN_TASKS, val_tasks=VAL_TASKS, algorithm=lightspan.GRPO(lr=1e-5),
+        argv,
+        description=__doc__,
+        service=SERVICE,
+        agent=capital_agent,
+        train_tasks=TRAIN_TASKS,
+        val_tasks=VAL_TASKS,
+        algorithm=lightspan.GRPO(lr=1e-5),
     )
 
 

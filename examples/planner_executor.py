@@ -93,9 +93,14 @@ def planner_executor_agent(task: dict, llm: LLM) -> float:
 def main(argv: list[str] | None = None) -> int:
     """Run every task once against a served model, or train the agent with `--train` (see above)."""
     return run_example(
-        argv, description=__doc__, service=SERVICE, agent=planner_executor_agent,
-        train_tasks=TRAIN_TASKS, val_tasks=VAL_TASKS,
-        algorithm=lightspan.GRPO(lr=1e-5), trainer_config={"selection": {"agents": TRAINED_AGENTS}},
+        argv,
+        description=__doc__,
+        service=SERVICE,
+        agent=planner_executor_agent,
+        train_tasks=TRAIN_TASKS,
+        val_tasks=VAL_TASKS,
+        algorithm=lightspan.GRPO(lr=1e-5),
+        trainer_config={"selection": {"agents": TRAINED_AGENTS}},
         train_help="train the planner with lightspan.Trainer(...).fit",
     )
 

@@ -195,8 +195,13 @@ def sql_agent(task: dict, llm: LLM) -> float:
 def main(argv: list[str] | None = None) -> int:
     """Run every task once against a served model, or train the agent with `--train` (see above)."""
     return run_example(
-        argv, description=__doc__, service=SERVICE, agent=sql_agent,
-        train_tasks=TRAIN_TASKS, val_tasks=VAL_TASKS, algorithm=lightspan.GRPO(lr=1e-5, credit="step"),
+        argv,
+        description=__doc__,
+        service=SERVICE,
+        agent=sql_agent,
+        train_tasks=TRAIN_TASKS,
+        val_tasks=VAL_TASKS,
+        algorithm=lightspan.GRPO(lr=1e-5, credit="step"),
     )
 
 

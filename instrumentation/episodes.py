@@ -121,7 +121,9 @@ class _RolloutSpec:
             raise InvalidInput("lightspan.rollout(...) used as a context manager needs a task_id")
         if self._scope is not None:
             raise InvalidInput("this lightspan.rollout(...) object is already open; create one per episode")
-        self._scope = _RolloutScope(new_rollout_info(self.task_id, self.rollout_id, self.attempt, self.resources_id))
+        self._scope = _RolloutScope(
+            new_rollout_info(self.task_id, self.rollout_id, self.attempt, self.resources_id)
+        )
         return self._scope
 
     def __enter__(self) -> Rollout:
@@ -184,7 +186,9 @@ def _task_id_from_call(spec: _RolloutSpec, args: tuple[Any, ...], kwargs: Mappin
     )
 
 
-def _scope_for_call(spec: _RolloutSpec, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> _RolloutScope | None:
+def _scope_for_call(
+    spec: _RolloutSpec, args: tuple[Any, ...], kwargs: Mapping[str, Any]
+) -> _RolloutScope | None:
     """A new scope, or None when joining a rollout of the same task that is already active."""
     task_id = str(_task_id_from_call(spec, args, kwargs))
     active = current_rollout()

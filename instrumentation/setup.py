@@ -112,9 +112,13 @@ def make_exporter(
         if endpoint:
             url = urlparse(endpoint)
             if not url.scheme or not url.netloc:
-                raise InvalidInput(f"OTLP/HTTP endpoint must be a URL like http://host:4318, got {endpoint!r}")
+                raise InvalidInput(
+                    f"OTLP/HTTP endpoint must be a URL like http://host:4318, got {endpoint!r}"
+                )
             # Like OTEL_EXPORTER_OTLP_ENDPOINT: a bare base URL gets the signal path appended.
-            kwargs["endpoint"] = endpoint if url.path not in ("", "/") else endpoint.rstrip("/") + "/v1/traces"
+            kwargs["endpoint"] = (
+                endpoint if url.path not in ("", "/") else endpoint.rstrip("/") + "/v1/traces"
+            )
         return OTLPSpanExporter(**kwargs)
     from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter as GrpcExporter
 

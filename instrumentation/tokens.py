@@ -106,7 +106,9 @@ def _response_payload(result: Any) -> Mapping[str, Any] | None:
 
 def _prepare(options: Any) -> tuple[bool, Mapping[str, Any]]:
     """(is a chat completion, request body), adding the token-id asks if enabled."""
-    if getattr(options, "method", "").lower() != "post" or not str(getattr(options, "url", "")).endswith(_CHAT_PATH):
+    if getattr(options, "method", "").lower() != "post" or not str(getattr(options, "url", "")).endswith(
+        _CHAT_PATH
+    ):
         return False, {}
     body = options.json_data if isinstance(options.json_data, Mapping) else {}
     if CONFIG.request_token_ids:
@@ -161,7 +163,9 @@ class _StreamData:
             return
         self.model = data.get("model") or self.model
         self.usage = data.get("usage") or self.usage
-        choice = next((c for c in data.get("choices") or [] if isinstance(c, Mapping) and c.get("index", 0) == 0), {})
+        choice = next(
+            (c for c in data.get("choices") or [] if isinstance(c, Mapping) and c.get("index", 0) == 0), {}
+        )
         prompt_ids = data.get("prompt_token_ids") or choice.get("prompt_token_ids")
         if isinstance(prompt_ids, list) and not self.prompt_ids:
             self.prompt_ids = prompt_ids

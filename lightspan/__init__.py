@@ -29,8 +29,18 @@ _EXPORTS: dict[str, str] = {
 # Spelled out, not computed, so editors and type checkers see the API (tests/test_cli.py keeps the
 # two in step).
 __all__ = [
-    "GRPO", "SFT", "Store", "Trainer", "__version__", "agent", "emit_action", "emit_exception",
-    "emit_observation", "emit_reward", "instrument", "rollout",
+    "GRPO",
+    "SFT",
+    "Store",
+    "Trainer",
+    "__version__",
+    "agent",
+    "emit_action",
+    "emit_exception",
+    "emit_observation",
+    "emit_reward",
+    "instrument",
+    "rollout",
 ]
 
 

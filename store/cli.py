@@ -15,7 +15,9 @@ FORMATS = ("pretty", "json", "csv")
 
 def _store_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--store", metavar="URL", default=None,
+        "--store",
+        metavar="URL",
+        default=None,
         help="chdb:///path (embedded) or http(s)://user:pass@host:port/db; default: $LIGHTSPAN_STORE or "
         "./lightspan-data (reached through a running collector's SQL endpoint when it owns the directory)",
     )
@@ -82,28 +84,66 @@ def _time(text: str | None) -> datetime | None:
 def _cmd_rollouts(args: argparse.Namespace) -> int:
     with _open(args) as store:
         rollouts = store.rollouts(
-            service=args.service, agent=args.agent, task=args.task, since=_time(args.since),
-            until=_time(args.until), resources_id=args.resources, min_rewards=args.min_rewards, limit=args.limit,
+            service=args.service,
+            agent=args.agent,
+            task=args.task,
+            since=_time(args.since),
+            until=_time(args.until),
+            resources_id=args.resources,
+            min_rewards=args.min_rewards,
+            limit=args.limit,
         )
     if args.format == "json":
         for r in rollouts:
-            print(json.dumps({
-                "rollout_id": r.rollout_id, "task_id": r.task_id, "attempt": r.attempt, "service": r.service,
-                "resources_id": r.resources_id, "agents": r.agents, "spans": r.spans, "llm_calls": r.llm_calls,
-                "rewards": r.rewards, "last_reward": r.last_reward, "start": r.start.isoformat(),
-                "end": r.end.isoformat(), "errors": r.errors,
-            }))
+            print(
+                json.dumps(
+                    {
+                        "rollout_id": r.rollout_id,
+                        "task_id": r.task_id,
+                        "attempt": r.attempt,
+                        "service": r.service,
+                        "resources_id": r.resources_id,
+                        "agents": r.agents,
+                        "spans": r.spans,
+                        "llm_calls": r.llm_calls,
+                        "rewards": r.rewards,
+                        "last_reward": r.last_reward,
+                        "start": r.start.isoformat(),
+                        "end": r.end.isoformat(),
+                        "errors": r.errors,
+                    }
+                )
+            )
         return 0
     from rich.console import Console
     from rich.table import Table
 
-    table = Table("rollout", "task", "attempt", "service", "agents", "spans", "llm", "rewards", "last reward",
-                  "start", "errors")
+    table = Table(
+        "rollout",
+        "task",
+        "attempt",
+        "service",
+        "agents",
+        "spans",
+        "llm",
+        "rewards",
+        "last reward",
+        "start",
+        "errors",
+    )
     for r in rollouts:
         table.add_row(
-            r.rollout_id, r.task_id, str(r.attempt), r.service, ",".join(r.agents), str(r.spans), str(r.llm_calls),
-            str(r.rewards), "" if r.last_reward is None else f"{r.last_reward:g}",
-            r.start.strftime("%Y-%m-%d %H:%M:%S"), str(r.errors) if r.errors else "",
+            r.rollout_id,
+            r.task_id,
+            str(r.attempt),
+            r.service,
+            ",".join(r.agents),
+            str(r.spans),
+            str(r.llm_calls),
+            str(r.rewards),
+            "" if r.last_reward is None else f"{r.last_reward:g}",
+            r.start.strftime("%Y-%m-%d %H:%M:%S"),
+            str(r.errors) if r.errors else "",
         )
     Console().print(table)
     return 0
@@ -128,18 +168,31 @@ def _cmd_show(args: argparse.Namespace) -> int:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     store = subparsers.add_parser("store", help="create or migrate the store's schema")
-    store.add_argument("action", choices=["init", "migrate"], help="init: create the schema; migrate: apply "
-                       "pending migrations (both are idempotent)")
+    store.add_argument(
+        "action",
+        choices=["init", "migrate"],
+        help="init: create the schema; migrate: apply pending migrations (both are idempotent)",
+    )
     _store_argument(store)
     store.set_defaults(func=_cmd_store)
 
-    sql = subparsers.add_parser("sql", help="run a ClickHouse SQL query against the store",
-                                description="Run ClickHouse SQL. Values go as server-side parameters: "
-                                "write {name:Type} in the query and pass --param name=value.")
-    sql.add_argument("query", help="the SQL text, e.g. \"SELECT count() FROM otel_traces\"")
-    sql.add_argument("--format", choices=FORMATS, default="pretty", help="a table, JSON lines or CSV (default: pretty)")
-    sql.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
-                     help="a query parameter for a {NAME:Type} placeholder (repeatable)")
+    sql = subparsers.add_parser(
+        "sql",
+        help="run a ClickHouse SQL query against the store",
+        description="Run ClickHouse SQL. Values go as server-side parameters: "
+        "write {name:Type} in the query and pass --param name=value.",
+    )
+    sql.add_argument("query", help='the SQL text, e.g. "SELECT count() FROM otel_traces"')
+    sql.add_argument(
+        "--format", choices=FORMATS, default="pretty", help="a table, JSON lines or CSV (default: pretty)"
+    )
+    sql.add_argument(
+        "--param",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a query parameter for a {NAME:Type} placeholder (repeatable)",
+    )
     _store_argument(sql)
     sql.set_defaults(func=_cmd_sql)
 
@@ -156,7 +209,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _store_argument(rollouts)
     rollouts.set_defaults(func=_cmd_rollouts)
 
-    show = subparsers.add_parser("show", help="print a rollout's span tree, LLM calls, rewards and errors marked")
+    show = subparsers.add_parser(
+        "show", help="print a rollout's span tree, LLM calls, rewards and errors marked"
+    )
     show.add_argument("rollout_id")
     _store_argument(show)
     show.set_defaults(func=_cmd_show)

@@ -99,11 +99,13 @@ class _DDL:
         """The plain-named Distributed table over `<table>_local`, when clustered."""
         if not self.options.cluster:
             return []
-        return [(
-            f"CREATE TABLE IF NOT EXISTS {table}{self.on_cluster} AS {self.local(table)}"
-            f" ENGINE = Distributed('{self.options.cluster}', currentDatabase(), {self.local(table)},"
-            f" {sharding_key})"
-        )]
+        return [
+            (
+                f"CREATE TABLE IF NOT EXISTS {table}{self.on_cluster} AS {self.local(table)}"
+                f" ENGINE = Distributed('{self.options.cluster}', currentDatabase(), {self.local(table)},"
+                f" {sharding_key})"
+            )
+        ]
 
 
 def _traces(d: _DDL) -> list[str]:
@@ -220,7 +222,9 @@ def _token_expression(type_: str, key: str) -> str:
 
 def _rollout_select(d: _DDL, token_columns: tuple[tuple[str, str, str], ...] = ()) -> str:
     """The view's SELECT: typed columns (`token_columns` among them when they are stored), then the span."""
-    tokens = "".join(f"\n    {_token_expression(type_, key)} AS {name}," for name, type_, key in token_columns)
+    tokens = "".join(
+        f"\n    {_token_expression(type_, key)} AS {name}," for name, type_, key in token_columns
+    )
     return f"""SELECT
     {_ROLLOUT_ID} AS RolloutId,
     {_attr(semconv.TASK_ID)} AS TaskId,
@@ -254,9 +258,14 @@ def _token_ids_on_read(d: _DDL) -> list[str]:
         after = "Reward"
         adds = []
         for name, type_, key in _TOKEN_COLUMNS:
-            adds.append(f"ADD COLUMN IF NOT EXISTS {name} {type_} ALIAS {_token_expression(type_, key)} AFTER {after}")
+            adds.append(
+                f"ADD COLUMN IF NOT EXISTS {name} {type_} ALIAS {_token_expression(type_, key)} AFTER {after}"
+            )
             after = name
-        statements += [f"ALTER TABLE {target}{d.on_cluster} {drops}", f"ALTER TABLE {target}{d.on_cluster} {', '.join(adds)}"]
+        statements += [
+            f"ALTER TABLE {target}{d.on_cluster} {drops}",
+            f"ALTER TABLE {target}{d.on_cluster} {', '.join(adds)}",
+        ]
     return statements
 
 

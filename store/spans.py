@@ -13,10 +13,28 @@ from typing import Any
 from lightspan.types import Span, SpanEvent, SpanLink
 
 TRACE_COLUMNS = (
-    "Timestamp", "TraceId", "SpanId", "ParentSpanId", "TraceState", "SpanName", "SpanKind",
-    "ServiceName", "ResourceAttributes", "ScopeName", "ScopeVersion", "SpanAttributes", "Duration",
-    "StatusCode", "StatusMessage", "Events.Timestamp", "Events.Name", "Events.Attributes",
-    "Links.TraceId", "Links.SpanId", "Links.TraceState", "Links.Attributes",
+    "Timestamp",
+    "TraceId",
+    "SpanId",
+    "ParentSpanId",
+    "TraceState",
+    "SpanName",
+    "SpanKind",
+    "ServiceName",
+    "ResourceAttributes",
+    "ScopeName",
+    "ScopeVersion",
+    "SpanAttributes",
+    "Duration",
+    "StatusCode",
+    "StatusMessage",
+    "Events.Timestamp",
+    "Events.Name",
+    "Events.Attributes",
+    "Links.TraceId",
+    "Links.SpanId",
+    "Links.TraceState",
+    "Links.Attributes",
 )
 
 # The SELECT list that `row_to_span` decodes, for otel_traces and rollout_spans alike.
@@ -57,9 +75,30 @@ def spans_to_columns(spans: Sequence[Span]) -> list[list[Any]]:
 
 def row_to_span(row: Sequence[Any]) -> Span:
     """Decode one row selected with `SPAN_SELECT`."""
-    (start, trace_id, span_id, parent, trace_state, name, kind, service, resource, scope_name,
-     scope_version, attributes, duration, status, status_message, ev_ts, ev_names, ev_attrs,
-     ln_trace, ln_span, ln_state, ln_attrs) = row
+    (
+        start,
+        trace_id,
+        span_id,
+        parent,
+        trace_state,
+        name,
+        kind,
+        service,
+        resource,
+        scope_name,
+        scope_version,
+        attributes,
+        duration,
+        status,
+        status_message,
+        ev_ts,
+        ev_names,
+        ev_attrs,
+        ln_trace,
+        ln_span,
+        ln_state,
+        ln_attrs,
+    ) = row
     return Span(
         trace_id=trace_id,
         span_id=span_id,

@@ -90,24 +90,26 @@ def _clickhouse_message(error: Exception) -> str:
 # disk or parts headroom, overloaded, read-only for a moment, or lost its Keeper. The same data can
 # go in later, so the caller gets StoreUnavailable (a collector answers UNAVAILABLE and the client
 # retries) instead of InvalidInput (a collector answers INVALID_ARGUMENT and the client drops it).
-_RETRYABLE_CODES = frozenset({
-    159,  # TIMEOUT_EXCEEDED
-    202,  # TOO_MANY_SIMULTANEOUS_QUERIES
-    209,  # SOCKET_TIMEOUT
-    210,  # NETWORK_ERROR
-    225,  # NO_ZOOKEEPER
-    236,  # ABORTED
-    241,  # MEMORY_LIMIT_EXCEEDED
-    242,  # TABLE_IS_READ_ONLY
-    243,  # NOT_ENOUGH_SPACE
-    252,  # TOO_MANY_PARTS
-    319,  # UNKNOWN_STATUS_OF_INSERT
-    394,  # QUERY_WAS_CANCELLED
-    425,  # SYSTEM_ERROR
-    439,  # CANNOT_SCHEDULE_TASK
-    473,  # DEADLOCK_AVOIDED
-    999,  # KEEPER_EXCEPTION
-})
+_RETRYABLE_CODES = frozenset(
+    {
+        159,  # TIMEOUT_EXCEEDED
+        202,  # TOO_MANY_SIMULTANEOUS_QUERIES
+        209,  # SOCKET_TIMEOUT
+        210,  # NETWORK_ERROR
+        225,  # NO_ZOOKEEPER
+        236,  # ABORTED
+        241,  # MEMORY_LIMIT_EXCEEDED
+        242,  # TABLE_IS_READ_ONLY
+        243,  # NOT_ENOUGH_SPACE
+        252,  # TOO_MANY_PARTS
+        319,  # UNKNOWN_STATUS_OF_INSERT
+        394,  # QUERY_WAS_CANCELLED
+        425,  # SYSTEM_ERROR
+        439,  # CANNOT_SCHEDULE_TASK
+        473,  # DEADLOCK_AVOIDED
+        999,  # KEEPER_EXCEPTION
+    }
+)
 
 
 def _refusal(error: Exception, url: StoreURL) -> LightspanError:
@@ -166,14 +168,22 @@ class Store:
                 raise StoreUnavailable(f"cannot open the embedded store {url.path}: {error}") from None
         try:
             client = clickhouse_connect.get_client(
-                host=url.host, port=url.port, username=url.username, password=url.password,
-                secure=url.scheme == "https", connect_timeout=connect_timeout,
+                host=url.host,
+                port=url.port,
+                username=url.username,
+                password=url.password,
+                secure=url.scheme == "https",
+                connect_timeout=connect_timeout,
                 autogenerate_session_id=False,
             )
         except OperationalError as error:
-            raise StoreUnavailable(f"cannot reach ClickHouse at {url}: {_clickhouse_message(error)}") from None
+            raise StoreUnavailable(
+                f"cannot reach ClickHouse at {url}: {_clickhouse_message(error)}"
+            ) from None
         except DatabaseError as error:
-            raise StoreUnavailable(f"ClickHouse at {url} refused the connection: {_clickhouse_message(error)}") from None
+            raise StoreUnavailable(
+                f"ClickHouse at {url} refused the connection: {_clickhouse_message(error)}"
+            ) from None
         if url.database != "default":
             client.command(f"CREATE DATABASE IF NOT EXISTS `{url.database}`")
             client.database = url.database
@@ -231,7 +241,9 @@ class Store:
                 continue
             for statement in migration_statements(number, self.options):
                 self.command(statement)
-            self._call("insert", SCHEMA_VERSION, [[number, description]], column_names=["Version", "Description"])
+            self._call(
+                "insert", SCHEMA_VERSION, [[number, description]], column_names=["Version", "Description"]
+            )
             applied.append(number)
         return applied
 
@@ -240,7 +252,9 @@ class Store:
         return LATEST_VERSION
 
     # --- spans ----------------------------------------------------------------------------------
-    def insert_columns(self, columns: Sequence[Sequence[Any]], column_names: Sequence[str] = TRACE_COLUMNS) -> int:
+    def insert_columns(
+        self, columns: Sequence[Sequence[Any]], column_names: Sequence[str] = TRACE_COLUMNS
+    ) -> int:
         """Insert one columnar batch into `otel_traces`; returns rows.
 
         The insert returns after ClickHouse committed the batch, materialised views included,
@@ -251,8 +265,9 @@ class Store:
         self._call("insert", TRACES, columns, column_names=list(column_names), column_oriented=True)
         return len(columns[0])
 
-    def insert_native(self, blocks: Sequence[bytes], column_names: Sequence[str],
-                      settings: Mapping[str, str] | None = None) -> None:
+    def insert_native(
+        self, blocks: Sequence[bytes], column_names: Sequence[str], settings: Mapping[str, str] | None = None
+    ) -> None:
         """Insert Native-format blocks into `otel_traces` as one insert (the collector's path).
 
         Like `insert_columns` it returns once ClickHouse committed them, views included, and
@@ -263,7 +278,9 @@ class Store:
         """
         data = b"".join(blocks)  # one block is returned as it is, not copied
         if data:
-            self._call("raw_insert", TRACES, list(column_names), data, settings=dict(settings or {}), fmt="Native")
+            self._call(
+                "raw_insert", TRACES, list(column_names), data, settings=dict(settings or {}), fmt="Native"
+            )
 
     def insert_spans(self, spans: Sequence[Span]) -> int:
         """Insert `Span` objects (tests, tools, synthetic data sets)."""
@@ -338,23 +355,40 @@ class Store:
                    countIf(StatusCode = 'Error') AS errors, countIf(ParentSpanId = '') AS roots
             FROM {ROLLOUT_SPANS} FINAL
             GROUP BY RolloutId
-            HAVING {' AND '.join(having)}
+            HAVING {" AND ".join(having)}
             ORDER BY start DESC, RolloutId
-            {'LIMIT {limit:UInt64}' if limit is not None else ''}"""
+            {"LIMIT {limit:UInt64}" if limit is not None else ""}"""
         if limit is not None:
             params["limit"] = limit
         return [
             RolloutSummary(
-                rollout_id=r[0], task_id=r[1], attempt=int(r[2]), service=r[3], resources_id=r[4],
-                agents=list(r[5]), spans=int(r[6]), llm_calls=int(r[7]), rewards=int(r[8]),
-                last_reward=r[9], start=r[10], end=r[11], errors=int(r[12]), roots=int(r[13]),
+                rollout_id=r[0],
+                task_id=r[1],
+                attempt=int(r[2]),
+                service=r[3],
+                resources_id=r[4],
+                agents=list(r[5]),
+                spans=int(r[6]),
+                llm_calls=int(r[7]),
+                rewards=int(r[8]),
+                last_reward=r[9],
+                start=r[10],
+                end=r[11],
+                errors=int(r[12]),
+                roots=int(r[13]),
             )
             for r in self.sql(query, params).rows
         ]
 
     # --- resources ------------------------------------------------------------------------------
     def publish_resource(
-        self, name: str, kind: str, *, uri: str = "", content: str = "", metadata: Mapping[str, Any] | None = None
+        self,
+        name: str,
+        kind: str,
+        *,
+        uri: str = "",
+        content: str = "",
+        metadata: Mapping[str, Any] | None = None,
     ) -> Resource:
         """Append the next version of `name`. Versions are per name and start at 1.
 
@@ -367,7 +401,9 @@ class Store:
         version = (latest.version if latest else 0) + 1
         meta = json.dumps(dict(metadata or {}), default=str)
         self._call(
-            "insert", RESOURCES, [[name, version, kind, uri, content, meta]],
+            "insert",
+            RESOURCES,
+            [[name, version, kind, uri, content, meta]],
             column_names=["Name", "Version", "Kind", "Uri", "Content", "Metadata"],
         )
         return Resource(name, version, kind, uri, content, json.loads(meta), datetime.now())

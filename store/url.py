@@ -50,10 +50,12 @@ def parse_store_url(url: str | None) -> StoreURL:
     """Parse and validate; raises InvalidInput with the accepted forms on anything else."""
     url = url or default_url()
     if url.startswith("chdb:"):
-        rest, _, query = url[len("chdb:"):].partition("?")
+        rest, _, query = url[len("chdb:") :].partition("?")
         rest = rest.removeprefix("//")
         if not rest:
-            raise InvalidInput(f"store URL {url!r} names no directory; use chdb:///abs/path or chdb://./rel/path")
+            raise InvalidInput(
+                f"store URL {url!r} names no directory; use chdb:///abs/path or chdb://./rel/path"
+            )
         cluster = parse_qs(query).get("cluster", [None])[0]
         return StoreURL(scheme="chdb", path=Path(unquote(rest)).expanduser().resolve(), cluster=cluster)
     parts = urlsplit(url)

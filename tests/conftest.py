@@ -40,11 +40,17 @@ def store(store_url: str) -> Iterator[object]:
         s.close()
 
 
-def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+def run_cli(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 120
+) -> subprocess.CompletedProcess:
     """Run `python -m lightspan ARGS` in a fresh process, as a user would."""
     return subprocess.run(
         [sys.executable, "-m", "lightspan", *args],
-        capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})}, check=False,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+        check=False,
     )
 
 
@@ -67,9 +73,23 @@ def collector_process(tmp_path: Path) -> Iterator[CollectorEndpoints]:
     stopped with SIGTERM (killed after 60 s) and reaped at teardown, whether the test passed or not.
     """
     proc = subprocess.Popen(
-        [sys.executable, "-m", "lightspan", "collector", "--store", f"chdb://{tmp_path / 'data'}",
-         "--grpc-port", "0", "--http-port", "0", "--sql-port", "0"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            "-m",
+            "lightspan",
+            "collector",
+            "--store",
+            f"chdb://{tmp_path / 'data'}",
+            "--grpc-port",
+            "0",
+            "--http-port",
+            "0",
+            "--sql-port",
+            "0",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     banner, deadline = "", time.monotonic() + 120
     try:

@@ -194,22 +194,38 @@ class FakeOpenAI:
         entries = (choice.get("logprobs") or {}).get("content")
         chunks: list[dict[str, Any]] = []
         if message.get("tool_calls"):
-            parts = [({"role": "assistant", "tool_calls": [dict(c, index=0) for c in message["tool_calls"]]},
-                      ids, entries)]
+            parts = [
+                (
+                    {"role": "assistant", "tool_calls": [dict(c, index=0) for c in message["tool_calls"]]},
+                    ids,
+                    entries,
+                )
+            ]
         else:  # one word, which the fake tokenizer makes one token, per chunk
-            parts = [({"content": word, "role": "assistant"} if i == 0 else {"content": f" {word}"},
-                      None if ids is None else ids[i:i + 1], entries[i:i + 1] if entries else None)
-                     for i, word in enumerate((message["content"] or "").split())]
+            parts = [
+                (
+                    {"content": word, "role": "assistant"} if i == 0 else {"content": f" {word}"},
+                    None if ids is None else ids[i : i + 1],
+                    entries[i : i + 1] if entries else None,
+                )
+                for i, word in enumerate((message["content"] or "").split())
+            ]
         for i, (delta, token_ids, logprobs) in enumerate(parts):
-            streamed: dict[str, Any] = {"index": 0, "delta": delta, "finish_reason": None,
-                                        "logprobs": {"content": logprobs} if logprobs else None}
+            streamed: dict[str, Any] = {
+                "index": 0,
+                "delta": delta,
+                "finish_reason": None,
+                "logprobs": {"content": logprobs} if logprobs else None,
+            }
             if token_ids is not None:
                 streamed["token_ids"] = token_ids
             chunk = base | {"choices": [streamed]}
             if i == 0 and "prompt_token_ids" in payload:
                 chunk["prompt_token_ids"] = payload["prompt_token_ids"]
             chunks.append(chunk)
-        chunks.append(base | {"choices": [{"index": 0, "delta": {}, "finish_reason": choice["finish_reason"]}]})
+        chunks.append(
+            base | {"choices": [{"index": 0, "delta": {}, "finish_reason": choice["finish_reason"]}]}
+        )
         if (body.get("stream_options") or {}).get("include_usage"):
             chunks.append(base | {"choices": [], "usage": payload["usage"]})
         return chunks

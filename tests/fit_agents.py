@@ -13,7 +13,10 @@ def short_answer_agent(task, llm):
     """One chat call to the model being trained; reward 1 for a reply that starts with a vowel."""
     client = openai.OpenAI(base_url=llm.base_url, api_key=llm.api_key)
     reply = client.chat.completions.create(
-        model=llm.model, messages=[{"role": "user", "content": task["question"]}], max_tokens=4, temperature=1.0,
+        model=llm.model,
+        messages=[{"role": "user", "content": task["question"]}],
+        max_tokens=4,
+        temperature=1.0,
     )
     text = (reply.choices[0].message.content or "").strip().lower()
     return 1.0 if text[:1] in set("aeiou") else 0.0

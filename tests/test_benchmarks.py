@@ -30,7 +30,11 @@ def run_benchmark(script: str, *args: object, timeout: float = 120) -> str:
     try:
         return subprocess.run(
             [sys.executable, str(BENCHMARKS / script), *map(str, args)],
-            capture_output=True, text=True, timeout=timeout, check=True, env=env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=True,
+            env=env,
         ).stdout
     except subprocess.CalledProcessError as error:
         pytest.fail(f"{script} exited {error.returncode}:\n{error.stdout}\n{error.stderr[-4000:]}")
@@ -38,8 +42,20 @@ def run_benchmark(script: str, *args: object, timeout: float = 120) -> str:
 
 def test_ingest_benchmark_runs_and_stores_every_request():
     spans, requests = 50, 6
-    output = run_benchmark("ingest.py", "--spans", spans, "--distinct", 2, "--requests", requests,
-                           "--repeat", 2, "--decoders", 1, timeout=300)
+    output = run_benchmark(
+        "ingest.py",
+        "--spans",
+        spans,
+        "--distinct",
+        2,
+        "--requests",
+        requests,
+        "--repeat",
+        2,
+        "--decoders",
+        1,
+        timeout=300,
+    )
     for label in ("protobuf parse alone", "collector decode (Native)", "raw columnar insert"):
         assert re.search(rf"{re.escape(label)}\s+[\d,]+ spans/s", output), output
     runs = re.findall(r"\((\d+) requests acked, (\d+) refused.*\n.*rows stored ([\d,]+)", output)
@@ -78,14 +94,36 @@ def test_transitions_benchmark_reads_and_extracts_every_rollout():
 
 def test_train_step_benchmark_compares_both_sides():
     batch, micro, rounds = 4, 2, 1
-    output = run_benchmark("train_step.py", "--hidden-size", 32, "--layers", 1, "--heads", 2,
-                           "--vocab-size", 512, "--seq", 32, "--batch", batch, "--micro", micro,
-                           "--rounds", rounds)
-    assert re.search(rf"batch {batch} x <= 32 tokens \(\d+ tokens\), micro {micro}, device \w+"
-                     rf".*{rounds} rounds", output), output
+    output = run_benchmark(
+        "train_step.py",
+        "--hidden-size",
+        32,
+        "--layers",
+        1,
+        "--heads",
+        2,
+        "--vocab-size",
+        512,
+        "--seq",
+        32,
+        "--batch",
+        batch,
+        "--micro",
+        micro,
+        "--rounds",
+        rounds,
+    )
+    assert re.search(
+        rf"batch {batch} x <= 32 tokens \(\d+ tokens\), micro {micro}, device \w+"
+        rf".*{rounds} rounds",
+        output,
+    ), output
     for clock in ("wall", "CPU"):
-        assert re.search(rf"{clock} clock  plain PyTorch\s+\d+ tok/s   Lightspan\s+\d+ tok/s   "
-                         r"ratio \d+\.\d{3}", output), output
+        assert re.search(
+            rf"{clock} clock  plain PyTorch\s+\d+ tok/s   Lightspan\s+\d+ tok/s   "
+            r"ratio \d+\.\d{3}",
+            output,
+        ), output
     assert re.search(r"ratio Lightspan / plain: \d+\.\d{3} wall, \d+\.\d{3} CPU time", output), output
     # Model FLOPs utilisation is a GPU figure: printed exactly when the run had CUDA.
     assert ("model FLOPs" in output) == ("device cuda" in output), output
@@ -93,34 +131,67 @@ def test_train_step_benchmark_compares_both_sides():
 
 def test_serve_benchmark_serves_every_request_at_full_length():
     clients, requests, max_tokens, max_batch = 2, 2, 4, 4
-    output = run_benchmark("serve.py", "--clients", clients, "--requests", requests,
-                           "--max-tokens", max_tokens, "--max-batch", max_batch, "--hidden", 32,
-                           "--rounds", 1)
+    output = run_benchmark(
+        "serve.py",
+        "--clients",
+        clients,
+        "--requests",
+        requests,
+        "--max-tokens",
+        max_tokens,
+        "--max-batch",
+        max_batch,
+        "--hidden",
+        32,
+        "--rounds",
+        1,
+    )
     assert re.search(rf"model\.generate, one at a time \(no HTTP\):\s+{NUMBER} tokens/s", output), output
     served = re.findall(
         rf"serve, max_batch=(\d+)\D.*?\s{NUMBER} tokens/s .* mean batch ({NUMBER}) rows   "
-        r"(\d+) requests served, (\d+) tokens", output)
+        r"(\d+) requests served, (\d+) tokens",
+        output,
+    )
     assert [(int(b), r, t) for b, _, r, t in served] == [
         (1, str(clients * requests), str(clients * requests * max_tokens)),  # ignore_eos: every reply is full
         (max_batch, str(clients * requests), str(clients * requests * max_tokens)),
     ], output
     assert float(served[0][1]) == 1.0 and 1.0 <= float(served[1][1]) <= max_batch, output
-    assert re.search(r"batching speed-up over max_batch=1: \d+\.\d\dx; over model\.generate one at a time: "
-                     r"\d+\.\d\dx", output), output
+    assert re.search(
+        r"batching speed-up over max_batch=1: \d+\.\d\dx; over model\.generate one at a time: "
+        r"\d+\.\d\dx",
+        output,
+    ), output
 
 
 def test_demo_learning_benchmark_runs_the_recipe_at_toy_size():
     episodes, sft_batch, iterations = 16, 8, 2
     output = run_benchmark(
-        "demo_learning.py", "--set", f"warmup_episodes={episodes}", "--set", "sft_epochs=1",
-        "--set", f"sft_batch={sft_batch}", "--set", f"iterations={iterations}",
-        "--set", "tasks_per_iteration=4", "--set", "group_size=2", "--set", "steps_per_iteration=1",
+        "demo_learning.py",
+        "--set",
+        f"warmup_episodes={episodes}",
+        "--set",
+        "sft_epochs=1",
+        "--set",
+        f"sft_batch={sft_batch}",
+        "--set",
+        f"iterations={iterations}",
+        "--set",
+        "tasks_per_iteration=4",
+        "--set",
+        "group_size=2",
+        "--set",
+        "steps_per_iteration=1",
     )
     # Two turns per scripted episode, all stored, selected and trained on: one SFT epoch of them.
     transitions = 2 * episodes
-    assert re.search(rf"warm-up: {episodes} scripted episodes .*, {transitions} transitions, "
-                     rf"{transitions // sft_batch} SFT steps", output), output
+    assert re.search(
+        rf"warm-up: {episodes} scripted episodes .*, {transitions} transitions, "
+        rf"{transitions // sft_batch} SFT steps",
+        output,
+    ), output
     assert len(re.findall(r"^iteration +\d+: success \d\.\d{3}", output, re.MULTILINE)) == iterations, output
     assert re.search(r"seed 0: success after warm-up \d\.\d{3} -> last iteration \d\.\d{3}", output), output
-    assert re.search(r"criterion \(<= 0\.3 after warm-up, >= 0\.8 at the end\) met for [01]/1 seeds",
-                     output), output
+    assert re.search(
+        r"criterion \(<= 0\.3 after warm-up, >= 0\.8 at the end\) met for [01]/1 seeds", output
+    ), output

@@ -19,9 +19,19 @@ from lightspan.types import Span
 def filled(store_url):
     with Store.connect(store_url) as store:
         spans = rollout_spans("r-show", "task-1", llm_calls=2, extra_spans=1, reward=0.75)
-        spans.append(Span(spans[0].trace_id, "f" * 16, spans[0].span_id, "tool.broken", spans[-1].start_ns + 10,
-                          spans[-1].start_ns + 20, {semconv.ROLLOUT_ID: "r-show"}, status_code="Error",
-                          status_message="tool exploded"))
+        spans.append(
+            Span(
+                spans[0].trace_id,
+                "f" * 16,
+                spans[0].span_id,
+                "tool.broken",
+                spans[-1].start_ns + 10,
+                spans[-1].start_ns + 20,
+                {semconv.ROLLOUT_ID: "r-show"},
+                status_code="Error",
+                status_message="tool exploded",
+            )
+        )
         store.insert_spans(spans)
     return store_url
 
@@ -34,7 +44,9 @@ def test_store_init_and_migrate(store_url):
 
 
 def test_sql_formats_and_parameters(filled):
-    query = "SELECT RolloutId, count() AS n FROM rollout_spans FINAL WHERE TaskId = {t:String} GROUP BY RolloutId"
+    query = (
+        "SELECT RolloutId, count() AS n FROM rollout_spans FINAL WHERE TaskId = {t:String} GROUP BY RolloutId"
+    )
     as_json = run_cli("sql", query, "--param", "t=task-1", "--format", "json", "--store", filled)
     assert as_json.returncode == 0, as_json.stderr
     assert json.loads(as_json.stdout) == {"RolloutId": "r-show", "n": 5}  # the error span carries no task id
@@ -55,14 +67,20 @@ def test_rollouts_and_show(filled):
     assert "[ERROR tool exploded]" in out
 
 
-@pytest.mark.parametrize("args, message", [
-    (["sql", "SELECT 1", "--store", "mysql://db/x"], "unknown store URL scheme"),
-    (["sql", "SELECT 1", "--store", "http://127.0.0.1:9/db"], "cannot reach ClickHouse at http://127.0.0.1:9/db"),
-    (["sql", "SELEC 1"], "Syntax error"),
-    (["show", "no-such-rollout"], "no rollout 'no-such-rollout'"),
-    (["sql", "SELECT 1", "--param", "novalue"], "--param wants NAME=VALUE"),
-    (["rollouts", "--since", "yesterday"], "not an ISO date/time"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["sql", "SELECT 1", "--store", "mysql://db/x"], "unknown store URL scheme"),
+        (
+            ["sql", "SELECT 1", "--store", "http://127.0.0.1:9/db"],
+            "cannot reach ClickHouse at http://127.0.0.1:9/db",
+        ),
+        (["sql", "SELEC 1"], "Syntax error"),
+        (["show", "no-such-rollout"], "no rollout 'no-such-rollout'"),
+        (["sql", "SELECT 1", "--param", "novalue"], "--param wants NAME=VALUE"),
+        (["rollouts", "--since", "yesterday"], "not an ISO date/time"),
+    ],
+)
 def test_bad_input_is_one_line_and_exit_2(args, message, store_url):
     result = run_cli(*args, env={"LIGHTSPAN_STORE": store_url})
     assert result.returncode == 2
@@ -82,9 +100,11 @@ def test_every_subcommand_has_help():
 
 
 def test_import_lightspan_stays_light():
-    code = ("import sys, lightspan, lightspan.semconv, lightspan.types; lightspan.__version__; "
-            "heavy = [m for m in ('torch', 'chdb', 'clickhouse_connect', 'numpy', 'transformers') if m in sys.modules]; "
-            "print(heavy)")
+    code = (
+        "import sys, lightspan, lightspan.semconv, lightspan.types; lightspan.__version__; "
+        "heavy = [m for m in ('torch', 'chdb', 'clickhouse_connect', 'numpy', 'transformers') if m in sys.modules]; "
+        "print(heavy)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
 

@@ -43,14 +43,18 @@ def _sql(c: Collector, **kwargs) -> clickhouse_connect.driver.Client:
 
 def _raw_export(c: Collector, body: bytes, metadata=()) -> ExportTraceServiceResponse:
     with grpc.insecure_channel(f"127.0.0.1:{c.grpc_port}") as channel:
-        call = channel.unary_unary(f"/{SERVICE}/{METHOD}", request_serializer=None,
-                                   response_deserializer=ExportTraceServiceResponse.FromString)
+        call = channel.unary_unary(
+            f"/{SERVICE}/{METHOD}",
+            request_serializer=None,
+            response_deserializer=ExportTraceServiceResponse.FromString,
+        )
         return call(body, metadata=metadata, timeout=10)
 
 
 def _post(url: str, body: bytes, content_type: str = "application/x-protobuf", headers=None):
-    request = urllib.request.Request(url, data=body, method="POST",
-                                     headers={"Content-Type": content_type, **(headers or {})})
+    request = urllib.request.Request(
+        url, data=body, method="POST", headers={"Content-Type": content_type, **(headers or {})}
+    )
     try:
         with urllib.request.urlopen(request, timeout=10) as response:
             return response.status, response.read(), response.headers
@@ -62,7 +66,8 @@ def _rows(c: Collector) -> dict[str, dict]:
     result = _sql(c).query(
         "SELECT SpanId, TraceId, ParentSpanId, SpanName, SpanKind, ServiceName, ResourceAttributes, ScopeName, "
         "ScopeVersion, SpanAttributes, StatusCode, StatusMessage, Events.Name, Events.Attributes, Links.SpanId, "
-        "Links.Attributes, toUnixTimestamp64Nano(Timestamp) AS StartNs, Duration FROM otel_traces")
+        "Links.Attributes, toUnixTimestamp64Nano(Timestamp) AS StartNs, Duration FROM otel_traces"
+    )
     return {row["SpanId"]: row for row in result.named_results()}
 
 
@@ -72,10 +77,13 @@ def _count(c: Collector, **kwargs) -> int:
 
 EXPORTERS = {
     "grpc": lambda c, **kw: GrpcExporter(endpoint=c.grpc_endpoint, insecure=True, **kw),
-    "grpc-gzip": lambda c, **kw: GrpcExporter(endpoint=c.grpc_endpoint, insecure=True,
-                                              compression=grpc.Compression.Gzip, **kw),
+    "grpc-gzip": lambda c, **kw: GrpcExporter(
+        endpoint=c.grpc_endpoint, insecure=True, compression=grpc.Compression.Gzip, **kw
+    ),
     "http": lambda c, **kw: HttpExporter(endpoint=f"{c.http_endpoint}/v1/traces", **kw),
-    "http-gzip": lambda c, **kw: HttpExporter(endpoint=f"{c.http_endpoint}/v1/traces", compression=Compression.Gzip, **kw),
+    "http-gzip": lambda c, **kw: HttpExporter(
+        endpoint=f"{c.http_endpoint}/v1/traces", compression=Compression.Gzip, **kw
+    ),
 }
 
 
@@ -107,26 +115,56 @@ def test_sdk_exporter_spans_arrive_intact(collector: Collector, kind: str):
     assert attrs["tags"] == '["a","b"]'
     assert child["Events.Name"] == ["gen_ai.evaluation.result"]
     assert child["Events.Attributes"] == [{"gen_ai.evaluation.score.value": "1.0"}]
-    assert child["Links.SpanId"] == [root["SpanId"]] and child["Links.Attributes"] == [{"link.kind": "follows"}]
+    assert child["Links.SpanId"] == [root["SpanId"]] and child["Links.Attributes"] == [
+        {"link.kind": "follows"}
+    ]
     # And the materialised view saw them, keyed by rollout.
-    assert _sql(collector).command(f"SELECT count() FROM rollout_spans FINAL WHERE RolloutId = 'r-{kind}'") == 3
+    assert (
+        _sql(collector).command(f"SELECT count() FROM rollout_spans FINAL WHERE RolloutId = 'r-{kind}'") == 3
+    )
 
 
 def test_otlp_json_body_and_partial_success(collector: Collector):
     trace_id, span_id = "5b8efff798038103d269b633813fc60c", "eee19b7ec3c1b174"
-    body = {"resourceSpans": [{
-        "resource": {"attributes": [{"key": "service.name", "value": {"stringValue": "json-svc"}}]},
-        "scopeSpans": [{"scope": {"name": "js"}, "spans": [
-            {"traceId": trace_id, "spanId": span_id, "parentSpanId": "eee19b7ec3c1b173", "name": "op",
-             "kind": 3, "startTimeUnixNano": "1544712660000000000", "endTimeUnixNano": "1544712661000000000",
-             "attributes": [{"key": "n", "value": {"intValue": "42"}}, {"key": "d", "value": {"doubleValue": 0.25}}],
-             "status": {"code": 2}, "someFutureField": {"x": 1}},
-            {"traceId": "", "spanId": "", "name": "no ids"},
-        ]}]}]}
-    status, payload, headers = _post(f"{collector.http_endpoint}/v1/traces", json.dumps(body).encode(), "application/json")
+    body = {
+        "resourceSpans": [
+            {
+                "resource": {"attributes": [{"key": "service.name", "value": {"stringValue": "json-svc"}}]},
+                "scopeSpans": [
+                    {
+                        "scope": {"name": "js"},
+                        "spans": [
+                            {
+                                "traceId": trace_id,
+                                "spanId": span_id,
+                                "parentSpanId": "eee19b7ec3c1b173",
+                                "name": "op",
+                                "kind": 3,
+                                "startTimeUnixNano": "1544712660000000000",
+                                "endTimeUnixNano": "1544712661000000000",
+                                "attributes": [
+                                    {"key": "n", "value": {"intValue": "42"}},
+                                    {"key": "d", "value": {"doubleValue": 0.25}},
+                                ],
+                                "status": {"code": 2},
+                                "someFutureField": {"x": 1},
+                            },
+                            {"traceId": "", "spanId": "", "name": "no ids"},
+                        ],
+                    }
+                ],
+            }
+        ]
+    }
+    status, payload, headers = _post(
+        f"{collector.http_endpoint}/v1/traces", json.dumps(body).encode(), "application/json"
+    )
     assert status == 200 and headers["Content-Type"] == "application/json"
     answer = json.loads(payload)
-    assert answer["partialSuccess"]["rejectedSpans"] == "1" and "rejected" in answer["partialSuccess"]["errorMessage"]
+    assert (
+        answer["partialSuccess"]["rejectedSpans"] == "1"
+        and "rejected" in answer["partialSuccess"]["errorMessage"]
+    )
     row = _rows(collector)[span_id]
     assert row["TraceId"] == trace_id and row["ParentSpanId"] == "eee19b7ec3c1b173"
     assert row["SpanKind"] == "Client" and row["StatusCode"] == "Error" and row["ServiceName"] == "json-svc"
@@ -142,8 +180,15 @@ def test_grpc_partial_success(collector: Collector):
 
 
 def test_http_error_statuses(tmp_path: Path):
-    with Collector(f"chdb://{tmp_path / 'data'}", grpc_port=0, http_port=0, sql_port=0, batch_ms=5,
-                   max_request_bytes=20_000, auth_token=TOKEN) as c:
+    with Collector(
+        f"chdb://{tmp_path / 'data'}",
+        grpc_port=0,
+        http_port=0,
+        sql_port=0,
+        batch_ms=5,
+        max_request_bytes=20_000,
+        auth_token=TOKEN,
+    ) as c:
         url, auth = f"{c.http_endpoint}/v1/traces", {"Authorization": f"Bearer {TOKEN}"}
         good = encode_spans(make_spans()).SerializeToString()
 
@@ -179,8 +224,15 @@ def test_http_error_statuses(tmp_path: Path):
 
 
 def test_grpc_error_statuses(tmp_path: Path):
-    with Collector(f"chdb://{tmp_path / 'data'}", grpc_port=0, http_port=0, sql_port=0, batch_ms=5,
-                   max_request_bytes=20_000, auth_token=TOKEN) as c:
+    with Collector(
+        f"chdb://{tmp_path / 'data'}",
+        grpc_port=0,
+        http_port=0,
+        sql_port=0,
+        batch_ms=5,
+        max_request_bytes=20_000,
+        auth_token=TOKEN,
+    ) as c:
         auth = (("authorization", f"Bearer {TOKEN}"),)
         good = encode_spans(make_spans()).SerializeToString()
         with pytest.raises(grpc.RpcError) as error:
@@ -193,7 +245,9 @@ def test_grpc_error_statuses(tmp_path: Path):
             _raw_export(c, encode_spans(make_spans(children=200)).SerializeToString(), auth)
         assert error.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert _sql(c, password=TOKEN).command("SELECT count() FROM otel_traces") == 0
-        exporter = GrpcExporter(endpoint=c.grpc_endpoint, insecure=True, headers={"authorization": f"Bearer {TOKEN}"})
+        exporter = GrpcExporter(
+            endpoint=c.grpc_endpoint, insecure=True, headers={"authorization": f"Bearer {TOKEN}"}
+        )
         assert exporter.export(make_spans()) == SpanExportResult.SUCCESS
         exporter.shutdown()
         assert _sql(c, password=TOKEN).command("SELECT count() FROM otel_traces") == 3
@@ -217,11 +271,17 @@ def test_metrics_and_health(collector: Collector):
 # --- SQL endpoint --------------------------------------------------------------------------------
 def test_sql_endpoint_with_clickhouse_connect(collector: Collector):
     client = _sql(collector)
-    assert client.query("SELECT {x:UInt32} + 1 AS y, {s:String} AS s", parameters={"x": 41, "s": "it's"}).result_rows \
-        == [(42, "it's")]
-    client.command("CREATE TABLE kv (k String, v Map(String, String), n Array(UInt32)) ENGINE = MergeTree ORDER BY k")
+    assert client.query(
+        "SELECT {x:UInt32} + 1 AS y, {s:String} AS s", parameters={"x": 41, "s": "it's"}
+    ).result_rows == [(42, "it's")]
+    client.command(
+        "CREATE TABLE kv (k String, v Map(String, String), n Array(UInt32)) ENGINE = MergeTree ORDER BY k"
+    )
     client.insert("kv", [["a", {"x": "1"}, [1, 2]], ["b", {}, []]], column_names=["k", "v", "n"])
-    assert client.query("SELECT * FROM kv ORDER BY k").result_rows == [("a", {"x": "1"}, [1, 2]), ("b", {}, [])]
+    assert client.query("SELECT * FROM kv ORDER BY k").result_rows == [
+        ("a", {"x": "1"}, [1, 2]),
+        ("b", {}, []),
+    ]
     client.command("INSERT INTO kv (k) VALUES ({k:String})", parameters={"k": "c"})
     assert client.command("SELECT count() FROM kv WHERE k = {k:String}", parameters={"k": "c"}) == 1
     assert client.query_df("SELECT k FROM kv ORDER BY k")["k"].tolist() == ["a", "b", "c"]
@@ -240,8 +300,10 @@ def test_sql_endpoint_takes_large_parameters_as_form_fields(collector: Collector
     # Past a few KiB of parameters clickhouse-connect sends query and params as multipart/form-data.
     ids = [f"rollout-{i:05d}-{'x' * 40}" for i in range(800)]
     client = _sql(collector)
-    assert client.query("SELECT length({ids:Array(String)}), {s:String} = repeat('y', 30000)",
-                        parameters={"ids": ids, "s": "y" * 30000}).result_rows == [(800, True)]
+    assert client.query(
+        "SELECT length({ids:Array(String)}), {s:String} = repeat('y', 30000)",
+        parameters={"ids": ids, "s": "y" * 30000},
+    ).result_rows == [(800, True)]
     with Store.connect(collector.sql_url) as remote:
         assert remote.span_trees(ids) == {}
 
@@ -255,10 +317,16 @@ def test_sql_endpoint_plain_http(collector: Collector):
     with pytest.raises(urllib.error.HTTPError) as error:  # GET is read-only, as on ClickHouse
         urllib.request.urlopen(f"{base}/?query=CREATE+TABLE+t+(a+UInt8)+ENGINE=Memory")
     assert error.value.code == 403 and error.value.headers["X-ClickHouse-Exception-Code"] == "164"
-    status, body, headers = _post(f"{base}/?query=SELECT+number+FROM+numbers(3)+FORMAT+JSONEachRow", b"", "text/plain")
+    status, body, headers = _post(
+        f"{base}/?query=SELECT+number+FROM+numbers(3)+FORMAT+JSONEachRow", b"", "text/plain"
+    )
     assert status == 200 and [json.loads(line)["number"] for line in body.splitlines()] == [0, 1, 2]
     status, body, headers = _post(f"{base}/", b"SELECT nope()", "text/plain")
-    assert status in (400, 404) and body.startswith(b"Code: 46. DB::Exception:") and headers["X-ClickHouse-Exception-Code"] == "46"
+    assert (
+        status in (400, 404)
+        and body.startswith(b"Code: 46. DB::Exception:")
+        and headers["X-ClickHouse-Exception-Code"] == "46"
+    )
 
 
 def test_sql_endpoint_is_advertised_while_running(tmp_path: Path):
@@ -281,8 +349,12 @@ def _self_signed(tmp_path: Path) -> tuple[Path, Path]:
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
     now = datetime.datetime.now(datetime.timezone.utc)
     cert = (
-        x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-        .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
         .not_valid_after(now + datetime.timedelta(days=1))
         .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
         .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
@@ -290,8 +362,11 @@ def _self_signed(tmp_path: Path) -> tuple[Path, Path]:
     )
     cert_file, key_file = tmp_path / "cert.pem", tmp_path / "key.pem"
     cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_file.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
+    key_file.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
     return cert_file, key_file
 
 
@@ -300,21 +375,32 @@ def test_tls_on_grpc_http_and_sql(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     monkeypatch.delenv("REQUESTS_CA_BUNDLE", raising=False)
     monkeypatch.delenv("CURL_CA_BUNDLE", raising=False)
     cert, key = _self_signed(tmp_path)
-    with Collector(f"chdb://{tmp_path / 'data'}", grpc_port=0, http_port=0, sql_port=0, batch_ms=5,
-                   tls_cert=str(cert), tls_key=str(key)) as c:
+    with Collector(
+        f"chdb://{tmp_path / 'data'}",
+        grpc_port=0,
+        http_port=0,
+        sql_port=0,
+        batch_ms=5,
+        tls_cert=str(cert),
+        tls_key=str(key),
+    ) as c:
         assert c.grpc_endpoint.startswith("https://") and c.sql_url.startswith("https://")
         credentials = grpc.ssl_channel_credentials(root_certificates=cert.read_bytes())
         grpc_exporter = GrpcExporter(endpoint=f"localhost:{c.grpc_port}", credentials=credentials)
         assert grpc_exporter.export(make_spans(rollout="tls-grpc")) == SpanExportResult.SUCCESS
         grpc_exporter.shutdown()
-        http_exporter = HttpExporter(endpoint=f"https://localhost:{c.http_port}/v1/traces", certificate_file=str(cert))
+        http_exporter = HttpExporter(
+            endpoint=f"https://localhost:{c.http_port}/v1/traces", certificate_file=str(cert)
+        )
         assert http_exporter.export(make_spans(rollout="tls-http")) == SpanExportResult.SUCCESS
         http_exporter.shutdown()
         # Plain-text clients are refused by the TLS listeners.
         plain = GrpcExporter(endpoint=f"localhost:{c.grpc_port}", insecure=True, timeout=2)
         assert plain.export(make_spans()) == SpanExportResult.FAILURE
         plain.shutdown()
-        client = clickhouse_connect.get_client(host="localhost", port=c.sql_port, secure=True, ca_cert=str(cert))
+        client = clickhouse_connect.get_client(
+            host="localhost", port=c.sql_port, secure=True, ca_cert=str(cert)
+        )
         assert client.command("SELECT count() FROM otel_traces") == 6
 
 

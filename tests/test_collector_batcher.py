@@ -70,7 +70,11 @@ def test_store_refusal_is_isolated_to_the_request_that_caused_it():
     gate = threading.Event()
     committer = GroupCommitter(lambda c: (gate.wait(5), commit(c)), batch_spans=100, batch_ms=20)
     blocker = committer.submit(_block(0), 1)  # holds the committer while the next three queue up
-    futures = [committer.submit(_block(1), 1), committer.submit(_block(-1), 1), committer.submit(_block(2), 1)]
+    futures = [
+        committer.submit(_block(1), 1),
+        committer.submit(_block(-1), 1),
+        committer.submit(_block(2), 1),
+    ]
     gate.set()
     assert blocker.result(5) == 1 and futures[0].result(5) == 1 and futures[2].result(5) == 1
     with pytest.raises(InvalidInput):
@@ -81,7 +85,9 @@ def test_store_refusal_is_isolated_to_the_request_that_caused_it():
 
 def test_queue_bound_pushes_back_instead_of_growing():
     gate = threading.Event()
-    committer = GroupCommitter(lambda c: gate.wait(5), batch_spans=10, batch_ms=1, queue_spans=10, retry_after=2)
+    committer = GroupCommitter(
+        lambda c: gate.wait(5), batch_spans=10, batch_ms=1, queue_spans=10, retry_after=2
+    )
     first = committer.submit(_block(*range(8)), 8)
     with pytest.raises(QueueFull) as error:
         committer.submit(_block(*range(3)), 3)
@@ -123,8 +129,12 @@ def test_two_committers_never_commit_an_empty_batch():
         time.sleep(0.01)
 
     reports: list[tuple[int, BaseException | None]] = []
-    committer = GroupCommitter([commit, commit], batch_spans=3, batch_ms=5,
-                               on_commit=lambda spans, seconds, error: reports.append((spans, error)))
+    committer = GroupCommitter(
+        [commit, commit],
+        batch_spans=3,
+        batch_ms=5,
+        on_commit=lambda spans, seconds, error: reports.append((spans, error)),
+    )
     futures = []
     for i in range(40):
         futures.append(committer.submit(_block(i), 1))

@@ -20,9 +20,18 @@ from lightspan.errors import InvalidInput
 
 
 def _body(n: int) -> bytes:
-    spans = [Span(trace_id=bytes([i + 1] * 16), span_id=bytes([i + 1] * 8), name=f"s{i}",
-                  attributes=[KeyValue(key="k", value=AnyValue(string_value="v" * i))]) for i in range(n)]
-    return ExportTraceServiceRequest(resource_spans=[ResourceSpans(scope_spans=[ScopeSpans(spans=spans)])]).SerializeToString()
+    spans = [
+        Span(
+            trace_id=bytes([i + 1] * 16),
+            span_id=bytes([i + 1] * 8),
+            name=f"s{i}",
+            attributes=[KeyValue(key="k", value=AnyValue(string_value="v" * i))],
+        )
+        for i in range(n)
+    ]
+    return ExportTraceServiceRequest(
+        resource_spans=[ResourceSpans(scope_spans=[ScopeSpans(spans=spans)])]
+    ).SerializeToString()
 
 
 @pytest.fixture(scope="module")
@@ -63,10 +72,18 @@ def test_zero_processes_decode_in_the_calling_thread():
 
 
 def _large_body(mebibytes: int) -> bytes:
-    spans = [Span(trace_id=bytes([i + 1] * 16), span_id=bytes([i + 1] * 8), name="big",
-                  attributes=[KeyValue(key="text", value=AnyValue(string_value=str(i) * (1 << 20)))])
-             for i in range(mebibytes)]
-    return ExportTraceServiceRequest(resource_spans=[ResourceSpans(scope_spans=[ScopeSpans(spans=spans)])]).SerializeToString()
+    spans = [
+        Span(
+            trace_id=bytes([i + 1] * 16),
+            span_id=bytes([i + 1] * 8),
+            name="big",
+            attributes=[KeyValue(key="text", value=AnyValue(string_value=str(i) * (1 << 20)))],
+        )
+        for i in range(mebibytes)
+    ]
+    return ExportTraceServiceRequest(
+        resource_spans=[ResourceSpans(scope_spans=[ScopeSpans(spans=spans)])]
+    ).SerializeToString()
 
 
 def test_bodies_and_blocks_larger_than_the_shared_buffers_go_through_the_pipe(pool):
@@ -114,8 +131,12 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt tunes glibc's allocator")
 def test_a_decoder_process_reuses_freed_megabytes_instead_of_faulting_them_in_again():
     def faults(mode: str) -> int:
-        run = subprocess.run([sys.executable, "-c", _FAULTS_OF_A_DECODERS_DAY, mode], capture_output=True, text=True,
-                             check=True)
+        run = subprocess.run(
+            [sys.executable, "-c", _FAULTS_OF_A_DECODERS_DAY, mode],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         return int(run.stdout)
 
     default, tuned = faults("default"), faults("tuned")
@@ -129,10 +150,26 @@ def test_a_decoder_process_runs_with_the_allocator_tuned():
     The median after a warm-up, since the heap still grows or shrinks now and then."""
     decoders = Decoders(1)
     try:
-        spans = [Span(trace_id=bytes([i % 250 + 1] * 16), span_id=bytes([i % 250 + 1] * 8), name="chat", attributes=[
-            KeyValue(key="ids", value=AnyValue(array_value=ArrayValue(values=[AnyValue(int_value=i * j) for j in range(96)]))),
-            KeyValue(key="text", value=AnyValue(string_value="word " * 100))]) for i in range(1000)]
-        body = ExportTraceServiceRequest(resource_spans=[ResourceSpans(scope_spans=[ScopeSpans(spans=spans)])]).SerializeToString()
+        spans = [
+            Span(
+                trace_id=bytes([i % 250 + 1] * 16),
+                span_id=bytes([i % 250 + 1] * 8),
+                name="chat",
+                attributes=[
+                    KeyValue(
+                        key="ids",
+                        value=AnyValue(
+                            array_value=ArrayValue(values=[AnyValue(int_value=i * j) for j in range(96)])
+                        ),
+                    ),
+                    KeyValue(key="text", value=AnyValue(string_value="word " * 100)),
+                ],
+            )
+            for i in range(1000)
+        ]
+        body = ExportTraceServiceRequest(
+            resource_spans=[ResourceSpans(scope_spans=[ScopeSpans(spans=spans)])]
+        ).SerializeToString()
         [pid] = decoders.pids
         for _ in range(10):
             decoders.decode(body, PROTOBUF)  # warm-up: the heap grows to its working size

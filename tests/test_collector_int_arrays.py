@@ -16,7 +16,9 @@ from lightspan.errors import InvalidInput
 
 
 def _ints(values: list[int]) -> bytes:
-    return AnyValue(array_value=ArrayValue(values=[AnyValue(int_value=v) for v in values])).SerializeToString()
+    return AnyValue(
+        array_value=ArrayValue(values=[AnyValue(int_value=v) for v in values])
+    ).SerializeToString()
 
 
 def _element(value: AnyValue) -> bytes:
@@ -46,28 +48,40 @@ def test_arrays_of_non_negative_ints_all_take_the_batch_and_read_as_json(arrays)
 @given(st.lists(any_ints | st.lists(st.text(max_size=3), max_size=3) | st.just([1.5]), max_size=8))
 def test_any_other_array_is_left_to_the_per_value_path(arrays):
     """Negative ints (ten-byte varints), strings, doubles: None, never a wrong text."""
-    raws = [_ints(a) if a and isinstance(a[0], int) else AnyValue(array_value=ArrayValue(
-        values=[AnyValue(string_value=v) if isinstance(v, str) else AnyValue(double_value=v) for v in a])).SerializeToString()
-        for a in arrays]
+    raws = [
+        _ints(a)
+        if a and isinstance(a[0], int)
+        else AnyValue(
+            array_value=ArrayValue(
+                values=[
+                    AnyValue(string_value=v) if isinstance(v, str) else AnyValue(double_value=v) for v in a
+                ]
+            )
+        ).SerializeToString()
+        for a in arrays
+    ]
     for raw, text in zip(raws, int_arrays_json(raws)):
         assert text is None or text == int_array_json(raw)
 
 
-@pytest.mark.parametrize("payload", [
-    _element(AnyValue(int_value=1)) + b"\x0a\x00" + _element(AnyValue(int_value=2)),  # an empty element
-    _element(AnyValue(int_value=1)) + b"\x0a\x04\x18\x01\x18\x02",  # an element holding two ints
-    b"\x0a\x03\x18\x81\x01\x0a",  # the next element cut short
-    b"\x0a\x02\x18\x81",  # a varint cut short
-    b"\x0a\x04\x18\x01\x0a\x00",  # a length that claims the next element's bytes
-    b"\xff" + _element(AnyValue(int_value=1))[1:],  # not an element tag
-    b"\x80" + _element(AnyValue(int_value=1)),  # a stray byte before the first element
-    _element(AnyValue(int_value=1)) + b"\x80" + _element(AnyValue(int_value=2)),  # and between two
-    b"\x0a\x03\x18\x01" + _element(AnyValue(int_value=2)),  # an element length one too long
-    b"\x0a\x0b\x18" + b"\xff" * 9 + b"\x01",  # a ten-byte varint: a negative int64
-    b"\x0a\x80\x02\x18\x01",  # a two-byte element length (256)
-    b"\x0a\x02\x80\x18\x01",  # a stray byte before the int's tag
-    b"\x12\x02\x18\x01",  # another field of ArrayValue
-])
+@pytest.mark.parametrize(
+    "payload",
+    [
+        _element(AnyValue(int_value=1)) + b"\x0a\x00" + _element(AnyValue(int_value=2)),  # an empty element
+        _element(AnyValue(int_value=1)) + b"\x0a\x04\x18\x01\x18\x02",  # an element holding two ints
+        b"\x0a\x03\x18\x81\x01\x0a",  # the next element cut short
+        b"\x0a\x02\x18\x81",  # a varint cut short
+        b"\x0a\x04\x18\x01\x0a\x00",  # a length that claims the next element's bytes
+        b"\xff" + _element(AnyValue(int_value=1))[1:],  # not an element tag
+        b"\x80" + _element(AnyValue(int_value=1)),  # a stray byte before the first element
+        _element(AnyValue(int_value=1)) + b"\x80" + _element(AnyValue(int_value=2)),  # and between two
+        b"\x0a\x03\x18\x01" + _element(AnyValue(int_value=2)),  # an element length one too long
+        b"\x0a\x0b\x18" + b"\xff" * 9 + b"\x01",  # a ten-byte varint: a negative int64
+        b"\x0a\x80\x02\x18\x01",  # a two-byte element length (256)
+        b"\x0a\x02\x80\x18\x01",  # a stray byte before the int's tag
+        b"\x12\x02\x18\x01",  # another field of ArrayValue
+    ],
+)
 def test_odd_bytes_anywhere_send_every_array_to_the_per_value_path(payload):
     good = _ints([7, 8, 9])
     assert int_arrays_json([_array(payload), good]) == [None, None]
@@ -110,22 +124,36 @@ def _field(number: int, data: bytes) -> bytes:
 def _request(raws: list[bytes]) -> bytes:
     """One span per value, each with a string before it and an event holding it too; the first
     value in the resource as well. Values go in as raw bytes: malformed ones included."""
+
     def attribute(raw: bytes) -> bytes:
         return _field(1, b"v") + _field(2, raw)
 
     spans = []
     for i, raw in enumerate(raws):
-        span = Span(trace_id=bytes([i + 1] * 16), span_id=bytes([i + 1] * 8), name="chat",
-                    attributes=[KeyValue(key="s", value=AnyValue(string_value="x"))]).SerializeToString()
-        spans.append(span + _field(9, attribute(raw)) + _field(11, _field(2, b"e") + _field(3, attribute(raw))))
+        span = Span(
+            trace_id=bytes([i + 1] * 16),
+            span_id=bytes([i + 1] * 8),
+            name="chat",
+            attributes=[KeyValue(key="s", value=AnyValue(string_value="x"))],
+        ).SerializeToString()
+        spans.append(
+            span + _field(9, attribute(raw)) + _field(11, _field(2, b"e") + _field(3, attribute(raw)))
+        )
     resource = _field(1, attribute(raws[0])) if raws else b""
     scopes = [_field(2, b"".join(_field(2, span) for span in spans[s::2])) for s in range(2)]
     return _field(1, _field(1, resource) + b"".join(scopes))
 
 
-values = st.one_of(token_ids.map(_ints), any_ints.map(_ints), st.lists(st.text(max_size=4), max_size=3).map(
-    lambda a: AnyValue(array_value=ArrayValue(values=[AnyValue(string_value=v) for v in a])).SerializeToString()),
-    st.integers().map(lambda i: AnyValue(int_value=i % 2**63).SerializeToString()))
+values = st.one_of(
+    token_ids.map(_ints),
+    any_ints.map(_ints),
+    st.lists(st.text(max_size=4), max_size=3).map(
+        lambda a: AnyValue(
+            array_value=ArrayValue(values=[AnyValue(string_value=v) for v in a])
+        ).SerializeToString()
+    ),
+    st.integers().map(lambda i: AnyValue(int_value=i % 2**63).SerializeToString()),
+)
 
 
 @settings(max_examples=100, deadline=None)

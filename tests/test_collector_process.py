@@ -35,7 +35,9 @@ def _stored(store_url: str) -> tuple[set[str], list[tuple[str, int]]]:
     """(span ids in otel_traces, span ids appearing more than once in rollout_spans FINAL)."""
     with Store.connect(store_url) as store:
         ids = {row[0] for row in store.sql("SELECT DISTINCT SpanId FROM otel_traces").rows}
-        dupes = store.sql("SELECT SpanId, count() AS n FROM rollout_spans FINAL GROUP BY SpanId HAVING n > 1").rows
+        dupes = store.sql(
+            "SELECT SpanId, count() AS n FROM rollout_spans FINAL GROUP BY SpanId HAVING n > 1"
+        ).rows
     return ids, dupes
 
 
@@ -155,8 +157,9 @@ def test_store_down_then_back_every_span_lands(tmp_path: Path):
 def test_memory_stays_bounded_when_clients_outpace_the_store(tmp_path: Path):
     store = f"chdb://{tmp_path / 'data'}"
     # A tiny queue that commits slowly: clients are much faster than the store.
-    collector = CollectorProcess(store, "--queue-spans", "1000", "--batch-spans", "100000", "--batch-ms", "400",
-                                 log=tmp_path / "log").start()
+    collector = CollectorProcess(
+        store, "--queue-spans", "1000", "--batch-spans", "100000", "--batch-ms", "400", log=tmp_path / "log"
+    ).start()
     bodies = [encode_spans(make_spans(rollout=f"r{i}", children=199)).SerializeToString() for i in range(40)]
     outcomes: dict[str, int] = {"ok": 0, "unavailable": 0}
     retry_advice: list[float] = []
@@ -165,7 +168,9 @@ def test_memory_stays_bounded_when_clients_outpace_the_store(tmp_path: Path):
 
     def client(offset: int) -> None:
         with grpc.insecure_channel(f"127.0.0.1:{collector.grpc_port}") as channel:
-            call = channel.unary_unary(f"/{SERVICE}/{METHOD}", response_deserializer=ExportTraceServiceResponse.FromString)
+            call = channel.unary_unary(
+                f"/{SERVICE}/{METHOD}", response_deserializer=ExportTraceServiceResponse.FromString
+            )
             for body in bodies[offset::8]:
                 try:
                     call(body, timeout=30)
@@ -187,8 +192,13 @@ def test_memory_stays_bounded_when_clients_outpace_the_store(tmp_path: Path):
             health = json.loads(urllib.request.urlopen(f"{collector.http_endpoint}/health").read())
             peak_queue = max(peak_queue, health["queue_spans"])
             time.sleep(0.02)
-        rss_peak_kib = int(next(line.split()[1] for line in Path(f"/proc/{collector.pid}/status").read_text().splitlines()
-                                if line.startswith("VmHWM")))
+        rss_peak_kib = int(
+            next(
+                line.split()[1]
+                for line in Path(f"/proc/{collector.pid}/status").read_text().splitlines()
+                if line.startswith("VmHWM")
+            )
+        )
         assert collector.terminate() == 0
     finally:
         collector.close()

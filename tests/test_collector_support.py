@@ -30,24 +30,37 @@ def free_ports(count: int) -> list[int]:
             s.close()
 
 
-def make_spans(service: str = "agent-app", rollout: str = "rollout-1", children: int = 2) -> list[ReadableSpan]:
+def make_spans(
+    service: str = "agent-app", rollout: str = "rollout-1", children: int = 2
+) -> list[ReadableSpan]:
     """Real SDK spans: a root with children carrying every attribute type, an event and a link."""
     memory = InMemorySpanExporter()
-    provider = TracerProvider(resource=Resource.create({"service.name": service, "deployment.environment": "test"}))
+    provider = TracerProvider(
+        resource=Resource.create({"service.name": service, "deployment.environment": "test"})
+    )
     provider.add_span_processor(SimpleSpanProcessor(memory))
     tracer = provider.get_tracer("lightspan.tests", "9.9.9")
-    with tracer.start_as_current_span("lightspan.rollout", kind=trace.SpanKind.SERVER,
-                                      attributes={"lightspan.rollout.id": rollout}) as root:
+    with tracer.start_as_current_span(
+        "lightspan.rollout", kind=trace.SpanKind.SERVER, attributes={"lightspan.rollout.id": rollout}
+    ) as root:
         link = trace.Link(root.get_span_context(), {"link.kind": "follows"})
         for step in range(children):
             with tracer.start_as_current_span("chat model", kind=trace.SpanKind.CLIENT, links=[link]) as span:
-                span.set_attributes({
-                    "lightspan.rollout.id": rollout, "gen_ai.request.model": "tiny", "step": step,
-                    "temperature": 0.5, "stream": False, "lightspan.llm.response_token_ids": [1, 2, 3],
-                    "tags": ["a", "b"],
-                })
+                span.set_attributes(
+                    {
+                        "lightspan.rollout.id": rollout,
+                        "gen_ai.request.model": "tiny",
+                        "step": step,
+                        "temperature": 0.5,
+                        "stream": False,
+                        "lightspan.llm.response_token_ids": [1, 2, 3],
+                        "tags": ["a", "b"],
+                    }
+                )
                 span.add_event("gen_ai.evaluation.result", {"gen_ai.evaluation.score.value": 1.0})
-                span.set_status(trace.StatusCode.ERROR, "bad") if step else span.set_status(trace.StatusCode.OK)
+                span.set_status(trace.StatusCode.ERROR, "bad") if step else span.set_status(
+                    trace.StatusCode.OK
+                )
     provider.shutdown()
     return list(memory.get_finished_spans())
 
@@ -57,9 +70,21 @@ class CollectorProcess:
 
     def __init__(self, store: str, *extra: str, ports: Sequence[int] | None = None, log: Path | None = None):
         self.grpc_port, self.http_port, self.sql_port = ports or free_ports(3)
-        self.args = [sys.executable, "-m", "lightspan", "collector", "--store", store,
-                     "--grpc-port", str(self.grpc_port), "--http-port", str(self.http_port),
-                     "--sql-port", str(self.sql_port), *extra]
+        self.args = [
+            sys.executable,
+            "-m",
+            "lightspan",
+            "collector",
+            "--store",
+            store,
+            "--grpc-port",
+            str(self.grpc_port),
+            "--http-port",
+            str(self.http_port),
+            "--sql-port",
+            str(self.sql_port),
+            *extra,
+        ]
         self.log = log
         self.proc: subprocess.Popen | None = None
 
@@ -69,7 +94,9 @@ class CollectorProcess:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"collector exited with {self.proc.returncode}: {self.log and self.log.read_text()}")
+                raise RuntimeError(
+                    f"collector exited with {self.proc.returncode}: {self.log and self.log.read_text()}"
+                )
             try:
                 urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}/health", timeout=1).read()
                 return self

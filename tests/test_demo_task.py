@@ -58,9 +58,15 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from lightspan.trainer.tiny import build_tiny_model
 
     r = demo_task.RECIPE
-    return build_tiny_model(tmp_path_factory.mktemp("demo") / "model", corpus=demo_task.make_corpus(),
-                            vocab_size=r.vocab_size, hidden_size=r.hidden_size, num_layers=r.num_layers,
-                            num_heads=r.num_heads, seed=r.seed)
+    return build_tiny_model(
+        tmp_path_factory.mktemp("demo") / "model",
+        corpus=demo_task.make_corpus(),
+        vocab_size=r.vocab_size,
+        hidden_size=r.hidden_size,
+        num_layers=r.num_layers,
+        num_heads=r.num_heads,
+        seed=r.seed,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -72,13 +78,18 @@ def tokenizer(tiny: Path) -> Any:
 
 def stored(readable: Any) -> Span:
     """An SDK span as the store holds it (hex ids, attribute values as text)."""
+
     def attrs(values: Any) -> dict[str, str]:
         return {k: encode_attribute_value(v) for k, v in (values or {}).items()}
 
     return Span(
-        trace_id=format(readable.context.trace_id, "032x"), span_id=format(readable.context.span_id, "016x"),
-        parent_span_id=format(readable.parent.span_id, "016x") if readable.parent else "", name=readable.name,
-        start_ns=readable.start_time, end_ns=readable.end_time, attributes=attrs(readable.attributes),
+        trace_id=format(readable.context.trace_id, "032x"),
+        span_id=format(readable.context.span_id, "016x"),
+        parent_span_id=format(readable.parent.span_id, "016x") if readable.parent else "",
+        name=readable.name,
+        start_ns=readable.start_time,
+        end_ns=readable.end_time,
+        attributes=attrs(readable.attributes),
         status_code="Error" if readable.status.status_code == StatusCode.ERROR else "Unset",
         events=[SpanEvent(e.name, e.timestamp, attrs(e.attributes)) for e in readable.events],
     )
@@ -140,8 +151,12 @@ def test_corpus_makes_every_value_one_token_and_the_answer_the_observations_toke
     for value in values:
         assert len(tokenizer.encode(value, add_special_tokens=False)) == 1, value
     task = TRAIN_TASKS[0]
-    prompt = tokenizer.apply_chat_template(demo_task.second_messages(task, "lookup", "Paris"),
-                                           add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+    prompt = tokenizer.apply_chat_template(
+        demo_task.second_messages(task, "lookup", "Paris"),
+        add_generation_prompt=True,
+        tokenize=True,
+        return_dict=True,
+    )["input_ids"]
     answer = tokenizer.encode("Paris", add_special_tokens=False)
     assert answer[0] in prompt  # copying the observation is copying a token id
 
@@ -179,8 +194,10 @@ def test_scripted_episodes_land_as_rollout_spans_with_exact_token_ids(spans: Any
 
     rollouts = by_rollout(spans.get_finished_spans())
     assert len(rollouts) == 6
-    roots = sorted((s for group in rollouts.values() for s in group if s.name == semconv.ROLLOUT_SPAN),
-                   key=lambda s: int(s.attributes[semconv.ATTEMPT]))
+    roots = sorted(
+        (s for group in rollouts.values() for s in group if s.name == semconv.ROLLOUT_SPAN),
+        key=lambda s: int(s.attributes[semconv.ATTEMPT]),
+    )
     assert [s.attributes[semconv.TASK_ID] for s in roots] == [e.task["id"] for e in plan]
     assert [s.attributes[semconv.ATTEMPT] for s in roots] == [str(i) for i in range(6)]
     assert {s.attributes[semconv.RESOURCES_ID] for s in roots} == {demo_task.SCRIPTED_RESOURCES_ID}
@@ -201,10 +218,13 @@ def test_scripted_episodes_land_as_rollout_spans_with_exact_token_ids(spans: Any
         assert second.messages == demo_task.second_messages(episode.task, episode.tool, observation)
         for transition, reply in ((first, episode.tool), (second, episode.answer)):
             expected_prompt = tokenizer.apply_chat_template(
-                transition.messages, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+                transition.messages, add_generation_prompt=True, tokenize=True, return_dict=True
+            )["input_ids"]
             assert transition.prompt_token_ids == list(expected_prompt)
-            assert transition.response_token_ids == [*tokenizer.encode(reply, add_special_tokens=False),
-                                                     tokenizer.eos_token_id]
+            assert transition.response_token_ids == [
+                *tokenizer.encode(reply, add_special_tokens=False),
+                tokenizer.eos_token_id,
+            ]
             assert transition.final_reward == score(episode.task, episode.answer)
             assert not transition.needs_tokenization
 
@@ -234,8 +254,10 @@ def test_demo_agent_plays_one_episode_against_lightspan_serve(spans: Any, tiny: 
         assert len(t.response_token_ids) <= demo_task.RECIPE.max_tokens
     observation = next(s for s in rollouts.popitem()[1] if s.name == semconv.OBSERVATION_SPAN)
     payload = json.loads(observation.attributes[semconv.PAYLOAD])
-    assert payload == {"tool": transitions[0].response["content"],
-                       "result": run_tool(transitions[0].response["content"], task)}
+    assert payload == {
+        "tool": transitions[0].response["content"],
+        "result": run_tool(transitions[0].response["content"], task),
+    }
 
 
 def test_request_seeds_follow_the_rollout_id() -> None:
@@ -256,8 +278,14 @@ def test_recipe_gives_valid_trainer_configs(phase: str, tmp_path: Path) -> None:
     from lightspan.trainer.config import from_dict
 
     recipe = demo_task.RECIPE
-    config = from_dict(recipe.train_config(phase, model=str(tmp_path / "m"), store=f"chdb://{tmp_path / 's'}",
-                                           output_dir=str(tmp_path / "out"))).validate(1)
+    config = from_dict(
+        recipe.train_config(
+            phase,
+            model=str(tmp_path / "m"),
+            store=f"chdb://{tmp_path / 's'}",
+            output_dir=str(tmp_path / "out"),
+        )
+    ).validate(1)
     assert config.algorithm.name == phase
     if phase == "grpo":
         per_iteration = recipe.tasks_per_iteration * recipe.group_size * 2

@@ -215,7 +215,11 @@ def _example(name: str, *args: str, timeout: float = 60, **kwargs: Any) -> subpr
     """`python examples/NAME.py ARGS` as a user runs it: the script's folder puts _run on sys.path."""
     return subprocess.run(
         [sys.executable, str(EXAMPLES / f"{name}.py"), *args],
-        check=False, capture_output=True, text=True, timeout=timeout, **kwargs,
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        **kwargs,
     )
 
 
@@ -234,9 +238,13 @@ def test_help_shows_the_examples_own_docstring_the_shared_options_and_the_setup(
     assert done.returncode == 0, done.stderr
     out = done.stdout
     first_line = importlib.import_module(name).__doc__.splitlines()[0]
-    assert out.index(first_line) < out.index("OTLP/gRPC endpoint") < out.index("lightspan serve --model tiny-model")
+    assert (
+        out.index(first_line)
+        < out.index("OTLP/gRPC endpoint")
+        < out.index("lightspan serve --model tiny-model")
+    )
     assert f"python examples/{name}.py --train" in out
-    assert " ".join(out[out.index("--train  "):].split()).startswith(f"--train {train_help}")
+    assert " ".join(out[out.index("--train  ") :].split()).startswith(f"--train {train_help}")
 
 
 def test_train_without_a_model_folder_is_a_usage_error():
@@ -271,21 +279,45 @@ def test_a_run_once_traces_every_task_to_a_real_collector(collector_process):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "LIGHTSPAN_"))}
     with FakeOpenAI(script=["Paris", "Berlin."], default_reply="Lyon") as fake:
         done = _example(
-            "capital_cities", "--base-url", fake.base_url, "--model", "fake-model",
-            "--collector", collector_process.grpc_endpoint, timeout=120, env=env,
+            "capital_cities",
+            "--base-url",
+            fake.base_url,
+            "--model",
+            "fake-model",
+            "--collector",
+            collector_process.grpc_endpoint,
+            timeout=120,
+            env=env,
         )
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
     assert [line.split() for line in lines[:3]] == [
-        ["capital-france", "reward", "1"], ["capital-germany", "reward", "1"], ["capital-spain", "reward", "0"],
+        ["capital-france", "reward", "1"],
+        ["capital-germany", "reward", "1"],
+        ["capital-spain", "reward", "0"],
     ]
     tasks = capital_cities.TASKS
     assert lines[-1] == f"mean reward {2 / len(tasks):.2f} over {len(tasks)} tasks"
 
     listed = subprocess.run(
-        [sys.executable, "-m", "lightspan", "rollouts", "--service", capital_cities.SERVICE, "--format", "json",
-         "--limit", "100", "--store", collector_process.sql_url],
-        check=False, capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "lightspan",
+            "rollouts",
+            "--service",
+            capital_cities.SERVICE,
+            "--format",
+            "json",
+            "--limit",
+            "100",
+            "--store",
+            collector_process.sql_url,
+        ],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert listed.returncode == 0, listed.stderr
     rollouts = {r["task_id"]: r["last_reward"] for r in map(json.loads, listed.stdout.splitlines())}

@@ -22,11 +22,22 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.mark.slow
 def test_two_iterations_land_spans_publish_reload_and_validate(tmp_path, tiny):
-    tasks = [{"id": f"t{i}", "question": f"Say something about {word}."}
-             for i, word in enumerate(["cats", "rain", "maps", "tea", "owls", "snow"])]
-    trainer = Trainer(model=tiny, algorithm=GRPO(lr=1e-3, micro_batch_size=4, global_batch_size=8),
-                      n_runners=2, runner_concurrency=2, group_size=2, tasks_per_iteration=4, iterations=2,
-                      workdir=tmp_path / "fit", rollout_timeout=120, progress=False)
+    tasks = [
+        {"id": f"t{i}", "question": f"Say something about {word}."}
+        for i, word in enumerate(["cats", "rain", "maps", "tea", "owls", "snow"])
+    ]
+    trainer = Trainer(
+        model=tiny,
+        algorithm=GRPO(lr=1e-3, micro_batch_size=4, global_batch_size=8),
+        n_runners=2,
+        runner_concurrency=2,
+        group_size=2,
+        tasks_per_iteration=4,
+        iterations=2,
+        workdir=tmp_path / "fit",
+        rollout_timeout=120,
+        progress=False,
+    )
     seen = []
     result = trainer.fit(short_answer_agent, tasks[:4], val_dataset=tasks[4:], on_iteration=seen.append)
 
@@ -36,14 +47,21 @@ def test_two_iterations_land_spans_publish_reload_and_validate(tmp_path, tiny):
     assert [i.rollouts for i in result.iterations] == [8, 8, 8]
     with Store.connect(f"chdb://{tmp_path / 'fit' / 'store'}") as store:
         # Spans landed for every train rollout, tagged with the version that produced them...
-        per_version = dict(store.sql(
-            "SELECT ResourcesId, uniqExact(RolloutId) FROM rollout_spans FINAL "
-            "WHERE ServiceName = 'lightspan-fit' AND ResourcesId != '' GROUP BY ResourcesId ORDER BY 1").rows)
+        per_version = dict(
+            store.sql(
+                "SELECT ResourcesId, uniqExact(RolloutId) FROM rollout_spans FINAL "
+                "WHERE ServiceName = 'lightspan-fit' AND ResourcesId != '' GROUP BY ResourcesId ORDER BY 1"
+            ).rows
+        )
         assert per_version == {"policy:1": 8, "policy:2": 8, "policy:3": 8}
         # ...and the server answered with the version it served: it reloaded the published checkpoints.
-        answered = {m for (m,) in store.sql(
-            "SELECT DISTINCT SpanAttributes['gen_ai.response.model'] FROM otel_traces "
-            "WHERE SpanAttributes['gen_ai.response.model'] != ''").rows}
+        answered = {
+            m
+            for (m,) in store.sql(
+                "SELECT DISTINCT SpanAttributes['gen_ai.response.model'] FROM otel_traces "
+                "WHERE SpanAttributes['gen_ai.response.model'] != ''"
+            ).rows
+        }
         assert {"policy:1", "policy:2", "policy:3"} <= answered
         assert [r.version for r in store.resources("policy")] == [1, 2, 3]
         loop_metrics = store.metrics(f"{result.run}/loop")
@@ -57,8 +75,16 @@ def test_runner_pool_records_crashes_and_timeouts_and_never_hangs(tmp_path):
 
     with Collector(f"chdb://{tmp_path / 'store'}", grpc_port=0, http_port=0, sql_port=None) as collector:
         record, close = failed_rollout_recorder(collector.grpc_endpoint, "runner-test")
-        pool = RunnerPool(crashing_agent, size=2, endpoint=collector.grpc_endpoint, service="runner-test",
-                          llm=LLM("http://127.0.0.1:9/v1", "none"), timeout=8, max_retries=1, record_failure=record)
+        pool = RunnerPool(
+            crashing_agent,
+            size=2,
+            endpoint=collector.grpc_endpoint,
+            service="runner-test",
+            llm=LLM("http://127.0.0.1:9/v1", "none"),
+            timeout=8,
+            max_retries=1,
+            record_failure=record,
+        )
         try:
             jobs = jobs_for([{"id": "ok"}, {"id": "x-boom"}, {"id": "y-hang"}], 1, "policy:1", "t")
             outcomes = {o.job.task_id: o for o in pool.run(jobs)}
@@ -71,8 +97,10 @@ def test_runner_pool_records_crashes_and_timeouts_and_never_hangs(tmp_path):
         store = Store.connect(f"chdb://{tmp_path / 'store'}")
         try:
             rows = {r.task_id: r for r in store.rollouts(limit=None)}
-            errors = store.sql("SELECT TaskId, Attempt, countIf(StatusCode = 'Error') FROM rollout_spans FINAL "
-                               "GROUP BY TaskId, Attempt ORDER BY TaskId, Attempt").rows
+            errors = store.sql(
+                "SELECT TaskId, Attempt, countIf(StatusCode = 'Error') FROM rollout_spans FINAL "
+                "GROUP BY TaskId, Attempt ORDER BY TaskId, Attempt"
+            ).rows
         finally:
             store.close()
         assert rows["ok"].last_reward == 0.5  # an undecorated agent's return value is the final reward
@@ -124,9 +152,17 @@ def test_ctrl_c_stops_every_child(tmp_path, tiny):
 
     script = tmp_path / "fit_script.py"
     script.write_text(FIT_SCRIPT)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
-    fit = subprocess.Popen([sys.executable, str(script), str(tiny), str(tmp_path / "fit")], env=env,
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]),
+    }
+    fit = subprocess.Popen(
+        [sys.executable, str(script), str(tiny), str(tmp_path / "fit")],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.monotonic() + 240
     children: set[int] = set()
     while time.monotonic() < deadline:  # wait until trainer, server and both runners are up

@@ -67,12 +67,20 @@ tracer = trace.get_tracer("test")
 
 def _ids(span) -> tuple:
     a = span.attributes
-    return (a.get(semconv.ROLLOUT_ID), a.get(semconv.TASK_ID), a.get(semconv.ATTEMPT), a.get(semconv.RESOURCES_ID))
+    return (
+        a.get(semconv.ROLLOUT_ID),
+        a.get(semconv.TASK_ID),
+        a.get(semconv.ATTEMPT),
+        a.get(semconv.RESOURCES_ID),
+    )
 
 
 # --- rollout context and stamping ----------------------------------------------------------------
 def test_rollout_stamps_every_span_and_reward_is_child_of_current(spans):
-    with lightspan.rollout("task-7", attempt=2, resources_id="policy:3") as r, tracer.start_as_current_span("step") as step:
+    with (
+        lightspan.rollout("task-7", attempt=2, resources_id="policy:3") as r,
+        tracer.start_as_current_span("step") as step,
+    ):
         lightspan.emit_reward(0.5, name="partial", judge="exact")
     (rollout_span,) = spans(semconv.ROLLOUT_SPAN)
     (reward,) = spans(semconv.REWARD_SPAN)
@@ -153,7 +161,11 @@ def test_context_survives_threads_when_propagated(spans):
 
 def test_span_started_with_explicit_parent_context_inherits_ids(spans):
     """OpenInference-style: a thread gets only the parent span, in a fresh context."""
-    with lightspan.rollout("explicit") as r, lightspan.agent("a1"), tracer.start_as_current_span("parent") as parent:
+    with (
+        lightspan.rollout("explicit") as r,
+        lightspan.agent("a1"),
+        tracer.start_as_current_span("parent") as parent,
+    ):
         thread = threading.Thread(
             target=lambda: tracer.start_span("child", context=trace.set_span_in_context(parent)).end()
         )
@@ -287,7 +299,11 @@ def test_decorator_joins_runner_rollout_of_same_task_only(spans):
 
 # --- token ids ------------------------------------------------------------------------------------
 def test_extract_token_data_reads_vllm_shapes():
-    per_choice = {"choices": [{"prompt_token_ids": [1, 2], "token_ids": [3], "logprobs": {"content": [{"logprob": -0.5}]}}]}
+    per_choice = {
+        "choices": [
+            {"prompt_token_ids": [1, 2], "token_ids": [3], "logprobs": {"content": [{"logprob": -0.5}]}}
+        ]
+    }
     assert tokens.extract_token_data(per_choice) == {
         semconv.LLM_PROMPT_TOKEN_IDS: [1, 2],
         semconv.LLM_RESPONSE_TOKEN_IDS: [3],
@@ -337,7 +353,9 @@ def test_token_ids_land_on_the_current_llm_span(spans, openai_hook):
         tokens.CONFIG.request_token_ids = False
         client = openai_hook.OpenAI(base_url=fake.base_url, api_key="k")
         with tracer.start_as_current_span("LLM", attributes={semconv.OPENINFERENCE_SPAN_KIND: "LLM"}):
-            client.chat.completions.with_raw_response.create(model="m", messages=[{"role": "user", "content": "x"}])
+            client.chat.completions.with_raw_response.create(
+                model="m", messages=[{"role": "user", "content": "x"}]
+            )
     assert "return_token_ids" not in fake.requests[0]
     assert [s.name for s in spans()] == ["LLM"]
     assert list(spans("LLM")[0].attributes[semconv.LLM_RESPONSE_TOKEN_IDS]) == tokenize('add {"a": 1}')
@@ -351,8 +369,9 @@ def test_streamed_chat_gets_token_ids_logprobs_and_usage(spans, openai_hook):
     messages = [{"role": "user", "content": "What is 2 + 2?"}]
     with FakeOpenAI() as fake:
         client = openai_hook.OpenAI(base_url=fake.base_url, api_key="k")
-        stream = client.chat.completions.create(model="m1", messages=messages, stream=True,
-                                                stream_options={"include_usage": True})
+        stream = client.chat.completions.create(
+            model="m1", messages=messages, stream=True, stream_options={"include_usage": True}
+        )
         assert isinstance(stream, openai_hook.Stream)  # the SDK's own object: instrumentors still wrap it
         assert not spans("chat m1")  # open until the app has read the stream
         assert _stream_text(stream) == fake.default_reply
@@ -375,8 +394,9 @@ def test_streamed_ids_land_on_the_llm_span_before_it_ends(spans, openai_hook):
         client = openai_hook.OpenAI(base_url=fake.base_url, api_key="k")
         span = tracer.start_span("LLM", attributes={semconv.OPENINFERENCE_SPAN_KIND: "LLM"})
         with trace.use_span(span, end_on_exit=False):
-            stream = client.chat.completions.create(model="m", messages=[{"role": "user", "content": "x"}],
-                                                    stream=True)
+            stream = client.chat.completions.create(
+                model="m", messages=[{"role": "user", "content": "x"}], stream=True
+            )
         calls = [c.choices[0].delta.tool_calls for c in stream if c.choices and c.choices[0].delta.tool_calls]
         span.end()
     assert calls[0][0].function.name == "add"
@@ -391,8 +411,9 @@ def test_stream_through_the_openai_v2_instrumentor_puts_ids_on_its_span(spans, o
     try:
         with FakeOpenAI() as fake:
             client = openai_hook.OpenAI(base_url=fake.base_url, api_key="k")
-            stream = client.chat.completions.create(model="iv", messages=[{"role": "user", "content": "hi"}],
-                                                    stream=True)
+            stream = client.chat.completions.create(
+                model="iv", messages=[{"role": "user", "content": "hi"}], stream=True
+            )
             assert _stream_text(stream) == fake.default_reply
     finally:
         instrumentor.uninstrument()
@@ -406,8 +427,9 @@ def test_dropped_stream_ends_its_span_without_partial_ids(spans, openai_hook):
 
     with FakeOpenAI() as fake:
         client = openai_hook.OpenAI(base_url=fake.base_url, api_key="k")
-        stream = client.chat.completions.create(model="m2", messages=[{"role": "user", "content": "hi"}],
-                                                stream=True)
+        stream = client.chat.completions.create(
+            model="m2", messages=[{"role": "user", "content": "hi"}], stream=True
+        )
         first = next(iter(stream))
         assert first.choices[0].delta.content == fake.default_reply.split()[0]
         stream.close()
@@ -421,8 +443,9 @@ def test_dropped_stream_ends_its_span_without_partial_ids(spans, openai_hook):
 def test_async_stream_is_captured(spans, openai_hook):
     async def call() -> str:
         client = openai_hook.AsyncOpenAI(base_url=fake.base_url, api_key="k")
-        stream = await client.chat.completions.create(model="as", messages=[{"role": "user", "content": "hi"}],
-                                                      stream=True)
+        stream = await client.chat.completions.create(
+            model="as", messages=[{"role": "user", "content": "hi"}], stream=True
+        )
         return "".join([chunk.choices[0].delta.content or "" async for chunk in stream if chunk.choices])
 
     with FakeOpenAI() as fake:

@@ -48,19 +48,31 @@ def test_agent_traces_reach_collector_and_show_prints_the_tree(collector_process
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "LIGHTSPAN_"))}
     env["PYTHONPATH"] = str(TESTS) + os.pathsep + env.get("PYTHONPATH", "")
     code = textwrap.dedent(AGENT.format(endpoint=endpoint, protocol=protocol, rollout_id=rollout_id))
-    app = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120,
-                         check=False)
+    app = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120, check=False
+    )
     assert app.returncode == 0, app.stderr
 
-    show = subprocess.run([*LIGHTSPAN, "show", rollout_id, "--store", collector_process.sql_url], capture_output=True,
-                          text=True, timeout=120, check=False)
+    show = subprocess.run(
+        [*LIGHTSPAN, "show", rollout_id, "--store", collector_process.sql_url],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert show.returncode == 0, show.stderr
     out = show.stdout
     assert rollout_id in out and "(5 spans)" in out, out
     lines = out.splitlines()
-    tree = [line for line in lines if re.search(r"lightspan\.rollout|chat fake-model|lightspan\.reward", line)]
+    tree = [
+        line for line in lines if re.search(r"lightspan\.rollout|chat fake-model|lightspan\.reward", line)
+    ]
     assert [re.sub(r"^[\s│├└─]+", "", t).split()[0] for t in tree] == [
-        "lightspan.rollout", "chat", "lightspan.reward", "chat", "lightspan.reward",
+        "lightspan.rollout",
+        "chat",
+        "lightspan.reward",
+        "chat",
+        "lightspan.reward",
     ], out
     assert sum("[LLM]" in line for line in lines) == 2
     assert any("reward 0.25" in line for line in lines) and any("reward 1" in line for line in lines), out

@@ -58,12 +58,16 @@ def test_framework_agent_is_traced_with_rollouts_rewards_and_token_ids(framework
     assert len(llm) == 4, [s.name for s in spans]
     for span in llm:
         assert span.attr(semconv.GEN_AI_REQUEST_MODEL) == "fake-model"
-        assert span.attr_int(semconv.GEN_AI_USAGE_INPUT_TOKENS) == len(span.attr_json(semconv.LLM_PROMPT_TOKEN_IDS))
+        assert span.attr_int(semconv.GEN_AI_USAGE_INPUT_TOKENS) == len(
+            span.attr_json(semconv.LLM_PROMPT_TOKEN_IDS)
+        )
         inputs = span.attr_json(semconv.GEN_AI_INPUT_MESSAGES)
         assert any("2 + 2" in json.dumps(m) for m in inputs)
         assert span.attr_json(semconv.GEN_AI_OUTPUT_MESSAGES)
         response_ids = span.attr_json(semconv.LLM_RESPONSE_TOKEN_IDS)
-        assert response_ids and span.attr_json(semconv.LLM_RESPONSE_LOGPROBS) == [logprob_of(t) for t in response_ids]
+        assert response_ids and span.attr_json(semconv.LLM_RESPONSE_LOGPROBS) == [
+            logprob_of(t) for t in response_ids
+        ]
     assert llm[1].attr_json(semconv.LLM_RESPONSE_TOKEN_IDS) == tokenize(script_for(framework)[1])
 
     # The framework's own instrumentor spans are there and stamped too.

@@ -42,8 +42,15 @@ def _flatten(request: trace_service_pb2.ExportTraceServiceRequest) -> list[dict]
                         attrs[kv.key] = [getattr(v, v.WhichOneof("value")) for v in value.array_value.values]
                     else:
                         attrs[kv.key] = getattr(value, kind) if kind else None
-                spans.append({"name": span.name, "attributes": attrs, "resource": resource,
-                              "span_id": span.span_id.hex(), "parent_span_id": span.parent_span_id.hex()})
+                spans.append(
+                    {
+                        "name": span.name,
+                        "attributes": attrs,
+                        "resource": resource,
+                        "span_id": span.span_id.hex(),
+                        "parent_span_id": span.parent_span_id.hex(),
+                    }
+                )
     return spans
 
 
@@ -119,7 +126,11 @@ def run_app(code: str, env: dict[str, str] | None = None, argv_prefix: list[str]
     clean.update(env or {})
     done = subprocess.run(
         [*(argv_prefix or [sys.executable]), "-c", textwrap.dedent(code)],
-        check=False, env=clean, capture_output=True, text=True, timeout=120,
+        check=False,
+        env=clean,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert done.returncode == 0, done.stderr
     return done.stdout
@@ -136,8 +147,19 @@ def test_bare_instrument_imports_only_opentelemetry():
         print(json.dumps(sorted(sys.modules)))
     """)
     modules = set(json.loads(out))
-    forbidden = {"torch", "chdb", "clickhouse_connect", "numpy", "grpc", "transformers", "deepspeed",
-                 "lightspan.store", "lightspan.collector", "lightspan.trainer", "lightspan.algorithms"}
+    forbidden = {
+        "torch",
+        "chdb",
+        "clickhouse_connect",
+        "numpy",
+        "grpc",
+        "transformers",
+        "deepspeed",
+        "lightspan.store",
+        "lightspan.collector",
+        "lightspan.trainer",
+        "lightspan.algorithms",
+    }
     assert not modules & forbidden, modules & forbidden
     assert "opentelemetry.sdk.trace" in modules
 

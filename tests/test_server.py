@@ -291,9 +291,13 @@ def test_streamed_token_ids_are_captured_on_the_llm_span(client: openai.OpenAI) 
     tokens.patch_openai()
     try:
         plain = client.chat.completions.create(model="m1", messages=MESSAGES, max_tokens=8, seed=3)
-        span = provider.get_tracer("test").start_span("LLM", attributes={semconv.OPENINFERENCE_SPAN_KIND: "LLM"})
+        span = provider.get_tracer("test").start_span(
+            "LLM", attributes={semconv.OPENINFERENCE_SPAN_KIND: "LLM"}
+        )
         with use_span(span, end_on_exit=False):
-            stream = client.chat.completions.create(model="m1", messages=MESSAGES, max_tokens=8, seed=3, stream=True)
+            stream = client.chat.completions.create(
+                model="m1", messages=MESSAGES, max_tokens=8, seed=3, stream=True
+            )
         text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
         span.end()
     finally:

@@ -19,21 +19,42 @@ from lightspan.types import Span, SpanEvent, SpanLink
 
 
 def _span(span_id: str, parent: str, start: int, **attrs: str) -> Span:
-    return Span("ab" * 16, span_id, parent, f"span-{span_id}", start, start + 1_000_123,
-                {semconv.ROLLOUT_ID: "r1", semconv.TASK_ID: "t1", **attrs})
+    return Span(
+        "ab" * 16,
+        span_id,
+        parent,
+        f"span-{span_id}",
+        start,
+        start + 1_000_123,
+        {semconv.ROLLOUT_ID: "r1", semconv.TASK_ID: "t1", **attrs},
+    )
 
 
 def test_round_trip_keeps_every_field(store):
     span = Span(
-        trace_id="0af7651916cd43dd8448eb211c80319c", span_id="b7ad6b7169203331", parent_span_id="00f067aa0ba902b7",
-        name="chat gpt", start_ns=1_700_000_000_123_456_789, end_ns=1_700_000_001_000_000_001,
-        attributes={semconv.ROLLOUT_ID: "r-1", "gen_ai.input.messages": '[{"role":"user","content":"hi"}]',
-                    "weird key with spaces": "a'b\"c;"},
-        kind="Client", status_code="Error", status_message="boom", service_name="svc",
-        resource_attributes={"service.name": "svc", "host.name": "h"}, scope_name="scope", scope_version="1.2",
+        trace_id="0af7651916cd43dd8448eb211c80319c",
+        span_id="b7ad6b7169203331",
+        parent_span_id="00f067aa0ba902b7",
+        name="chat gpt",
+        start_ns=1_700_000_000_123_456_789,
+        end_ns=1_700_000_001_000_000_001,
+        attributes={
+            semconv.ROLLOUT_ID: "r-1",
+            "gen_ai.input.messages": '[{"role":"user","content":"hi"}]',
+            "weird key with spaces": "a'b\"c;",
+        },
+        kind="Client",
+        status_code="Error",
+        status_message="boom",
+        service_name="svc",
+        resource_attributes={"service.name": "svc", "host.name": "h"},
+        scope_name="scope",
+        scope_version="1.2",
         trace_state="k=v",
-        events=[SpanEvent("exception", 1_700_000_000_500_000_001, {"exception.message": "x"}),
-                SpanEvent("second", 1_700_000_000_600_000_002, {})],
+        events=[
+            SpanEvent("exception", 1_700_000_000_500_000_001, {"exception.message": "x"}),
+            SpanEvent("second", 1_700_000_000_600_000_002, {}),
+        ],
         links=[SpanLink("11" * 16, "22" * 8, "s=1", {"link.kind": "retry"})],
     )
     store.insert_spans([span])
@@ -48,7 +69,9 @@ def test_duplicate_spans_collapse(store):
     store.insert_spans(spans[:3])
     assert len(store.span_tree("r-dup")) == len(spans)
     assert store.sql("SELECT count() FROM rollout_spans FINAL").scalar() == len(spans)
-    assert store.sql("SELECT count() FROM otel_traces").scalar() == 2 * len(spans) + 3  # the landing table keeps all
+    assert (
+        store.sql("SELECT count() FROM otel_traces").scalar() == 2 * len(spans) + 3
+    )  # the landing table keeps all
 
 
 def test_span_tree_orders_children_by_start_time(store):
@@ -57,7 +80,12 @@ def test_span_tree_orders_children_by_start_time(store):
     store.insert_spans([_span("c1", "root", 200), _span("root", "", 100), _span("c0", "root", 150)])
     tree = store.span_tree("r1")
     assert [(depth, s.span_id) for depth, s in tree.walk()] == [
-        (0, "root"), (1, "c0"), (1, "c1"), (2, "g1"), (1, "c2")]
+        (0, "root"),
+        (1, "c0"),
+        (1, "c1"),
+        (2, "g1"),
+        (1, "c2"),
+    ]
     assert [s.span_id for s in tree.children(tree.get("root"))] == ["c0", "c1", "c2"]
     assert tree.parent(tree.get("g1")).span_id == "c1"
 
@@ -70,7 +98,9 @@ def test_unknown_rollout_is_not_found(store):
 def test_parameters_are_data_not_sql(store):
     hostile = "x'); DROP TABLE otel_traces; --"
     store.insert_spans([Span("cd" * 16, "ef" * 8, "", hostile, 1, 2, {semconv.ROLLOUT_ID: hostile})])
-    rows = store.sql("SELECT SpanName FROM otel_traces WHERE SpanName = {name:String}", {"name": hostile}).rows
+    rows = store.sql(
+        "SELECT SpanName FROM otel_traces WHERE SpanName = {name:String}", {"name": hostile}
+    ).rows
     assert rows == [(hostile,)]
     assert store.span_tree(hostile).spans[0].name == hostile
     assert store.rollouts(task=hostile) == []
@@ -85,7 +115,9 @@ def test_sql_errors_carry_clickhouse_message(store):
 
 
 def test_migrations_are_idempotent(store_url):
-    tables = "SELECT name, create_table_query FROM system.tables WHERE database = currentDatabase() ORDER BY name"
+    tables = (
+        "SELECT name, create_table_query FROM system.tables WHERE database = currentDatabase() ORDER BY name"
+    )
     with Store.connect(store_url, migrate=False) as s:
         assert s.migrate() == [1, 2, 3, 4, 5]
         before = s.sql(tables).rows
@@ -102,8 +134,10 @@ def test_token_id_migration_keeps_stored_rows_and_new_inserts_readable(store_url
     the attributes on read, for the rows already there and for new ones alike."""
     import lightspan.store.store as store_module
 
-    typed = ("SELECT RolloutId, sum(length(PromptTokenIds)), sum(length(ResponseTokenIds)), "
-             "sum(arraySum(ResponseLogprobs)) FROM rollout_spans FINAL GROUP BY RolloutId ORDER BY RolloutId")
+    typed = (
+        "SELECT RolloutId, sum(length(PromptTokenIds)), sum(length(ResponseTokenIds)), "
+        "sum(arraySum(ResponseLogprobs)) FROM rollout_spans FINAL GROUP BY RolloutId ORDER BY RolloutId"
+    )
     with monkeypatch.context() as patch:
         patch.setattr(store_module, "MIGRATIONS", store_module.MIGRATIONS[:3])
         with Store.connect(store_url) as old:
@@ -116,9 +150,17 @@ def test_token_id_migration_keeps_stored_rows_and_new_inserts_readable(store_url
         assert s.sql(typed).rows == before
         s.insert_spans(rollout_spans("r-new", "t", seed=2))
         assert s.sql(typed).rows == [("r-new", 60, 30, -15.0), *before]
-        columns = dict(s.sql("SELECT name, default_kind FROM system.columns WHERE table = 'rollout_spans' AND name "
-                             "IN ('PromptTokenIds', 'ResponseTokenIds', 'ResponseLogprobs')").rows)
-        assert columns == {"PromptTokenIds": "ALIAS", "ResponseTokenIds": "ALIAS", "ResponseLogprobs": "ALIAS"}
+        columns = dict(
+            s.sql(
+                "SELECT name, default_kind FROM system.columns WHERE table = 'rollout_spans' AND name "
+                "IN ('PromptTokenIds', 'ResponseTokenIds', 'ResponseLogprobs')"
+            ).rows
+        )
+        assert columns == {
+            "PromptTokenIds": "ALIAS",
+            "ResponseTokenIds": "ALIAS",
+            "ResponseLogprobs": "ALIAS",
+        }
 
 
 def test_span_inserts_write_compact_parts_and_a_migrated_store_does_too(store_url, monkeypatch):
@@ -126,8 +168,10 @@ def test_span_inserts_write_compact_parts_and_a_migrated_store_does_too(store_ur
     gets the setting too, and its Wide parts stay readable beside the new Compact ones."""
     import lightspan.store.store as store_module
 
-    parts = ("SELECT table, part_type FROM system.parts WHERE active AND table IN ('otel_traces', 'rollout_spans') "
-             "ORDER BY table, part_type")
+    parts = (
+        "SELECT table, part_type FROM system.parts WHERE active AND table IN ('otel_traces', 'rollout_spans') "
+        "ORDER BY table, part_type"
+    )
     with monkeypatch.context() as patch:
         patch.setattr(store_module, "MIGRATIONS", store_module.MIGRATIONS[:4])
         with Store.connect(store_url) as old:
@@ -141,30 +185,50 @@ def test_span_inserts_write_compact_parts_and_a_migrated_store_does_too(store_ur
         s.command("SYSTEM STOP MERGES")
         compact = rollout_spans("r-compact", "t", seed=2)
         s.insert_spans(compact)
-        assert s.sql(parts).rows == [("otel_traces", "Compact"), ("otel_traces", "Wide"),
-                                     ("rollout_spans", "Compact"), ("rollout_spans", "Wide")]
-        assert s.sql("SELECT RolloutId, count() FROM rollout_spans FINAL GROUP BY RolloutId ORDER BY RolloutId").rows == [
-            ("r-compact", len(compact)), ("r-wide", len(wide))]
+        assert s.sql(parts).rows == [
+            ("otel_traces", "Compact"),
+            ("otel_traces", "Wide"),
+            ("rollout_spans", "Compact"),
+            ("rollout_spans", "Wide"),
+        ]
+        assert s.sql(
+            "SELECT RolloutId, count() FROM rollout_spans FINAL GROUP BY RolloutId ORDER BY RolloutId"
+        ).rows == [("r-compact", len(compact)), ("r-wide", len(wide))]
 
 
 def test_otel_traces_matches_the_clickhouse_exporter_layout(store):
     columns = store.sql(
         "SELECT name, type FROM system.columns WHERE database = currentDatabase() AND table = 'otel_traces' "
-        "AND default_kind != 'ALIAS' ORDER BY position").rows
+        "AND default_kind != 'ALIAS' ORDER BY position"
+    ).rows
     assert columns == [
-        ("Timestamp", "DateTime64(9)"), ("TraceId", "String"), ("SpanId", "String"), ("ParentSpanId", "String"),
-        ("TraceState", "String"), ("SpanName", "LowCardinality(String)"), ("SpanKind", "LowCardinality(String)"),
-        ("ServiceName", "LowCardinality(String)"), ("ResourceAttributes", "Map(LowCardinality(String), String)"),
-        ("ScopeName", "String"), ("ScopeVersion", "String"),
-        ("SpanAttributes", "Map(LowCardinality(String), String)"), ("Duration", "UInt64"),
-        ("StatusCode", "LowCardinality(String)"), ("StatusMessage", "String"),
-        ("Events.Timestamp", "Array(DateTime64(9))"), ("Events.Name", "Array(LowCardinality(String))"),
-        ("Events.Attributes", "Array(Map(LowCardinality(String), String))"), ("Links.TraceId", "Array(String)"),
-        ("Links.SpanId", "Array(String)"), ("Links.TraceState", "Array(String)"),
+        ("Timestamp", "DateTime64(9)"),
+        ("TraceId", "String"),
+        ("SpanId", "String"),
+        ("ParentSpanId", "String"),
+        ("TraceState", "String"),
+        ("SpanName", "LowCardinality(String)"),
+        ("SpanKind", "LowCardinality(String)"),
+        ("ServiceName", "LowCardinality(String)"),
+        ("ResourceAttributes", "Map(LowCardinality(String), String)"),
+        ("ScopeName", "String"),
+        ("ScopeVersion", "String"),
+        ("SpanAttributes", "Map(LowCardinality(String), String)"),
+        ("Duration", "UInt64"),
+        ("StatusCode", "LowCardinality(String)"),
+        ("StatusMessage", "String"),
+        ("Events.Timestamp", "Array(DateTime64(9))"),
+        ("Events.Name", "Array(LowCardinality(String))"),
+        ("Events.Attributes", "Array(Map(LowCardinality(String), String))"),
+        ("Links.TraceId", "Array(String)"),
+        ("Links.SpanId", "Array(String)"),
+        ("Links.TraceState", "Array(String)"),
         ("Links.Attributes", "Array(Map(LowCardinality(String), String))"),
     ]
-    keys = store.sql("SELECT partition_key, sorting_key FROM system.tables WHERE database = currentDatabase() "
-                     "AND name = 'otel_traces'").rows
+    keys = store.sql(
+        "SELECT partition_key, sorting_key FROM system.tables WHERE database = currentDatabase() "
+        "AND name = 'otel_traces'"
+    ).rows
     assert keys == [("toDate(Timestamp)", "ServiceName, SpanName, toDateTime(Timestamp), Timestamp")]
 
 
@@ -188,7 +252,9 @@ def test_concurrent_inserts_lose_nothing(store):
 def test_rollout_columns_and_filters(store):
     base = 1_700_000_000_000_000_000
     store.insert_spans(rollout_spans("ra", "task-a", reward=1.0, seed=1, start_ns=base, service="s1"))
-    store.insert_spans(rollout_spans("rb", "task-a", reward=0.0, seed=2, start_ns=base + 10**12, service="s2"))
+    store.insert_spans(
+        rollout_spans("rb", "task-a", reward=0.0, seed=2, start_ns=base + 10**12, service="s2")
+    )
     store.insert_spans(rollout_spans("rc", "task-c", reward=None, seed=3, start_ns=base + 2 * 10**12))
     listed = store.rollouts()
     assert [r.rollout_id for r in listed] == ["rc", "rb", "ra"]
@@ -202,15 +268,19 @@ def test_rollout_columns_and_filters(store):
     assert len(store.rollouts(limit=1)) == 1
     shards = [{r.task_id for r in store.rollouts(shard=(rank, 2), limit=None)} for rank in range(2)]
     assert shards[0].isdisjoint(shards[1]) and shards[0] | shards[1] == {"task-a", "task-c"}
-    typed = store.sql("SELECT countIf(IsLLMCall), sum(length(PromptTokenIds)) FROM rollout_spans FINAL "
-                      "WHERE RolloutId = 'ra'").rows
+    typed = store.sql(
+        "SELECT countIf(IsLLMCall), sum(length(PromptTokenIds)) FROM rollout_spans FINAL "
+        "WHERE RolloutId = 'ra'"
+    ).rows
     assert typed == [(5, 60)]
 
 
 def test_resources_are_versioned(store):
     assert store.latest_resource("policy") is None
     first = store.publish_resource("policy", "checkpoint", uri="/ckpt/1", metadata={"step": 1})
-    second = store.publish_resource("policy", "checkpoint", uri="/ckpt/2", metadata={"step": 2, "parent": first.id})
+    second = store.publish_resource(
+        "policy", "checkpoint", uri="/ckpt/2", metadata={"step": 2, "parent": first.id}
+    )
     store.publish_resource("prompt", "prompt", content="You are {role}.")
     latest = store.latest_resource("policy")
     assert (first.version, second.version, latest.version, latest.uri) == (1, 2, 2, "/ckpt/2")
@@ -230,20 +300,31 @@ def test_metrics_round_trip(store):
 def test_cluster_ddl_uses_on_cluster_replicated_and_distributed():
     # No ClickHouse cluster here: the generated DDL text is what we can check.
     options = SchemaOptions(cluster="prod")
-    ddl = "\n".join(s for v in (1, 2, 3, 4, 5) for s in migration_statements(v, options)) + schema_version_ddl(options)
+    ddl = "\n".join(
+        s for v in (1, 2, 3, 4, 5) for s in migration_statements(v, options)
+    ) + schema_version_ddl(options)
     assert "CREATE TABLE IF NOT EXISTS otel_traces_local ON CLUSTER prod" in ddl
     assert "ReplicatedMergeTree('/clickhouse/tables/{shard}/{database}/otel_traces', '{replica}')" in ddl
-    assert "ReplicatedReplacingMergeTree('/clickhouse/tables/{shard}/{database}/rollout_spans', '{replica}')" in ddl
-    assert ("CREATE TABLE IF NOT EXISTS otel_traces ON CLUSTER prod AS otel_traces_local ENGINE = "
-            "Distributed('prod', currentDatabase(), otel_traces_local, cityHash64(") in ddl
+    assert (
+        "ReplicatedReplacingMergeTree('/clickhouse/tables/{shard}/{database}/rollout_spans', '{replica}')"
+        in ddl
+    )
+    assert (
+        "CREATE TABLE IF NOT EXISTS otel_traces ON CLUSTER prod AS otel_traces_local ENGINE = "
+        "Distributed('prod', currentDatabase(), otel_traces_local, cityHash64("
+    ) in ddl
     assert "TO rollout_spans_local" in ddl and "FROM otel_traces_local" in ddl
     assert ddl.count("ON CLUSTER prod") == ddl.count("CREATE ") + ddl.count("ALTER ")
     alters = migration_statements(4, options)
     assert alters[0].startswith("ALTER TABLE rollout_spans_local_mv ON CLUSTER prod MODIFY QUERY SELECT")
-    assert {s.split(" ON CLUSTER")[0] for s in alters[1:]} == {"ALTER TABLE rollout_spans_local", "ALTER TABLE rollout_spans"}
+    assert {s.split(" ON CLUSTER")[0] for s in alters[1:]} == {
+        "ALTER TABLE rollout_spans_local",
+        "ALTER TABLE rollout_spans",
+    }
     assert migration_statements(5, options) == [
         f"ALTER TABLE {table}_local ON CLUSTER prod MODIFY SETTING min_bytes_for_wide_part = 134217728"
-        for table in ("otel_traces", "rollout_spans")]
+        for table in ("otel_traces", "rollout_spans")
+    ]
     single = "\n".join(s for v in (1, 2, 3, 4, 5) for s in migration_statements(v, SchemaOptions()))
     assert "ON CLUSTER" not in single and "Distributed" not in single and "Replicated" not in single
     assert parse_store_url("http://u:p@h:9000/db?cluster=prod").cluster == "prod"
@@ -259,7 +340,13 @@ def test_url_forms(tmp_path, monkeypatch):
     assert parse_store_url(f"chdb://{tmp_path}").path == tmp_path
     u = parse_store_url("https://alice:s%40cret@ch.example:9443/traces")
     assert (u.host, u.port, u.username, u.password, u.database, u.embedded) == (
-        "ch.example", 9443, "alice", "s@cret", "traces", False)
+        "ch.example",
+        9443,
+        "alice",
+        "s@cret",
+        "traces",
+        False,
+    )
     assert parse_store_url("http://h").port == 8123
     monkeypatch.setenv("LIGHTSPAN_STORE", f"chdb://{tmp_path}/env")
     assert parse_store_url(None).path == tmp_path / "env"
@@ -271,14 +358,20 @@ def test_url_forms(tmp_path, monkeypatch):
 def test_a_locked_directory_names_its_path_and_the_way_in(tmp_path):
     path = tmp_path / "held"
     holder = subprocess.Popen(
-        [sys.executable, "-c", textwrap.dedent(f"""
+        [
+            sys.executable,
+            "-c",
+            textwrap.dedent(f"""
             import sys
             from lightspan.store import Store
             s = Store.connect("chdb://{path}")
             print("ready", flush=True)
             sys.stdin.read()
-        """)],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        """),
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
     )
     try:
         assert holder.stdout.readline().strip() == "ready"

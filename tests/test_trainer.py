@@ -45,15 +45,20 @@ def write_yaml(path: Path, text: str) -> Path:
 
 # --- config ---------------------------------------------------------------------------------------
 def test_config_loads_sections_and_dotted_overrides(tmp_path: Path) -> None:
-    cfg = write_yaml(tmp_path / "t.yaml", """
+    cfg = write_yaml(
+        tmp_path / "t.yaml",
+        """
 store: http://localhost:8123
 model: {path: ./m}
 algorithm: {name: rloo, credit: discounted, gamma: 0.9}
 optim: {lr: 1e-6}
 selection: {agents: [solver], since: 2025-01-01T00:00:00, min_group_size: 4}
 schedule: {micro_batch_size: 2, global_batch_size: 8}
-""")
-    config = load_config(cfg, ["optim.lr=1e-5", "schedule.steps=7", "selection.agents=[a, b]", "model.lora.r=8"])
+""",
+    )
+    config = load_config(
+        cfg, ["optim.lr=1e-5", "schedule.steps=7", "selection.agents=[a, b]", "model.lora.r=8"]
+    )
     assert config.optim.lr == 1e-5 and isinstance(config.optim.lr, float)
     assert config.schedule.steps == 7
     assert config.selection.agents == ["a", "b"]
@@ -66,14 +71,29 @@ schedule: {micro_batch_size: 2, global_batch_size: 8}
 @pytest.mark.parametrize(
     ("raw", "message"),
     [
-        ({"model": {"path": "m"}, "optim": {"lrr": 1}}, "unknown config key 'optim.lrr'; did you mean 'optim.lr'"),
+        (
+            {"model": {"path": "m"}, "optim": {"lrr": 1}},
+            "unknown config key 'optim.lrr'; did you mean 'optim.lr'",
+        ),
         ({"model": {"path": "m"}, "schedul": {}}, "did you mean 'schedule'"),
         ({"model": {"path": "m"}, "algorithm": {"name": "ppo"}}, "algorithm.name must be one of"),
-        ({"model": {"path": "m"}, "schedule": {"micro_batch_size": "four"}}, "schedule.micro_batch_size must be an integer"),
+        (
+            {"model": {"path": "m"}, "schedule": {"micro_batch_size": "four"}},
+            "schedule.micro_batch_size must be an integer",
+        ),
         ({}, "model.path is required"),
-        ({"model": {"path": "m"}, "schedule": {"micro_batch_size": 4, "global_batch_size": 2}}, "smaller than micro_batch_size"),
-        ({"model": {"path": "m", "lora": {}}, "deepspeed": {"zero_optimization": {"stage": 3}}}, "stage <= 2"),
-        ({"model": {"path": "m"}, "deepspeed": {"train_batch_size": 64}}, "deepspeed.train_batch_size=64 contradicts"),
+        (
+            {"model": {"path": "m"}, "schedule": {"micro_batch_size": 4, "global_batch_size": 2}},
+            "smaller than micro_batch_size",
+        ),
+        (
+            {"model": {"path": "m", "lora": {}}, "deepspeed": {"zero_optimization": {"stage": 3}}},
+            "stage <= 2",
+        ),
+        (
+            {"model": {"path": "m"}, "deepspeed": {"train_batch_size": 64}},
+            "deepspeed.train_batch_size=64 contradicts",
+        ),
     ],
 )
 def test_config_errors_say_what_to_change(raw: dict, message: str) -> None:
@@ -108,14 +128,25 @@ def test_override_syntax_errors() -> None:
 
 
 def test_lightspan_train_rejects_bad_configs_before_launching(tmp_path: Path) -> None:
-    cfg = write_yaml(tmp_path / "t.yaml", "model: {path: /nonexistent}\nschedule: {micro_batch_size: 4, global_batch_size: 16}\n")
+    cfg = write_yaml(
+        tmp_path / "t.yaml",
+        "model: {path: /nonexistent}\nschedule: {micro_batch_size: 4, global_batch_size: 16}\n",
+    )
     bad = run_cli("train", "--config", str(cfg), "--num-gpus", "3", "--dry-run")
     assert bad.returncode == 2 and "4 x 3 = 12" in bad.stderr
     typo = run_cli("train", "--config", str(cfg), "optim.lrr=1e-5", "--dry-run")
     assert typo.returncode == 2 and "did you mean 'optim.lr'" in typo.stderr
     ok = run_cli("train", "--config", str(cfg), "--num-gpus", "2", "--dry-run", "optim.lr=1e-5")
     assert ok.returncode == 0, ok.stderr
-    assert ok.stdout.split()[1:] == ["--num_gpus", "2", "--module", "lightspan.trainer", "--config", str(cfg), "optim.lr=1e-5"]
+    assert ok.stdout.split()[1:] == [
+        "--num_gpus",
+        "2",
+        "--module",
+        "lightspan.trainer",
+        "--config",
+        str(cfg),
+        "optim.lr=1e-5",
+    ]
     assert Path(ok.stdout.split()[0]).name == "deepspeed"
 
 
@@ -127,7 +158,13 @@ class _Summary:
 
 
 def test_complete_groups_keeps_only_tasks_with_enough_rollouts() -> None:
-    rows = [_Summary("a1", "a"), _Summary("a2", "a"), _Summary("b1", "b"), _Summary("c1", "c"), _Summary("c2", "c")]
+    rows = [
+        _Summary("a1", "a"),
+        _Summary("a2", "a"),
+        _Summary("b1", "b"),
+        _Summary("c1", "c"),
+        _Summary("c2", "c"),
+    ]
     assert [r.rollout_id for r in complete_groups(rows, 2)] == ["a1", "a2", "c1", "c2"]
     assert len(complete_groups(rows, 1)) == 5
 
@@ -135,26 +172,41 @@ def test_complete_groups_keeps_only_tasks_with_enough_rollouts() -> None:
 def test_chat_tokens_continue_the_prompt_and_stop_at_end_of_turn(tokenizer) -> None:
     messages = [{"role": "system", "content": "Answer."}, {"role": "user", "content": "What is 2 + 3?"}]
     prompt, reply = chat_tokens(tokenizer, messages, {"role": "assistant", "content": "5"})
-    full = tokenizer.apply_chat_template([*messages, {"role": "assistant", "content": "5"}], tokenize=True, return_dict=False)
+    full = tokenizer.apply_chat_template(
+        [*messages, {"role": "assistant", "content": "5"}], tokenize=True, return_dict=False
+    )
     assert full[: len(prompt) + len(reply)] == prompt + reply
     assert reply[-1] == tokenizer.eos_token_id and tokenizer.decode(reply) == "5<|im_end|>"
     assert tokenizer.decode(prompt).endswith("<|im_start|>assistant\n")
 
 
 def test_to_sample_prefers_recorded_ids_and_cuts_to_max_length(tokenizer) -> None:
-    recorded = Transition("r", "t", "s", [], {}, prompt_token_ids=[5, 6, 7], response_token_ids=[8, 9, 10],
-                          response_logprobs=[-0.1, -0.2, -0.3], advantage=1.5, credited_return=1.0)
+    recorded = Transition(
+        "r",
+        "t",
+        "s",
+        [],
+        {},
+        prompt_token_ids=[5, 6, 7],
+        response_token_ids=[8, 9, 10],
+        response_logprobs=[-0.1, -0.2, -0.3],
+        advantage=1.5,
+        credited_return=1.0,
+    )
     sample = to_sample(recorded, tokenizer, max_length=5)
     assert sample.input_ids == [5, 6, 7, 8, 9] and sample.prompt_length == 3 and not sample.retokenized
     assert sample.old_logprobs == [-0.1, -0.2] and sample.advantage == 1.5
     assert to_sample(recorded, tokenizer, max_length=3) is None  # the prompt alone does not fit
-    misaligned = Transition("r", "t", "s", [], {}, prompt_token_ids=[5], response_token_ids=[8, 9],
-                            response_logprobs=[-0.1])
+    misaligned = Transition(
+        "r", "t", "s", [], {}, prompt_token_ids=[5], response_token_ids=[8, 9], response_logprobs=[-0.1]
+    )
     assert to_sample(misaligned, tokenizer, 100).old_logprobs is None
-    chat = Transition("r", "t", "s", [{"role": "user", "content": "hi"}], {"role": "assistant", "content": "yes"})
+    chat = Transition(
+        "r", "t", "s", [{"role": "user", "content": "hi"}], {"role": "assistant", "content": "yes"}
+    )
     sample = to_sample(chat, tokenizer, 100)
     assert sample.retokenized and sample.old_logprobs is None
-    assert tokenizer.decode(sample.input_ids[sample.prompt_length:]) == "yes<|im_end|>"
+    assert tokenizer.decode(sample.input_ids[sample.prompt_length :]) == "yes<|im_end|>"
 
 
 def _sample(length: int, prompt: int = 2, rollout: str = "r") -> Sample:
@@ -208,6 +260,8 @@ def test_report_writes_png_plots(tmp_path: Path, store_url: str) -> None:
 def test_config_round_trips_through_to_dict() -> None:
     from lightspan.trainer.config import to_dict
 
-    config = from_dict({"model": {"path": "m", "lora": {"r": 4}}, "selection": {"until": "2025-02-01T00:00:00"}})
+    config = from_dict(
+        {"model": {"path": "m", "lora": {"r": 4}}, "selection": {"until": "2025-02-01T00:00:00"}}
+    )
     again = from_dict(to_dict(config))
     assert again == config and isinstance(again, TrainConfig)

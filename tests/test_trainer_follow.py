@@ -42,8 +42,10 @@ def wait_for_version(store: Store, version: int, trainer: subprocess.Popen, time
 @pytest.mark.slow
 def test_follow_trains_each_version_on_its_own_groups_only(tmp_path, tiny):
     out = tmp_path / "ckpt"
-    with Collector(f"chdb://{tmp_path / 'store'}", grpc_port=0, http_port=0, sql_port=0) as collector, \
-            Store.connect(f"chdb://{tmp_path / 'store'}") as store:
+    with (
+        Collector(f"chdb://{tmp_path / 'store'}", grpc_port=0, http_port=0, sql_port=0) as collector,
+        Store.connect(f"chdb://{tmp_path / 'store'}") as store,
+    ):
         config = tmp_path / "follow.yaml"
         config.write_text(
             f"store: {collector.sql_url}\n"
@@ -55,23 +57,35 @@ def test_follow_trains_each_version_on_its_own_groups_only(tmp_path, tiny):
             f"output: {{dir: {out}, resource_name: policy}}\n"
             "follow: {min_groups: 2, iterations: 2, poll_seconds: 0.2, steps_per_iteration: 2}\n"
         )
-        trainer = subprocess.Popen([sys.executable, "-m", "lightspan.trainer", "--follow", "--config", str(config)],
-                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        trainer = subprocess.Popen(
+            [sys.executable, "-m", "lightspan.trainer", "--follow", "--config", str(config)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         try:
             wait_for_version(store, 1, trainer)  # the base model, published so servers have a version
             base = store.latest_resource("policy")
             assert base.id == "policy:1" and base.uri == str(tiny.resolve())
             now = time.time_ns()
             # An incomplete group (3 of 4) of the serving version must not start an iteration.
-            store.insert_spans(arithmetic_rollouts(tasks=2, samples=4, start_ns=now, seed=2, resources_id="policy:1")[:-3])
+            store.insert_spans(
+                arithmetic_rollouts(tasks=2, samples=4, start_ns=now, seed=2, resources_id="policy:1")[:-3]
+            )
             time.sleep(2)
             assert store.latest_resource("policy").version == 1
-            store.insert_spans(arithmetic_rollouts(tasks=2, samples=4, start_ns=now, seed=2, resources_id="policy:1"))
+            store.insert_spans(
+                arithmetic_rollouts(tasks=2, samples=4, start_ns=now, seed=2, resources_id="policy:1")
+            )
             wait_for_version(store, 2, trainer)
             # Data of the old version arriving late is off-policy: the next iteration must not use it.
             later = time.time_ns()
-            store.insert_spans(arithmetic_rollouts(tasks=3, samples=4, start_ns=later, seed=3, resources_id="policy:1"))
-            store.insert_spans(arithmetic_rollouts(tasks=2, samples=4, start_ns=later, seed=4, resources_id="policy:2"))
+            store.insert_spans(
+                arithmetic_rollouts(tasks=3, samples=4, start_ns=later, seed=3, resources_id="policy:1")
+            )
+            store.insert_spans(
+                arithmetic_rollouts(tasks=2, samples=4, start_ns=later, seed=4, resources_id="policy:2")
+            )
             wait_for_version(store, 3, trainer)
             assert trainer.wait(timeout=120) == 0, trainer.stderr.read()
         finally:

@@ -36,8 +36,13 @@ def rollouts(tiny: Path, store_url: str) -> list:
     """8 tasks x 4 samples in the store, half right (reward 1), every 2nd with recorded token ids."""
     from transformers import AutoTokenizer
 
-    spans = arithmetic_rollouts(tasks=TASKS, samples=SAMPLES, start_ns=time.time_ns() - 60 * 10**9,
-                                tokenizer=AutoTokenizer.from_pretrained(tiny), record_every=2)
+    spans = arithmetic_rollouts(
+        tasks=TASKS,
+        samples=SAMPLES,
+        start_ns=time.time_ns() - 60 * 10**9,
+        tokenizer=AutoTokenizer.from_pretrained(tiny),
+        record_every=2,
+    )
     with Store.connect(store_url) as store:
         store.insert_spans(spans)
     return spans
@@ -58,8 +63,13 @@ def write_config(path: Path, store_url: str, model_path: Path, out: Path, **sect
 
 
 def train(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    result = subprocess.run([sys.executable, "-m", "lightspan.trainer", *args], capture_output=True, text=True,
-                            timeout=timeout, check=False)
+    result = subprocess.run(
+        [sys.executable, "-m", "lightspan.trainer", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
     return result
 
 
@@ -70,8 +80,8 @@ def answer_logprob(model, tokenizer, question: str, answer: str) -> float:
     prompt, reply = chat_tokens(tokenizer, messages, {"role": "assistant", "content": answer})
     ids = torch.tensor([prompt + reply])
     with torch.no_grad():
-        logits = model(input_ids=ids).logits[0, len(prompt) - 1:-1]
-    return float(torch.log_softmax(logits.float(), -1).gather(-1, ids[0, len(prompt):, None]).sum())
+        logits = model(input_ids=ids).logits[0, len(prompt) - 1 : -1]
+    return float(torch.log_softmax(logits.float(), -1).gather(-1, ids[0, len(prompt) :, None]).sum())
 
 
 def pairs(spans: list) -> list[tuple[str, str, float]]:
@@ -108,10 +118,13 @@ def test_single_process_run_moves_likelihoods_the_right_way(tmp_path, tiny, stor
     before = AutoModelForCausalLM.from_pretrained(tiny).eval()
     after = AutoModelForCausalLM.from_pretrained(final).eval()
     assert {"config.json", "model.safetensors", "generation_config.json", "tokenizer.json"} <= {
-        p.name for p in final.iterdir()}
+        p.name for p in final.iterdir()
+    }
     rose = fell = 0
     for question, answer, reward in pairs(rollouts):
-        delta = answer_logprob(after, tokenizer, question, answer) - answer_logprob(before, tokenizer, question, answer)
+        delta = answer_logprob(after, tokenizer, question, answer) - answer_logprob(
+            before, tokenizer, question, answer
+        )
         if reward > 0:
             rose += delta > 0
         else:
@@ -128,8 +141,16 @@ def test_single_process_run_moves_likelihoods_the_right_way(tmp_path, tiny, stor
     assert versions[-1].metadata["parent"] == versions[-2].id and versions[0].metadata["parent"] is None
     assert state["resource_id"] == versions[-1].id
     assert set(versions[-1].metadata["metrics"]) >= {"loss", "reward_mean", "grad_norm"}
-    for name in ("loss", "reward_mean", "advantage_std", "clip_fraction", "approx_kl", "grad_norm",
-                 "tokens_per_s", "retokenized_fraction"):
+    for name in (
+        "loss",
+        "reward_mean",
+        "advantage_std",
+        "clip_fraction",
+        "approx_kl",
+        "grad_norm",
+        "tokens_per_s",
+        "retokenized_fraction",
+    ):
         assert [step for step, _ in metrics[name]] == list(range(1, 7)), name
     # each epoch sees every rollout once: half were right; every 2nd had recorded token ids, the
     # others were re-tokenised with the chat template
@@ -138,8 +159,24 @@ def test_single_process_run_moves_likelihoods_the_right_way(tmp_path, tiny, stor
     assert sum(v for _, v in metrics["retokenized"]) == 3 * TASKS * SAMPLES // 2
     assert all(v > 0 for _, v in metrics["grad_norm"]) and all(v > 0 for _, v in metrics["tokens_per_s"])
 
-    report = subprocess.run([sys.executable, "-m", "lightspan", "report", "--run", state["run"], "--store", store_url,
-                             "--out", str(tmp_path / "report")], capture_output=True, text=True, timeout=120, check=False)
+    report = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "lightspan",
+            "report",
+            "--run",
+            state["run"],
+            "--store",
+            store_url,
+            "--out",
+            str(tmp_path / "report"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert report.returncode == 0, report.stderr
     assert (tmp_path / "report" / "overview.png").stat().st_size > 1000
     assert (tmp_path / "report" / "retokenized_fraction.png").is_file()
@@ -161,19 +198,36 @@ sys.exit(main(sys.argv[1:]))
 
 
 @pytest.mark.slow
-def test_kill_while_saving_keeps_the_previous_checkpoint_and_resume_continues(tmp_path, tiny, store_url, rollouts):
+def test_kill_while_saving_keeps_the_previous_checkpoint_and_resume_continues(
+    tmp_path, tiny, store_url, rollouts
+):
     from transformers import AutoModelForCausalLM
 
     out_a, out_b = tmp_path / "a", tmp_path / "b"
-    straight = write_config(tmp_path / "a.yaml", store_url, tiny, out_a,
-                            output=f"{{dir: {out_a}, save_every: 1, resource_name: straight}}")
-    killed = write_config(tmp_path / "b.yaml", store_url, tiny, out_b,
-                          output=f"{{dir: {out_b}, save_every: 1, resource_name: resumed}}")
+    straight = write_config(
+        tmp_path / "a.yaml",
+        store_url,
+        tiny,
+        out_a,
+        output=f"{{dir: {out_a}, save_every: 1, resource_name: straight}}",
+    )
+    killed = write_config(
+        tmp_path / "b.yaml",
+        store_url,
+        tiny,
+        out_b,
+        output=f"{{dir: {out_b}, save_every: 1, resource_name: resumed}}",
+    )
     reference = train("--config", str(straight), "schedule.steps=3")
     assert reference.returncode == 0, reference.stderr[-3000:]
 
-    dying = subprocess.run([sys.executable, "-c", _DIE_ON_SECOND_SAVE, "--config", str(killed), "schedule.steps=3"],
-                           capture_output=True, text=True, timeout=300, check=False)
+    dying = subprocess.run(
+        [sys.executable, "-c", _DIE_ON_SECOND_SAVE, "--config", str(killed), "schedule.steps=3"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
     assert dying.returncode == -signal.SIGKILL, dying.stderr[-3000:]
     assert [p.name for p in checkpoint.checkpoints(out_b)] == [checkpoint.name(1)]
     assert (out_b / f".tmp-{checkpoint.name(2)}").is_dir()  # the half-published one, never renamed
@@ -244,7 +298,9 @@ def _free_port() -> int:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", [2, 3])
-def test_two_ranks_under_zero_split_task_groups_and_save_the_gathered_weights(tmp_path, tiny, collector_process, stage):
+def test_two_ranks_under_zero_split_task_groups_and_save_the_gathered_weights(
+    tmp_path, tiny, collector_process, stage
+):
     import json
 
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
@@ -253,26 +309,53 @@ def test_two_ranks_under_zero_split_task_groups_and_save_the_gathered_weights(tm
 
     grpc_endpoint, sql_url = collector_process.grpc_endpoint, collector_process.sql_url
     tasks = 8
-    agent = subprocess.run([sys.executable, "-c", AGENT, grpc_endpoint, str(tasks), "4"], capture_output=True,
-                           text=True, timeout=120, check=False)
+    agent = subprocess.run(
+        [sys.executable, "-c", AGENT, grpc_endpoint, str(tasks), "4"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert agent.returncode == 0, agent.stderr
     out = tmp_path / "out"
     # ZeRO-2 with the optimiser offloaded to the CPU; ZeRO-3 with a partitioned frozen reference (KL)
     extra = {2: "offload_optimizer: {device: cpu}", 3: "offload_param: {device: none}"}[stage]
     config = write_config(
-        tmp_path / "train.yaml", sql_url, tiny, out,
+        tmp_path / "train.yaml",
+        sql_url,
+        tiny,
+        out,
         deepspeed=f"{{zero_optimization: {{stage: {stage}, {extra}}}}}",
         algorithm=f"{{name: grpo, kl_coef: {0.05 if stage == 3 else 0}}}",
         schedule="{epochs: 1, micro_batch_size: 2, global_batch_size: 8}",
         output=f"{{dir: {out}, resource_name: zero{stage}}}",
     )
     if stage == 2:  # exactly what DeepSpeed users type
-        command = ["deepspeed", "--num_gpus", "2", "--master_port", str(_free_port()),
-                   "--module", "lightspan.trainer", "--config", str(config)]
+        command = [
+            "deepspeed",
+            "--num_gpus",
+            "2",
+            "--master_port",
+            str(_free_port()),
+            "--module",
+            "lightspan.trainer",
+            "--config",
+            str(config),
+        ]
         command[0] = str(Path(sys.executable).parent / "deepspeed")
     else:  # the same launcher, through `lightspan train`
-        command = [sys.executable, "-m", "lightspan", "train", "--config", str(config), "--num-gpus", "2",
-                   "--master-port", str(_free_port())]
+        command = [
+            sys.executable,
+            "-m",
+            "lightspan",
+            "train",
+            "--config",
+            str(config),
+            "--num-gpus",
+            "2",
+            "--master-port",
+            str(_free_port()),
+        ]
     run = subprocess.run(command, capture_output=True, text=True, timeout=400, check=False)
     assert run.returncode == 0, (run.stdout[-3000:], run.stderr[-3000:])
 
@@ -303,21 +386,34 @@ def test_two_ranks_under_zero_split_task_groups_and_save_the_gathered_weights(tm
 @pytest.mark.parametrize(
     ("variant", "sections"),
     [
-        ("lora-kl", {"model": "{path: MODEL, lora: {r: 4, alpha: 8}, gradient_checkpointing: true}",
-                     "algorithm": "{name: grpo, kl_coef: 0.1, aggregation: sequence}", "optim": "{lr: 0.01}"}),
+        (
+            "lora-kl",
+            {
+                "model": "{path: MODEL, lora: {r: 4, alpha: 8}, gradient_checkpointing: true}",
+                "algorithm": "{name: grpo, kl_coef: 0.1, aggregation: sequence}",
+                "optim": "{lr: 0.01}",
+            },
+        ),
         ("reference-kl", {"algorithm": "{name: rloo, kl_coef: 0.1, aggregation: rollout}"}),
         ("sft", {"algorithm": "{name: sft}"}),
     ],
 )
-def test_lora_reference_kl_and_sft_variants_train_and_save_plain_folders(tmp_path, tiny, store_url, rollouts,
-                                                                         variant, sections):
+def test_lora_reference_kl_and_sft_variants_train_and_save_plain_folders(
+    tmp_path, tiny, store_url, rollouts, variant, sections
+):
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
     out = tmp_path / "out"
     body = {key: value.replace("MODEL", str(tiny)) for key, value in sections.items()}
-    config = write_config(tmp_path / "train.yaml", store_url, tiny, out,
-                          schedule="{steps: 2, micro_batch_size: 4, global_batch_size: 8}", **body)
+    config = write_config(
+        tmp_path / "train.yaml",
+        store_url,
+        tiny,
+        out,
+        schedule="{steps: 2, micro_batch_size: 4, global_batch_size: 8}",
+        **body,
+    )
     result = train("--config", str(config))
     assert result.returncode == 0, result.stderr[-3000:]
     final = checkpoint.checkpoints(out)[-1]

@@ -22,11 +22,20 @@ import sys
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m lightspan.trainer", description=__doc__.splitlines()[0])
     parser.add_argument("--config", help="the training YAML file")
-    parser.add_argument("--resume", nargs="?", const=True, default=None, metavar="CHECKPOINT",
-                        help="continue from the newest checkpoint in output.dir (or the one given)")
-    parser.add_argument("--follow", action="store_true",
-                        help="closed-loop mode: wait for complete task groups of the serving version, train, "
-                        "publish the next version, repeat (see the follow section of the config)")
+    parser.add_argument(
+        "--resume",
+        nargs="?",
+        const=True,
+        default=None,
+        metavar="CHECKPOINT",
+        help="continue from the newest checkpoint in output.dir (or the one given)",
+    )
+    parser.add_argument(
+        "--follow",
+        action="store_true",
+        help="closed-loop mode: wait for complete task groups of the serving version, train, "
+        "publish the next version, repeat (see the follow section of the config)",
+    )
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="e.g. optim.lr=1e-5")
     return parser.parse_args(argv)

@@ -49,12 +49,23 @@ class GRPO:
     def sections(self) -> dict[str, Any]:
         """The trainer config sections this algorithm sets (see lightspan.trainer.config)."""
         return {
-            "algorithm": {"name": self.name, "credit": self.credit, "gamma": self.gamma, "group_by": self.group_by,
-                          "scale": self.scale, "clip_low": self.clip_low, "clip_high": self.clip_high,
-                          "kl_coef": self.kl_coef, "aggregation": self.aggregation},
+            "algorithm": {
+                "name": self.name,
+                "credit": self.credit,
+                "gamma": self.gamma,
+                "group_by": self.group_by,
+                "scale": self.scale,
+                "clip_low": self.clip_low,
+                "clip_high": self.clip_high,
+                "kl_coef": self.kl_coef,
+                "aggregation": self.aggregation,
+            },
             "optim": {"lr": self.lr},
-            "schedule": {"epochs": self.epochs, "micro_batch_size": self.micro_batch_size,
-                         "global_batch_size": self.global_batch_size},
+            "schedule": {
+                "epochs": self.epochs,
+                "micro_batch_size": self.micro_batch_size,
+                "global_batch_size": self.global_batch_size,
+            },
         }
 
 
@@ -74,8 +85,11 @@ class SFT:
         return {
             "algorithm": {"name": "sft", "sft_min_return": self.min_return},
             "optim": {"lr": self.lr},
-            "schedule": {"epochs": self.epochs, "micro_batch_size": self.micro_batch_size,
-                         "global_batch_size": self.global_batch_size},
+            "schedule": {
+                "epochs": self.epochs,
+                "micro_batch_size": self.micro_batch_size,
+                "global_batch_size": self.global_batch_size,
+            },
         }
 
 
@@ -124,9 +138,17 @@ class Trainer:
         run: str | None = None,
         progress: bool = True,
     ):
-        if runner_concurrency < 1 or n_runners < 1 or group_size < 1 or iterations < 1 or max_retries < 0 or rollout_timeout <= 0:
-            raise InvalidInput("n_runners, group_size and iterations must be >= 1, max_retries >= 0, "
-                               "rollout_timeout > 0")
+        if (
+            runner_concurrency < 1
+            or n_runners < 1
+            or group_size < 1
+            or iterations < 1
+            or max_retries < 0
+            or rollout_timeout <= 0
+        ):
+            raise InvalidInput(
+                "n_runners, group_size and iterations must be >= 1, max_retries >= 0, rollout_timeout > 0"
+            )
         self.model = Path(model)
         self.algorithm = algorithm or GRPO()
         self.n_runners, self.runner_concurrency = n_runners, runner_concurrency
@@ -139,9 +161,14 @@ class Trainer:
         self.run = run or f"{resource}-fit-{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}"
 
     # --- the loop -----------------------------------------------------------------------------
-    def fit(self, agent: Callable[[Any, LLM], Any], train_dataset: Iterable[Any],
-            val_dataset: Iterable[Any] | None = None, *,
-            on_iteration: Callable[[Iteration], None] | None = None) -> FitResult:
+    def fit(
+        self,
+        agent: Callable[[Any, LLM], Any],
+        train_dataset: Iterable[Any],
+        val_dataset: Iterable[Any] | None = None,
+        *,
+        on_iteration: Callable[[Iteration], None] | None = None,
+    ) -> FitResult:
         """Run `iterations` rounds of rollouts → training → publish → reload; see the module doc."""
         train, val = list(train_dataset), list(val_dataset or [])
         if not train:
@@ -157,15 +184,25 @@ class Trainer:
             "selection": {"service": TRAIN_SERVICE, "min_group_size": self.group_size},
             **sections,
             "output": {"dir": str((self.workdir / "checkpoints").resolve()), "resource_name": self.resource},
-            "follow": {"min_groups": tasks_per_iteration, "iterations": self.iterations, "poll_seconds": 0.5,
-                       "steps_per_iteration": self.algorithm.steps_per_iteration},
+            "follow": {
+                "min_groups": tasks_per_iteration,
+                "iterations": self.iterations,
+                "poll_seconds": 0.5,
+                "steps_per_iteration": self.algorithm.steps_per_iteration,
+            },
         }
         for section, values in self.extra_config.items():
             config[section] = {**config.get(section, {}), **values} if isinstance(values, Mapping) else values
         return config
 
-    def run_loop(self, loop: ClosedLoop, agent: Callable[[Any, LLM], Any], train: list[Any], val: list[Any],
-                 on_iteration: Callable[[Iteration], None] | None = None) -> FitResult:
+    def run_loop(
+        self,
+        loop: ClosedLoop,
+        agent: Callable[[Any, LLM], Any],
+        train: list[Any],
+        val: list[Any],
+        on_iteration: Callable[[Iteration], None] | None = None,
+    ) -> FitResult:
         """`fit` on a loop the caller started (and may have prepared: `lightspan demo` lands and
         trains its warm-up in it first)."""
         per_iteration = min(self.tasks_per_iteration or len(train), len(train))
@@ -175,29 +212,57 @@ class Trainer:
         grpc = loop.collector.grpc_endpoint
         record, close_recorder = failed_rollout_recorder(grpc, TRAIN_SERVICE)
         pools = {
-            "train": RunnerPool(agent, size=self.n_runners, endpoint=grpc, service=TRAIN_SERVICE, llm=llm,
-                                timeout=self.rollout_timeout, max_retries=self.max_retries, record_failure=record,
-                                concurrency=self.runner_concurrency),
+            "train": RunnerPool(
+                agent,
+                size=self.n_runners,
+                endpoint=grpc,
+                service=TRAIN_SERVICE,
+                llm=llm,
+                timeout=self.rollout_timeout,
+                max_retries=self.max_retries,
+                record_failure=record,
+                concurrency=self.runner_concurrency,
+            ),
         }
         if val:
-            pools["val"] = RunnerPool(agent, size=min(self.n_runners, len(val)), endpoint=grpc,
-                                      service=VALIDATION_SERVICE, llm=llm, timeout=self.rollout_timeout,
-                                      max_retries=self.max_retries, record_failure=lambda job, reason: None,
-                                      concurrency=self.runner_concurrency)
+            pools["val"] = RunnerPool(
+                agent,
+                size=min(self.n_runners, len(val)),
+                endpoint=grpc,
+                service=VALIDATION_SERVICE,
+                llm=llm,
+                timeout=self.rollout_timeout,
+                max_retries=self.max_retries,
+                record_failure=lambda job, reason: None,
+                concurrency=self.runner_concurrency,
+            )
         rng = random.Random(self.seed)
         history: list[Iteration] = []
         try:
             for it in range(self.iterations + 1):
                 started = time.monotonic()
                 loop.wait_until_serving(llm, version.id)
-                val_reward = self._mean_reward(self._rollouts(pools["val"], val, 1, version, "val",
-                                                              f"validate {version.id}")) if val else None
+                val_reward = (
+                    self._mean_reward(
+                        self._rollouts(pools["val"], val, 1, version, "val", f"validate {version.id}")
+                    )
+                    if val
+                    else None
+                )
                 # The last round measures the final version on training tasks; nothing trains on it.
                 tasks = rng.sample(train, per_iteration)
-                outcomes = self._rollouts(pools["train"], tasks, self.group_size, version, "train",
-                                          f"rollouts {version.id}")
-                result = Iteration(it, version.id, self._mean_reward(outcomes), val_reward,
-                                   len(outcomes), sum(o.failed for o in outcomes), time.monotonic() - started)
+                outcomes = self._rollouts(
+                    pools["train"], tasks, self.group_size, version, "train", f"rollouts {version.id}"
+                )
+                result = Iteration(
+                    it,
+                    version.id,
+                    self._mean_reward(outcomes),
+                    val_reward,
+                    len(outcomes),
+                    sum(o.failed for o in outcomes),
+                    time.monotonic() - started,
+                )
                 history.append(result)
                 self._log(loop, result)
                 if on_iteration is not None:
@@ -210,14 +275,22 @@ class Trainer:
             close_recorder()
         return FitResult(self.run, history, version.uri, version.id)
 
-    def _rollouts(self, pool: RunnerPool, tasks: Sequence[Any], samples: int, version: Resource, kind: str,
-                  desc: str) -> list[Outcome]:
+    def _rollouts(
+        self, pool: RunnerPool, tasks: Sequence[Any], samples: int, version: Resource, kind: str, desc: str
+    ) -> list[Outcome]:
         from tqdm import tqdm
 
         jobs: list[Job] = jobs_for(tasks, samples, version.id, f"{self.run}/{version.id}/{kind}")
         outcomes = []
-        with tqdm(total=len(jobs), desc=desc, unit="rollout", disable=not self.progress, file=sys.stderr,
-                  dynamic_ncols=True, leave=False) as bar:
+        with tqdm(
+            total=len(jobs),
+            desc=desc,
+            unit="rollout",
+            disable=not self.progress,
+            file=sys.stderr,
+            dynamic_ncols=True,
+            leave=False,
+        ) as bar:
             for outcome in pool.run(jobs):
                 outcomes.append(outcome)
                 bar.update(1)
@@ -230,14 +303,19 @@ class Trainer:
         return statistics.fmean(o.reward or 0.0 for o in outcomes) if outcomes else 0.0
 
     def _log(self, loop: ClosedLoop, result: Iteration) -> None:
-        metrics = {k: float(v) for k, v in asdict(result).items()
-                   if k in ("train_reward", "val_reward", "rollouts", "failed", "seconds") and v is not None}
+        metrics = {
+            k: float(v)
+            for k, v in asdict(result).items()
+            if k in ("train_reward", "val_reward", "rollouts", "failed", "seconds") and v is not None
+        }
         loop.store.log_metrics(f"{self.run}/loop", result.iteration, metrics)
         if self.progress:
             parts = [f"iteration {result.iteration}: {result.resources_id}"]
             if result.val_reward is not None:
                 parts.append(f"validation reward {result.val_reward:.2f}")
             if result.train_reward is not None:
-                parts.append(f"train reward {result.train_reward:.2f} over {result.rollouts} rollouts"
-                             + (f" ({result.failed} failed)" if result.failed else ""))
+                parts.append(
+                    f"train reward {result.train_reward:.2f} over {result.rollouts} rollouts"
+                    + (f" ({result.failed} failed)" if result.failed else "")
+                )
             print("  ".join(parts), file=sys.stderr, flush=True)

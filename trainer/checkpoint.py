@@ -146,7 +146,9 @@ def load(loaded: Any, path: Path) -> dict[str, Any]:
     path = Path(path)
     state = read_state(path)
     if not (path / DEEPSPEED_TAG).is_dir():
-        raise NotFound(f"{path} has no DeepSpeed state to resume from (pruned by output.keep_optimizer_state)")
+        raise NotFound(
+            f"{path} has no DeepSpeed state to resume from (pruned by output.keep_optimizer_state)"
+        )
     loaded.engine.load_checkpoint(
         str(path), tag=DEEPSPEED_TAG, load_optimizer_states=True, load_lr_scheduler_states=True
     )

@@ -13,17 +13,28 @@ from pathlib import Path
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     train = subparsers.add_parser(
-        "train", help="train from the store with DeepSpeed",
+        "train",
+        help="train from the store with DeepSpeed",
         description="Validate the config, then run `deepspeed [--num_gpus N | --hostfile F] --module "
         "lightspan.trainer --config FILE [overrides]` (the command DeepSpeed users run themselves).",
     )
     train.add_argument("--config", required=True, help="the training YAML file")
-    train.add_argument("--num-gpus", type=int, default=None,
-                       help="ranks on this machine (GPUs; on a CPU-only machine, CPU processes)")
+    train.add_argument(
+        "--num-gpus",
+        type=int,
+        default=None,
+        help="ranks on this machine (GPUs; on a CPU-only machine, CPU processes)",
+    )
     train.add_argument("--hostfile", default=None, help="DeepSpeed hostfile for multi-node runs")
     train.add_argument("--master-port", type=int, default=None, help="rendezvous port (default 29500)")
-    train.add_argument("--resume", nargs="?", const=True, default=None, metavar="CHECKPOINT",
-                       help="continue from the newest checkpoint in output.dir (or the one given)")
+    train.add_argument(
+        "--resume",
+        nargs="?",
+        const=True,
+        default=None,
+        metavar="CHECKPOINT",
+        help="continue from the newest checkpoint in output.dir (or the one given)",
+    )
     train.add_argument("--dry-run", action="store_true", help="print the launcher command, do not run it")
     train.add_argument("overrides", nargs="*", metavar="section.key=value", help="e.g. optim.lr=1e-5")
     train.set_defaults(func=_train)
@@ -31,19 +42,28 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     report = subparsers.add_parser("report", help="plot a training run's metrics as PNG files")
     report.add_argument("--run", required=True, help="run id (train_metrics.Run; printed by the trainer)")
     report.add_argument("--out", default=None, help="output folder (default ./report-RUN)")
-    report.add_argument("--store", default=None, help="store URL (default LIGHTSPAN_STORE or ./lightspan-data)")
+    report.add_argument(
+        "--store", default=None, help="store URL (default LIGHTSPAN_STORE or ./lightspan-data)"
+    )
     report.set_defaults(func=_report)
 
     demo = subparsers.add_parser(
-        "demo", help="the whole loop on a bundled task: tiny model, warm-up, GRPO (CPU, embedded store)",
+        "demo",
+        help="the whole loop on a bundled task: tiny model, warm-up, GRPO (CPU, embedded store)",
         description="Build a tiny model offline, land scripted warm-up episodes through the tracing path, "
         "warm up with SFT, then run GRPO through the real loop (collector, trainer --follow, lightspan serve, "
         "runners). Prints the success rate per iteration; writes reward.png and the checkpoints to --workdir.",
     )
-    demo.add_argument("--workdir", default="./lightspan-demo", help="where the store, checkpoints, logs and "
-                      "reward.png go (default ./lightspan-demo; must not hold an earlier demo)")
+    demo.add_argument(
+        "--workdir",
+        default="./lightspan-demo",
+        help="where the store, checkpoints, logs and "
+        "reward.png go (default ./lightspan-demo; must not hold an earlier demo)",
+    )
     demo.add_argument("--seed", type=int, default=0, help="seeds the model, the warm-up and the sampling")
-    demo.add_argument("--iterations", type=int, default=None, help="GRPO iterations (default: the recipe's 40)")
+    demo.add_argument(
+        "--iterations", type=int, default=None, help="GRPO iterations (default: the recipe's 40)"
+    )
     demo.add_argument("--runners", type=int, default=2, help="runner processes (default 2)")
     demo.add_argument("--concurrency", type=int, default=16, help="episodes per runner at once (default 16)")
     demo.set_defaults(func=_demo)
@@ -51,8 +71,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def launcher_command(args: argparse.Namespace) -> list[str]:
     """The deepspeed launcher invocation for these arguments."""
-    launcher = shutil.which("deepspeed", path=os.pathsep.join([str(Path(sys.executable).parent),
-                                                                os.environ.get("PATH", "")]))
+    launcher = shutil.which(
+        "deepspeed", path=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    )
     command = [launcher] if launcher else [sys.executable, "-m", "deepspeed.launcher.runner"]
     if args.hostfile:
         command += ["--hostfile", args.hostfile]
@@ -106,12 +127,19 @@ def _demo(args: argparse.Namespace) -> int:
     workdir = Path(args.workdir)
     if (workdir / "store").exists():
         raise InvalidInput(f"{workdir} holds an earlier demo; remove it or pass another --workdir")
-    result = run_demo(workdir, seed=args.seed, iterations=args.iterations, runners=args.runners,
-                      concurrency=args.concurrency)
+    result = run_demo(
+        workdir,
+        seed=args.seed,
+        iterations=args.iterations,
+        runners=args.runners,
+        concurrency=args.concurrency,
+    )
     success = result.success
-    print(f"success on the training tasks: {success[0]:.2f} right after the warm-up, {success[-1]:.2f} after "
-          f"{len(success) - 1} GRPO updates; held-out tasks: {result.fit.iterations[0].val_reward:.2f} -> "
-          f"{result.fit.iterations[-1].val_reward:.2f}")
+    print(
+        f"success on the training tasks: {success[0]:.2f} right after the warm-up, {success[-1]:.2f} after "
+        f"{len(success) - 1} GRPO updates; held-out tasks: {result.fit.iterations[0].val_reward:.2f} -> "
+        f"{result.fit.iterations[-1].val_reward:.2f}"
+    )
     print(f"final checkpoint: {result.fit.checkpoint} ({result.fit.resources_id})")
     print(f"plot: {result.plot}   time: {result.seconds / 60:.1f} min")
     return 0

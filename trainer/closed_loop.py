@@ -46,8 +46,13 @@ class Child:
     def __init__(self, name: str, command: Sequence[str], log: Path, env: Mapping[str, str] | None = None):
         self.name, self.log = name, log
         self._file = log.open("w")
-        self.process = subprocess.Popen(list(command), stdout=self._file, stderr=subprocess.STDOUT,
-                                        env={**os.environ, **(env or {})}, start_new_session=True)
+        self.process = subprocess.Popen(
+            list(command),
+            stdout=self._file,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **(env or {})},
+            start_new_session=True,
+        )
 
     def check(self) -> None:
         """Raise, with the end of its log, when the child has exited."""
@@ -85,7 +90,9 @@ class ClosedLoop:
         embedded = parse_store_url(url).embedded
         # A loop's few episodes at a time never fill a batch: a short timer lands them (and lets the
         # follower see complete groups) sooner than the standalone collector's throughput default.
-        self.collector = Collector(url, grpc_port=0, http_port=0, sql_port=0 if embedded else None, batch_ms=50)
+        self.collector = Collector(
+            url, grpc_port=0, http_port=0, sql_port=0 if embedded else None, batch_ms=50
+        )
         self.collector.start()
         # Children reach an embedded store through the collector; a server store directly.
         self.store_url = self.collector.sql_url if embedded else url
@@ -101,16 +108,22 @@ class ClosedLoop:
         path = self.workdir / "train.yaml"
         path.write_text(yaml.safe_dump({**config, "store": self.store_url}, sort_keys=False))
         module = ["--module", "lightspan.trainer", "--config", str(path), "--follow"]
-        command = (["deepspeed", "--num_gpus", str(num_gpus), "--master_port", str(free_port()), *module]
-                   if num_gpus else [sys.executable, "-m", "lightspan.trainer", "--follow", "--config", str(path)])
+        command = (
+            ["deepspeed", "--num_gpus", str(num_gpus), "--master_port", str(free_port()), *module]
+            if num_gpus
+            else [sys.executable, "-m", "lightspan.trainer", "--follow", "--config", str(path)]
+        )
         return self._child("trainer", command)
 
     def run_trainer_once(self, config: Mapping[str, Any], name: str) -> Path:
         """A plain (non-follow) training run to completion, e.g. a warm-up; returns its checkpoint."""
         path = self.workdir / f"{name}.yaml"
         path.write_text(yaml.safe_dump({**config, "store": self.store_url}, sort_keys=False))
-        child = Child(name, [sys.executable, "-m", "lightspan.trainer", "--config", str(path)],
-                      self.workdir / f"{name}.log")
+        child = Child(
+            name,
+            [sys.executable, "-m", "lightspan.trainer", "--config", str(path)],
+            self.workdir / f"{name}.log",
+        )
         if child.process.wait() != 0:
             child.check()  # raises with the end of its log
         child.stop()
@@ -122,10 +135,25 @@ class ClosedLoop:
     def start_server(self, model: str | Path, port: int | None = None) -> str:
         """`lightspan serve` following this loop's resource; returns its base URL once healthy."""
         port = port or free_port()
-        child = self._child("server", [
-            sys.executable, "-m", "lightspan", "serve", "--model", str(model), "--port", str(port),
-            "--store", self.store_url, "--resource", self.resource, "--poll-seconds", "0.5",
-        ])
+        child = self._child(
+            "server",
+            [
+                sys.executable,
+                "-m",
+                "lightspan",
+                "serve",
+                "--model",
+                str(model),
+                "--port",
+                str(port),
+                "--store",
+                self.store_url,
+                "--resource",
+                self.resource,
+                "--poll-seconds",
+                "0.5",
+            ],
+        )
         base = f"http://127.0.0.1:{port}"
         self._wait(lambda: _get_json(f"{base}/health") is not None, "the server to start", 180, child)
         return f"{base}/v1"
@@ -149,6 +177,7 @@ class ClosedLoop:
 
     def wait_for_version(self, after: int, timeout: float) -> Resource:
         """The first published version newer than `after`."""
+
         def newer() -> Resource | None:
             latest = self.store.latest_resource(self.resource)
             return latest if latest is not None and latest.version > after else None

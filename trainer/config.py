@@ -191,10 +191,13 @@ class TrainConfig:
         s, a, o, m = self.schedule, self.algorithm, self.output, self.model
         if not m.path:
             raise InvalidInput("model.path is required: a Hugging Face causal LM folder")
-        for name, value in (("schedule.micro_batch_size", s.micro_batch_size),
-                            ("schedule.global_batch_size", s.global_batch_size),
-                            ("schedule.epochs", s.epochs), ("selection.min_group_size", self.selection.min_group_size),
-                            ("model.max_length", m.max_length)):
+        for name, value in (
+            ("schedule.micro_batch_size", s.micro_batch_size),
+            ("schedule.global_batch_size", s.global_batch_size),
+            ("schedule.epochs", s.epochs),
+            ("selection.min_group_size", self.selection.min_group_size),
+            ("model.max_length", m.max_length),
+        ):
             if value < 1:
                 raise InvalidInput(f"{name} must be at least 1, got {value}")
         if s.steps is not None and s.steps < 1:
@@ -206,9 +209,12 @@ class TrainConfig:
             )
         f = self.follow
         if f.min_groups < 1 or f.max_staleness < 0 or f.poll_seconds <= 0:
-            raise InvalidInput("follow.min_groups must be >= 1, follow.max_staleness >= 0, follow.poll_seconds > 0")
+            raise InvalidInput(
+                "follow.min_groups must be >= 1, follow.max_staleness >= 0, follow.poll_seconds > 0"
+            )
         if (f.steps_per_iteration is not None and f.steps_per_iteration < 1) or (
-                f.iterations is not None and f.iterations < 1):
+            f.iterations is not None and f.iterations < 1
+        ):
             raise InvalidInput("follow.steps_per_iteration and follow.iterations must be >= 1 (or null)")
         if o.save_every < 0 or o.keep_optimizer_state < 1:
             raise InvalidInput("output.save_every must be >= 0 and output.keep_optimizer_state >= 1")
@@ -223,7 +229,9 @@ class TrainConfig:
         if stage not in (0, 1, 2, 3):
             raise InvalidInput(f"deepspeed.zero_optimization.stage must be 0-3, got {stage}")
         if m.lora is not None and stage == 3:
-            raise InvalidInput("model.lora with ZeRO stage 3 is not supported; use zero_optimization.stage <= 2")
+            raise InvalidInput(
+                "model.lora with ZeRO stage 3 is not supported; use zero_optimization.stage <= 2"
+            )
         self._check_deepspeed_batches(ds, world_size)
         if world_size is not None:
             self.accumulation_steps(world_size)
@@ -232,7 +240,10 @@ class TrainConfig:
     def _check_deepspeed_batches(self, ds: Mapping[str, Any], world_size: int | None) -> None:
         """Batch sizes belong to `schedule`; a DeepSpeed file that says otherwise is a conflict."""
         s = self.schedule
-        expected = {"train_micro_batch_size_per_gpu": s.micro_batch_size, "train_batch_size": s.global_batch_size}
+        expected = {
+            "train_micro_batch_size_per_gpu": s.micro_batch_size,
+            "train_batch_size": s.global_batch_size,
+        }
         if world_size is not None:
             expected["gradient_accumulation_steps"] = self.accumulation_steps(world_size)
         for key, value in expected.items():
@@ -240,7 +251,7 @@ class TrainConfig:
             if given is not None and given != "auto" and int(given) != value:
                 raise InvalidInput(
                     f"deepspeed.{key}={given} contradicts schedule (which gives {value}); remove it from the "
-                    "DeepSpeed config or set it to \"auto\": batch sizes are set in the schedule section"
+                    'DeepSpeed config or set it to "auto": batch sizes are set in the schedule section'
                 )
 
 
@@ -307,7 +318,11 @@ def _build(cls: type, raw: Any, where: str) -> Any:
     for key, value in raw.items():
         if key not in names:
             close = difflib.get_close_matches(str(key), names, n=1)
-            hint = f"; did you mean {_join(where, close[0])!r}?" if close else f"; known keys: {', '.join(names)}"
+            hint = (
+                f"; did you mean {_join(where, close[0])!r}?"
+                if close
+                else f"; known keys: {', '.join(names)}"
+            )
             raise InvalidInput(f"unknown config key {_join(where, str(key))!r}{hint}")
         values[key] = _coerce(hints[key], value, _join(where, key))
     return cls(**values)
@@ -372,5 +387,7 @@ def _coerce(hint: Any, value: Any, where: str) -> Any:
         try:
             return datetime.fromisoformat(str(value))
         except ValueError:
-            raise InvalidInput(f"{where} must be an ISO date-time like 2025-01-31T12:00:00, got {value!r}") from None
+            raise InvalidInput(
+                f"{where} must be an ISO date-time like 2025-01-31T12:00:00, got {value!r}"
+            ) from None
     raise InvalidInput(f"{where}: unsupported type {hint!r}")  # a bug in the dataclasses above

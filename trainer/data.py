@@ -26,8 +26,13 @@ SPAN_TREE_CHUNK = 500  # rollouts per span-tree query: bounded result sets on bi
 
 # --- selection ------------------------------------------------------------------------------------
 def select_rollouts(
-    store: Any, config: TrainConfig, rank: int, world_size: int, *,
-    resources_ids: Sequence[str] | None = None, landed: bool = False,
+    store: Any,
+    config: TrainConfig,
+    rank: int,
+    world_size: int,
+    *,
+    resources_ids: Sequence[str] | None = None,
+    landed: bool = False,
 ) -> list:
     """This rank's rollouts (`RolloutSummary`), complete task groups only, oldest first.
 
@@ -39,8 +44,13 @@ def select_rollouts(
     summaries = []
     for resources_id in resources_ids if resources_ids is not None else [s.resources_id]:
         summaries += store.rollouts(
-            service=s.service, since=s.since, until=s.until, resources_id=resources_id,
-            shard=(rank, world_size), limit=s.limit, landed=landed,
+            service=s.service,
+            since=s.since,
+            until=s.until,
+            resources_id=resources_id,
+            shard=(rank, world_size),
+            limit=s.limit,
+            landed=landed,
             agent=s.agents[0] if s.agents and len(s.agents) == 1 and _plain_name(s.agents[0]) else None,
         )
     return complete_groups(sorted(summaries, key=lambda r: (r.start, r.rollout_id)), s.min_group_size)
@@ -64,12 +74,18 @@ def load_transitions(store: Any, summaries: Sequence[Any], config: TrainConfig) 
     ids = [s.rollout_id for s in summaries]
     trees: dict = {}
     for start in range(0, len(ids), SPAN_TREE_CHUNK):
-        trees.update(store.span_trees(ids[start:start + SPAN_TREE_CHUNK]))
+        trees.update(store.span_trees(ids[start : start + SPAN_TREE_CHUNK]))
     a, s = config.algorithm, config.selection
     transitions = prepare(
         {rid: trees[rid] for rid in ids if rid in trees},
-        agents=s.agents, failed=s.failed, failed_reward=s.failed_reward, credit=a.credit, gamma=a.gamma,
-        estimator="grpo" if a.name == "sft" else a.name, group_by=a.group_by, scale=a.scale,
+        agents=s.agents,
+        failed=s.failed,
+        failed_reward=s.failed_reward,
+        credit=a.credit,
+        gamma=a.gamma,
+        estimator="grpo" if a.name == "sft" else a.name,
+        group_by=a.group_by,
+        scale=a.scale,
     )
     if a.name == "sft":
         transitions = [t for t in transitions if (t.credited_return or 0.0) > a.sft_min_return]
@@ -114,7 +130,7 @@ def chat_tokens(tokenizer: Any, messages: list[dict], response: dict) -> tuple[l
         turn["tool_calls"] = response["tool_calls"]
     full = _ids(tokenizer.apply_chat_template([*messages, turn], tokenize=True))
     if full[: len(prompt)] == prompt and len(full) > len(prompt):
-        reply = full[len(prompt):]
+        reply = full[len(prompt) :]
     else:
         reply = _ids(tokenizer(turn["content"], add_special_tokens=False)["input_ids"])
         reply = reply + ([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])
@@ -139,9 +155,13 @@ def to_sample(transition: Transition, tokenizer: Any, max_length: int) -> Sample
         return None
     reply = reply[: max_length - len(prompt)]
     return Sample(
-        input_ids=prompt + reply, prompt_length=len(prompt), advantage=float(transition.advantage or 0.0),
-        reward=float(transition.credited_return or 0.0), rollout_id=transition.rollout_id,
-        old_logprobs=None if old is None else [float(x) for x in old[: len(reply)]], retokenized=retokenized,
+        input_ids=prompt + reply,
+        prompt_length=len(prompt),
+        advantage=float(transition.advantage or 0.0),
+        reward=float(transition.credited_return or 0.0),
+        rollout_id=transition.rollout_id,
+        old_logprobs=None if old is None else [float(x) for x in old[: len(reply)]],
+        retokenized=retokenized,
     )
 
 
@@ -150,7 +170,7 @@ def step_batches(items: Sequence[Any], per_step: int, seed: int, epoch: int) -> 
     """One epoch's order: a seeded shuffle cut into per-step batches (the last may be short)."""
     order = list(items)
     random.Random(seed * 100_003 + epoch).shuffle(order)
-    return [order[i:i + per_step] for i in range(0, len(order), per_step)]
+    return [order[i : i + per_step] for i in range(0, len(order), per_step)]
 
 
 def micro_batches(samples: Sequence[Sample], micro_batch_size: int, count: int) -> list[list[Sample]]:
@@ -160,7 +180,7 @@ def micro_batches(samples: Sequence[Sample], micro_batch_size: int, count: int) 
     ZeRO-3 gathers parameters collectively, even when its shard ran out of data.
     """
     ordered = sorted(samples, key=lambda s: len(s.input_ids))
-    chunks = [list(ordered[i:i + micro_batch_size]) for i in range(0, len(ordered), micro_batch_size)]
+    chunks = [list(ordered[i : i + micro_batch_size]) for i in range(0, len(ordered), micro_batch_size)]
     if len(chunks) > count:
         raise ValueError(f"{len(samples)} samples do not fit {count} micro-batches of {micro_batch_size}")
     return chunks + [[] for _ in range(count - len(chunks))]
@@ -197,11 +217,14 @@ def collate(samples: Sequence[Sample], pad_id: int, rollout_ids: dict[str, int])
         ids[i, :n] = torch.tensor(s.input_ids)
         attention[i, :n] = 1
         if not empty:
-            mask[i, s.prompt_length - 1:n - 1] = 1.0
+            mask[i, s.prompt_length - 1 : n - 1] = 1.0
         if s.old_logprobs is not None:
-            old[i, s.prompt_length - 1:n - 1] = torch.tensor(s.old_logprobs)
+            old[i, s.prompt_length - 1 : n - 1] = torch.tensor(s.old_logprobs)
     return MicroBatch(
-        input_ids=ids, attention_mask=attention, mask=mask, old_logprobs=old,
+        input_ids=ids,
+        attention_mask=attention,
+        mask=mask,
+        old_logprobs=old,
         old_known=torch.tensor([s.old_logprobs is not None for s in rows]),
         advantages=torch.tensor([s.advantage for s in rows], dtype=torch.float32),
         rollout_index=torch.tensor([rollout_ids.setdefault(s.rollout_id, len(rollout_ids)) for s in rows]),

@@ -52,8 +52,15 @@ class DemoResult:
         return [i.train_reward for i in self.fit.iterations if i.train_reward is not None]
 
 
-def run_demo(workdir: Path, *, seed: int = 0, iterations: int | None = None, runners: int = 2,
-             concurrency: int = 16, progress: bool = True) -> DemoResult:
+def run_demo(
+    workdir: Path,
+    *,
+    seed: int = 0,
+    iterations: int | None = None,
+    runners: int = 2,
+    concurrency: int = 16,
+    progress: bool = True,
+) -> DemoResult:
     """Run the demo in `workdir` (created; its store and checkpoints stay there)."""
     from lightspan.trainer.tiny import build_tiny_model
 
@@ -62,24 +69,44 @@ def run_demo(workdir: Path, *, seed: int = 0, iterations: int | None = None, run
     say = print if progress else (lambda *args, **kwargs: None)
     workdir.mkdir(parents=True, exist_ok=True)
     say(f"building a tiny model in {workdir / 'base-model'}", file=sys.stderr)
-    base = build_tiny_model(workdir / "base-model", corpus=make_corpus(), vocab_size=recipe.vocab_size,
-                            hidden_size=recipe.hidden_size, num_layers=recipe.num_layers,
-                            num_heads=recipe.num_heads, seed=seed)
+    base = build_tiny_model(
+        workdir / "base-model",
+        corpus=make_corpus(),
+        vocab_size=recipe.vocab_size,
+        hidden_size=recipe.hidden_size,
+        num_layers=recipe.num_layers,
+        num_heads=recipe.num_heads,
+        seed=seed,
+    )
     with ClosedLoop(workdir=workdir, store_url=None, resource="policy") as loop:
         say(f"collector: OTLP {loop.collector.grpc_endpoint}, SQL {loop.store_url}", file=sys.stderr)
         warmup_success = _land_warmup(loop, base, recipe)
-        say(f"warm-up: {recipe.warmup_episodes} scripted episodes landed (their success "
-            f"{warmup_success:.2f}); supervised warm-up...", file=sys.stderr)
+        say(
+            f"warm-up: {recipe.warmup_episodes} scripted episodes landed (their success "
+            f"{warmup_success:.2f}); supervised warm-up...",
+            file=sys.stderr,
+        )
         warm = loop.run_trainer_once(
-            recipe.train_config("sft", model=str(base), store=loop.store_url, output_dir=str(workdir / "warmup")),
+            recipe.train_config(
+                "sft", model=str(base), store=loop.store_url, output_dir=str(workdir / "warmup")
+            ),
             "warmup",
         )
-        grpo = recipe.train_config("grpo", model=str(warm), store=loop.store_url,
-                                   output_dir=str(workdir / "checkpoints"))
-        trainer = Trainer(model=warm, n_runners=runners, runner_concurrency=concurrency,
-                          group_size=recipe.group_size, tasks_per_iteration=recipe.tasks_per_iteration,
-                          iterations=recipe.iterations, workdir=workdir, trainer_config=grpo,
-                          run=f"lightspan-demo-seed{seed}", progress=progress)
+        grpo = recipe.train_config(
+            "grpo", model=str(warm), store=loop.store_url, output_dir=str(workdir / "checkpoints")
+        )
+        trainer = Trainer(
+            model=warm,
+            n_runners=runners,
+            runner_concurrency=concurrency,
+            group_size=recipe.group_size,
+            tasks_per_iteration=recipe.tasks_per_iteration,
+            iterations=recipe.iterations,
+            workdir=workdir,
+            trainer_config=grpo,
+            run=f"lightspan-demo-seed{seed}",
+            progress=progress,
+        )
         fit = trainer.run_loop(loop, demo_agent, list(TRAIN_TASKS), list(VALIDATION_TASKS))
     plot = plot_success(fit.iterations, workdir / "reward.png")
     return DemoResult(warmup_success, fit, plot, time.monotonic() - started)
@@ -91,13 +118,17 @@ def _land_warmup(loop: ClosedLoop, base: Path, recipe: Recipe) -> float:
 
     import lightspan
 
-    handle = lightspan.instrument(service_name=WARMUP_SERVICE, endpoint=loop.collector.grpc_endpoint,
-                                  protocol="grpc")
-    rewards = scripted_episodes(AutoTokenizer.from_pretrained(base), count=recipe.warmup_episodes,
-                                seed=recipe.seed)
+    handle = lightspan.instrument(
+        service_name=WARMUP_SERVICE, endpoint=loop.collector.grpc_endpoint, protocol="grpc"
+    )
+    rewards = scripted_episodes(
+        AutoTokenizer.from_pretrained(base), count=recipe.warmup_episodes, seed=recipe.seed
+    )
     handle.force_flush()
     deadline = time.monotonic() + 120
-    while len(loop.store.rollouts(resources_id=SCRIPTED_RESOURCES_ID, landed=True, limit=None)) < len(rewards):
+    while len(loop.store.rollouts(resources_id=SCRIPTED_RESOURCES_ID, landed=True, limit=None)) < len(
+        rewards
+    ):
         if time.monotonic() > deadline:
             raise LightspanError("the warm-up episodes did not all reach the store within 120 s")
         time.sleep(0.2)
@@ -118,8 +149,12 @@ def plot_success(iterations: list[Iteration], path: Path) -> Path:
     if val:
         ax.plot(*zip(*val), marker="s", linestyle="--", label="held-out tasks")
     ax.axhline(0.8, color="grey", linewidth=0.8, linestyle=":")
-    ax.set(xlabel="iteration (0 = right after the warm-up)", ylabel="success rate", ylim=(0, 1),
-           title="lightspan demo: GRPO from the agent's own traces")
+    ax.set(
+        xlabel="iteration (0 = right after the warm-up)",
+        ylabel="success rate",
+        ylim=(0, 1),
+        title="lightspan demo: GRPO from the agent's own traces",
+    )
     ax.legend(loc="lower right")
     ax.grid(alpha=0.3)
     fig.tight_layout()

@@ -47,14 +47,47 @@ TOOLS = ("lookup", "calculator", "weather", "clock", "counter")
 ERROR = "error"
 
 CAPITALS = {
-    "France": "Paris", "Germany": "Berlin", "Spain": "Madrid", "Italy": "Rome", "Japan": "Tokyo",
-    "Egypt": "Cairo", "Peru": "Lima", "Kenya": "Nairobi", "Canada": "Ottawa", "Greece": "Athens",
-    "Norway": "Oslo", "Poland": "Warsaw",
+    "France": "Paris",
+    "Germany": "Berlin",
+    "Spain": "Madrid",
+    "Italy": "Rome",
+    "Japan": "Tokyo",
+    "Egypt": "Cairo",
+    "Peru": "Lima",
+    "Kenya": "Nairobi",
+    "Canada": "Ottawa",
+    "Greece": "Athens",
+    "Norway": "Oslo",
+    "Poland": "Warsaw",
 }
-CITIES = ("London", "Sydney", "Boston", "Dublin", "Mumbai", "Seoul", "Toronto", "Zurich", "Denver", "Lagos",
-          "Hanoi", "Vienna")
-WORDS = ("cat", "horse", "tiger", "zebra", "eagle", "monkey", "owl", "rabbit", "dolphin", "elephant", "fox",
-         "giraffe")
+CITIES = (
+    "London",
+    "Sydney",
+    "Boston",
+    "Dublin",
+    "Mumbai",
+    "Seoul",
+    "Toronto",
+    "Zurich",
+    "Denver",
+    "Lagos",
+    "Hanoi",
+    "Vienna",
+)
+WORDS = (
+    "cat",
+    "horse",
+    "tiger",
+    "zebra",
+    "eagle",
+    "monkey",
+    "owl",
+    "rabbit",
+    "dolphin",
+    "elephant",
+    "fox",
+    "giraffe",
+)
 CONDITIONS = ("sunny", "rainy", "cloudy", "windy", "snowy")
 # Fixed tables (not derived from Python's salted hash) so every process agrees on them.
 WEATHER = {city: CONDITIONS[(3 * i + 1) % len(CONDITIONS)] for i, city in enumerate(CITIES)}
@@ -101,8 +134,13 @@ def _task(kind: str, argument: str) -> Task:
         question, tool, slug = f"letters in {argument}?", "counter", argument
     else:
         raise InvalidInput(f"unknown task kind {kind!r}")
-    return Task(id=f"{kind}-{slug}", question=question, argument=argument, tool=tool,
-                answer=_TOOL_FUNCTIONS[tool](argument))
+    return Task(
+        id=f"{kind}-{slug}",
+        question=question,
+        argument=argument,
+        tool=tool,
+        answer=_TOOL_FUNCTIONS[tool](argument),
+    )
 
 
 def _split(kind: str, arguments: Sequence[str], train: int) -> tuple[list[Task], list[Task]]:
@@ -110,11 +148,26 @@ def _split(kind: str, arguments: Sequence[str], train: int) -> tuple[list[Task],
     return tasks[:train], tasks[train:]
 
 
-_SUMS = ("3 and 4", "2 and 5", "6 and 1", "8 and 3", "4 and 4", "5 and 7", "9 and 2", "1 and 8",
-         "7 and 5", "2 and 9", "6 and 6", "3 and 5")
+_SUMS = (
+    "3 and 4",
+    "2 and 5",
+    "6 and 1",
+    "8 and 3",
+    "4 and 4",
+    "5 and 7",
+    "9 and 2",
+    "1 and 8",
+    "7 and 5",
+    "2 and 9",
+    "6 and 6",
+    "3 and 5",
+)
 _PARTS = [
-    _split("capital", list(CAPITALS), 8), _split("sum", _SUMS, 8),
-    _split("weather", CITIES, 8), _split("time", CITIES, 8), _split("letters", WORDS, 8),
+    _split("capital", list(CAPITALS), 8),
+    _split("sum", _SUMS, 8),
+    _split("weather", CITIES, 8),
+    _split("time", CITIES, 8),
+    _split("letters", WORDS, 8),
 ]
 TRAIN_TASKS: tuple[Task, ...] = tuple(t for train, _ in _PARTS for t in train)
 VALIDATION_TASKS: tuple[Task, ...] = tuple(t for _, held_out in _PARTS for t in held_out)
@@ -134,8 +187,11 @@ def first_messages(task: Mapping[str, Any]) -> list[dict[str, str]]:
 
 def second_messages(task: Mapping[str, Any], tool_reply: str, observation: str) -> list[dict[str, str]]:
     """The prompt of turn 2: the conversation so far plus the observation, alone on its line."""
-    return [*first_messages(task), {"role": "assistant", "content": tool_reply},
-            {"role": "user", "content": observation}]
+    return [
+        *first_messages(task),
+        {"role": "assistant", "content": tool_reply},
+        {"role": "user", "content": observation},
+    ]
 
 
 def score(task: Mapping[str, Any], answer: str | None) -> float:
@@ -149,10 +205,23 @@ def make_corpus(repeat: int = 20) -> list[str]:
     Values appear both alone on a line (how observations and answers are rendered) and after a
     space (how questions render them): byte-level BPE gives the two forms different tokens.
     """
-    words = [*TOOLS, *CAPITALS, *CAPITALS.values(), *CITIES, *WORDS, *CONDITIONS, ERROR,
-             *{str(n) for n in range(19)}]
-    lines = ["user", "assistant", *(t["question"] for t in TRAIN_TASKS + VALIDATION_TASKS), *words,
-             " ".join(words)]
+    words = [
+        *TOOLS,
+        *CAPITALS,
+        *CAPITALS.values(),
+        *CITIES,
+        *WORDS,
+        *CONDITIONS,
+        ERROR,
+        *{str(n) for n in range(19)},
+    ]
+    lines = [
+        "user",
+        "assistant",
+        *(t["question"] for t in TRAIN_TASKS + VALIDATION_TASKS),
+        *words,
+        " ".join(words),
+    ]
     return lines * repeat
 
 
@@ -179,8 +248,13 @@ def _seed(turn: int) -> int | None:
 
 def _complete(client: Any, model: str, messages: list[dict[str, str]], turn: int, max_tokens: int) -> str:
     response = client.chat.completions.create(
-        model=model, messages=messages, temperature=RECIPE.temperature, max_tokens=max_tokens,
-        seed=_seed(turn), logprobs=True, extra_body={"return_token_ids": True},
+        model=model,
+        messages=messages,
+        temperature=RECIPE.temperature,
+        max_tokens=max_tokens,
+        seed=_seed(turn),
+        logprobs=True,
+        extra_body={"return_token_ids": True},
     )
     return response.choices[0].message.content or ""
 
@@ -230,7 +304,9 @@ class ScriptedEpisode:
     answer: str
 
 
-def scripted_plan(tasks: Sequence[Task], count: int, seed: int, wrong_answer_rate: float) -> list[ScriptedEpisode]:
+def scripted_plan(
+    tasks: Sequence[Task], count: int, seed: int, wrong_answer_rate: float
+) -> list[ScriptedEpisode]:
     """`count` episodes of the warm-up policy: a uniformly random tool, and the observation
     copied as the answer except, with probability `wrong_answer_rate`, another task's answer."""
     if not tasks:
@@ -271,17 +347,34 @@ class ScriptedTransport:
             return httpx.Response(500, json={"error": {"message": "the script has no reply left"}})
         body = json.loads(request.content)
         text = self.replies.pop(0)
-        prompt = self.tokenizer.apply_chat_template(body["messages"], add_generation_prompt=True,
-                                                    tokenize=True, return_dict=True)["input_ids"]
+        prompt = self.tokenizer.apply_chat_template(
+            body["messages"], add_generation_prompt=True, tokenize=True, return_dict=True
+        )["input_ids"]
         reply = [*self.tokenizer.encode(text, add_special_tokens=False), self.tokenizer.eos_token_id]
-        return httpx.Response(200, json={
-            "id": "chatcmpl-scripted", "object": "chat.completion", "created": 0, "model": body.get("model"),
-            "prompt_token_ids": list(prompt),
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                         "finish_reason": "stop", "token_ids": reply}],
-            "usage": {"prompt_tokens": len(prompt), "completion_tokens": len(reply),
-                      "total_tokens": len(prompt) + len(reply)},
-        })
+        return httpx.Response(
+            200,
+            json={
+                "id": "chatcmpl-scripted",
+                "object": "chat.completion",
+                "created": 0,
+                "model": body.get("model"),
+                "prompt_token_ids": list(prompt),
+                "choices": [
+                    {
+                        "index": 0,
+                        "message": {"role": "assistant", "content": text},
+                        "logprobs": None,
+                        "finish_reason": "stop",
+                        "token_ids": reply,
+                    }
+                ],
+                "usage": {
+                    "prompt_tokens": len(prompt),
+                    "completion_tokens": len(reply),
+                    "total_tokens": len(prompt) + len(reply),
+                },
+            },
+        )
 
 
 def _scripted_agent(task: Task, client: Any) -> float:
@@ -289,9 +382,15 @@ def _scripted_agent(task: Task, client: Any) -> float:
     return play(task, client, "scripted")
 
 
-def scripted_episodes(tokenizer: Any, tasks: Sequence[Task] = TRAIN_TASKS, *, count: int | None = None,
-                      seed: int | None = None, wrong_answer_rate: float | None = None,
-                      resources_id: str = SCRIPTED_RESOURCES_ID) -> list[float]:
+def scripted_episodes(
+    tokenizer: Any,
+    tasks: Sequence[Task] = TRAIN_TASKS,
+    *,
+    count: int | None = None,
+    seed: int | None = None,
+    wrong_answer_rate: float | None = None,
+    resources_id: str = SCRIPTED_RESOURCES_ID,
+) -> list[float]:
     """Run the warm-up episodes through the OpenAI SDK and Lightspan's tracing; returns rewards.
 
     Call after `lightspan.instrument()` (or with any SDK provider and Lightspan's token hook), so
@@ -304,14 +403,17 @@ def scripted_episodes(tokenizer: Any, tasks: Sequence[Task] = TRAIN_TASKS, *, co
     import openai
 
     plan = scripted_plan(
-        tasks, RECIPE.warmup_episodes if count is None else count, RECIPE.seed if seed is None else seed,
+        tasks,
+        RECIPE.warmup_episodes if count is None else count,
+        RECIPE.seed if seed is None else seed,
         RECIPE.warmup_wrong_answer_rate if wrong_answer_rate is None else wrong_answer_rate,
     )
     transport = ScriptedTransport(tokenizer)
     http = httpx.Client(transport=httpx.MockTransport(transport.handle))
     rewards = []
-    with openai.OpenAI(base_url="http://scripted.invalid/v1", api_key="scripted", http_client=http,
-                       max_retries=0) as client:
+    with openai.OpenAI(
+        base_url="http://scripted.invalid/v1", api_key="scripted", http_client=http, max_retries=0
+    ) as client:
         for attempt, episode in enumerate(plan):
             transport.replies = [episode.tool, episode.answer]
             episode_fn = lightspan.rollout(attempt=attempt, resources_id=resources_id)(_scripted_agent)
@@ -373,23 +475,38 @@ class Recipe:
         config: dict[str, Any] = {
             "store": store,
             "model": {"path": model, "max_length": 256},
-            "selection": {"min_group_size": 1, "resources_id": SCRIPTED_RESOURCES_ID} if sft
+            "selection": {"min_group_size": 1, "resources_id": SCRIPTED_RESOURCES_ID}
+            if sft
             else {"min_group_size": self.group_size},
             "algorithm": {
-                "name": phase, "reference": None if sft else model,  # KL to the warm-up, not the latest
-                "credit": "step", "group_by": "task", "scale": "group",
-                "kl_coef": 0.0 if sft else self.kl_coef, "clip_low": self.clip, "clip_high": self.clip,
-                "aggregation": "token", "temperature": self.temperature,
+                "name": phase,
+                "reference": None if sft else model,  # KL to the warm-up, not the latest
+                "credit": "step",
+                "group_by": "task",
+                "scale": "group",
+                "kl_coef": 0.0 if sft else self.kl_coef,
+                "clip_low": self.clip,
+                "clip_high": self.clip,
+                "aggregation": "token",
+                "temperature": self.temperature,
                 "sft_min_return": -1.0,  # behaviour cloning: the unrewarded scripted episodes train too
             },
             "optim": {"lr": self.sft_lr if sft else self.lr, "grad_clip": 1.0},
-            "schedule": {"micro_batch_size": math.gcd(batch, 64), "global_batch_size": batch,
-                         "epochs": self.sft_epochs if sft else 1, "seed": self.seed},
+            "schedule": {
+                "micro_batch_size": math.gcd(batch, 64),
+                "global_batch_size": batch,
+                "epochs": self.sft_epochs if sft else 1,
+                "seed": self.seed,
+            },
             "output": {"dir": output_dir, "resource_name": "policy"},
         }
         if not sft:  # the closed loop's follow mode: one iteration = every task's complete group
-            config["follow"] = {"min_groups": self.tasks_per_iteration, "max_staleness": 0,
-                                "steps_per_iteration": self.steps_per_iteration, "iterations": self.iterations}
+            config["follow"] = {
+                "min_groups": self.tasks_per_iteration,
+                "max_staleness": 0,
+                "steps_per_iteration": self.steps_per_iteration,
+                "iterations": self.iterations,
+            }
         return config
 
 

@@ -91,8 +91,11 @@ def load_model(path: str, config: TrainConfig, *, trainable: bool = True) -> Any
         if m.gradient_checkpointing:
             model.enable_input_require_grads()
         lora = peft.LoraConfig(
-            r=m.lora.r, lora_alpha=m.lora.alpha, lora_dropout=m.lora.dropout,
-            target_modules=m.lora.target_modules, task_type="CAUSAL_LM",
+            r=m.lora.r,
+            lora_alpha=m.lora.alpha,
+            lora_dropout=m.lora.dropout,
+            target_modules=m.lora.target_modules,
+            task_type="CAUSAL_LM",
         )
         model = peft.get_peft_model(model, lora)
     return model
@@ -129,15 +132,23 @@ def build(config: TrainConfig, world_size: int, rank: int) -> Loaded:
     o = config.optim
     optimizer = None
     if "optimizer" not in ds:
+
         def optimizer(params: Any) -> torch.optim.Optimizer:
-            return torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
+            return torch.optim.AdamW(
+                params, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay
+            )
 
     def scheduler(opt: torch.optim.Optimizer) -> Any:
-        return torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / (o.warmup_steps + 1)))
+        return torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda step: min(1.0, (step + 1) / (o.warmup_steps + 1))
+        )
 
     engine, *_ = deepspeed.initialize(
-        model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
-        optimizer=optimizer, lr_scheduler=scheduler if "scheduler" not in ds else None, config=ds,
+        model=model,
+        model_parameters=[p for p in model.parameters() if p.requires_grad],
+        optimizer=optimizer,
+        lr_scheduler=scheduler if "scheduler" not in ds else None,
+        config=ds,
     )
     reference = None
     a = config.algorithm
@@ -183,7 +194,9 @@ class TrainStep:
         samples, skipped = self.tokenize(transitions)
         return self.run(samples, skipped, started)
 
-    def run(self, samples: Sequence[Sample], skipped: int = 0, started: float | None = None) -> dict[str, float]:
+    def run(
+        self, samples: Sequence[Sample], skipped: int = 0, started: float | None = None
+    ) -> dict[str, float]:
         """The step on already tokenised samples (at most micro x accumulation of them)."""
         started = time.perf_counter() if started is None else started
         a = self.config.algorithm
@@ -209,8 +222,11 @@ class TrainStep:
         sums[_SUMS.index("advantage_sq")] += sum(s.advantage**2 for s in samples)
         sums[_SUMS.index("response_tokens")] += sum(s.response_length for s in samples)
         extremes = torch.tensor(
-            [max((s.advantage for s in samples), default=-math.inf),
-             max((-s.advantage for s in samples), default=-math.inf)], dtype=torch.float64,
+            [
+                max((s.advantage for s in samples), default=-math.inf),
+                max((-s.advantage for s in samples), default=-math.inf),
+            ],
+            dtype=torch.float64,
         )
         sums, extremes = self.all_reduce(sums, "sum"), self.all_reduce(extremes, "max")
         elapsed = self.all_reduce(torch.tensor([time.perf_counter() - started], dtype=torch.float64), "max")
@@ -247,7 +263,7 @@ class TrainStep:
         out, row = [], 0
         for batch in batches:
             rows, length = batch.mask.shape
-            out.append(full[row:row + rows, :length] * scale)
+            out.append(full[row : row + rows, :length] * scale)
             row += rows
         return out
 
@@ -268,8 +284,16 @@ class TrainStep:
             old = torch.where(known, batch.old_logprobs.to(device), logprobs.detach())
             reference = self._reference_logprobs(ids, attention) if a.kl_coef > 0 else None
             loss, stats = losses.ppo_clip(
-                logprobs, old, batch.advantages.to(device), mask, clip_low=a.clip_low, clip_high=a.clip_high,
-                weights=weights, ref_logprobs=reference, kl_coef=a.kl_coef, kl_estimator=a.kl_estimator,
+                logprobs,
+                old,
+                batch.advantages.to(device),
+                mask,
+                clip_low=a.clip_low,
+                clip_high=a.clip_high,
+                weights=weights,
+                ref_logprobs=reference,
+                kl_coef=a.kl_coef,
+                kl_estimator=a.kl_estimator,
             )
             sums[_SUMS.index("clip_tokens")] = float(stats["clip_fraction"]) * tokens
             sums[_SUMS.index("approx_kl_tokens")] = float(stats["approx_kl"]) * tokens
@@ -299,7 +323,9 @@ class TrainStep:
         dist.all_reduce(moved, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
         return moved.cpu()
 
-    def _metrics(self, sums: torch.Tensor, extremes: torch.Tensor, elapsed: float, name: str) -> dict[str, float]:
+    def _metrics(
+        self, sums: torch.Tensor, extremes: torch.Tensor, elapsed: float, name: str
+    ) -> dict[str, float]:
         v = dict(zip(_SUMS, sums.tolist()))
         n = max(v["samples"], 1.0)
         tokens = max(v["loss_tokens"], 1.0)
@@ -330,6 +356,17 @@ class TrainStep:
 
 # Quantities summed over micro-batches and ranks, in one all-reduce.
 _SUMS = (
-    "loss", "loss_tokens", "tokens", "clip_tokens", "approx_kl_tokens", "kl", "samples", "skipped",
-    "retokenized", "reward", "advantage", "advantage_sq", "response_tokens",
+    "loss",
+    "loss_tokens",
+    "tokens",
+    "clip_tokens",
+    "approx_kl_tokens",
+    "kl",
+    "samples",
+    "skipped",
+    "retokenized",
+    "reward",
+    "advantage",
+    "advantage_sq",
+    "response_tokens",
 )

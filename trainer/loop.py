@@ -36,8 +36,13 @@ def init_distributed() -> tuple[int, int]:
     import deepspeed.comm as dist
 
     if "RANK" not in os.environ:  # plain `python -m lightspan.trainer`: a world of one
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=os.environ.get("MASTER_PORT") or str(_free_port()))
+        os.environ.update(
+            RANK="0",
+            LOCAL_RANK="0",
+            WORLD_SIZE="1",
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=os.environ.get("MASTER_PORT") or str(_free_port()),
+        )
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo", verbose=False)
@@ -76,8 +81,12 @@ def connect_store(config: TrainConfig, rank: int, world_size: int) -> Any:
     url = parse_store_url(config.store)
     if url.embedded and world_size > 1:
         endpoint = url.path and read_endpoint(url.path)
-        how = f"use store: {endpoint}" if endpoint else (
-            "run `lightspan collector --store chdb://...` and point store: at its SQL endpoint (http://host:8123)"
+        how = (
+            f"use store: {endpoint}"
+            if endpoint
+            else (
+                "run `lightspan collector --store chdb://...` and point store: at its SQL endpoint (http://host:8123)"
+            )
         )
         raise InvalidInput(
             f"{world_size} ranks cannot share the embedded store {url}: chDB allows one process per data "
@@ -107,8 +116,12 @@ class Session:
         # The data set is fixed at the first start, so a resumed run sees the same rollouts. The
         # cut-off is timezone-aware: the client converts it to the server's zone, whatever it is.
         cutoff = config.selection.until or self.state.get("until") or datetime.now(timezone.utc)
-        self.until = _broadcast(cutoff if isinstance(cutoff, datetime) else datetime.fromisoformat(cutoff), self.world_size)
-        self.parent: str | None = self.state.get("resource_id") or config.selection.resources_id or self._latest()
+        self.until = _broadcast(
+            cutoff if isinstance(cutoff, datetime) else datetime.fromisoformat(cutoff), self.world_size
+        )
+        self.parent: str | None = (
+            self.state.get("resource_id") or config.selection.resources_id or self._latest()
+        )
         self.loaded: Loaded = build(config, self.world_size, self.rank)
         self.step_fn = TrainStep(self.loaded)
         self.step = 0
@@ -132,7 +145,11 @@ class Session:
 
     # --- data ---------------------------------------------------------------------------------
     def samples(
-        self, resources_ids: Sequence[str] | None = None, *, since: datetime | None = None, landed: bool = False
+        self,
+        resources_ids: Sequence[str] | None = None,
+        *,
+        since: datetime | None = None,
+        landed: bool = False,
     ) -> list[Sample]:
         """This rank's complete task groups, as tokenised samples; writes a per-rank manifest.
 
@@ -144,18 +161,29 @@ class Session:
         if since is not None:
             changes["since"] = since
         config = dataclasses.replace(self.config, selection=dataclasses.replace(selection, **changes))
-        summaries = select_rollouts(self.store, config, self.rank, self.world_size,
-                                    resources_ids=resources_ids, landed=landed)
+        summaries = select_rollouts(
+            self.store, config, self.rank, self.world_size, resources_ids=resources_ids, landed=landed
+        )
         transitions = load_transitions(self.store, summaries, config)
         samples, skipped = self.step_fn.tokenize(transitions)
         self.skipped = skipped
         manifest = self.out_dir / "data" / f"rank-{self.rank}-of-{self.world_size}.json"
         manifest.parent.mkdir(parents=True, exist_ok=True)
-        manifest.write_text(json.dumps({
-            "tasks": sorted({s.task_id for s in summaries}), "rollouts": len(summaries),
-            "transitions": len(transitions), "samples": len(samples), "skipped": skipped,
-            "resources_ids": list(resources_ids) if resources_ids is not None else selection.resources_id,
-        }, indent=2))
+        manifest.write_text(
+            json.dumps(
+                {
+                    "tasks": sorted({s.task_id for s in summaries}),
+                    "rollouts": len(summaries),
+                    "transitions": len(transitions),
+                    "samples": len(samples),
+                    "skipped": skipped,
+                    "resources_ids": list(resources_ids)
+                    if resources_ids is not None
+                    else selection.resources_id,
+                },
+                indent=2,
+            )
+        )
         return samples
 
     # --- follow mode --------------------------------------------------------------------------
@@ -170,7 +198,9 @@ class Session:
             latest = self.store.latest_resource(name)
             if latest is None:
                 latest = self.store.publish_resource(
-                    name, "checkpoint", uri=str(Path(self.config.model.path).resolve()),
+                    name,
+                    "checkpoint",
+                    uri=str(Path(self.config.model.path).resolve()),
                     metadata={"step": 0, "run": self.run_id, "base_model": self.config.model.path},
                 )
             resource_id = latest.id
@@ -182,7 +212,7 @@ class Session:
         ids = None
         if self.rank == 0:
             versions = self.store.resources(self.config.output.resource_name)
-            ids = [r.id for r in reversed(versions[-(max_staleness + 1):])]
+            ids = [r.id for r in reversed(versions[-(max_staleness + 1) :])]
         return _broadcast(ids, self.world_size)
 
     def wait_for_data(self, accepted: Sequence[str], since: datetime | None) -> list[Sample]:
@@ -195,8 +225,10 @@ class Session:
             if self.rank == 0:
                 selection = dataclasses.replace(self.config.selection, until=self.until, since=since)
                 config = dataclasses.replace(self.config, selection=selection)
-                groups = {s.task_id for s in select_rollouts(self.store, config, 0, 1, resources_ids=accepted,
-                                                             landed=True)}
+                groups = {
+                    s.task_id
+                    for s in select_rollouts(self.store, config, 0, 1, resources_ids=accepted, landed=True)
+                }
                 ready = len(groups) >= f.min_groups
             if _broadcast(ready, self.world_size):
                 return self.samples(accepted, since=since, landed=True)
@@ -221,8 +253,15 @@ class Session:
 
         s = self.config.schedule
         per_rank = s.micro_batch_size * self.step_fn.accumulation
-        bar = tqdm(total=until_step, initial=self.step, desc=f"train {self.run_id}", unit="step",
-                   disable=self.rank != 0, file=sys.stderr, dynamic_ncols=True)
+        bar = tqdm(
+            total=until_step,
+            initial=self.step,
+            desc=f"train {self.run_id}",
+            unit="step",
+            disable=self.rank != 0,
+            file=sys.stderr,
+            dynamic_ncols=True,
+        )
         cached_epoch, batches = -1, []
         while self.step < until_step:
             epoch, index = divmod(self.step, steps_per_epoch)
@@ -235,8 +274,12 @@ class Session:
             self.last_metrics = metrics
             if self.rank == 0:
                 self.store.log_metrics(self.run_id, self.step, metrics)
-                bar.set_postfix(loss=f"{metrics['loss']:.4f}", reward=f"{metrics['reward_mean']:.3f}",
-                                tok_s=f"{metrics['tokens_per_s']:.0f}", refresh=False)
+                bar.set_postfix(
+                    loss=f"{metrics['loss']:.4f}",
+                    reward=f"{metrics['reward_mean']:.3f}",
+                    tok_s=f"{metrics['tokens_per_s']:.0f}",
+                    refresh=False,
+                )
                 bar.update(1)
             every = self.config.output.save_every
             if (every and self.step % every == 0) or self.step == until_step:
@@ -246,16 +289,27 @@ class Session:
     def save(self) -> Path:
         """Write checkpoint `self.step` and register it in `resources` (rank 0)."""
         state = {
-            "run": self.run_id, "until": self.until.isoformat(), "parent": self.parent,
-            "metrics": self.last_metrics, "config": to_dict(self.config), "world_size": self.world_size,
+            "run": self.run_id,
+            "until": self.until.isoformat(),
+            "parent": self.parent,
+            "metrics": self.last_metrics,
+            "config": to_dict(self.config),
+            "world_size": self.world_size,
         }
         path = checkpoint.save(self.loaded, self.out_dir, self.step, state)
         resource_id = None
         if self.rank == 0:
             resource = self.store.publish_resource(
-                self.config.output.resource_name, "checkpoint", uri=str(path.resolve()),
-                metadata={"step": self.step, "run": self.run_id, "parent": self.parent,
-                          "metrics": self.last_metrics, "base_model": self.config.model.path},
+                self.config.output.resource_name,
+                "checkpoint",
+                uri=str(path.resolve()),
+                metadata={
+                    "step": self.step,
+                    "run": self.run_id,
+                    "parent": self.parent,
+                    "metrics": self.last_metrics,
+                    "base_model": self.config.model.path,
+                },
             )
             resource_id = resource.id
             state_file = path / checkpoint.STATE_FILE
@@ -322,7 +376,9 @@ def run(config: TrainConfig, *, resume: str | Path | bool | None = None) -> Path
         if config.schedule.steps is not None:
             total = min(total, config.schedule.steps)
         if session.step >= total:
-            raise InvalidInput(f"--resume: checkpoint is at step {session.step}, the schedule ends at {total}")
+            raise InvalidInput(
+                f"--resume: checkpoint is at step {session.step}, the schedule ends at {total}"
+            )
         session.train(samples, total, per_epoch)
         return session.out_dir / checkpoint.name(session.step)
     finally:

@@ -10,8 +10,17 @@ from typing import Any
 from lightspan.errors import NotFound
 
 # The metrics people look at first go first in the overview.
-_FIRST = ("loss", "reward_mean", "advantage_std", "kl", "approx_kl", "clip_fraction", "grad_norm",
-          "tokens_per_s", "retokenized_fraction")
+_FIRST = (
+    "loss",
+    "reward_mean",
+    "advantage_std",
+    "kl",
+    "approx_kl",
+    "clip_fraction",
+    "grad_norm",
+    "tokens_per_s",
+    "retokenized_fraction",
+)
 
 
 def write_report(store: Any, run: str, out_dir: str | Path) -> list[Path]:
@@ -41,7 +50,7 @@ def write_report(store: Any, run: str, out_dir: str | Path) -> list[Path]:
     fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3 * rows), squeeze=False)
     for ax, name in zip(axes.flat, names):
         _plot(ax, name, series[name])
-    for ax in list(axes.flat)[len(names):]:
+    for ax in list(axes.flat)[len(names) :]:
         ax.axis("off")
     fig.suptitle(f"run {run}")
     fig.tight_layout()

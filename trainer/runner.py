@@ -75,8 +75,11 @@ def jobs_for(tasks: Iterable[Any], samples: int, resources_id: str, tag: str) ->
     """`samples` rollouts of each task: ids `tag/task/k`, so a run with a fixed tag (and an
     agent that seeds its sampling from the rollout id) is reproducible; `tag` must make them
     unique in the store (the loop uses run id and version)."""
-    return [Job(task, task_id_of(task), f"{tag}/{task_id_of(task)}/{k}", 0, resources_id)
-            for task in tasks for k in range(samples)]
+    return [
+        Job(task, task_id_of(task), f"{tag}/{task_id_of(task)}/{k}", 0, resources_id)
+        for task in tasks
+        for k in range(samples)
+    ]
 
 
 def _run_agent(agent: Agent, task: Any, llm: LLM) -> Any:
@@ -90,8 +93,9 @@ def _run_job(agent: Agent, job: Job, llm: LLM) -> tuple[float | None, str | None
 
     reward: float | None = None
     try:
-        with lightspan.rollout(job.task_id, rollout_id=job.rollout_id, attempt=job.attempt,
-                               resources_id=job.resources_id):
+        with lightspan.rollout(
+            job.task_id, rollout_id=job.rollout_id, attempt=job.attempt, resources_id=job.resources_id
+        ):
             result = _run_agent(agent, job.task, llm)
             if isinstance(result, numbers.Real) and not isinstance(result, bool):
                 reward = float(result)
@@ -102,7 +106,9 @@ def _run_job(agent: Agent, job: Job, llm: LLM) -> tuple[float | None, str | None
     return reward, None
 
 
-def _runner_main(conn: Connection, agent: Agent, endpoint: str, service: str, llm: LLM, concurrency: int) -> None:
+def _runner_main(
+    conn: Connection, agent: Agent, endpoint: str, service: str, llm: LLM, concurrency: int
+) -> None:
     """The body of one runner process: instrument once, then run jobs (up to `concurrency` at
     once, in threads) until told to stop.
 
@@ -116,8 +122,9 @@ def _runner_main(conn: Connection, agent: Agent, endpoint: str, service: str, ll
     os.environ.setdefault("OTEL_BSP_MAX_QUEUE_SIZE", "262144")
     import lightspan
 
-    handle = lightspan.instrument(service_name=service, endpoint=endpoint, protocol="grpc",
-                                  request_token_ids=True)
+    handle = lightspan.instrument(
+        service_name=service, endpoint=endpoint, protocol="grpc", request_token_ids=True
+    )
     send_lock = threading.Lock()
 
     def finished(job: Job, future: Future) -> None:
@@ -175,9 +182,19 @@ class RunnerPool:
 
     STARTUP_TIMEOUT = 300.0  # seconds for a runner to import the agent and set up tracing
 
-    def __init__(self, agent: Agent, *, size: int, endpoint: str, service: str, llm: LLM,
-                 timeout: float, max_retries: int, record_failure: Callable[[Job, str], None],
-                 concurrency: int = 1):
+    def __init__(
+        self,
+        agent: Agent,
+        *,
+        size: int,
+        endpoint: str,
+        service: str,
+        llm: LLM,
+        timeout: float,
+        max_retries: int,
+        record_failure: Callable[[Job, str], None],
+        concurrency: int = 1,
+    ):
         self._ctx = multiprocessing.get_context("spawn")
         self._args = (agent, endpoint, service, llm, concurrency)
         self.concurrency = concurrency
@@ -192,7 +209,8 @@ class RunnerPool:
                     runner.send(pending.popleft())
             watched = {r.conn: r for r in self._runners if r.jobs or not r.ready}
             deadline = min(
-                min((sent + self.timeout for _, sent in r.jobs.values()), default=math.inf) if r.ready
+                min((sent + self.timeout for _, sent in r.jobs.values()), default=math.inf)
+                if r.ready
                 else r.spawned + self.STARTUP_TIMEOUT
                 for r in watched.values()
             )
@@ -202,8 +220,10 @@ class RunnerPool:
                     message = conn.recv()
                 except (EOFError, OSError):
                     if not runner.ready:
-                        raise LightspanError(f"a runner process exited while starting (exit code "
-                                             f"{runner.process.exitcode}); is the agent importable?") from None
+                        raise LightspanError(
+                            f"a runner process exited while starting (exit code "
+                            f"{runner.process.exitcode}); is the agent importable?"
+                        ) from None
                     yield from self._replace(runner, "the runner process died", pending)
                     continue
                 if not runner.ready:
@@ -225,8 +245,9 @@ class RunnerPool:
         for job, _ in runner.jobs.values():
             self.record_failure(job, reason)
             if job.attempt < self.max_retries:
-                pending.appendleft(replace(job, rollout_id=f"{job.rollout_id}/a{job.attempt + 1}",
-                                           attempt=job.attempt + 1))
+                pending.appendleft(
+                    replace(job, rollout_id=f"{job.rollout_id}/a{job.attempt + 1}", attempt=job.attempt + 1)
+                )
             else:
                 yield Outcome(job, None, reason)
 
@@ -235,7 +256,9 @@ class RunnerPool:
             runner.stop()
 
 
-def failed_rollout_recorder(endpoint: str, service: str) -> tuple[Callable[[Job, str], None], Callable[[], None]]:
+def failed_rollout_recorder(
+    endpoint: str, service: str
+) -> tuple[Callable[[Job, str], None], Callable[[], None]]:
     """A function that lands a failed rollout's root span in the collector, and its shutdown."""
     from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
     from opentelemetry.sdk.resources import Resource
@@ -248,10 +271,15 @@ def failed_rollout_recorder(endpoint: str, service: str) -> tuple[Callable[[Job,
     tracer = provider.get_tracer("lightspan.trainer.runner")
 
     def record(job: Job, reason: str) -> None:
-        with tracer.start_as_current_span(semconv.ROLLOUT_SPAN, attributes={
-            semconv.ROLLOUT_ID: job.rollout_id, semconv.TASK_ID: job.task_id, semconv.ATTEMPT: job.attempt,
-            semconv.RESOURCES_ID: job.resources_id,
-        }) as span:
+        with tracer.start_as_current_span(
+            semconv.ROLLOUT_SPAN,
+            attributes={
+                semconv.ROLLOUT_ID: job.rollout_id,
+                semconv.TASK_ID: job.task_id,
+                semconv.ATTEMPT: job.attempt,
+                semconv.RESOURCES_ID: job.resources_id,
+            },
+        ) as span:
             span.set_status(Status(StatusCode.ERROR, reason))
 
     return record, provider.shutdown

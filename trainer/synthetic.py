@@ -46,7 +46,9 @@ def rollout_spans(
     trace_id = hashlib.sha256(rollout_id.encode()).hexdigest()[:32]
     ids = [hashlib.sha256(f"{rollout_id}/{n}".encode()).hexdigest()[:16] for n in range(3)]
     context = {
-        semconv.ROLLOUT_ID: rollout_id, semconv.TASK_ID: task_id, semconv.ATTEMPT: str(attempt),
+        semconv.ROLLOUT_ID: rollout_id,
+        semconv.TASK_ID: task_id,
+        semconv.ATTEMPT: str(attempt),
         semconv.AGENT_NAME: agent,
     }
     if resources_id:
@@ -55,9 +57,9 @@ def rollout_spans(
         **context,
         semconv.GEN_AI_OPERATION_NAME: "chat",
         semconv.GEN_AI_REQUEST_MODEL: "tiny",
-        semconv.GEN_AI_INPUT_MESSAGES: json.dumps([
-            _parts("system", "You are a helpful assistant. Answer the question."), _parts("user", question)
-        ]),
+        semconv.GEN_AI_INPUT_MESSAGES: json.dumps(
+            [_parts("system", "You are a helpful assistant. Answer the question."), _parts("user", question)]
+        ),
         semconv.GEN_AI_OUTPUT_MESSAGES: json.dumps([_parts("assistant", answer)]),
     }
     if token_ids is not None:
@@ -66,14 +68,40 @@ def rollout_spans(
     if logprobs is not None:
         chat[semconv.LLM_RESPONSE_LOGPROBS] = json.dumps(list(logprobs))
     ms = 1_000_000
-    common = {"trace_id": trace_id, "service_name": service, "resource_attributes": {semconv.SERVICE_NAME: service}}
+    common = {
+        "trace_id": trace_id,
+        "service_name": service,
+        "resource_attributes": {semconv.SERVICE_NAME: service},
+    }
     return [
-        Span(span_id=ids[0], parent_span_id="", name=semconv.ROLLOUT_SPAN, start_ns=start_ns,
-             end_ns=start_ns + 10 * ms, attributes=dict(context), **common),
-        Span(span_id=ids[1], parent_span_id=ids[0], name="chat tiny", start_ns=start_ns + ms,
-             end_ns=start_ns + 5 * ms, attributes=chat, kind="Client", **common),
-        Span(span_id=ids[2], parent_span_id=ids[0], name=semconv.REWARD_SPAN, start_ns=start_ns + 6 * ms,
-             end_ns=start_ns + 6 * ms, attributes={**context, semconv.REWARD_VALUE: repr(float(reward))}, **common),
+        Span(
+            span_id=ids[0],
+            parent_span_id="",
+            name=semconv.ROLLOUT_SPAN,
+            start_ns=start_ns,
+            end_ns=start_ns + 10 * ms,
+            attributes=dict(context),
+            **common,
+        ),
+        Span(
+            span_id=ids[1],
+            parent_span_id=ids[0],
+            name="chat tiny",
+            start_ns=start_ns + ms,
+            end_ns=start_ns + 5 * ms,
+            attributes=chat,
+            kind="Client",
+            **common,
+        ),
+        Span(
+            span_id=ids[2],
+            parent_span_id=ids[0],
+            name=semconv.REWARD_SPAN,
+            start_ns=start_ns + 6 * ms,
+            end_ns=start_ns + 6 * ms,
+            attributes={**context, semconv.REWARD_VALUE: repr(float(reward))},
+            **common,
+        ),
     ]
 
 
@@ -106,13 +134,21 @@ def arithmetic_rollouts(
             answer = str(a + b) if correct else rng.choice(_WRONG)
             token_ids = None
             if tokenizer is not None and record_every and n % record_every == 0:
-                messages = [{"role": "system", "content": "You are a helpful assistant. Answer the question."},
-                            {"role": "user", "content": question}]
+                messages = [
+                    {"role": "system", "content": "You are a helpful assistant. Answer the question."},
+                    {"role": "user", "content": question},
+                ]
                 token_ids = chat_tokens(tokenizer, messages, {"role": "assistant", "content": answer})
             spans += rollout_spans(
-                rollout_id=f"r-{seed}-{task}-{sample}", task_id=f"task-{seed}-{task}", question=question,
-                answer=answer, reward=1.0 if correct else 0.0, start_ns=start_ns + n * 20_000_000,
-                attempt=sample, token_ids=token_ids, resources_id=resources_id,
+                rollout_id=f"r-{seed}-{task}-{sample}",
+                task_id=f"task-{seed}-{task}",
+                question=question,
+                answer=answer,
+                reward=1.0 if correct else 0.0,
+                start_ns=start_ns + n * 20_000_000,
+                attempt=sample,
+                token_ids=token_ids,
+                resources_id=resources_id,
             )
             n += 1
     return spans

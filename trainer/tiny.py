@@ -88,8 +88,12 @@ def build_tiny_model(
     )
     model = LlamaForCausalLM(config)
     model.generation_config = GenerationConfig(
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, do_sample=True,
-        temperature=1.0, top_p=1.0, max_new_tokens=64,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        do_sample=True,
+        temperature=1.0,
+        top_p=1.0,
+        max_new_tokens=64,
     )
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
