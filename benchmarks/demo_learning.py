@@ -45,8 +45,8 @@ from typing import Any
 
 import torch
 
-from lightspan.trainer import demo_task
-from lightspan.trainer.demo_task import RECIPE, Recipe, Task
+from lightspan.loop import demo_task
+from lightspan.loop.demo_task import RECIPE, Recipe, Task
 
 
 def parse_sets(items: Sequence[str]) -> dict[str, Any]:
@@ -123,7 +123,7 @@ def build_step(config: Any) -> Any:
 
 def policy_view(step: Any, path: Path) -> Any:
     """The live training module as the server's `LoadedModel`, so sampling uses its decode loop."""
-    from lightspan.trainer.serving_engine import LoadedModel
+    from lightspan.serving.generation import LoadedModel
 
     tok = step.loaded.tokenizer
     return LoadedModel(
@@ -152,8 +152,8 @@ def play_batch(
     view: Any, tasks: Sequence[Task], group: int, recipe: Recipe, seed: int
 ) -> tuple[list[Any], list[float]]:
     """`group` episodes per task, both turns batched; returns (transitions, rewards per rollout)."""
-    from lightspan.trainer.serving_engine import generate
-    from lightspan.trainer.serving_protocol import Row, SamplingParams
+    from lightspan.serving.generation import generate
+    from lightspan.serving.protocol import Row, SamplingParams
     from lightspan.types import Transition
 
     tok = view.tokenizer
@@ -278,8 +278,8 @@ def warm_up(
 
 # --- one calibration run -----------------------------------------------------------------------------
 def run(recipe: Recipe, work: Path, reuse_warmup: Path | None = None, verbose: bool = True) -> dict[str, Any]:
+    from lightspan.loop.tiny import build_tiny_model
     from lightspan.trainer.data import step_batches
-    from lightspan.trainer.tiny import build_tiny_model
 
     timings: dict[str, float] = {}
     started = time.perf_counter()

@@ -25,8 +25,8 @@ import openai
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from lightspan.trainer.server import InferenceServer
-from lightspan.trainer.tiny import build_tiny_model
+from lightspan.loop.tiny import build_tiny_model
+from lightspan.serving.server import InferenceServer
 
 
 def _messages(i: int) -> list[dict[str, str]]:

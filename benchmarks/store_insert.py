@@ -20,13 +20,12 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-
-from spanfactory import rollout_spans
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, for tests.helpers
 
 from lightspan.store import Store
 from lightspan.store.schema import TRACES
 from lightspan.store.spans import TRACE_COLUMNS, spans_to_columns
+from tests.helpers.spanfactory import rollout_spans
 
 
 def make_batch(n_spans: int, offset: int) -> list:

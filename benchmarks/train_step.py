@@ -33,7 +33,7 @@ import torch
 def build_model(path: Path, args: argparse.Namespace) -> None:
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
-    from lightspan.trainer.tiny import build_tokenizer
+    from lightspan.loop.tiny import build_tokenizer
 
     tokenizer = build_tokenizer(vocab_size=512)
     torch.manual_seed(0)

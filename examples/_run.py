@@ -27,7 +27,7 @@ SETUP = """\
 Before a run without --train, start a collector and an OpenAI-compatible server, e.g. on a tiny
 model built for the purpose:
 
-    python -c "from lightspan.trainer.tiny import build_tiny_model; build_tiny_model('tiny-model')"
+    python -c "from lightspan.loop.tiny import build_tiny_model; build_tiny_model('tiny-model')"
     lightspan collector &                 # OTLP on :4317, spans land in ./lightspan-data
     lightspan serve --model tiny-model &  # OpenAI-compatible, on :8000, returns token ids
 

@@ -21,9 +21,9 @@ _EXPORTS: dict[str, str] = {
     "rollout": "lightspan.instrumentation",
     "agent": "lightspan.instrumentation",
     "Store": "lightspan.store",
-    "Trainer": "lightspan.trainer.api",
-    "GRPO": "lightspan.trainer.api",
-    "SFT": "lightspan.trainer.api",
+    "Trainer": "lightspan.loop.api",
+    "GRPO": "lightspan.loop.api",
+    "SFT": "lightspan.loop.api",
 }
 
 # Spelled out, not computed, so editors and type checkers see the API (tests/test_cli.py keeps the

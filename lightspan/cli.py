@@ -21,7 +21,8 @@ COMMAND_MODULES = (
     "lightspan.store.cli",
     "lightspan.collector.cli",
     "lightspan.trainer.cli",
-    "lightspan.trainer.serve",
+    "lightspan.loop.cli",
+    "lightspan.serving.cli",
 )
 
 

@@ -1,0 +1,1 @@
+"""The closed loop: `Trainer(...).fit`, process supervision, runners and `lightspan demo`."""

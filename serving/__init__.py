@@ -1,0 +1,1 @@
+"""The OpenAI-compatible server for Hugging Face checkpoints: batching, token ids, versions, reload."""

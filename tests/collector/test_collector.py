@@ -1,0 +1,438 @@
+"""The collector in process: real OTel SDK exporters over real gRPC and HTTP into real chDB."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import subprocess
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import clickhouse_connect
+import grpc
+import pytest
+from clickhouse_connect.driver.exceptions import DatabaseError
+from google.rpc import status_pb2
+from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter as GrpcExporter
+from opentelemetry.exporter.otlp.proto.http import Compression
+from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as HttpExporter
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceResponse
+from opentelemetry.sdk.trace.export import SpanExportResult
+
+from lightspan.collector.grpc_server import METHOD, SERVICE
+from lightspan.collector.server import Collector
+from lightspan.store import Store
+from lightspan.store.lock import read_endpoint
+from tests.collector.test_support import make_spans
+from tests.helpers import ROOT
+
+TOKEN = "s3cret-token"
+
+
+@pytest.fixture
+def collector(tmp_path: Path) -> Iterator[Collector]:
+    with Collector(f"chdb://{tmp_path / 'data'}", grpc_port=0, http_port=0, sql_port=0, batch_ms=5) as c:
+        yield c
+
+
+def _sql(c: Collector, **kwargs) -> clickhouse_connect.driver.Client:
+    return clickhouse_connect.get_client(host="127.0.0.1", port=c.sql_port, **kwargs)
+
+
+def _raw_export(c: Collector, body: bytes, metadata=()) -> ExportTraceServiceResponse:
+    with grpc.insecure_channel(f"127.0.0.1:{c.grpc_port}") as channel:
+        call = channel.unary_unary(
+            f"/{SERVICE}/{METHOD}",
+            request_serializer=None,
+            response_deserializer=ExportTraceServiceResponse.FromString,
+        )
+        return call(body, metadata=metadata, timeout=10)
+
+
+def _post(url: str, body: bytes, content_type: str = "application/x-protobuf", headers=None):
+    request = urllib.request.Request(
+        url, data=body, method="POST", headers={"Content-Type": content_type, **(headers or {})}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, response.read(), response.headers
+    except urllib.error.HTTPError as error:
+        return error.code, error.read(), error.headers
+
+
+def _rows(c: Collector) -> dict[str, dict]:
+    result = _sql(c).query(
+        "SELECT SpanId, TraceId, ParentSpanId, SpanName, SpanKind, ServiceName, ResourceAttributes, ScopeName, "
+        "ScopeVersion, SpanAttributes, StatusCode, StatusMessage, Events.Name, Events.Attributes, Links.SpanId, "
+        "Links.Attributes, toUnixTimestamp64Nano(Timestamp) AS StartNs, Duration FROM otel_traces"
+    )
+    return {row["SpanId"]: row for row in result.named_results()}
+
+
+def _count(c: Collector, **kwargs) -> int:
+    return int(_sql(c, **kwargs).command("SELECT count() FROM otel_traces"))
+
+
+EXPORTERS = {
+    "grpc": lambda c, **kw: GrpcExporter(endpoint=c.grpc_endpoint, insecure=True, **kw),
+    "grpc-gzip": lambda c, **kw: GrpcExporter(
+        endpoint=c.grpc_endpoint, insecure=True, compression=grpc.Compression.Gzip, **kw
+    ),
+    "http": lambda c, **kw: HttpExporter(endpoint=f"{c.http_endpoint}/v1/traces", **kw),
+    "http-gzip": lambda c, **kw: HttpExporter(
+        endpoint=f"{c.http_endpoint}/v1/traces", compression=Compression.Gzip, **kw
+    ),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(EXPORTERS))
+def test_sdk_exporter_spans_arrive_intact(collector: Collector, kind: str):
+    spans = make_spans(rollout=f"r-{kind}")
+    exporter = EXPORTERS[kind](collector)
+    assert exporter.export(spans) == SpanExportResult.SUCCESS  # acknowledged = committed
+    exporter.shutdown()
+    rows = _rows(collector)
+    assert len(rows) == 3
+    by_name = {s.name: s for s in spans}
+    root = rows[f"{by_name['lightspan.rollout'].context.span_id:016x}"]
+    assert root["ParentSpanId"] == "" and root["SpanKind"] == "Server"
+    for span in spans:
+        row = rows[f"{span.context.span_id:016x}"]
+        assert row["TraceId"] == f"{span.context.trace_id:032x}"
+        assert row["StartNs"] == span.start_time and row["Duration"] == span.end_time - span.start_time
+        assert row["ServiceName"] == "agent-app"
+        assert row["ResourceAttributes"]["deployment.environment"] == "test"
+        assert (row["ScopeName"], row["ScopeVersion"]) == ("lightspan.tests", "9.9.9")
+        if span.parent is not None:
+            assert row["ParentSpanId"] == f"{span.parent.span_id:016x}"
+    child = next(r for r in rows.values() if r["SpanName"] == "chat model" and r["StatusCode"] == "Error")
+    assert child["SpanKind"] == "Client" and child["StatusMessage"] == "bad"
+    attrs = child["SpanAttributes"]
+    assert attrs["gen_ai.request.model"] == "tiny" and attrs["step"] == "1" and attrs["temperature"] == "0.5"
+    assert attrs["stream"] == "false" and attrs["lightspan.llm.response_token_ids"] == "[1,2,3]"
+    assert attrs["tags"] == '["a","b"]'
+    assert child["Events.Name"] == ["gen_ai.evaluation.result"]
+    assert child["Events.Attributes"] == [{"gen_ai.evaluation.score.value": "1.0"}]
+    assert child["Links.SpanId"] == [root["SpanId"]] and child["Links.Attributes"] == [
+        {"link.kind": "follows"}
+    ]
+    # And the materialised view saw them, keyed by rollout.
+    assert (
+        _sql(collector).command(f"SELECT count() FROM rollout_spans FINAL WHERE RolloutId = 'r-{kind}'") == 3
+    )
+
+
+def test_otlp_json_body_and_partial_success(collector: Collector):
+    trace_id, span_id = "5b8efff798038103d269b633813fc60c", "eee19b7ec3c1b174"
+    body = {
+        "resourceSpans": [
+            {
+                "resource": {"attributes": [{"key": "service.name", "value": {"stringValue": "json-svc"}}]},
+                "scopeSpans": [
+                    {
+                        "scope": {"name": "js"},
+                        "spans": [
+                            {
+                                "traceId": trace_id,
+                                "spanId": span_id,
+                                "parentSpanId": "eee19b7ec3c1b173",
+                                "name": "op",
+                                "kind": 3,
+                                "startTimeUnixNano": "1544712660000000000",
+                                "endTimeUnixNano": "1544712661000000000",
+                                "attributes": [
+                                    {"key": "n", "value": {"intValue": "42"}},
+                                    {"key": "d", "value": {"doubleValue": 0.25}},
+                                ],
+                                "status": {"code": 2},
+                                "someFutureField": {"x": 1},
+                            },
+                            {"traceId": "", "spanId": "", "name": "no ids"},
+                        ],
+                    }
+                ],
+            }
+        ]
+    }
+    status, payload, headers = _post(
+        f"{collector.http_endpoint}/v1/traces", json.dumps(body).encode(), "application/json"
+    )
+    assert status == 200 and headers["Content-Type"] == "application/json"
+    answer = json.loads(payload)
+    assert (
+        answer["partialSuccess"]["rejectedSpans"] == "1"
+        and "rejected" in answer["partialSuccess"]["errorMessage"]
+    )
+    row = _rows(collector)[span_id]
+    assert row["TraceId"] == trace_id and row["ParentSpanId"] == "eee19b7ec3c1b173"
+    assert row["SpanKind"] == "Client" and row["StatusCode"] == "Error" and row["ServiceName"] == "json-svc"
+    assert row["SpanAttributes"] == {"n": "42", "d": "0.25"} and row["StartNs"] == 1544712660000000000
+
+
+def test_grpc_partial_success(collector: Collector):
+    request = encode_spans(make_spans(children=1))
+    request.resource_spans[0].scope_spans[0].spans[0].span_id = b""
+    response = _raw_export(collector, request.SerializeToString())
+    assert response.partial_success.rejected_spans == 1
+    assert _count(collector) == 1
+
+
+def test_http_error_statuses(tmp_path: Path):
+    with Collector(
+        f"chdb://{tmp_path / 'data'}",
+        grpc_port=0,
+        http_port=0,
+        sql_port=0,
+        batch_ms=5,
+        max_request_bytes=20_000,
+        auth_token=TOKEN,
+    ) as c:
+        url, auth = f"{c.http_endpoint}/v1/traces", {"Authorization": f"Bearer {TOKEN}"}
+        good = encode_spans(make_spans()).SerializeToString()
+
+        status, body, _ = _post(url, good)
+        assert status == 401
+        status, body, _ = _post(url, good, headers={"Authorization": "Bearer wrong"})
+        assert status == 401 and status_pb2.Status.FromString(body).code == 16
+
+        status, body, _ = _post(url, b"\xff\xff\xff\xff", headers=auth)
+        assert status == 400 and "malformed" in status_pb2.Status.FromString(body).message
+        status, body, _ = _post(url, b'{"resourceSpans": 5', "application/json", headers=auth)
+        assert status == 400 and "malformed" in json.loads(body)["message"]
+
+        big = encode_spans(make_spans(children=200)).SerializeToString()
+        assert len(big) > 20_000
+        status, body, _ = _post(url, big, headers=auth)
+        assert status == 413
+        bomb = gzip.compress(b"\x00" * 1_000_000)  # small on the wire, too large decompressed
+        status, body, _ = _post(url, bomb, headers={**auth, "Content-Encoding": "gzip"})
+        assert status == 413
+
+        assert _post(url, good, "text/plain", headers=auth)[0] == 415
+        assert _post(f"{c.http_endpoint}/v1/logs", good, headers=auth)[0] == 404
+        assert _count(c, password=TOKEN) == 0  # nothing of a rejected request is stored
+
+        status, body, _ = _post(url, gzip.compress(good), headers={**auth, "Content-Encoding": "gzip"})
+        assert status == 200 and ExportTraceServiceResponse.FromString(body) == ExportTraceServiceResponse()
+        assert _count(c, password=TOKEN) == 3
+        # The SQL endpoint honours the token too.
+        with pytest.raises(DatabaseError, match="Authentication failed"):
+            _sql(c)
+        assert _sql(c, password=TOKEN).command("SELECT count() FROM otel_traces") == 3
+
+
+def test_grpc_error_statuses(tmp_path: Path):
+    with Collector(
+        f"chdb://{tmp_path / 'data'}",
+        grpc_port=0,
+        http_port=0,
+        sql_port=0,
+        batch_ms=5,
+        max_request_bytes=20_000,
+        auth_token=TOKEN,
+    ) as c:
+        auth = (("authorization", f"Bearer {TOKEN}"),)
+        good = encode_spans(make_spans()).SerializeToString()
+        with pytest.raises(grpc.RpcError) as error:
+            _raw_export(c, good)
+        assert error.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        with pytest.raises(grpc.RpcError) as error:
+            _raw_export(c, b"\xff\xff\xff\xff", auth)
+        assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        with pytest.raises(grpc.RpcError) as error:
+            _raw_export(c, encode_spans(make_spans(children=200)).SerializeToString(), auth)
+        assert error.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert _sql(c, password=TOKEN).command("SELECT count() FROM otel_traces") == 0
+        exporter = GrpcExporter(
+            endpoint=c.grpc_endpoint, insecure=True, headers={"authorization": f"Bearer {TOKEN}"}
+        )
+        assert exporter.export(make_spans()) == SpanExportResult.SUCCESS
+        exporter.shutdown()
+        assert _sql(c, password=TOKEN).command("SELECT count() FROM otel_traces") == 3
+
+
+def test_metrics_and_health(collector: Collector):
+    exporter = EXPORTERS["grpc"](collector)
+    assert exporter.export(make_spans()) == SpanExportResult.SUCCESS
+    exporter.shutdown()
+    _post(f"{collector.http_endpoint}/v1/traces", b"\xff\xff")
+    text = urllib.request.urlopen(f"{collector.http_endpoint}/metrics").read().decode()
+    assert 'lightspan_collector_spans_received_total{protocol="grpc"} 3' in text
+    assert "lightspan_collector_spans_committed_total 3" in text
+    assert 'lightspan_collector_requests_total{outcome="invalid",protocol="http"} 1' in text
+    assert "lightspan_collector_queue_spans 0" in text
+    assert 'lightspan_collector_commit_seconds_bucket{le="+Inf"} 1' in text
+    health = json.loads(urllib.request.urlopen(f"{collector.http_endpoint}/health").read())
+    assert health["status"] == "ok" and health["spans_committed"] == 3
+
+
+# --- SQL endpoint --------------------------------------------------------------------------------
+def test_sql_endpoint_with_clickhouse_connect(collector: Collector):
+    client = _sql(collector)
+    assert client.query(
+        "SELECT {x:UInt32} + 1 AS y, {s:String} AS s", parameters={"x": 41, "s": "it's"}
+    ).result_rows == [(42, "it's")]
+    client.command(
+        "CREATE TABLE kv (k String, v Map(String, String), n Array(UInt32)) ENGINE = MergeTree ORDER BY k"
+    )
+    client.insert("kv", [["a", {"x": "1"}, [1, 2]], ["b", {}, []]], column_names=["k", "v", "n"])
+    assert client.query("SELECT * FROM kv ORDER BY k").result_rows == [
+        ("a", {"x": "1"}, [1, 2]),
+        ("b", {}, []),
+    ]
+    client.command("INSERT INTO kv (k) VALUES ({k:String})", parameters={"k": "c"})
+    assert client.command("SELECT count() FROM kv WHERE k = {k:String}", parameters={"k": "c"}) == 1
+    assert client.query_df("SELECT k FROM kv ORDER BY k")["k"].tolist() == ["a", "b", "c"]
+    with pytest.raises(DatabaseError, match="UNKNOWN_TABLE") as error:
+        client.query("SELECT * FROM no_such_table")
+    assert "Code: 60" in str(error.value)
+    with pytest.raises(DatabaseError, match="SYNTAX_ERROR"):
+        client.command("SELEC 1")
+    # The store API itself works through the endpoint (what `--store <sql url>` does).
+    with Store.connect(collector.sql_url) as remote:
+        assert remote.schema_version() == remote.latest_schema_version
+        assert remote.sql("SELECT count() FROM otel_traces").scalar() == 0
+
+
+def test_sql_endpoint_takes_large_parameters_as_form_fields(collector: Collector):
+    # Past a few KiB of parameters clickhouse-connect sends query and params as multipart/form-data.
+    ids = [f"rollout-{i:05d}-{'x' * 40}" for i in range(800)]
+    client = _sql(collector)
+    assert client.query(
+        "SELECT length({ids:Array(String)}), {s:String} = repeat('y', 30000)",
+        parameters={"ids": ids, "s": "y" * 30000},
+    ).result_rows == [(800, True)]
+    with Store.connect(collector.sql_url) as remote:
+        assert remote.span_trees(ids) == {}
+
+
+def test_sql_endpoint_plain_http(collector: Collector):
+    base = f"http://127.0.0.1:{collector.sql_port}"
+    assert urllib.request.urlopen(f"{base}/ping").read() == b"Ok.\n"
+    assert urllib.request.urlopen(f"{base}/?query=SELECT+1").read() == b"1\n"
+    curl = subprocess.run(["curl", "-s", f"{base}/?query=SELECT+2"], capture_output=True, check=False)
+    assert curl.returncode != 0 or curl.stdout == b"2\n"
+    with pytest.raises(urllib.error.HTTPError) as error:  # GET is read-only, as on ClickHouse
+        urllib.request.urlopen(f"{base}/?query=CREATE+TABLE+t+(a+UInt8)+ENGINE=Memory")
+    assert error.value.code == 403 and error.value.headers["X-ClickHouse-Exception-Code"] == "164"
+    status, body, headers = _post(
+        f"{base}/?query=SELECT+number+FROM+numbers(3)+FORMAT+JSONEachRow", b"", "text/plain"
+    )
+    assert status == 200 and [json.loads(line)["number"] for line in body.splitlines()] == [0, 1, 2]
+    status, body, headers = _post(f"{base}/", b"SELECT nope()", "text/plain")
+    assert (
+        status in (400, 404)
+        and body.startswith(b"Code: 46. DB::Exception:")
+        and headers["X-ClickHouse-Exception-Code"] == "46"
+    )
+
+
+def test_sql_endpoint_is_advertised_while_running(tmp_path: Path):
+    data = tmp_path / "data"
+    with Collector(f"chdb://{data}", grpc_port=0, http_port=0, sql_port=0) as c:
+        assert read_endpoint(data.resolve()) == c.sql_url
+    assert read_endpoint(data.resolve()) is None
+
+
+# --- TLS -----------------------------------------------------------------------------------------
+def _self_signed(tmp_path: Path) -> tuple[Path, Path]:
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_file, key_file = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
+    return cert_file, key_file
+
+
+def test_tls_on_grpc_http_and_sql(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    # requests lets these variables override a session's CA file; the exporter's must win here.
+    monkeypatch.delenv("REQUESTS_CA_BUNDLE", raising=False)
+    monkeypatch.delenv("CURL_CA_BUNDLE", raising=False)
+    cert, key = _self_signed(tmp_path)
+    with Collector(
+        f"chdb://{tmp_path / 'data'}",
+        grpc_port=0,
+        http_port=0,
+        sql_port=0,
+        batch_ms=5,
+        tls_cert=str(cert),
+        tls_key=str(key),
+    ) as c:
+        assert c.grpc_endpoint.startswith("https://") and c.sql_url.startswith("https://")
+        credentials = grpc.ssl_channel_credentials(root_certificates=cert.read_bytes())
+        grpc_exporter = GrpcExporter(endpoint=f"localhost:{c.grpc_port}", credentials=credentials)
+        assert grpc_exporter.export(make_spans(rollout="tls-grpc")) == SpanExportResult.SUCCESS
+        grpc_exporter.shutdown()
+        http_exporter = HttpExporter(
+            endpoint=f"https://localhost:{c.http_port}/v1/traces", certificate_file=str(cert)
+        )
+        assert http_exporter.export(make_spans(rollout="tls-http")) == SpanExportResult.SUCCESS
+        http_exporter.shutdown()
+        # Plain-text clients are refused by the TLS listeners.
+        plain = GrpcExporter(endpoint=f"localhost:{c.grpc_port}", insecure=True, timeout=2)
+        assert plain.export(make_spans()) == SpanExportResult.FAILURE
+        plain.shutdown()
+        client = clickhouse_connect.get_client(
+            host="localhost", port=c.sql_port, secure=True, ca_cert=str(cert)
+        )
+        assert client.command("SELECT count() FROM otel_traces") == 6
+
+
+def test_otel_collector_gateway_config_is_consistent():
+    import yaml
+
+    config = yaml.safe_load((ROOT / "otel-collector.yaml").read_text())
+    pipeline = config["service"]["pipelines"]["traces"]
+    assert pipeline["processors"][0] == "memory_limiter"  # must run first to protect the gateway
+    for kind in ("receivers", "processors", "exporters"):
+        assert set(pipeline[kind]) <= set(config[kind]), kind
+    exporter = config["exporters"]["otlp/lightspan"]
+    assert exporter["retry_on_failure"]["enabled"] and exporter["endpoint"].endswith(":4317}")
+
+
+def test_a_store_refusing_for_now_answers_unavailable_and_the_retried_spans_land(collector):
+    """ClickHouse refusing an insert for want of headroom (here: too many parts) is not the
+    client's fault: gRPC UNAVAILABLE / HTTP 503, so exporters retry, and nothing is lost."""
+    assert EXPORTERS["grpc"](collector).export(make_spans(rollout="before")) == SpanExportResult.SUCCESS
+    sql = _sql(collector)
+    sql.command("SYSTEM STOP MERGES otel_traces")
+    sql.command("ALTER TABLE otel_traces MODIFY SETTING parts_to_throw_insert = 1, parts_to_delay_insert = 0")
+    refused = make_spans(rollout="refused")
+    body = encode_spans(refused).SerializeToString()
+    with pytest.raises(grpc.RpcError) as error:
+        _raw_export(collector, body)
+    assert error.value.code() == grpc.StatusCode.UNAVAILABLE and "Too many parts" in error.value.details()
+    status, _, headers = _post(f"{collector.http_endpoint}/v1/traces", body)
+    assert status == 503 and "Retry-After" in headers
+    before = _count(collector)
+    sql.command("ALTER TABLE otel_traces MODIFY SETTING parts_to_throw_insert = 3000")
+    sql.command("SYSTEM START MERGES otel_traces")
+    assert EXPORTERS["http"](collector).export(refused) == SpanExportResult.SUCCESS
+    assert _count(collector) == before + len(refused)

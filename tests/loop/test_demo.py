@@ -1,0 +1,27 @@
+"""`lightspan demo`'s learning claim, through the real loop, as a user runs it (slow: ~9 minutes
+on 2 CPU cores)."""
+
+from __future__ import annotations
+
+import pytest
+
+from lightspan.store import Store
+from tests.helpers.processes import run_cli
+
+
+@pytest.mark.slow
+def test_demo_success_rises_from_warmup_to_trained(tmp_path):
+    workdir = tmp_path / "demo"
+    result = run_cli("demo", "--workdir", str(workdir), timeout=1800)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (workdir / "reward.png").stat().st_size > 10_000
+    with Store.connect(f"chdb://{workdir / 'store'}") as store:
+        success = [value for _, value in store.metrics("lightspan-demo-seed0/loop")["train_reward"]]
+        final = store.latest_resource("policy")
+    assert len(success) == 41  # right after the warm-up, then after each of 40 updates
+    assert success[0] <= 0.3, success
+    assert success[-1] >= 0.8, success
+    from transformers import AutoModelForCausalLM
+
+    assert AutoModelForCausalLM.from_pretrained(final.uri) is not None
+    assert "success on the training tasks" in result.stdout

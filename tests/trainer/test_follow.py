@@ -1,0 +1,102 @@
+"""Trainer follow mode: wait for the serving version's complete groups, train, publish, repeat.
+
+A real collector owns the embedded store and serves its SQL endpoint; the trainer runs as a
+separate process (`python -m lightspan.trainer --follow`) reading through that endpoint, and this
+test plays the runners by landing rollouts tagged with the version they were produced by.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from lightspan.collector.server import Collector
+from lightspan.store import Store
+from tests.helpers.synthetic import arithmetic_rollouts
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from lightspan.loop.tiny import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
+
+
+def wait_for_version(store: Store, version: int, trainer: subprocess.Popen, timeout: float = 240) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        latest = store.latest_resource("policy")
+        if latest is not None and latest.version >= version:
+            return
+        if trainer.poll() is not None:
+            raise AssertionError(f"trainer exited early:\n{trainer.stderr.read()}")
+        time.sleep(0.5)
+    raise AssertionError(f"policy:{version} was not published within {timeout} s")
+
+
+@pytest.mark.slow
+def test_follow_trains_each_version_on_its_own_groups_only(tmp_path, tiny):
+    out = tmp_path / "ckpt"
+    with (
+        Collector(f"chdb://{tmp_path / 'store'}", grpc_port=0, http_port=0, sql_port=0) as collector,
+        Store.connect(f"chdb://{tmp_path / 'store'}") as store,
+    ):
+        config = tmp_path / "follow.yaml"
+        config.write_text(
+            f"store: {collector.sql_url}\n"
+            f"model: {{path: {tiny}}}\n"
+            "selection: {min_group_size: 4}\n"
+            "algorithm: {name: grpo}\n"
+            "optim: {lr: 0.001}\n"
+            "schedule: {micro_batch_size: 4, global_batch_size: 8}\n"
+            f"output: {{dir: {out}, resource_name: policy}}\n"
+            "follow: {min_groups: 2, iterations: 2, poll_seconds: 0.2, steps_per_iteration: 2}\n"
+        )
+        trainer = subprocess.Popen(
+            [sys.executable, "-m", "lightspan.trainer", "--follow", "--config", str(config)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            wait_for_version(store, 1, trainer)  # the base model, published so servers have a version
+            base = store.latest_resource("policy")
+            assert base.id == "policy:1" and base.uri == str(tiny.resolve())
+            now = time.time_ns()
+            # An incomplete group (3 of 4) of the serving version must not start an iteration.
+            store.insert_spans(
+                arithmetic_rollouts(tasks=2, samples=4, start_ns=now, seed=2, resources_id="policy:1")[:-3]
+            )
+            time.sleep(2)
+            assert store.latest_resource("policy").version == 1
+            store.insert_spans(
+                arithmetic_rollouts(tasks=2, samples=4, start_ns=now, seed=2, resources_id="policy:1")
+            )
+            wait_for_version(store, 2, trainer)
+            # Data of the old version arriving late is off-policy: the next iteration must not use it.
+            later = time.time_ns()
+            store.insert_spans(
+                arithmetic_rollouts(tasks=3, samples=4, start_ns=later, seed=3, resources_id="policy:1")
+            )
+            store.insert_spans(
+                arithmetic_rollouts(tasks=2, samples=4, start_ns=later, seed=4, resources_id="policy:2")
+            )
+            wait_for_version(store, 3, trainer)
+            assert trainer.wait(timeout=120) == 0, trainer.stderr.read()
+        finally:
+            if trainer.poll() is None:
+                trainer.kill()
+        versions = store.resources("policy")
+        assert [r.version for r in versions] == [1, 2, 3]
+        assert [r.metadata.get("parent") for r in versions[1:]] == ["policy:1", "policy:2"]
+        manifest = json.loads((out / "data" / "rank-0-of-1.json").read_text())
+        assert manifest["resources_ids"] == ["policy:2"]
+        assert manifest["tasks"] == ["task-4-0", "task-4-1"] and manifest["rollouts"] == 8
+    from transformers import AutoModelForCausalLM
+
+    assert AutoModelForCausalLM.from_pretrained(versions[-1].uri) is not None
