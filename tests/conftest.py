@@ -37,6 +37,18 @@ def store(store_url: str) -> Iterator[object]:
         s.close()
 
 
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny Llama built offline from a config and a trained tokenizer, saved as a Hugging Face folder.
+
+    One per test session: tests load it with `from_pretrained` as users load real checkpoints, and
+    none writes into it.
+    """
+    from lightspan.loop.tiny import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
+
+
 @pytest.fixture
 def collector_process(tmp_path: Path) -> Iterator[CollectorEndpoints]:
     """The real `lightspan collector` process on an embedded store in tmp_path (see helpers.processes)."""

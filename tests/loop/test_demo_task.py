@@ -54,7 +54,7 @@ def spans() -> Any:
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def demo_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from lightspan.loop.tiny import build_tiny_model
 
     r = demo_task.RECIPE
@@ -70,10 +70,10 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def tokenizer(tiny: Path) -> Any:
+def tokenizer(demo_model: Path) -> Any:
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(tiny)
+    return AutoTokenizer.from_pretrained(demo_model)
 
 
 def stored(readable: Any) -> Span:
@@ -235,12 +235,12 @@ def test_demo_agent_needs_a_base_url_and_a_model() -> None:
 
 
 @pytest.mark.slow
-def test_demo_agent_plays_one_episode_against_lightspan_serve(spans: Any, tiny: Path) -> None:
+def test_demo_agent_plays_one_episode_against_lightspan_serve(spans: Any, demo_model: Path) -> None:
     from lightspan.serving.server import InferenceServer
 
     task = TRAIN_TASKS[0]
-    with InferenceServer(tiny, port=0, max_batch=4) as server:
-        llm = {"base_url": server.url + "/v1", "model": tiny.name, "api_key": "unused"}
+    with InferenceServer(demo_model, port=0, max_batch=4) as server:
+        llm = {"base_url": server.url + "/v1", "model": demo_model.name, "api_key": "unused"}
         reward = demo_task.demo_agent(task, llm)
     assert reward in (0.0, 1.0)
     rollouts = by_rollout(spans.get_finished_spans())

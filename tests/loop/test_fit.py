@@ -14,13 +14,6 @@ from tests.helpers import ROOT
 from tests.helpers.fit_agents import crashing_agent, short_answer_agent
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from lightspan.loop.tiny import build_tiny_model
-
-    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
-
-
 @pytest.mark.slow
 def test_two_iterations_land_spans_publish_reload_and_validate(tmp_path, tiny):
     tasks = [

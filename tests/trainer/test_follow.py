@@ -11,20 +11,12 @@ import json
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
 from lightspan.collector.server import Collector
 from lightspan.store import Store
 from tests.helpers.synthetic import arithmetic_rollouts
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from lightspan.loop.tiny import build_tiny_model
-
-    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
 
 
 def wait_for_version(store: Store, version: int, trainer: subprocess.Popen, timeout: float = 240) -> None:

@@ -24,13 +24,6 @@ TASKS, SAMPLES = 8, 4
 SYSTEM = "You are a helpful assistant. Answer the question."
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from lightspan.loop.tiny import build_tiny_model
-
-    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
-
-
 @pytest.fixture
 def rollouts(tiny: Path, store_url: str) -> list:
     """8 tasks x 4 samples in the store, half right (reward 1), every 2nd with recorded token ids."""

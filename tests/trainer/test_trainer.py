@@ -25,13 +25,6 @@ from tests.helpers.processes import run_cli
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from lightspan.loop.tiny import build_tiny_model
-
-    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
-
-
-@pytest.fixture(scope="module")
 def tokenizer(tiny: Path):
     from transformers import AutoTokenizer
 
