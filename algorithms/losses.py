@@ -25,6 +25,12 @@ from lightspan.errors import InvalidInput
 Aggregation = Literal["token", "sequence", "rollout"]
 KLEstimator = Literal["k1", "k2", "k3"]
 
+# The log-ratio between current and recorded logprobs is clamped to this many nats, as verl and
+# OpenRLHF do: an engine's -inf (vLLM's OpenAI server writes -9999) or any gap over about 89 nats
+# overflows exp() in float32, and one such token would turn the whole step's loss or gradient into
+# inf or NaN. e^20 is still far outside any clip range, so ordinary tokens are untouched.
+LOG_RATIO_LIMIT = 20.0
+
 
 def token_logprobs(logits: torch.Tensor, token_ids: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """Log-probability of each token id under `logits` [B, L, V] → [B, L].
@@ -91,18 +97,27 @@ def ppo_clip(
     ref_logprobs: torch.Tensor | None = None,
     kl_coef: float = 0.0,
     kl_estimator: KLEstimator = "k3",
+    dual_clip: float | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Token-level PPO clipped surrogate (plus `kl_coef` x KL to a reference when given).
 
-    The ratio exp(logprobs - old_logprobs) is clipped to [1 - clip_low, 1 + clip_high]; a larger
-    `clip_high` (DAPO's clip-higher) lets unlikely tokens grow. `advantages` is one value per
-    sequence [B] or per token [B, L]. Returns the loss and detached metrics: `pg_loss`,
-    `clip_fraction` (share of response tokens where clipping removed the gradient),
-    `approx_kl` (k3 estimate of the KL between the old and current policy) and, with a reference, `kl`.
+    The ratio exp(logprobs - old_logprobs), its exponent clamped to ±`LOG_RATIO_LIMIT`, is clipped
+    to [1 - clip_low, 1 + clip_high]; a larger `clip_high` (DAPO's clip-higher) lets unlikely tokens
+    grow. `dual_clip` = c > 1 (verl's `clip_ratio_c`, commonly 3) also bounds the loss of a token
+    with a negative advantage at -A·c, so a token the policy now likes far more than the sampler did
+    cannot dominate the step. `advantages` is one value per sequence [B] or per token [B, L].
+
+    Returns the loss and detached metrics: `pg_loss`; `clip_fraction` (share of response tokens
+    where clipping removed the gradient) and, with `dual_clip`, `dual_clip_fraction`; and the KL
+    between the policy that sampled the tokens and the current one, by estimator, over the clamped
+    log-ratio: `approx_kl_k1` (mean of old - new logprob: what verl and OpenRLHF log as `ppo_kl`)
+    and `approx_kl_k3` (Schulman's unbiased, non-negative (r - 1) - log r); with a reference, `kl`.
     """
     _check_shapes(logprobs, old_logprobs, mask)
     if clip_low < 0 or clip_high < 0:
         raise InvalidInput(f"clip ranges must be non-negative, got low={clip_low}, high={clip_high}")
+    if dual_clip is not None and dual_clip <= 1.0:
+        raise InvalidInput(f"dual_clip must be greater than 1 (verl's clip_ratio_c, e.g. 3), got {dual_clip}")
     if weights is None:
         weights = token_weights(mask, aggregation, rollout_index)
     if advantages.dim() == 1:
@@ -110,18 +125,24 @@ def ppo_clip(
     advantages = advantages.to(logprobs.dtype)
     active = mask.bool()
     logprobs, old_logprobs = _masked(logprobs, active), _masked(old_logprobs, active)
-    log_ratio = logprobs - old_logprobs
+    log_ratio = torch.clamp(logprobs - old_logprobs, -LOG_RATIO_LIMIT, LOG_RATIO_LIMIT)
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high)
-    pg_loss = (torch.maximum(unclipped, clipped) * weights).sum()
-    loss = pg_loss
+    per_token = torch.maximum(unclipped, clipped)
     tokens = active.sum().clamp(min=1)
-    metrics = {
-        "pg_loss": pg_loss.detach(),
-        "clip_fraction": ((clipped > unclipped) & active).sum().detach() / tokens,
-        "approx_kl": (torch.exp(-log_ratio) - 1.0 + log_ratio).sum().detach() / tokens,
-    }
+    metrics = {"clip_fraction": ((clipped > unclipped) & active).sum().detach() / tokens}
+    if dual_clip is not None:
+        bound = -advantages * dual_clip
+        negative = (advantages < 0).expand_as(per_token)
+        metrics["dual_clip_fraction"] = ((per_token > bound) & negative & active).sum().detach() / tokens
+        per_token = torch.where(negative, torch.minimum(per_token, bound), per_token)
+    pg_loss = (per_token * weights).sum()
+    loss = pg_loss
+    with torch.no_grad():
+        metrics["pg_loss"] = pg_loss.detach()
+        metrics["approx_kl_k1"] = (-log_ratio).sum() / tokens
+        metrics["approx_kl_k3"] = (torch.expm1(log_ratio) - log_ratio).sum() / tokens
     if ref_logprobs is not None:
         _check_shapes(logprobs, ref_logprobs, mask)
         kl_loss = (kl(logprobs, _masked(ref_logprobs, active), kl_estimator) * weights).sum()

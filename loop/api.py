@@ -38,6 +38,7 @@ class GRPO:
     scale: str = "group"
     clip_low: float = 0.2
     clip_high: float = 0.2
+    dual_clip: float | None = None
     kl_coef: float = 0.0
     aggregation: str = "token"
     epochs: int = 1
@@ -57,6 +58,7 @@ class GRPO:
                 "scale": self.scale,
                 "clip_low": self.clip_low,
                 "clip_high": self.clip_high,
+                "dual_clip": self.dual_clip,
                 "kl_coef": self.kl_coef,
                 "aggregation": self.aggregation,
             },

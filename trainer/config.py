@@ -82,6 +82,7 @@ class AlgorithmConfig:
     scale: Literal["group", "batch", "none"] = "group"  # GRPO advantage scaling
     clip_low: float = 0.2
     clip_high: float = 0.2
+    dual_clip: float | None = None  # verl's clip_ratio_c (e.g. 3): bounds the loss of negative advantages
     kl_coef: float = 0.0
     kl_estimator: Literal["k1", "k2", "k3"] = "k3"
     reference: str | None = None  # frozen reference for KL; defaults to model.path when kl_coef > 0
@@ -222,6 +223,10 @@ class TrainConfig:
             raise InvalidInput(f"algorithm.gamma must be in [0, 1], got {a.gamma}")
         if a.clip_low < 0 or a.clip_high < 0 or a.kl_coef < 0 or a.temperature <= 0:
             raise InvalidInput("algorithm.clip_low/clip_high/kl_coef must be >= 0 and temperature > 0")
+        if a.dual_clip is not None and a.dual_clip <= 1.0:
+            raise InvalidInput(
+                f"algorithm.dual_clip must be > 1 (verl's clip_ratio_c, e.g. 3), got {a.dual_clip}"
+            )
         if self.optim.lr <= 0 or len(self.optim.betas) != 2:
             raise InvalidInput("optim.lr must be > 0 and optim.betas a pair like [0.9, 0.999]")
         ds = self.deepspeed_dict()

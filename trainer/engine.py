@@ -294,9 +294,11 @@ class TrainStep:
                 ref_logprobs=reference,
                 kl_coef=a.kl_coef,
                 kl_estimator=a.kl_estimator,
+                dual_clip=a.dual_clip,
             )
             sums[_SUMS.index("clip_tokens")] = float(stats["clip_fraction"]) * tokens
-            sums[_SUMS.index("approx_kl_tokens")] = float(stats["approx_kl"]) * tokens
+            sums[_SUMS.index("approx_kl_k1_tokens")] = float(stats["approx_kl_k1"]) * tokens
+            sums[_SUMS.index("approx_kl_k3_tokens")] = float(stats["approx_kl_k3"]) * tokens
             sums[_SUMS.index("kl")] = float(stats.get("kl", 0.0))
         self.engine.backward(loss * self.loaded.world_size, scale_wrt_gas=False)
         sums[_SUMS.index("loss")] = float(loss.detach())
@@ -348,7 +350,8 @@ class TrainStep:
         }
         if name != "sft":
             metrics["clip_fraction"] = v["clip_tokens"] / tokens
-            metrics["approx_kl"] = v["approx_kl_tokens"] / tokens
+            metrics["approx_kl_k1"] = v["approx_kl_k1_tokens"] / tokens
+            metrics["approx_kl_k3"] = v["approx_kl_k3_tokens"] / tokens
             if self.config.algorithm.kl_coef > 0:
                 metrics["kl"] = v["kl"]
         return metrics
@@ -360,7 +363,8 @@ _SUMS = (
     "loss_tokens",
     "tokens",
     "clip_tokens",
-    "approx_kl_tokens",
+    "approx_kl_k1_tokens",
+    "approx_kl_k3_tokens",
     "kl",
     "samples",
     "skipped",

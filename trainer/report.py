@@ -15,7 +15,7 @@ _FIRST = (
     "reward_mean",
     "advantage_std",
     "kl",
-    "approx_kl",
+    "approx_kl_k1",
     "clip_fraction",
     "grad_norm",
     "tokens_per_s",

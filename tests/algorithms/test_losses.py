@@ -91,8 +91,10 @@ def test_ppo_clip_positive_advantage_hand_computed() -> None:
     assert loss.item() == pytest.approx((-1.2 - 0.5 - 1.0) / 3)
     assert metrics["clip_fraction"].item() == pytest.approx(1 / 3)
     assert metrics["pg_loss"].item() == pytest.approx(loss.item())
-    expected_kl = sum(1 / r - 1 + math.log(r) for r in (1.5, 0.5, 1.0)) / 3
-    assert metrics["approx_kl"].item() == pytest.approx(expected_kl, rel=1e-5)
+    # tokens were sampled by the old policy: KL(old || new) with r = new / old
+    assert metrics["approx_kl_k1"].item() == pytest.approx(-sum(math.log(r) for r in (1.5, 0.5, 1.0)) / 3)
+    expected_k3 = sum(r - 1 - math.log(r) for r in (1.5, 0.5, 1.0)) / 3
+    assert metrics["approx_kl_k3"].item() == pytest.approx(expected_k3, rel=1e-5)
     loss.backward()
     # d/dlogp of -A r / 3 = -r / 3 where unclipped; no gradient through the clipped token.
     assert logprobs.grad.tolist()[0] == pytest.approx([0.0, -0.5 / 3, -1 / 3])
@@ -107,6 +109,48 @@ def test_ppo_clip_negative_advantage_and_separate_clip_high() -> None:
     loss, metrics = losses.ppo_clip(logprobs, old, torch.tensor([1.0]), mask, clip_low=0.2, clip_high=0.28)
     assert loss.item() == pytest.approx((-1.28 - 1.25) / 2)
     assert metrics["clip_fraction"].item() == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("old_logprob", [float("-inf"), -9999.0, -120.0])
+@pytest.mark.parametrize("advantage", [1.0, -1.0])
+def test_an_impossible_recorded_logprob_cannot_poison_the_step(old_logprob: float, advantage: float) -> None:
+    """vLLM's OpenAI server records -inf as -9999; any gap over ~89 nats overflows exp() in float32.
+
+    One such token among ordinary ones: the loss and every gradient stay finite, and the ordinary
+    tokens' gradients are exactly what they are without it (the bad token's ratio saturates).
+    """
+    logprobs = torch.tensor([[-1.0, -2.0, -0.5]], requires_grad=True)
+    old = torch.tensor([[-1.1, -1.9, old_logprob]])  # ratios e^0.1 and e^-0.1: inside the clip range
+    mask = torch.ones(1, 3)
+    loss, metrics = losses.ppo_clip(logprobs, old, torch.tensor([advantage]), mask)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(logprobs.grad).all()
+    assert all(torch.isfinite(v) for v in metrics.values())
+    ordinary = [math.exp(0.1), math.exp(-0.1)]
+    if advantage > 0:  # the bad token is clipped at 1 + 0.2: loss -1.2, no gradient
+        expected_loss = (-ordinary[0] - ordinary[1] - 1.2) / 3
+    else:  # unclipped -A r with r = e^20 (the clamp), whose gradient is zero past the clamp
+        expected_loss = (ordinary[0] + ordinary[1] + math.exp(20.0)) / 3
+    assert loss.item() == pytest.approx(expected_loss, rel=1e-5)
+    grads = [-advantage * r / 3 for r in ordinary] + [0.0]
+    assert logprobs.grad.tolist()[0] == pytest.approx(grads, rel=1e-5)
+
+
+def test_dual_clip_bounds_the_loss_of_negative_advantages() -> None:
+    logprobs, old, mask = ratios_batch([5.0, 2.0, 0.5])
+    loss, metrics = losses.ppo_clip(logprobs, old, torch.tensor([-1.0]), mask, dual_clip=3.0)
+    # -A r = 5 -> bounded at -A c = 3 (no gradient); 2 stays 2; 0.5 is clipped up to 0.8
+    assert loss.item() == pytest.approx((3.0 + 2.0 + 0.8) / 3)
+    assert metrics["dual_clip_fraction"].item() == pytest.approx(1 / 3)
+    loss.backward()
+    assert logprobs.grad.tolist()[0] == pytest.approx([0.0, 2.0 / 3, 0.0])
+    # positive advantages are untouched by the dual clip
+    logprobs, old, mask = ratios_batch([5.0, 0.5])
+    plain, _ = losses.ppo_clip(logprobs, old, torch.tensor([1.0]), mask)
+    dual, metrics = losses.ppo_clip(logprobs, old, torch.tensor([1.0]), mask, dual_clip=3.0)
+    assert dual.item() == pytest.approx(plain.item()) and metrics["dual_clip_fraction"].item() == 0.0
+    with pytest.raises(InvalidInput, match="dual_clip"):
+        losses.ppo_clip(logprobs, old, torch.tensor([1.0]), mask, dual_clip=1.0)
 
 
 def test_ppo_clip_per_token_advantages_and_sequence_aggregation() -> None:

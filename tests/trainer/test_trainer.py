@@ -87,6 +87,7 @@ schedule: {micro_batch_size: 2, global_batch_size: 8}
             {"model": {"path": "m"}, "deepspeed": {"train_batch_size": 64}},
             "deepspeed.train_batch_size=64 contradicts",
         ),
+        ({"model": {"path": "m"}, "algorithm": {"dual_clip": 0.5}}, "algorithm.dual_clip must be > 1"),
     ],
 )
 def test_config_errors_say_what_to_change(raw: dict, message: str) -> None:
