@@ -6,15 +6,29 @@ transition. A group of one, or a group whose returns are all equal, carries no s
 advantage exactly 0, never NaN. Standard deviations are unbiased (ddof=1), as in verl and TRL,
 so GRPO numbers match theirs.
 
-`group_keys` builds the groups from transitions: by task (the GRPO default), or by task, agent
-and step (`task_step`), so the second turn of one episode is not normalised against the first
-turn of another.
+`group_keys` builds the groups from transitions. Which grouping fits:
+
+* `task` (the GRPO default): every call of the task's episodes in one group. Right when a task
+  is played several times (a training harness) and the reward is mostly the episode's outcome.
+* `task_step`: by task, agent and step, so the second turn of one episode is not normalised
+  against the first turn of another. Right when turns differ in kind (plan, then act).
+* `state` (GiGPO's anchor states): calls of a task whose prompts are identical (token ids when
+  recorded, else the normalised messages) form one group across rollouts, so a step is compared
+  with the same situation in other episodes; a state that only one rollout reached falls back to
+  its task group. Right for multi-step tasks whose episodes pass through shared states (the
+  first call always does), where per-step credit should be compared like with like.
+* `batch`: one group for the whole batch: the return minus the batch mean, whitened (GRPO with
+  the batch std). Right for production traffic, where tasks never repeat and every task group
+  would hold one element (advantage 0: nothing would train).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import re
 from collections.abc import Hashable, Sequence
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 
@@ -22,7 +36,8 @@ from lightspan.errors import InvalidInput
 from lightspan.types import Transition
 
 Scale = Literal["group", "batch", "none"]
-GroupBy = Literal["task", "task_step"]
+GroupBy = Literal["task", "task_step", "state", "batch"]
+GROUP_BY: tuple[str, ...] = ("task", "task_step", "state", "batch")
 Estimator = Literal["grpo", "rloo", "reinforce_pp"]
 ESTIMATORS: tuple[str, ...] = ("grpo", "rloo", "reinforce_pp")
 EPS = 1e-6
@@ -111,12 +126,40 @@ def reinforce_pp(
 
 
 def group_keys(transitions: Sequence[Transition], group_by: GroupBy = "task") -> list[tuple[str, ...]]:
-    """One group id per transition: (task,) or (task, agent, step)."""
+    """One group id per transition (see the module docstring for which grouping fits)."""
     if group_by == "task":
         return [(t.task_id,) for t in transitions]
     if group_by == "task_step":
         return [(t.task_id, t.agent_name, str(t.step)) for t in transitions]
-    raise InvalidInput(f"group_by must be 'task' or 'task_step', got {group_by!r}")
+    if group_by == "batch":
+        return [("batch",)] * len(transitions)
+    if group_by == "state":
+        states = [("state", t.task_id, t.agent_name, state_digest(t)) for t in transitions]
+        rollouts: dict[tuple[str, ...], set[str]] = {}
+        for key, t in zip(states, transitions):
+            rollouts.setdefault(key, set()).add(t.rollout_id)
+        return [key if len(rollouts[key]) > 1 else (t.task_id,) for key, t in zip(states, transitions)]
+    raise InvalidInput(f"group_by must be one of {', '.join(GROUP_BY)}, got {group_by!r}")
+
+
+def state_digest(transition: Transition) -> str:
+    """What the model saw when it made this call: its prompt token ids when the engine recorded them,
+    else its messages with whitespace normalised (so a re-rendered but identical prompt matches)."""
+    if transition.prompt_token_ids is not None:
+        canonical = "ids:" + ",".join(map(str, transition.prompt_token_ids))
+    else:
+        canonical = "messages:" + json.dumps(_normalised(transition.messages), sort_keys=True)
+    return hashlib.blake2b(canonical.encode(), digest_size=16).hexdigest()
+
+
+def _normalised(value: Any) -> Any:
+    if isinstance(value, str):
+        return re.sub(r"\s+", " ", value).strip()
+    if isinstance(value, list):
+        return [_normalised(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _normalised(v) for k, v in value.items()}
+    return value
 
 
 def compute(

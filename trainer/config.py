@@ -78,7 +78,7 @@ class AlgorithmConfig:
     name: Algorithm = "grpo"
     credit: Literal["identical", "discounted", "step"] = "step"
     gamma: float = 1.0
-    group_by: Literal["task", "task_step"] = "task"
+    group_by: Literal["task", "task_step", "state", "batch"] = "task"
     scale: Literal["group", "batch", "none"] = "group"  # GRPO advantage scaling
     clip_low: float = 0.2
     clip_high: float = 0.2

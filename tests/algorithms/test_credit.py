@@ -253,6 +253,53 @@ def test_group_keys() -> None:
         advantages.group_keys(batch, "agent")  # type: ignore[arg-type]
 
 
+def call(rollout: str, task: str, prompt: str, ret: float, ids: list[int] | None = None) -> Transition:
+    t = Transition(rollout, task, f"{rollout}-{prompt}", [{"role": "user", "content": prompt}], {})
+    t.prompt_token_ids, t.credited_return = ids, ret
+    return t
+
+
+def test_state_groups_compare_a_step_with_the_same_situation_in_other_episodes() -> None:
+    """GiGPO's anchor states: identical prompts across rollouts of a task form one group.
+
+    Three rollouts of task t start from the same prompt; two of them reach the same second state
+    (its text re-rendered with other whitespace), the third reaches a state no other rollout saw,
+    which falls back to the task group, alone with the other unique state of rollout r2.
+    """
+    batch = [
+        call("r1", "t", "start", 1.0),
+        call("r2", "t", "start", 0.0),
+        call("r3", "t", "start", 0.5),
+        call("r1", "t", "door  open", 1.0),
+        call("r2", "t", "door open\n", 0.0),
+        call("r3", "t", "a unique room", 0.5),
+        call("r2", "t", "another unique room", 0.0),
+    ]
+    keys = advantages.group_keys(batch, "state")
+    assert keys[0] == keys[1] == keys[2] and keys[0][0] == "state"
+    assert keys[3] == keys[4] and keys[3] != keys[0]
+    assert keys[5] == keys[6] == ("t",)
+    advantages.compute(batch, "grpo", "state", scale="none")
+    assert [t.advantage for t in batch] == pytest.approx([0.5, -0.5, 0.0, 0.5, -0.5, 0.25, -0.25])
+    # recorded prompt token ids decide over messages: same text, other ids -> other states
+    a, b = call("r1", "u", "same", 1.0, ids=[1, 2]), call("r2", "u", "same", 0.0, ids=[1, 3])
+    assert advantages.group_keys([a, b], "state") == [("u",), ("u",)]
+    # one rollout reaching the same state twice is no comparison: task group
+    c, d = call("r1", "v", "loop", 1.0), call("r1", "v", "loop", 0.0)
+    assert advantages.group_keys([c, d], "state") == [("v",), ("v",)]
+
+
+def test_batch_groups_train_traffic_whose_tasks_never_repeat() -> None:
+    """Every task seen once: task groups of one carry no signal; the batch baseline does."""
+    batch = [call(f"r{i}", f"t{i}", "q", r) for i, r in enumerate([1.0, 0.0, 0.0, 1.0])]
+    advantages.compute(batch, "grpo", "task")
+    assert [t.advantage for t in batch] == [0.0] * 4
+    advantages.compute(batch, "grpo", "batch")
+    std = float(np.std([1.0, 0.0, 0.0, 1.0], ddof=1))
+    expected = [(r - 0.5) / (std + advantages.EPS) for r in (1.0, 0.0, 0.0, 1.0)]
+    assert [t.advantage for t in batch] == pytest.approx(expected)
+
+
 def test_compute_needs_credit_first_and_a_known_estimator() -> None:
     batch = episode([[]], 1.0)
     with pytest.raises(InvalidInput, match="credit.assign"):
