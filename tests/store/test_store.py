@@ -119,13 +119,13 @@ def test_migrations_are_idempotent(store_url):
         "SELECT name, create_table_query FROM system.tables WHERE database = currentDatabase() ORDER BY name"
     )
     with Store.connect(store_url, migrate=False) as s:
-        assert s.migrate() == [1, 2, 3, 4, 5]
+        assert s.migrate() == [1, 2, 3, 4, 5, 6]
         before = s.sql(tables).rows
         assert s.migrate() == []
         assert s.sql(tables).rows == before
-        assert s.sql("SELECT count() FROM schema_version FINAL").scalar() == 5
+        assert s.sql("SELECT count() FROM schema_version FINAL").scalar() == 6
     with Store.connect(store_url) as s:  # a second open migrates nothing either
-        assert s.schema_version() == s.latest_schema_version == 5
+        assert s.schema_version() == s.latest_schema_version == 6
         assert s.sql(tables).rows == before
 
 
@@ -301,7 +301,7 @@ def test_cluster_ddl_uses_on_cluster_replicated_and_distributed():
     # No ClickHouse cluster here: the generated DDL text is what we can check.
     options = SchemaOptions(cluster="prod")
     ddl = "\n".join(
-        s for v in (1, 2, 3, 4, 5) for s in migration_statements(v, options)
+        s for v in (1, 2, 3, 4, 5, 6) for s in migration_statements(v, options)
     ) + schema_version_ddl(options)
     assert "CREATE TABLE IF NOT EXISTS otel_traces_local ON CLUSTER prod" in ddl
     assert "ReplicatedMergeTree('/clickhouse/tables/{shard}/{database}/otel_traces', '{replica}')" in ddl
@@ -325,7 +325,16 @@ def test_cluster_ddl_uses_on_cluster_replicated_and_distributed():
         f"ALTER TABLE {table}_local ON CLUSTER prod MODIFY SETTING min_bytes_for_wide_part = 134217728"
         for table in ("otel_traces", "rollout_spans")
     ]
-    single = "\n".join(s for v in (1, 2, 3, 4, 5) for s in migration_statements(v, SchemaOptions()))
+    rules = migration_statements(6, options)
+    assert [s.split(" ON CLUSTER prod ")[0] for s in rules] == [
+        "ALTER TABLE rollout_spans_local",
+        "ALTER TABLE rollout_spans",
+        "ALTER TABLE rollout_spans_local_mv",
+        "ALTER TABLE rollout_spans_local",
+    ]
+    assert rules[2].split(" ON CLUSTER prod ")[1].startswith("MODIFY QUERY WITH")
+    assert rules[3].split(" ON CLUSTER prod ")[1].startswith("UPDATE AgentName = ")
+    single = "\n".join(s for v in (1, 2, 3, 4, 5, 6) for s in migration_statements(v, SchemaOptions()))
     assert "ON CLUSTER" not in single and "Distributed" not in single and "Replicated" not in single
     assert parse_store_url("http://u:p@h:9000/db?cluster=prod").cluster == "prod"
 
