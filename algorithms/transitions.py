@@ -111,16 +111,22 @@ def from_spans(
     return transitions
 
 
+def recorded_rewards(spans: Sequence[Span] | SpanTree) -> list[tuple[tuple[bool, int, str, int], float]]:
+    """Every reward the spans record, in time order: its `semconv.reward_order` key and value.
+
+    What the store's reward columns summarise per span (`Reward`, `RewardFinal`, `RewardCount`).
+    """
+    tree = spans if isinstance(spans, SpanTree) else SpanTree("", list(spans))
+    return [(r.order, r.value) for r in _scan(tree)[1]] if tree.spans else []
+
+
 def recorded_final_reward(spans: Sequence[Span] | SpanTree) -> float | None:
     """The final reward the rollout's spans record (before any failure policy), or None.
 
     The value `Store.rollouts()` reports as `final_reward` for the same spans.
     """
-    tree = spans if isinstance(spans, SpanTree) else SpanTree("", list(spans))
-    if not tree.spans:
-        return None
-    final = _final_reward(_scan(tree)[1])
-    return None if final is None else final.value
+    rewards = recorded_rewards(spans)
+    return max(rewards)[1] if rewards else None
 
 
 def _scan(tree: SpanTree) -> tuple[list[_Call], list[_Reward]]:

@@ -15,6 +15,7 @@ from lightspan.errors import InvalidInput, NotFound, StoreLocked
 from lightspan.store import Store, parse_store_url
 from lightspan.store.schema import SchemaOptions, migration_statements, schema_version_ddl
 from lightspan.types import Span, SpanEvent, SpanLink
+from tests.helpers.rule_cases import TREES, expected_columns, stored_columns
 from tests.helpers.spanfactory import rollout_spans
 
 
@@ -409,3 +410,38 @@ def test_landed_rollouts_have_their_root(store):
     store.insert_spans(spans[:1])
     (landed,) = store.rollouts(landed=True)
     assert landed.rollout_id == "r-partial" and landed.roots == 1
+
+
+def test_migration_6_rewrites_the_rows_of_an_older_store(
+    store_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A store at version 5 kept the old copies of the rules; migrating rewrites its rows, and
+    spans landed afterwards go through the new view: both then agree with `algorithms`."""
+    import lightspan.store.store as store_module
+
+    old_tree, new_tree = "invoke-agent-with-messages", "several-evaluation-events"
+    columns = "SELECT SpanId, IsLLMCall, Reward FROM rollout_spans FINAL WHERE RolloutId = {r:String} ORDER BY SpanId"
+    with monkeypatch.context() as patch:
+        patch.setattr(store_module, "MIGRATIONS", store_module.MIGRATIONS[:5])
+        with Store.connect(store_url) as old:
+            assert old.schema_version() == 5
+            old.insert_spans(TREES[old_tree] + TREES["reward-with-final-flag"])
+            # The old view counted the invoke_agent span as a call and ignored the final flag.
+            assert old.sql(columns, {"r": old_tree}).rows == [("c", True, None), ("root", True, None)]
+    with Store.connect(store_url) as s:
+        assert s.schema_version() == 6
+        assert s.migrate() == []  # idempotent: nothing left to apply
+        s.insert_spans(TREES[new_tree])
+        stored = stored_columns(s)
+        for name in (old_tree, "reward-with-final-flag", new_tree):
+            assert {k: v for k, v in stored.items() if k[0] == name} == expected_columns(name, TREES[name])
+        finals = {r.rollout_id: r.final_reward for r in s.rollouts(limit=None)}
+        assert finals["reward-with-final-flag"] == 0.5
+    # Running migration 6's statements again changes nothing.
+    from lightspan.store.schema import SchemaOptions, migration_statements
+
+    with Store.connect(store_url) as s:
+        before = stored_columns(s)
+        for statement in migration_statements(6, SchemaOptions()):
+            s.command(statement)
+        assert stored_columns(s) == before
