@@ -326,7 +326,8 @@ class Store:
         hashes to `rank`, so data-parallel ranks split the data by whole task groups.
         `landed=True` keeps only rollouts whose root span has arrived (it ends, so it is
         exported, after everything inside it)."""
-        having, params = ["rewards >= {min_rewards:UInt32}"], {"min_rewards": min_rewards}
+        having = ["rewards >= {min_rewards:UInt32}"]
+        params: dict[str, Any] = {"min_rewards": min_rewards}
         if landed:
             having.append("roots > 0")
         filters = {
