@@ -80,7 +80,8 @@ def _llm_call_sql() -> str:
     fallback = " OR ".join(
         [
             *(f"{_attr(key)} != ''" for key in semconv.LLM_CALL_KEYS),
-            f"arrayExists((k, v) -> v != '' AND ({prefixes}), mapKeys(SpanAttributes), mapValues(SpanAttributes))",
+            # the key first: `AND` evaluates the value only for the few keys that match
+            f"arrayExists((k, v) -> ({prefixes}) AND v != '', mapKeys(SpanAttributes), mapValues(SpanAttributes))",
         ]
     )
     return f"multiIf({kinds}{fallback})"
