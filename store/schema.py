@@ -4,7 +4,9 @@
 contrib ClickHouse exporter creates, so that exporter and Grafana's ClickHouse trace views work on
 the same data. Everything Lightspan adds hangs off it: a materialised view lands each span in
 `rollout_spans`, keyed by rollout, with typed columns for what training needs; retried duplicates
-of a span share a sorting key there and collapse (ReplacingMergeTree, read with FINAL).
+of a span share a sorting key there and collapse (ReplacingMergeTree, read with FINAL). The
+columns that apply a rule (`IsLLMCall`, `AgentName`, the reward columns) are generated from the
+rules' data in `lightspan.semconv`, the same data `algorithms` evaluates in Python.
 
 With a cluster name every statement gets `ON CLUSTER`, tables become `<name>_local` with
 Replicated engines, and a Distributed table under the plain name fans reads and writes out, so
@@ -126,18 +128,24 @@ class _Rules:
     agent: str
     is_llm_call: str
     rewards: tuple[tuple[str, str], ...]  # (column, expression)
+    with_: str = ""  # a WITH clause naming what the expressions share
 
 
 _SHIPPED_RULES = _Rules(_SHIPPED_AGENT, _SHIPPED_IS_LLM_CALL, (("Reward", _SHIPPED_REWARD),))
 
 
-def _rules(records: str = "_rewards") -> _Rules:
-    """`semconv`'s rules as SQL; `records` is the reward-records expression (or its alias)."""
-    best = _BEST_REWARD.format(records=records) if records != "_rewards" else "_best_reward"
+def _rules(*, inline: bool = False) -> _Rules:
+    """`semconv`'s rules as SQL. The view names the reward records and their greatest once in a
+    WITH clause (`_rewards`, `_best_reward`); an UPDATE has no WITH, so `inline` spells them out."""
+    records = _reward_records_sql() if inline else "_rewards"
+    best = _BEST_REWARD.format(records=records) if inline else "_best_reward"
     return _Rules(
         _first_set(semconv.AGENT_KEYS),
         _llm_call_sql(),
         tuple((name, expr.format(records=records, best=best)) for name, _, expr in _REWARD_COLUMNS),
+        ""
+        if inline
+        else f"WITH {_reward_records_sql()} AS _rewards, {_BEST_REWARD.format(records='_rewards')} AS _best_reward\n",
     )
 
 
@@ -311,11 +319,7 @@ def _rollout_select(
         f"\n    {_token_expression(type_, key)} AS {name}," for name, type_, key in token_columns
     )
     rewards = "".join(f"\n    {expr} AS {name}," for name, expr in rules.rewards)
-    with_ = ""
-    if rules is not _SHIPPED_RULES:
-        records = _reward_records_sql()
-        with_ = f"WITH {records} AS _rewards, {_BEST_REWARD.format(records='_rewards')} AS _best_reward\n"
-    return f"""{with_}SELECT
+    return f"""{rules.with_}SELECT
     {_ROLLOUT_ID} AS RolloutId,
     {_attr(semconv.TASK_ID)} AS TaskId,
     toUInt32OrZero({_attr(semconv.ATTEMPT)}) AS Attempt,
@@ -428,7 +432,7 @@ def _rules_from_semconv(d: _DDL) -> list[str]:
     statements.append(
         f"ALTER TABLE {table}_mv{d.on_cluster} MODIFY QUERY {_rollout_select(d, rules=_rules())}"
     )
-    inline = _rules(_reward_records_sql())
+    inline = _rules(inline=True)
     updates = [("AgentName", inline.agent), ("IsLLMCall", inline.is_llm_call), *inline.rewards]
     assignments = ", ".join(f"{name} = {expr}" for name, expr in updates)
     statements.append(

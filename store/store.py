@@ -325,7 +325,9 @@ class Store:
         """Rollouts, newest first, filtered; `shard=(rank, world)` keeps the tasks whose id
         hashes to `rank`, so data-parallel ranks split the data by whole task groups.
         `landed=True` keeps only rollouts whose root span has arrived (it ends, so it is
-        exported, after everything inside it)."""
+        exported, after everything inside it). `llm_calls`, `rewards` and `final_reward` follow
+        the rules in `lightspan.semconv`, as training reads them (`final_reward` is the reward
+        `algorithms.from_spans` gives the rollout before its failure policy)."""
         having = ["rewards >= {min_rewards:UInt32}"]
         params: dict[str, Any] = {"min_rewards": min_rewards}
         if landed:
