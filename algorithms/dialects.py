@@ -20,7 +20,6 @@ from lightspan.types import Span
 
 Message = dict[str, Any]
 
-_LEGACY_COMPLETION_TYPES = ("chat", "completion")
 _OPENAI_KEYS = frozenset({"role", "content", "name", "tool_calls", "tool_call_id", "reasoning_content"})
 
 
@@ -45,28 +44,13 @@ class LLMCall:
 
 
 def is_llm_call(span: Span) -> bool:
-    """True when the span records one LLM call, in any dialect.
+    """True when the span records one LLM call, in any dialect: `semconv.is_llm_call`'s rule.
 
-    An explicit kind wins: `gen_ai.operation.name` (chat/text_completion/generate_content, not
-    invoke_agent or execute_tool, which may carry messages too) or `openinference.span.kind`.
-    Without one, messages in any dialect or recorded response token ids make it a call.
+    The rule is data in `lightspan.semconv` (an explicit kind decides; without one, messages in
+    any dialect or recorded response token ids make a call), so the store's `IsLLMCall` column,
+    generated from the same data, marks exactly these spans.
     """
-    attributes = span.attributes
-    operation = attributes.get(semconv.GEN_AI_OPERATION_NAME)
-    if operation is not None:
-        return operation in semconv.GEN_AI_LLM_OPERATIONS
-    kind = attributes.get(semconv.OPENINFERENCE_SPAN_KIND)
-    if kind is not None:
-        return kind == semconv.OPENINFERENCE_LLM_KIND
-    if attributes.get(semconv.LEGACY_REQUEST_TYPE) in _LEGACY_COMPLETION_TYPES:
-        return True
-    if (
-        semconv.LLM_RESPONSE_TOKEN_IDS in attributes
-        or semconv.GEN_AI_INPUT_MESSAGES in attributes
-        or semconv.GEN_AI_OUTPUT_MESSAGES in attributes
-    ):
-        return True
-    return any(key.startswith(semconv.LEGACY_PROMPT_PREFIX) for key in attributes)
+    return semconv.is_llm_call(span.attributes)
 
 
 def parse_call(span: Span) -> LLMCall:

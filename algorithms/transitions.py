@@ -18,8 +18,12 @@ Rules, in the order they apply:
   names no agent goes to the most recent call of any agent. A reward with no such call is
   episode-level.
 * **Final reward.** The last reward marked `lightspan.reward.final = "true"`, else the last
-  episode-level reward, else the last reward. It is stored in `final_reward` only: it is taken
-  out of the intermediate `rewards` of the call it followed, so credit assignment counts it once.
+  reward (rewards ordered by time, then span id, a reward span's value before its events; the
+  rule is `semconv.reward_order`, which the store's `rollouts()` applies in SQL too, so the
+  reward `lightspan rollouts` shows is the one that trains). It is stored in `final_reward`
+  only: it is taken out of the intermediate `rewards` of the call it followed, so credit
+  assignment counts it once. A reward that follows no call and is not final (episode-level)
+  is credited to nothing.
 * **Failure.** A rollout fails when a root span has status Error. `failed="drop"` drops it;
   `failed="keep"` keeps it with `final_reward = failed_reward` (default 0.0, so a crash is
   never rewarded), or with its recorded final reward when `failed_reward` is None.
@@ -41,8 +45,6 @@ from lightspan.types import Span, SpanTree, Transition
 AgentSelector = Union[str, "re.Pattern[str]", Iterable[Union[str, "re.Pattern[str]"]], None]
 FailedPolicy = Literal["keep", "drop"]
 
-_AGENT_KEYS = (semconv.AGENT_NAME, semconv.GEN_AI_AGENT_NAME, semconv.OI_AGENT_NAME)
-
 
 @dataclass(slots=True, eq=False)  # identity: calls and rewards refer to each other
 class _Call:
@@ -58,7 +60,7 @@ class _Call:
 class _Reward:
     value: float
     time_ns: int
-    order: int
+    order: tuple[bool, int, str, int]  # semconv.reward_order: the greatest is the final reward
     agent: str
     final: bool
     on_call: _Call | None = None  # an evaluation event recorded on the call it scores
@@ -109,11 +111,29 @@ def from_spans(
     return transitions
 
 
+def recorded_rewards(spans: Sequence[Span] | SpanTree) -> list[tuple[tuple[bool, int, str, int], float]]:
+    """Every reward the spans record, in time order: its `semconv.reward_order` key and value.
+
+    What the store's reward columns summarise per span (`Reward`, `RewardFinal`, `RewardCount`).
+    """
+    tree = spans if isinstance(spans, SpanTree) else SpanTree("", list(spans))
+    return [(r.order, r.value) for r in _scan(tree)[1]] if tree.spans else []
+
+
+def recorded_final_reward(spans: Sequence[Span] | SpanTree) -> float | None:
+    """The final reward the rollout's spans record (before any failure policy), or None.
+
+    The value `Store.rollouts()` reports as `final_reward` for the same spans.
+    """
+    rewards = recorded_rewards(spans)
+    return max(rewards)[1] if rewards else None
+
+
 def _scan(tree: SpanTree) -> tuple[list[_Call], list[_Reward]]:
     """One depth-first pass: inherited agent names, innermost LLM calls, rewards."""
     llm_ancestor: dict[str, Span | None] = {}
     candidates: list[tuple[Span, int, int, str]] = []
-    reward_spans: list[tuple[Span, int, str]] = []
+    reward_spans: list[tuple[Span, str]] = []
     agent_of: dict[str, str] = {}
     stack: list[tuple[Span, int, str, Span | None]] = [(root, 0, "", None) for root in reversed(tree.roots)]
     order = 0
@@ -127,7 +147,7 @@ def _scan(tree: SpanTree) -> tuple[list[_Call], list[_Reward]]:
             llm_ancestor[span.span_id] = enclosing_llm
             candidates.append((span, depth, order, agent))
         if span.name == semconv.REWARD_SPAN:
-            reward_spans.append((span, order, agent))
+            reward_spans.append((span, agent))
         below = span if llm else enclosing_llm
         stack.extend((child, depth + 1, agent, below) for child in reversed(tree.children(span)))
 
@@ -157,23 +177,26 @@ def _scan(tree: SpanTree) -> tuple[list[_Call], list[_Reward]]:
         by_span[span.span_id] = call
     calls.sort(key=lambda c: (c.span.start_ns, c.depth, c.order))
 
-    rewards = [
-        _Reward(
-            _reward_value(span),
-            span.start_ns,
-            position,
-            agent,
-            span.attributes.get(semconv.REWARD_FINAL) == "true",
+    rewards = []
+    for span, agent in reward_spans:
+        final = span.attributes.get(semconv.REWARD_FINAL) == semconv.REWARD_FINAL_TRUE
+        rewards.append(
+            _Reward(
+                _reward_value(span),
+                span.start_ns,
+                semconv.reward_order(final, span.start_ns, span.span_id, 0),
+                agent,
+                final,
+            )
         )
-        for span, position, agent in reward_spans
-    ]
     for span in tree.spans:
-        for event in span.events:
+        for position, event in enumerate(span.events, 1):
             if (
                 event.name != semconv.GEN_AI_EVALUATION_EVENT
                 or semconv.GEN_AI_EVALUATION_SCORE not in event.attributes
             ):
                 continue
+            final = event.attributes.get(semconv.REWARD_FINAL) == semconv.REWARD_FINAL_TRUE
             rewards.append(
                 _Reward(
                     _float(
@@ -182,13 +205,13 @@ def _scan(tree: SpanTree) -> tuple[list[_Call], list[_Reward]]:
                         semconv.GEN_AI_EVALUATION_SCORE,
                     ),
                     event.time_ns,
-                    order + len(rewards),
+                    semconv.reward_order(final, event.time_ns, span.span_id, position),
                     agent_of[span.span_id],
-                    event.attributes.get(semconv.REWARD_FINAL) == "true",
+                    final,
                     on_call=by_span.get(span.span_id),
                 )
             )
-    rewards.sort(key=lambda r: (r.time_ns, r.order))
+    rewards.sort(key=lambda r: r.order[1:])  # in time; finality only picks the final one
     return calls, rewards
 
 
@@ -248,10 +271,7 @@ def _credit_rewards(calls: list[_Call], rewards: list[_Reward]) -> None:
 
 
 def _final_reward(rewards: list[_Reward]) -> _Reward | None:
-    for pool in ([r for r in rewards if r.final], [r for r in rewards if r.credited_to is None], rewards):
-        if pool:
-            return pool[-1]
-    return None
+    return max(rewards, key=lambda r: r.order, default=None)
 
 
 @dataclass(slots=True)
@@ -311,7 +331,7 @@ def _transition(
 
 
 def _own_agent(span: Span) -> str:
-    for key in _AGENT_KEYS:
+    for key in semconv.AGENT_KEYS:
         name = span.attributes.get(key)
         if name:
             return name

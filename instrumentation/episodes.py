@@ -167,22 +167,34 @@ def rollout(
 def _task_id_from_call(spec: _RolloutSpec, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> str | int:
     if spec.task_id is not None:
         return spec.task_id
-    task = args[0] if args else kwargs.get("task")
+    return task_id_of(args[0] if args else kwargs.get("task"))
+
+
+def task_id_of(task: Any) -> str:
+    """A task's id, the one rule for `@lightspan.rollout` and the loop's runners alike.
+
+    In order: `task["id"]`, `task["task_id"]` (a mapping's values that are neither None nor ""),
+    `task.id`, `task.task_id` (attributes that are a non-empty str or an int, so a method or an
+    unrelated object is never taken for an id), then `LIGHTSPAN_TASK_ID`. The runner's rollout
+    and a decorated agent inside it must read the same id, or the agent's rollout would not join
+    the runner's. None found is an InvalidInput error: a rollout without a task cannot be grouped
+    for GRPO, so guessing would only hide the mistake.
+    """
     if isinstance(task, Mapping):
         for key in ("id", "task_id"):
             if task.get(key) not in (None, ""):
-                return task[key]
+                return str(task[key])
     elif task is not None:
         for key in ("id", "task_id"):
             value = getattr(task, key, None)
             if isinstance(value, (str, int)) and value != "":
-                return value
+                return str(value)
     env = os.environ.get(semconv.ENV_TASK_ID, "").strip()
     if env:
         return env
     raise InvalidInput(
-        "lightspan.rollout cannot find a task id: give the task an 'id' (task['id'] or task.id), "
-        f"pass @lightspan.rollout(task_id=...), or set {semconv.ENV_TASK_ID}"
+        f"lightspan.rollout cannot find a task id in {task!r:.200}: give the task an 'id' (task['id'] or "
+        f"task.id), pass @lightspan.rollout(task_id=...), or set {semconv.ENV_TASK_ID}"
     )
 
 

@@ -9,6 +9,8 @@ OpenTelemetry GenAI (current), the older OpenLLMetry indexed form, and OpenInfer
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
+from dataclasses import dataclass
 
 # --- Lightspan's own attributes -------------------------------------------------------------------
 ROLLOUT_ID = "lightspan.rollout.id"
@@ -83,6 +85,71 @@ OI_TOKEN_COUNT_COMPLETION = "llm.token_count.completion"
 OI_AGENT_NAME = "agent.name"
 # llm.input_messages.{i}.message.role|content|...
 OI_MESSAGE_KEY = re.compile(r"^llm\.(input|output)_messages\.(\d+)\.message\.(.+)$")
+
+# --- Rules, as data: `algorithms` evaluates them in Python, `store` renders them as SQL -------------
+# Each rule below is written once. `is_llm_call` is the Python reading; store/schema.py generates the
+# `rollout_spans` columns (`IsLLMCall`, `AgentName`, `Reward`...) from the same tuples, and
+# tests/store/test_rules.py lands recorded span trees in chDB and checks both agree span by span.
+# An attribute counts as present only with a non-empty value (ClickHouse reads a missing map key
+# as '', so "absent" and "empty" are the same thing on the SQL side).
+
+
+@dataclass(frozen=True)
+class KindAttribute:
+    """An attribute that names what a span is; when present it alone decides whether it is a call."""
+
+    key: str
+    llm_values: tuple[str, ...]
+
+
+# The LLM-call rule, in order:
+# 1. An explicit kind decides, first one present wins: `gen_ai.operation.name` (chat,
+#    text_completion, generate_content; not invoke_agent / execute_tool / embeddings, whose spans
+#    may carry messages too), then `openinference.span.kind` (LLM; not AGENT, CHAIN, TOOL...),
+#    then OpenLLMetry's `llm.request.type` (chat, completion; not embedding or rerank). This is what
+#    a user of each convention expects: the instrumentor said what the span is.
+# 2. Without a kind, recorded response token ids or messages in any dialect (input or output, JSON
+#    or indexed) make it a call: an instrumentor that records a model's messages records a call.
+LLM_CALL_KINDS = (
+    KindAttribute(GEN_AI_OPERATION_NAME, GEN_AI_LLM_OPERATIONS),
+    KindAttribute(OPENINFERENCE_SPAN_KIND, (OPENINFERENCE_LLM_KIND,)),
+    KindAttribute(LEGACY_REQUEST_TYPE, ("chat", "completion")),
+)
+LLM_CALL_KEYS = (LLM_RESPONSE_TOKEN_IDS, GEN_AI_INPUT_MESSAGES, GEN_AI_OUTPUT_MESSAGES)
+LLM_CALL_KEY_PREFIXES = (LEGACY_PROMPT_PREFIX, LEGACY_COMPLETION_PREFIX, OI_INPUT_PREFIX, OI_OUTPUT_PREFIX)
+
+
+def is_llm_call(attributes: Mapping[str, str]) -> bool:
+    """The LLM-call rule above, over one span's attributes."""
+    for kind in LLM_CALL_KINDS:
+        value = attributes.get(kind.key)
+        if value:
+            return value in kind.llm_values
+    if any(attributes.get(key) for key in LLM_CALL_KEYS):
+        return True
+    return any(value and key.startswith(LLM_CALL_KEY_PREFIXES) for key, value in attributes.items())
+
+
+# A span's own agent: the first of these that is set (children without one inherit their parent's).
+AGENT_KEYS = (AGENT_NAME, GEN_AI_AGENT_NAME, OI_AGENT_NAME)
+
+# The reward rule. A span records a reward when it is named REWARD_SPAN (value REWARD_VALUE, at the
+# span's start) and once per GEN_AI_EVALUATION_EVENT event that has a GEN_AI_EVALUATION_SCORE (at
+# the event's time); either is marked final by REWARD_FINAL = REWARD_FINAL_TRUE (on the span, or on
+# the event). Rewards are ordered by (time, span id, position), the reward span's own value before
+# its events. The rollout's final reward is the last one marked final, else the last one: the one an
+# evaluator records after the output it judges, and the one `@lightspan.rollout` marks from the
+# agent's return value.
+REWARD_FINAL_TRUE = "true"
+
+
+def reward_order(final: bool, time_ns: int, span_id: str, position: int) -> tuple[bool, int, str, int]:
+    """Sort key of one reward record: the greatest is the final reward (see the rule above).
+
+    `position` is 0 for a reward span's own value and i (from 1) for its i-th event.
+    """
+    return (final, time_ns, span_id, position)
+
 
 # --- Stored representation -----------------------------------------------------------------------
 # otel_traces keeps the OpenTelemetry Collector ClickHouse exporter's spellings.

@@ -29,6 +29,7 @@ from typing import Any
 
 from lightspan import semconv
 from lightspan.errors import LightspanError
+from lightspan.instrumentation import episodes
 from lightspan.types import LLM
 
 Agent = Callable[[Any, LLM], Any]
@@ -62,13 +63,9 @@ class Outcome:
 
 
 def task_id_of(task: Any) -> str:
-    """The task id the way `@lightspan.rollout` reads it: task["id"] / task.id (or task_id)."""
-    for key in ("id", "task_id"):
-        if isinstance(task, dict) and key in task:
-            return str(task[key])
-        if hasattr(task, key):
-            return str(getattr(task, key))
-    raise ValueError(f"task {task!r} has no id: give each task an 'id' (it groups rollouts for GRPO)")
+    """The task id exactly as `@lightspan.rollout` reads it (one rule: `episodes.task_id_of`), so a
+    decorated agent joins the rollout its runner opened for the same task."""
+    return episodes.task_id_of(task)
 
 
 def jobs_for(tasks: Iterable[Any], samples: int, resources_id: str, tag: str) -> list[Job]:

@@ -107,6 +107,7 @@ def _cmd_rollouts(args: argparse.Namespace) -> int:
                         "spans": r.spans,
                         "llm_calls": r.llm_calls,
                         "rewards": r.rewards,
+                        "final_reward": r.final_reward,
                         "last_reward": r.last_reward,
                         "start": r.start.isoformat(),
                         "end": r.end.isoformat(),
@@ -127,7 +128,7 @@ def _cmd_rollouts(args: argparse.Namespace) -> int:
         "spans",
         "llm",
         "rewards",
-        "last reward",
+        "final reward",
         "start",
         "errors",
     )
@@ -141,7 +142,7 @@ def _cmd_rollouts(args: argparse.Namespace) -> int:
             str(r.spans),
             str(r.llm_calls),
             str(r.rewards),
-            "" if r.last_reward is None else f"{r.last_reward:g}",
+            "" if r.final_reward is None else f"{r.final_reward:g}",
             r.start.strftime("%Y-%m-%d %H:%M:%S"),
             str(r.errors) if r.errors else "",
         )

@@ -4,7 +4,9 @@
 contrib ClickHouse exporter creates, so that exporter and Grafana's ClickHouse trace views work on
 the same data. Everything Lightspan adds hangs off it: a materialised view lands each span in
 `rollout_spans`, keyed by rollout, with typed columns for what training needs; retried duplicates
-of a span share a sorting key there and collapse (ReplacingMergeTree, read with FINAL).
+of a span share a sorting key there and collapse (ReplacingMergeTree, read with FINAL). The
+columns that apply a rule (`IsLLMCall`, `AgentName`, the reward columns) are generated from the
+rules' data in `lightspan.semconv`, the same data `algorithms` evaluates in Python.
 
 With a cluster name every statement gets `ON CLUSTER`, tables become `<name>_local` with
 Replicated engines, and a Distributed table under the plain name fans reads and writes out, so
@@ -39,11 +41,13 @@ def _attr(key: str) -> str:
 
 # Rollout identity: the explicit attribute when present, else the trace.
 _ROLLOUT_ID = f"if({_attr(semconv.ROLLOUT_ID)} != '', {_attr(semconv.ROLLOUT_ID)}, TraceId)"
-_AGENT = (
+# Migrations 2 and 4 shipped these two expressions; they stay as they were (migrations are never
+# edited), and migration 6 replaces them with the ones generated from `semconv`'s rules below.
+_SHIPPED_AGENT = (
     f"if({_attr(semconv.AGENT_NAME)} != '', {_attr(semconv.AGENT_NAME)}, {_attr(semconv.GEN_AI_AGENT_NAME)})"
 )
 _LLM_OPERATIONS = ", ".join(f"'{op}'" for op in semconv.GEN_AI_LLM_OPERATIONS)
-_IS_LLM_CALL = (
+_SHIPPED_IS_LLM_CALL = (
     f"(mapContains(SpanAttributes, '{semconv.GEN_AI_INPUT_MESSAGES}')"
     f" OR mapContains(SpanAttributes, '{semconv.LLM_RESPONSE_TOKEN_IDS}')"
     f" OR {_attr(semconv.GEN_AI_OPERATION_NAME)} IN ({_LLM_OPERATIONS})"
@@ -51,11 +55,98 @@ _IS_LLM_CALL = (
     f" OR arrayExists(k -> startsWith(k, '{semconv.LEGACY_PROMPT_PREFIX}'), mapKeys(SpanAttributes)))"
 )
 _EVAL = f"indexOf(Events.Name, '{semconv.GEN_AI_EVALUATION_EVENT}')"
-_REWARD = (
+_SHIPPED_REWARD = (
     f"multiIf(SpanName = '{semconv.REWARD_SPAN}', toFloat64OrNull({_attr(semconv.REWARD_VALUE)}),"
     f" {_EVAL} > 0, toFloat64OrNull(Events.Attributes[{_EVAL}]['{semconv.GEN_AI_EVALUATION_SCORE}']),"
     " NULL)"
 )
+
+
+def _quoted(values: tuple[str, ...]) -> str:
+    return ", ".join("'" + v.replace("\\", "\\\\").replace("'", "\\'") + "'" for v in values)
+
+
+def _first_set(keys: tuple[str, ...]) -> str:
+    """The first of `keys` with a non-empty value, else ''."""
+    branches = "".join(f"{_attr(k)} != '', {_attr(k)}, " for k in keys[:-1])
+    return f"multiIf({branches}{_attr(keys[-1])})"
+
+
+def _llm_call_sql() -> str:
+    """`semconv.is_llm_call`'s rule as a ClickHouse expression, generated from the same data."""
+    kinds = "".join(
+        f"{_attr(kind.key)} != '', {_attr(kind.key)} IN ({_quoted(kind.llm_values)}), "
+        for kind in semconv.LLM_CALL_KINDS
+    )
+    prefixes = " OR ".join(f"startsWith(k, '{p}')" for p in semconv.LLM_CALL_KEY_PREFIXES)
+    fallback = " OR ".join(
+        [
+            *(f"{_attr(key)} != ''" for key in semconv.LLM_CALL_KEYS),
+            # the key first: `AND` evaluates the value only for the few keys that match
+            f"arrayExists((k, v) -> ({prefixes}) AND v != '', mapKeys(SpanAttributes), mapValues(SpanAttributes))",
+        ]
+    )
+    return f"multiIf({kinds}{fallback})"
+
+
+def _reward_records_sql() -> str:
+    """The span's reward records, `(value, final, time, position)`, per `semconv`'s reward rule.
+
+    Position 0 is a reward span's own value, i its i-th event; records without a number are left out.
+    """
+    final = f"'{semconv.REWARD_FINAL_TRUE}'"
+    own = (
+        f"arrayFilter(r -> SpanName = '{semconv.REWARD_SPAN}', [(toFloat64OrNull({_attr(semconv.REWARD_VALUE)}),"
+        f" {_attr(semconv.REWARD_FINAL)} = {final}, Timestamp, toUInt32(0))])"
+    )
+    events = (
+        f"arrayMap((n, a, t, i) -> (if(n = '{semconv.GEN_AI_EVALUATION_EVENT}'"
+        f" AND mapContains(a, '{semconv.GEN_AI_EVALUATION_SCORE}'),"
+        f" toFloat64OrNull(a['{semconv.GEN_AI_EVALUATION_SCORE}']), NULL), a['{semconv.REWARD_FINAL}'] = {final},"
+        " t, toUInt32(i)), `Events.Name`, `Events.Attributes`, `Events.Timestamp`, arrayEnumerate(`Events.Name`))"
+    )
+    return f"arrayFilter(r -> r.1 IS NOT NULL, arrayConcat({own}, {events}))"
+
+
+# The span's reward columns: its greatest record by `semconv.reward_order` (the last marked final,
+# else the last), whether that one is final, its time, and how many rewards the span records.
+# `Store.rollouts()` takes the rollout's greatest by (RewardFinal, RewardTime, SpanId): the final
+# reward training uses.
+_BEST_REWARD = "arrayReverseSort(r -> (r.2, r.3, r.4), {records})[1]"
+_REWARD_COLUMNS = (
+    ("Reward", "Nullable(Float64)", "if(empty({records}), NULL, {best}.1)"),
+    ("RewardFinal", "Bool", "{best}.2"),
+    ("RewardTime", "DateTime64(9)", "{best}.3"),
+    ("RewardCount", "UInt16", "length({records})"),
+)
+
+
+@dataclass(frozen=True)
+class _Rules:
+    """The typed columns the view derives from a span, as SQL expressions."""
+
+    agent: str
+    is_llm_call: str
+    rewards: tuple[tuple[str, str], ...]  # (column, expression)
+    with_: str = ""  # a WITH clause naming what the expressions share
+
+
+_SHIPPED_RULES = _Rules(_SHIPPED_AGENT, _SHIPPED_IS_LLM_CALL, (("Reward", _SHIPPED_REWARD),))
+
+
+def _rules(*, inline: bool = False) -> _Rules:
+    """`semconv`'s rules as SQL. The view names the reward records and their greatest once in a
+    WITH clause (`_rewards`, `_best_reward`); an UPDATE has no WITH, so `inline` spells them out."""
+    records = _reward_records_sql() if inline else "_rewards"
+    best = _BEST_REWARD.format(records=records) if inline else "_best_reward"
+    return _Rules(
+        _first_set(semconv.AGENT_KEYS),
+        _llm_call_sql(),
+        tuple((name, expr.format(records=records, best=best)) for name, _, expr in _REWARD_COLUMNS),
+        ""
+        if inline
+        else f"WITH {_reward_records_sql()} AS _rewards, {_BEST_REWARD.format(records='_rewards')} AS _best_reward\n",
+    )
 
 
 # The Nested span events and links, the same in otel_traces and its copy in rollout_spans.
@@ -220,19 +311,21 @@ def _token_expression(type_: str, key: str) -> str:
     return f"JSONExtract({_attr(key)}, '{type_}')"
 
 
-def _rollout_select(d: _DDL, token_columns: tuple[tuple[str, str, str], ...] = ()) -> str:
+def _rollout_select(
+    d: _DDL, token_columns: tuple[tuple[str, str, str], ...] = (), rules: _Rules = _SHIPPED_RULES
+) -> str:
     """The view's SELECT: typed columns (`token_columns` among them when they are stored), then the span."""
     tokens = "".join(
         f"\n    {_token_expression(type_, key)} AS {name}," for name, type_, key in token_columns
     )
-    return f"""SELECT
+    rewards = "".join(f"\n    {expr} AS {name}," for name, expr in rules.rewards)
+    return f"""{rules.with_}SELECT
     {_ROLLOUT_ID} AS RolloutId,
     {_attr(semconv.TASK_ID)} AS TaskId,
     toUInt32OrZero({_attr(semconv.ATTEMPT)}) AS Attempt,
-    {_AGENT} AS AgentName,
+    {rules.agent} AS AgentName,
     {_attr(semconv.RESOURCES_ID)} AS ResourcesId,
-    {_IS_LLM_CALL} AS IsLLMCall,
-    {_REWARD} AS Reward,{tokens}
+    {rules.is_llm_call} AS IsLLMCall,{rewards}{tokens}
     Timestamp, TraceId, SpanId, ParentSpanId, TraceState, SpanName, SpanKind, ServiceName,
     ResourceAttributes, ScopeName, ScopeVersion, SpanAttributes, Duration, StatusCode, StatusMessage,
     `Events.Timestamp`, `Events.Name`, `Events.Attributes`,
@@ -315,6 +408,39 @@ ORDER BY (Run, Name, Step)""",
     ]
 
 
+def _rules_from_semconv(d: _DDL) -> list[str]:
+    """`IsLLMCall`, `AgentName` and the reward columns follow `semconv`'s rules, the ones training uses.
+
+    Before, the view had its own copies of the rules, and they disagreed with `algorithms`: an
+    `invoke_agent` span with input messages was a call here, a span with only `llm.request.type`
+    or only output messages was not, OpenInference's `agent.name` was ignored, and `Reward` read
+    only a span's first evaluation event and never `lightspan.reward.final`. The view now writes
+    expressions generated from `semconv`'s data; three columns carry what picking the rollout's
+    final reward needs (`RewardFinal`, `RewardTime`, `RewardCount`); and the rows already stored
+    are rewritten once (a synchronous mutation: it rewrites these columns' files, so on a big
+    store it takes a while, once). Every step is idempotent.
+    """
+    table = d.local(ROLLOUT_SPANS)
+    statements = []
+    for target in (table, ROLLOUT_SPANS) if d.options.cluster else (table,):
+        adds = []
+        after = "Reward"
+        for name, type_, _ in _REWARD_COLUMNS[1:]:
+            adds.append(f"ADD COLUMN IF NOT EXISTS {name} {type_} AFTER {after}")
+            after = name
+        statements.append(f"ALTER TABLE {target}{d.on_cluster} {', '.join(adds)}")
+    statements.append(
+        f"ALTER TABLE {table}_mv{d.on_cluster} MODIFY QUERY {_rollout_select(d, rules=_rules())}"
+    )
+    inline = _rules(inline=True)
+    updates = [("AgentName", inline.agent), ("IsLLMCall", inline.is_llm_call), *inline.rewards]
+    assignments = ", ".join(f"{name} = {expr}" for name, expr in updates)
+    statements.append(
+        f"ALTER TABLE {table}{d.on_cluster} UPDATE {assignments} WHERE 1 SETTINGS mutations_sync = 2"
+    )
+    return statements
+
+
 # Numbered migrations. Append new ones; never edit one that has shipped.
 MIGRATIONS = (
     (1, "otel_traces as the OpenTelemetry ClickHouse exporter creates it", _traces),
@@ -322,6 +448,7 @@ MIGRATIONS = (
     (3, "resources and train_metrics", _resources_and_metrics),
     (4, "rollout_spans token ids and logprobs computed on read", _token_ids_on_read),
     (5, "span tables write Compact parts up to 128 MiB", _compact_parts),
+    (6, "rollout_spans IsLLMCall, AgentName and rewards follow semconv's rules", _rules_from_semconv),
 )
 
 LATEST_VERSION = MIGRATIONS[-1][0]

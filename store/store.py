@@ -67,8 +67,9 @@ class RolloutSummary:
     agents: list[str]
     spans: int
     llm_calls: int
-    rewards: int
-    last_reward: float | None
+    rewards: int  # reward records: reward spans and scored evaluation events
+    final_reward: float | None  # the one training uses: the last marked final, else the last
+    last_reward: float | None  # the latest in time, final or not
     start: datetime
     end: datetime
     errors: int
@@ -324,8 +325,11 @@ class Store:
         """Rollouts, newest first, filtered; `shard=(rank, world)` keeps the tasks whose id
         hashes to `rank`, so data-parallel ranks split the data by whole task groups.
         `landed=True` keeps only rollouts whose root span has arrived (it ends, so it is
-        exported, after everything inside it)."""
-        having, params = ["rewards >= {min_rewards:UInt32}"], {"min_rewards": min_rewards}
+        exported, after everything inside it). `llm_calls`, `rewards` and `final_reward` follow
+        the rules in `lightspan.semconv`, as training reads them (`final_reward` is the reward
+        `algorithms.from_spans` gives the rollout before its failure policy)."""
+        having = ["rewards >= {min_rewards:UInt32}"]
+        params: dict[str, Any] = {"min_rewards": min_rewards}
         if landed:
             having.append("roots > 0")
         filters = {
@@ -349,8 +353,9 @@ class Store:
                    any(ServiceName) AS service, anyIf(ResourcesId, ResourcesId != '') AS resources,
                    arraySort(groupUniqArrayIf(AgentName, AgentName != '')) AS agents,
                    count() AS spans, countIf(IsLLMCall) AS llm_calls,
-                   countIf(Reward IS NOT NULL) AS rewards,
-                   argMaxIf(Reward, Timestamp, Reward IS NOT NULL) AS last_reward,
+                   sum(RewardCount) AS rewards,
+                   argMaxIf(Reward, (RewardFinal, RewardTime, SpanId), Reward IS NOT NULL) AS final_reward,
+                   argMaxIf(Reward, (RewardTime, SpanId), Reward IS NOT NULL) AS last_reward,
                    min(Timestamp) AS start, max(Timestamp + toIntervalNanosecond(Duration)) AS end,
                    countIf(StatusCode = 'Error') AS errors, countIf(ParentSpanId = '') AS roots
             FROM {ROLLOUT_SPANS} FINAL
@@ -371,11 +376,12 @@ class Store:
                 spans=int(r[6]),
                 llm_calls=int(r[7]),
                 rewards=int(r[8]),
-                last_reward=r[9],
-                start=r[10],
-                end=r[11],
-                errors=int(r[12]),
-                roots=int(r[13]),
+                final_reward=r[9],
+                last_reward=r[10],
+                start=r[11],
+                end=r[12],
+                errors=int(r[13]),
+                roots=int(r[14]),
             )
             for r in self.sql(query, params).rows
         ]

@@ -56,8 +56,9 @@ def parse_store_url(url: str | None) -> StoreURL:
             raise InvalidInput(
                 f"store URL {url!r} names no directory; use chdb:///abs/path or chdb://./rel/path"
             )
-        cluster = parse_qs(query).get("cluster", [None])[0]
-        return StoreURL(scheme="chdb", path=Path(unquote(rest)).expanduser().resolve(), cluster=cluster)
+        return StoreURL(
+            scheme="chdb", path=Path(unquote(rest)).expanduser().resolve(), cluster=_cluster(query)
+        )
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https"):
         raise InvalidInput(
@@ -70,7 +71,6 @@ def parse_store_url(url: str | None) -> StoreURL:
         port = parts.port or (8443 if parts.scheme == "https" else 8123)
     except ValueError as error:
         raise InvalidInput(f"store URL {url!r}: {error}") from None
-    query = parse_qs(parts.query)
     return StoreURL(
         scheme=parts.scheme,
         host=parts.hostname,
@@ -78,5 +78,11 @@ def parse_store_url(url: str | None) -> StoreURL:
         username=unquote(parts.username) if parts.username else "default",
         password=unquote(parts.password) if parts.password else "",
         database=parts.path.strip("/") or "default",
-        cluster=query.get("cluster", [None])[0],
+        cluster=_cluster(parts.query),
     )
+
+
+def _cluster(query: str) -> str | None:
+    """The `?cluster=NAME` of a store URL's query string, for either scheme."""
+    values = parse_qs(query).get("cluster")
+    return values[0] if values else None

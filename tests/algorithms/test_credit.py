@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from lightspan.algorithms import advantages, credit, prepare
 from lightspan.errors import InvalidInput
 from lightspan.types import Span, SpanTree, Transition
-from tests.algorithms.test_transitions import chat, reward, span
+from tests.helpers.spans import chat, reward, span
 
 
 def episode(

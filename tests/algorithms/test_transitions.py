@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
@@ -12,64 +11,9 @@ from lightspan import semconv
 from lightspan.algorithms import from_spans
 from lightspan.algorithms.dialects import is_llm_call
 from lightspan.errors import InvalidInput
-from lightspan.types import Span, SpanEvent, SpanLink, SpanTree
+from lightspan.types import Span, SpanEvent, SpanTree
 from tests.helpers import FIXTURES
-
-
-def load_spans(path: Path) -> list[Span]:
-    """A fixture file: a JSON list of `dataclasses.asdict(Span)` dicts."""
-    spans = []
-    for raw in json.loads(path.read_text()):
-        raw = dict(raw)
-        raw["events"] = [SpanEvent(**e) for e in raw.get("events", [])]
-        raw["links"] = [SpanLink(**link) for link in raw.get("links", [])]
-        spans.append(Span(**raw))
-    return spans
-
-
-def span(span_id: str, parent: str, start: int, end: int, name: str = "step", **attributes: object) -> Span:
-    """A span of trace "t" with attributes given as Python values (JSON-encoded unless strings)."""
-    return Span(
-        trace_id="t",
-        span_id=span_id,
-        parent_span_id=parent,
-        name=name,
-        start_ns=start,
-        end_ns=end,
-        attributes={
-            k.replace("__", "."): v if isinstance(v, str) else json.dumps(v) for k, v in attributes.items()
-        },
-    )
-
-
-def chat(span_id: str, parent: str, start: int, end: int, text: str = "hi", **attributes: object) -> Span:
-    """A current-GenAI chat span whose user message is `text` and answer is `text`-reply."""
-    return span(
-        span_id,
-        parent,
-        start,
-        end,
-        name="chat",
-        gen_ai__operation__name="chat",
-        gen_ai__input__messages=[{"role": "user", "content": text}],
-        gen_ai__output__messages=[
-            {"role": "assistant", "parts": [{"type": "text", "content": f"{text}-reply"}]}
-        ],
-        **attributes,
-    )
-
-
-def reward(span_id: str, parent: str, at: int, value: float, **attributes: object) -> Span:
-    return span(
-        span_id,
-        parent,
-        at,
-        at + 1,
-        name=semconv.REWARD_SPAN,
-        lightspan__reward__value=str(value),
-        **attributes,
-    )
-
+from tests.helpers.spans import chat, load_spans, reward, span
 
 # --- dialect fixtures (hand-made, tests/fixtures/algorithms) --------------------------------------
 
@@ -355,15 +299,16 @@ def test_reward_goes_to_latest_call_of_same_agent_that_ended_before_it() -> None
         reward("ra", "A", 40, 1.0),  # -> a1 (a2 had not ended)
         reward("rb", "B", 40, 2.0),  # -> b1
         reward("rx", "root", 45, 4.0),  # no agent -> latest ended call of any agent: b1
-        reward("r0", "A", 5, 8.0),  # before any call of a: episode-level
-        reward("rf", "root", 900, 16.0),  # no agent -> a2; also the last reward
+        reward("r0", "A", 5, 8.0),  # before any call of a: episode-level, credited to no call
+        reward("rf", "root", 900, 16.0),  # no agent -> a2, but the last reward: the final one
     ]
     calls = {c.span_id: c for c in from_spans(spans)}
     assert calls["a1"].rewards == [1.0]
     assert calls["b1"].rewards == [2.0, 4.0]
-    # An episode-level reward exists (r0), so it is the final reward and rf stays intermediate.
-    assert calls["a2"].rewards == [16.0]
-    assert {c.final_reward for c in calls.values()} == {8.0}
+    # The last reward (rf) is final although an earlier one (r0) followed no call, so it is not
+    # also a2's intermediate reward; r0 is neither final nor any call's.
+    assert calls["a2"].rewards == []
+    assert {c.final_reward for c in calls.values()} == {16.0}
 
 
 def test_reward_marked_final_wins_and_is_not_double_counted() -> None:
@@ -551,8 +496,8 @@ def test_recorded_framework_runs_give_one_transition_per_llm_call(framework: str
     and provider spans of the same call count once, with the engine's token ids attached."""
     spans = load_spans(FIXTURES / "spans" / f"{framework}.json")
     by_rollout: dict[str, list[Span]] = {}
-    for span in spans:
-        by_rollout.setdefault(span.attributes[semconv.ROLLOUT_ID], []).append(span)
+    for recorded in spans:
+        by_rollout.setdefault(recorded.attributes[semconv.ROLLOUT_ID], []).append(recorded)
     assert len(by_rollout) == 2
     finals = []
     for rollout in by_rollout.values():

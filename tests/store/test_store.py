@@ -15,6 +15,7 @@ from lightspan.errors import InvalidInput, NotFound, StoreLocked
 from lightspan.store import Store, parse_store_url
 from lightspan.store.schema import SchemaOptions, migration_statements, schema_version_ddl
 from lightspan.types import Span, SpanEvent, SpanLink
+from tests.helpers.rule_cases import TREES, expected_columns, stored_columns
 from tests.helpers.spanfactory import rollout_spans
 
 
@@ -119,13 +120,13 @@ def test_migrations_are_idempotent(store_url):
         "SELECT name, create_table_query FROM system.tables WHERE database = currentDatabase() ORDER BY name"
     )
     with Store.connect(store_url, migrate=False) as s:
-        assert s.migrate() == [1, 2, 3, 4, 5]
+        assert s.migrate() == [1, 2, 3, 4, 5, 6]
         before = s.sql(tables).rows
         assert s.migrate() == []
         assert s.sql(tables).rows == before
-        assert s.sql("SELECT count() FROM schema_version FINAL").scalar() == 5
+        assert s.sql("SELECT count() FROM schema_version FINAL").scalar() == 6
     with Store.connect(store_url) as s:  # a second open migrates nothing either
-        assert s.schema_version() == s.latest_schema_version == 5
+        assert s.schema_version() == s.latest_schema_version == 6
         assert s.sql(tables).rows == before
 
 
@@ -301,7 +302,7 @@ def test_cluster_ddl_uses_on_cluster_replicated_and_distributed():
     # No ClickHouse cluster here: the generated DDL text is what we can check.
     options = SchemaOptions(cluster="prod")
     ddl = "\n".join(
-        s for v in (1, 2, 3, 4, 5) for s in migration_statements(v, options)
+        s for v in (1, 2, 3, 4, 5, 6) for s in migration_statements(v, options)
     ) + schema_version_ddl(options)
     assert "CREATE TABLE IF NOT EXISTS otel_traces_local ON CLUSTER prod" in ddl
     assert "ReplicatedMergeTree('/clickhouse/tables/{shard}/{database}/otel_traces', '{replica}')" in ddl
@@ -325,7 +326,16 @@ def test_cluster_ddl_uses_on_cluster_replicated_and_distributed():
         f"ALTER TABLE {table}_local ON CLUSTER prod MODIFY SETTING min_bytes_for_wide_part = 134217728"
         for table in ("otel_traces", "rollout_spans")
     ]
-    single = "\n".join(s for v in (1, 2, 3, 4, 5) for s in migration_statements(v, SchemaOptions()))
+    rules = migration_statements(6, options)
+    assert [s.split(" ON CLUSTER prod ")[0] for s in rules] == [
+        "ALTER TABLE rollout_spans_local",
+        "ALTER TABLE rollout_spans",
+        "ALTER TABLE rollout_spans_local_mv",
+        "ALTER TABLE rollout_spans_local",
+    ]
+    assert rules[2].split(" ON CLUSTER prod ")[1].startswith("MODIFY QUERY WITH")
+    assert rules[3].split(" ON CLUSTER prod ")[1].startswith("UPDATE AgentName = ")
+    single = "\n".join(s for v in (1, 2, 3, 4, 5, 6) for s in migration_statements(v, SchemaOptions()))
     assert "ON CLUSTER" not in single and "Distributed" not in single and "Replicated" not in single
     assert parse_store_url("http://u:p@h:9000/db?cluster=prod").cluster == "prod"
 
@@ -400,3 +410,38 @@ def test_landed_rollouts_have_their_root(store):
     store.insert_spans(spans[:1])
     (landed,) = store.rollouts(landed=True)
     assert landed.rollout_id == "r-partial" and landed.roots == 1
+
+
+def test_migration_6_rewrites_the_rows_of_an_older_store(
+    store_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A store at version 5 kept the old copies of the rules; migrating rewrites its rows, and
+    spans landed afterwards go through the new view: both then agree with `algorithms`."""
+    import lightspan.store.store as store_module
+
+    old_tree, new_tree = "invoke-agent-with-messages", "several-evaluation-events"
+    columns = "SELECT SpanId, IsLLMCall, Reward FROM rollout_spans FINAL WHERE RolloutId = {r:String} ORDER BY SpanId"
+    with monkeypatch.context() as patch:
+        patch.setattr(store_module, "MIGRATIONS", store_module.MIGRATIONS[:5])
+        with Store.connect(store_url) as old:
+            assert old.schema_version() == 5
+            old.insert_spans(TREES[old_tree] + TREES["reward-with-final-flag"])
+            # The old view counted the invoke_agent span as a call and ignored the final flag.
+            assert old.sql(columns, {"r": old_tree}).rows == [("c", True, None), ("root", True, None)]
+    with Store.connect(store_url) as s:
+        assert s.schema_version() == 6
+        assert s.migrate() == []  # idempotent: nothing left to apply
+        s.insert_spans(TREES[new_tree])
+        stored = stored_columns(s)
+        for name in (old_tree, "reward-with-final-flag", new_tree):
+            assert {k: v for k, v in stored.items() if k[0] == name} == expected_columns(name, TREES[name])
+        finals = {r.rollout_id: r.final_reward for r in s.rollouts(limit=None)}
+        assert finals["reward-with-final-flag"] == 0.5
+    # Running migration 6's statements again changes nothing.
+    from lightspan.store.schema import SchemaOptions, migration_statements
+
+    with Store.connect(store_url) as s:
+        before = stored_columns(s)
+        for statement in migration_statements(6, SchemaOptions()):
+            s.command(statement)
+        assert stored_columns(s) == before
