@@ -83,6 +83,12 @@ def _add_flags(parser: argparse.ArgumentParser) -> None:
         help="or when the oldest queued request is this old (default %(default)g ms)",
     )
     parser.add_argument(
+        "--retry-after",
+        type=float,
+        default=defaults.retry_after,
+        help="seconds a client told to retry (queue full, store down) is asked to wait (default %(default)g)",
+    )
+    parser.add_argument(
         "--decoders",
         type=int,
         default=defaults.decoders,
@@ -121,6 +127,7 @@ def config_from_args(args: argparse.Namespace) -> CollectorConfig:
         batch_ms=args.batch_ms,
         queue_spans=args.queue_spans,
         queue_bytes=round(args.queue_mib * MIB),
+        retry_after=args.retry_after,
         decoders=args.decoders,
     ).validate()
 

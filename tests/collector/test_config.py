@@ -121,6 +121,7 @@ def test_the_cli_maps_flags_onto_fields(monkeypatch: pytest.MonkeyPatch):
         "--decoders=3",
         "--queue-spans=20",
         "--queue-mib=2",
+        "--retry-after=2.5",
     )
     assert config_from_args(args) == CollectorConfig(
         store_url="chdb:///tmp/x",
@@ -138,6 +139,7 @@ def test_the_cli_maps_flags_onto_fields(monkeypatch: pytest.MonkeyPatch):
         decoders=3,
         queue_spans=20,
         queue_bytes=2 * MIB,
+        retry_after=2.5,
     )
 
 
@@ -155,6 +157,7 @@ def test_help_shows_the_true_defaults():
         f"one per CPU, here {defaults.decoders};",
         f"(memory bound, default {defaults.queue_spans})",
         f"(memory bound, default {defaults.queue_bytes // MIB})",
+        f"is asked to wait (default {defaults.retry_after:g})",
     ):
         assert phrase in text, phrase
 

@@ -120,7 +120,9 @@ def test_store_down_then_back_every_span_lands(tmp_path: Path):
     a = CollectorProcess(store_a, log=tmp_path / "a.log").start()
     a_ports = a.ports
     assert a.sql_url is not None
-    b = CollectorProcess(a.sql_url, "--batch-ms", "20", log=tmp_path / "b.log").start()
+    # The SDK exporter gives up after 6 tries, each after the delay the collector advises: 3 s
+    # each outlasts A's restart on a busy machine.
+    b = CollectorProcess(a.sql_url, "--batch-ms", "20", "--retry-after", "3", log=tmp_path / "b.log").start()
     results: list[SpanExportResult] = []
     all_ids: set[str] = set()
     try:
