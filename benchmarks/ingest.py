@@ -28,8 +28,11 @@ from opentelemetry.proto.common.v1.common_pb2 import AnyValue, ArrayValue, Instr
 from opentelemetry.proto.resource.v1.resource_pb2 import Resource
 from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans, ScopeSpans, Span, Status
 
-from lightspan.collector.defaults import DEFAULT_BATCH_MS, DEFAULT_BATCH_SPANS, DEFAULT_DECODERS
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, for tests.helpers
+
+from lightspan.collector.config import CollectorConfig
 from lightspan.store import Store
+from tests.helpers.processes import CollectorProcess
 
 SPANS_PER_ROLLOUT = 10  # root, 4 LLM calls, 4 tool calls, 1 reward
 
@@ -181,18 +184,6 @@ def _percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
-def _free_ports(count: int) -> list[int]:
-    import socket
-
-    sockets = [socket.socket() for _ in range(count)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
-
-
 def parse_limit(bodies: list[bytes], rounds: int) -> float:
     """Spans/s of protobuf parsing alone (opentelemetry-proto's generated class, upb)."""
     spans = sum(
@@ -289,47 +280,16 @@ def ingest(
 ) -> dict[str, float]:
     """Durable spans/s through a collector subprocess, over `channels` gRPC channels; its CPU
     time and peak RSS include its decoder processes."""
-    import subprocess
-    import urllib.request
-
     import grpc
 
-    grpc_port, http_port = _free_ports(2)
-    collector = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "lightspan",
-            "collector",
-            "--store",
-            store_url,
-            "--grpc-port",
-            str(grpc_port),
-            "--http-port",
-            str(http_port),
-            "--sql-port",
-            "-1",
-            *extra_args,
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    collector = CollectorProcess(store_url, *extra_args, ports=(0, 0, -1)).start(timeout=60)
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{http_port}/health", timeout=1).read()
-                break
-            except OSError:
-                if time.monotonic() > deadline or collector.poll() is not None:
-                    raise RuntimeError("collector did not start")
-                time.sleep(0.1)
         spans_per_request = len(
             ExportTraceServiceRequest.FromString(bodies[0]).resource_spans[0].scope_spans[0].spans
         )
         channel_list = [
             grpc.insecure_channel(
-                f"127.0.0.1:{grpc_port}", options=[("grpc.max_send_message_length", 64 << 20)]
+                f"127.0.0.1:{collector.grpc_port}", options=[("grpc.max_send_message_length", 64 << 20)]
             )
             for _ in range(channels)
         ]
@@ -372,11 +332,10 @@ def ingest(
         elapsed = time.perf_counter() - started
         cpu = _family_cpu_seconds(collector.pid) - cpu
         peak_rss = _family_peak_rss_mib(collector.pid)
-        commits = _commits(f"http://127.0.0.1:{http_port}/metrics")
+        commits = _commits(f"{collector.http_endpoint}/metrics")
         for c in channel_list:
             c.close()
         collector.terminate()
-        collector.wait(60)
         return {
             "spans_per_s": len(latencies) * spans_per_request / elapsed,
             "p50_ms": _percentile(latencies, 0.5) * 1000,
@@ -389,8 +348,7 @@ def ingest(
             "mean_batch": (len(latencies) + 1) * spans_per_request / max(1, commits),
         }
     finally:
-        if collector.poll() is None:
-            collector.kill()
+        collector.close()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -405,9 +363,12 @@ def main(argv: list[str] | None = None) -> int:
         default=8,
         help="concurrent requests per channel (the default keeps two full batches in flight)",
     )
-    parser.add_argument("--batch-spans", type=int, default=DEFAULT_BATCH_SPANS)
-    parser.add_argument("--batch-ms", type=float, default=DEFAULT_BATCH_MS)
-    parser.add_argument("--decoders", type=int, default=DEFAULT_DECODERS, help="collector decoder processes")
+    collector = CollectorConfig.standalone()  # `lightspan collector`'s defaults
+    parser.add_argument("--batch-spans", type=int, default=collector.batch_spans)
+    parser.add_argument("--batch-ms", type=float, default=collector.batch_ms)
+    parser.add_argument(
+        "--decoders", type=int, default=collector.decoders, help="collector decoder processes"
+    )
     parser.add_argument(
         "--repeat",
         type=int,

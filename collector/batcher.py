@@ -25,12 +25,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
-from lightspan.collector.defaults import (
-    DEFAULT_BATCH_MS,
-    DEFAULT_BATCH_SPANS,
-    DEFAULT_QUEUE_BYTES,
-    DEFAULT_QUEUE_SPANS,
-)
+from lightspan.collector.config import CollectorConfig
 from lightspan.errors import InvalidInput, StoreUnavailable
 
 log = logging.getLogger(__name__)
@@ -72,11 +67,11 @@ class GroupCommitter:
         self,
         commit: Callable[[list[bytes]], Any] | Sequence[Callable[[list[bytes]], Any]],
         *,
-        batch_spans: int = DEFAULT_BATCH_SPANS,
-        batch_ms: float = DEFAULT_BATCH_MS,
-        queue_spans: int = DEFAULT_QUEUE_SPANS,
-        queue_bytes: int = DEFAULT_QUEUE_BYTES,
-        retry_after: float = 1.0,
+        batch_spans: int = CollectorConfig.batch_spans,
+        batch_ms: float = CollectorConfig.batch_ms,
+        queue_spans: int = CollectorConfig.queue_spans,
+        queue_bytes: int = CollectorConfig.queue_bytes,
+        retry_after: float = CollectorConfig.retry_after,
         on_commit: Callable[[int, float, BaseException | None], None] | None = None,
     ):
         commits = list(commit) if isinstance(commit, (list, tuple)) else [commit]
@@ -176,7 +171,8 @@ class GroupCommitter:
                     break
                 # Another committer may take the queue meanwhile: re-check everything on wake-up.
                 self._cond.wait(remaining if remaining > 0 else None)
-            batch, spans = [], 0
+            batch: list[_Pending] = []
+            spans = 0
             while self._queue and (not batch or spans + self._queue[0].spans <= self.batch_spans):
                 pending = self._queue.popleft()
                 batch.append(pending)

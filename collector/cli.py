@@ -16,80 +16,132 @@ import threading
 from typing import Any
 
 from lightspan import semconv
-from lightspan.collector.defaults import (
-    DEFAULT_BATCH_MS,
-    DEFAULT_BATCH_SPANS,
-    DEFAULT_DECODERS,
-    DEFAULT_QUEUE_BYTES,
-    DEFAULT_QUEUE_SPANS,
-)
+from lightspan.collector.config import MIB, CollectorConfig
+
+# `--sql-port` value that serves no SQL endpoint (CollectorConfig.sql_port=None).
+SQL_OFF = -1
 
 
 def _add_flags(parser: argparse.ArgumentParser) -> None:
+    """The collector's flags; every default is `CollectorConfig.standalone()`'s, and `--help`
+    prints it from there (`%(default)s`), so the two cannot drift apart."""
+    defaults = CollectorConfig.standalone()
     parser.add_argument(
-        "--store", default=None, help=f"store URL (default: ${semconv.ENV_STORE} or chdb://./lightspan-data)"
+        "--store",
+        default=defaults.store_url,
+        help=f"store URL (default: ${semconv.ENV_STORE} or chdb://./lightspan-data)",
     )
     parser.add_argument(
-        "--host", default="127.0.0.1", help="address for the OTLP receivers (default 127.0.0.1)"
+        "--host", default=defaults.host, help="address for the OTLP receivers (default %(default)s)"
     )
-    parser.add_argument("--grpc-port", type=int, default=4317, help="OTLP/gRPC port (default 4317, 0 = any)")
-    parser.add_argument("--http-port", type=int, default=4318, help="OTLP/HTTP port (default 4318, 0 = any)")
+    parser.add_argument(
+        "--grpc-port",
+        type=int,
+        default=defaults.grpc_port,
+        help="OTLP/gRPC port (default %(default)s, 0 = any)",
+    )
+    parser.add_argument(
+        "--http-port",
+        type=int,
+        default=defaults.http_port,
+        help="OTLP/HTTP port, also /metrics and /health (default %(default)s, 0 = any)",
+    )
     parser.add_argument(
         "--sql-port",
         type=int,
-        default=8123,
-        help="SQL endpoint port for an embedded store (default 8123, 0 = any, -1 = off)",
+        default=SQL_OFF if defaults.sql_port is None else defaults.sql_port,
+        help=f"SQL endpoint port for an embedded store (default %(default)s, 0 = any, {SQL_OFF} = off)",
     )
     parser.add_argument(
-        "--sql-host", default="127.0.0.1", help="address for the SQL endpoint (default 127.0.0.1)"
+        "--sql-host", default=defaults.sql_host, help="address for the SQL endpoint (default %(default)s)"
     )
     parser.add_argument(
         "--auth-token",
-        default=os.environ.get("LIGHTSPAN_AUTH_TOKEN"),
-        help="require 'Authorization: Bearer TOKEN' (default $LIGHTSPAN_AUTH_TOKEN)",
+        default=os.environ.get("LIGHTSPAN_AUTH_TOKEN", defaults.auth_token),
+        help="require 'Authorization: Bearer TOKEN' (default $LIGHTSPAN_AUTH_TOKEN, else none)",
     )
-    parser.add_argument("--tls-cert", default=None, help="PEM certificate: serve OTLP and SQL over TLS")
-    parser.add_argument("--tls-key", default=None, help="PEM private key for --tls-cert")
     parser.add_argument(
-        "--max-request-mib", type=float, default=64, help="largest accepted request (default 64 MiB)"
+        "--tls-cert", default=defaults.tls_cert, help="PEM certificate: serve OTLP and SQL over TLS"
+    )
+    parser.add_argument("--tls-key", default=defaults.tls_key, help="PEM private key for --tls-cert")
+    parser.add_argument(
+        "--max-request-mib",
+        type=float,
+        default=defaults.max_request_bytes / MIB,
+        help="largest accepted request, in MiB (default %(default)g)",
     )
     parser.add_argument(
         "--batch-spans",
         type=int,
-        default=DEFAULT_BATCH_SPANS,
-        help=f"commit when this many spans are queued (default {DEFAULT_BATCH_SPANS})",
+        default=defaults.batch_spans,
+        help="commit when this many spans are queued (default %(default)s)",
     )
     parser.add_argument(
         "--batch-ms",
         type=float,
-        default=DEFAULT_BATCH_MS,
-        help=f"or when the oldest queued request is this old (default {DEFAULT_BATCH_MS:g} ms)",
+        default=defaults.batch_ms,
+        help="or when the oldest queued request is this old (default %(default)g ms)",
+    )
+    parser.add_argument(
+        "--retry-after",
+        type=float,
+        default=defaults.retry_after,
+        help="seconds a client told to retry (queue full, store down) is asked to wait (default %(default)g)",
     )
     parser.add_argument(
         "--decoders",
         type=int,
-        default=DEFAULT_DECODERS,
+        default=defaults.decoders,
         help="processes that decode OTLP requests, off the receivers' interpreter lock "
-        f"(default: one per CPU, here {DEFAULT_DECODERS}; 0 = decode in the receiving threads)",
+        "(default: one per CPU, here %(default)s; 0 = decode in the receiving threads)",
     )
     parser.add_argument(
         "--queue-spans",
         type=int,
-        default=DEFAULT_QUEUE_SPANS,
-        help=f"spans queued before clients are told to retry (memory bound, default {DEFAULT_QUEUE_SPANS})",
+        default=defaults.queue_spans,
+        help="spans queued before clients are told to retry (memory bound, default %(default)s)",
     )
     parser.add_argument(
         "--queue-mib",
         type=float,
-        default=DEFAULT_QUEUE_BYTES >> 20,
-        help="request bytes in flight before clients are told to retry "
-        f"(memory bound, default {DEFAULT_QUEUE_BYTES >> 20})",
+        default=defaults.queue_bytes / MIB,
+        help="request bytes in flight before clients are told to retry, in MiB "
+        "(memory bound, default %(default)g)",
     )
 
 
+def config_from_args(args: argparse.Namespace) -> CollectorConfig:
+    """The validated `CollectorConfig` the parsed flags describe; InvalidInput names each bad one."""
+    return CollectorConfig(
+        store_url=args.store,
+        host=args.host,
+        grpc_port=args.grpc_port,
+        http_port=args.http_port,
+        sql_host=args.sql_host,
+        sql_port=None if args.sql_port == SQL_OFF else args.sql_port,
+        auth_token=args.auth_token,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        max_request_bytes=round(args.max_request_mib * MIB),
+        batch_spans=args.batch_spans,
+        batch_ms=args.batch_ms,
+        queue_spans=args.queue_spans,
+        queue_bytes=round(args.queue_mib * MIB),
+        retry_after=args.retry_after,
+        decoders=args.decoders,
+    ).validate()
+
+
 def register(subparsers: Any) -> None:
+    defaults = CollectorConfig.standalone()
     for name, text in (
-        ("collector", "receive OTLP traces (gRPC :4317, HTTP :4318) into the store; serve SQL on :8123"),
+        (
+            "collector",
+            (
+                f"receive OTLP traces (gRPC :{defaults.grpc_port}, HTTP :{defaults.http_port}) into the"
+                f" store; serve SQL on :{defaults.sql_port}"
+            ),
+        ),
         ("up", "start Lightspan locally: the collector with the embedded store in ./lightspan-data"),
     ):
         parser = subparsers.add_parser(name, help=text, description=text)
@@ -126,23 +178,7 @@ def _banner(collector: Any) -> str:
 def run(args: argparse.Namespace) -> int:
     from lightspan.collector.server import Collector
 
-    collector = Collector(
-        store_url=args.store,
-        grpc_port=args.grpc_port,
-        http_port=args.http_port,
-        sql_port=None if args.sql_port < 0 else args.sql_port,
-        host=args.host,
-        sql_host=args.sql_host,
-        auth_token=args.auth_token,
-        tls_cert=args.tls_cert,
-        tls_key=args.tls_key,
-        max_request_bytes=int(args.max_request_mib * (1 << 20)),
-        batch_spans=args.batch_spans,
-        batch_ms=args.batch_ms,
-        queue_spans=args.queue_spans,
-        queue_bytes=int(args.queue_mib * (1 << 20)),
-        decoders=args.decoders,
-    )
+    collector = Collector(config_from_args(args))
     stop = threading.Event()
     previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:

@@ -80,27 +80,36 @@ def keep_freed_memory() -> None:
 
 
 def _buffer(path: str | None = None) -> tuple[str, mmap.mmap]:
-    """A shared buffer: a new file with its space allocated now, or the one at `path`. The file
-    goes to tmpfs, or to the temporary directory when there is no room there (a container's
-    /dev/shm is often 64 MiB)."""
-    if path is None:
-        directories = [_SHARED_MEMORY_DIR] if os.path.isdir(_SHARED_MEMORY_DIR) else []
-        for directory in [*directories, None]:
-            fd, path = tempfile.mkstemp(prefix="lightspan-decoder-", dir=directory)
-            try:
-                os.posix_fallocate(fd, 0, BUFFER_BYTES)
-                break
-            except OSError:
-                os.close(fd)
-                os.unlink(path)
-                if directory is None:
-                    raise
-    else:
-        fd = os.open(path, os.O_RDWR)
+    """A shared buffer: a new file with its space allocated now, or the one at `path`."""
+    fd, path = _allocate() if path is None else (os.open(path, os.O_RDWR), path)
     try:
         return path, mmap.mmap(fd, BUFFER_BYTES)
     finally:
         os.close(fd)
+
+
+def _allocate() -> tuple[int, str]:
+    """A new buffer file (descriptor, path) in tmpfs, or in the temporary directory when tmpfs
+    has no room (a container's /dev/shm is often 64 MiB)."""
+    if os.path.isdir(_SHARED_MEMORY_DIR):
+        try:
+            return _allocate_in(_SHARED_MEMORY_DIR)
+        except OSError:
+            pass  # no room there: the temporary directory instead
+    return _allocate_in(None)
+
+
+def _allocate_in(directory: str | None) -> tuple[int, str]:
+    """A new file of BUFFER_BYTES in `directory`, its space allocated now (so a full tmpfs is an
+    error here, never a SIGBUS later)."""
+    fd, path = tempfile.mkstemp(prefix="lightspan-decoder-", dir=directory)
+    try:
+        os.posix_fallocate(fd, 0, BUFFER_BYTES)
+    except OSError:
+        os.close(fd)
+        os.unlink(path)
+        raise
+    return fd, path
 
 
 def _serve(conn: Connection, bodies_path: str, blocks_path: str) -> None:
@@ -212,7 +221,7 @@ class Decoders:
     def pids(self) -> list[int]:
         """The decoder processes' ids (diagnostics, tests)."""
         with self._lock:
-            return [worker.process.pid for worker in self._workers]
+            return [pid for worker in self._workers if (pid := worker.process.pid) is not None]
 
     def _add(self, worker: _Worker) -> None:
         with self._lock:

@@ -21,6 +21,7 @@ from google.rpc import code_pb2, status_pb2
 from lightspan.collector.batcher import QueueFull
 from lightspan.collector.decode import response, response_json
 from lightspan.collector.httpd import BadBody, BodyTooLarge, Handler, Server
+from lightspan.collector.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from lightspan.collector.metrics import Metrics
 from lightspan.collector.receiver import JSON, PROTOBUF, Receiver
 from lightspan.errors import InvalidInput, StoreUnavailable
@@ -81,7 +82,7 @@ class OTLPHandler(Handler):
     def _get(self) -> None:
         path = self.path.split("?", 1)[0]
         if path == "/metrics":
-            self.reply(200, self.app.metrics.render().encode(), "text/plain; version=0.0.4; charset=utf-8")
+            self.reply(200, self.app.metrics.render(), METRICS_CONTENT_TYPE)
         elif path == "/health":
             report = self.app.health()
             body = json.dumps(report, indent=1).encode()

@@ -136,7 +136,8 @@ class Handler(BaseHTTPRequestHandler):
         return body
 
     def _read_chunked(self, limit: int) -> bytes:
-        parts, total = [], 0
+        parts: list[bytes] = []
+        total = 0
         while True:
             line = self.rfile.readline(1024)
             try:

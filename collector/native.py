@@ -186,17 +186,26 @@ def _to_native(request: Any) -> Decoded:
     states: list[bytes] = []
     names: list[bytes] = []
     kinds: list[bytes] = []
-    services: list[bytes] = []
     scopes: list[bytes] = []
     scope_versions: list[bytes] = []
     statuses: list[bytes] = []
     status_messages: list[bytes] = []
-    resource_offsets, resource_keys, resource_values, resource_total = array("Q"), [], [], 0
-    attr_offsets, attr_keys, attr_values, attr_total = array("Q"), [], [], 0
+    services: list[bytes | bytearray] = []  # service.name may be an array value, filled later
+    # Each attribute map's keys as one piece; its values (a bytearray is an array filled later).
+    resource_keys: list[bytes] = []
+    resource_values: list[bytes | bytearray] = []
+    attr_keys: list[bytes] = []
+    attr_values: list[bytes | bytearray] = []
+    event_keys: list[bytes] = []
+    event_values: list[bytes | bytearray] = []
+    link_keys: list[bytes] = []
+    link_values: list[bytes | bytearray] = []
+    resource_offsets, resource_total = array("Q"), 0
+    attr_offsets, attr_total = array("Q"), 0
     event_offsets, event_times, event_names, events_total = array("Q"), array("q"), [], 0
-    event_attr_offsets, event_keys, event_values, event_attr_total = array("Q"), [], [], 0
+    event_attr_offsets, event_attr_total = array("Q"), 0
     link_offsets, link_traces, link_spans, link_states, links_total = array("Q"), [], [], [], 0
-    link_attr_offsets, link_keys, link_values, link_attr_total = array("Q"), [], [], 0
+    link_attr_offsets, link_attr_total = array("Q"), 0
     string, cached, value, span_kinds, status_codes = native_string, _cached_string, _value, _KINDS, _STATUSES
     later: list[tuple[bytes, bytearray]] = []  # arrays, filled after the loop
     accepted = rejected = 0
@@ -204,7 +213,7 @@ def _to_native(request: Any) -> Decoded:
     for resource_spans in request.resource_spans:
         resource = resource_spans.resource.attributes
         resource_key_list: list[bytes] = []
-        resource_value_list: list[bytes] = []
+        resource_value_list: list[bytes | bytearray] = []
         per_resource = _map(resource, resource_key_list, resource_value_list, later)
         service_raw = resource.get(semconv.SERVICE_NAME)
         service = value(service_raw) if service_raw is not None else _EMPTY

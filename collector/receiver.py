@@ -61,25 +61,23 @@ class Receiver:
             self.count(protocol, "invalid")
             raise
         metrics = self.metrics
-        metrics.inc(
-            "lightspan_collector_spans_received_total", decoded.spans + decoded.rejected, protocol=protocol
-        )
+        metrics.spans_received.labels(protocol=protocol).inc(decoded.spans + decoded.rejected)
         if decoded.rejected:
-            metrics.inc("lightspan_collector_spans_rejected_total", decoded.rejected, reason="invalid_span")
+            metrics.spans_rejected.labels(reason="invalid_span").inc(decoded.rejected)
         if decoded.spans:
             try:
                 self.committer.submit(decoded.block, decoded.spans).result()
             except StoreUnavailable as error:
                 reason = "queue_full" if isinstance(error, QueueFull) else "unavailable"
-                metrics.inc("lightspan_collector_spans_rejected_total", decoded.spans, reason=reason)
+                metrics.spans_rejected.labels(reason=reason).inc(decoded.spans)
                 self.count(protocol, reason)
                 raise
             except InvalidInput:
-                metrics.inc("lightspan_collector_spans_rejected_total", decoded.spans, reason="store_refused")
+                metrics.spans_rejected.labels(reason="store_refused").inc(decoded.spans)
                 self.count(protocol, "invalid")
                 raise
         self.count(protocol, "partial" if decoded.rejected else "ok")
         return decoded
 
     def count(self, protocol: str, outcome: str) -> None:
-        self.metrics.inc("lightspan_collector_requests_total", protocol=protocol, outcome=outcome)
+        self.metrics.requests.labels(protocol=protocol, outcome=outcome).inc()

@@ -7,6 +7,7 @@ queued requests are committed and answered, then the SQL endpoint and the store 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import threading
@@ -16,13 +17,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lightspan.collector.batcher import GroupCommitter
+from lightspan.collector.config import CollectorConfig
 from lightspan.collector.decoders import Decoders
-from lightspan.collector.defaults import (
-    DEFAULT_BATCH_MS,
-    DEFAULT_BATCH_SPANS,
-    DEFAULT_QUEUE_BYTES,
-    DEFAULT_QUEUE_SPANS,
-)
 from lightspan.collector.grpc_server import OTLPGrpcServer
 from lightspan.collector.http_server import OTLPHandler, OTLPHttpApp
 from lightspan.collector.httpd import Server, tls_context
@@ -48,58 +44,27 @@ INSERT_SETTINGS = {"optimize_on_insert": "0", "input_format_native_allow_types_c
 
 
 class Collector:
-    """An OTLP collector landing spans in the store at `store_url`.
+    """An OTLP collector landing spans in the store its `CollectorConfig` names.
 
-    Ports 0 pick free ports (read them back from the properties). The SQL endpoint runs only for
-    an embedded store (set `sql_port=None` to disable it). Usable as a context manager.
+    `Collector(config)`, or `Collector(store_url, grpc_port=0, ...)`: keyword settings replace
+    fields of `config` (or of the defaults), so both spellings reach one validated config. Ports 0
+    pick free ports (read them back from the properties). The SQL endpoint runs only for an
+    embedded store (`sql_port=None` disables it). Usable as a context manager.
     """
 
-    def __init__(
-        self,
-        store_url: str | None = None,
-        grpc_port: int = 4317,
-        http_port: int = 4318,
-        sql_port: int | None = 8123,
-        host: str = "127.0.0.1",
-        auth_token: str | None = None,
-        tls_cert: str | None = None,
-        tls_key: str | None = None,
-        max_request_bytes: int = 64 << 20,
-        batch_spans: int = DEFAULT_BATCH_SPANS,
-        batch_ms: float = DEFAULT_BATCH_MS,
-        queue_spans: int = DEFAULT_QUEUE_SPANS,
-        queue_bytes: int = DEFAULT_QUEUE_BYTES,
-        sql_host: str = "127.0.0.1",
-        retry_after: float = 1.0,
-        committers: int = 2,
-        decoders: int = 0,
-    ):
-        if bool(tls_cert) != bool(tls_key):
-            raise InvalidInput("TLS needs both --tls-cert and --tls-key")
-        if max_request_bytes <= 0:
-            raise InvalidInput("the request size limit must be positive")
-        self.url = parse_store_url(store_url)
-        self.store_url = store_url
-        self.host, self.sql_host = host, sql_host
-        self._ports = (grpc_port, http_port, sql_port)
-        self.auth_token = auth_token or None
-        self.tls = (tls_cert, tls_key) if tls_cert and tls_key else None
-        self.max_request_bytes = max_request_bytes
-        self._batching = {
-            "batch_spans": batch_spans,
-            "batch_ms": batch_ms,
-            "queue_spans": queue_spans,
-            "queue_bytes": queue_bytes,
-            "retry_after": retry_after,
-        }
+    def __init__(self, config: CollectorConfig | str | None = None, /, **settings: Any):
+        """Raises InvalidInput for unusable settings and TypeError for an unknown keyword."""
+        base = config if isinstance(config, CollectorConfig) else CollectorConfig(store_url=config)
+        self.config = dataclasses.replace(base, **settings).validate()
+        self.url = parse_store_url(self.config.store_url)
+        self.auth_token = self.config.auth_token or None
         self.metrics = Metrics()
         # One store connection per committer thread (a connection runs one insert at a time).
-        self._stores: list[Store | None] = [None] * max(1, committers)
+        self._stores: list[Store | None] = [None] * self.config.committers
         self._store_lock = threading.Lock()
         self._store_up = True
         self._last_error = ""
         self._committer: GroupCommitter | None = None
-        self._decoder_processes = decoders
         self._decoders: Decoders | None = None
         self._grpc: OTLPGrpcServer | None = None
         self._http: Server | None = None
@@ -108,7 +73,7 @@ class Collector:
         self._started = False
 
     # --- lifecycle ------------------------------------------------------------------------------
-    def start(self) -> Collector:
+    def start(self) -> Self:
         """Open the store and start listening; returns self once every endpoint is bound."""
         for index in range(len(self._stores)):
             self._open_store(index, initial=True)
@@ -121,51 +86,58 @@ class Collector:
         return self
 
     def _start_servers(self) -> None:
-        grpc_port, http_port, sql_port = self._ports
-        metrics = self.metrics
+        config, metrics = self.config, self.metrics
         commits = [self._commit_via(index) for index in range(len(self._stores))]
-        self._committer = GroupCommitter(commits, on_commit=self._on_commit, **self._batching)
-        committer = self._committer
-        metrics.gauge("lightspan_collector_queue_spans", lambda: committer.depth_spans)
-        metrics.gauge("lightspan_collector_queue_bytes", lambda: committer.depth_bytes)
-        metrics.gauge("lightspan_collector_store_up", lambda: 1.0 if self._store_up else 0.0)
-        self._decoders = Decoders(self._decoder_processes)
+        self._committer = committer = GroupCommitter(
+            commits,
+            batch_spans=config.batch_spans,
+            batch_ms=config.batch_ms,
+            queue_spans=config.queue_spans,
+            queue_bytes=config.queue_bytes,
+            retry_after=config.retry_after,
+            on_commit=self._on_commit,
+        )
+        metrics.queue_spans.set_function(lambda: committer.depth_spans)
+        metrics.queue_bytes.set_function(lambda: committer.depth_bytes)
+        metrics.store_up.set_function(lambda: 1.0 if self._store_up else 0.0)
+        self._decoders = Decoders(config.decoders)
         receiver = Receiver(committer, metrics, auth_token=self.auth_token, decoders=self._decoders)
         tls_files = None
         ssl_context = None
-        if self.tls:
-            cert, key = self.tls
+        if config.tls_cert and config.tls_key:
+            cert, key = config.tls_cert, config.tls_key
             try:
                 tls_files = (Path(cert).read_bytes(), Path(key).read_bytes())
                 ssl_context = tls_context(cert, key)
             except (OSError, ValueError) as error:
                 raise InvalidInput(f"cannot load the TLS certificate/key: {error}") from None
+        data_dir = self.url.path if self.url.embedded else None
         try:
             self._grpc = OTLPGrpcServer(
                 receiver,
-                host=self.host,
-                port=grpc_port,
-                max_request_bytes=self.max_request_bytes,
+                host=config.host,
+                port=config.grpc_port,
+                max_request_bytes=config.max_request_bytes,
                 tls=tls_files,
             )
-            app = OTLPHttpApp(
-                receiver, metrics, self.health, self.max_request_bytes, self._batching["retry_after"]
-            )
-            self._http = Server(self.host, http_port, OTLPHandler, app, ssl_context)
-            if self.url.embedded and sql_port is not None:
+            app = OTLPHttpApp(receiver, metrics, self.health, config.max_request_bytes, config.retry_after)
+            self._http = Server(config.host, config.http_port, OTLPHandler, app, ssl_context)
+            if data_dir is not None and config.sql_port is not None:
                 from lightspan.collector.sql_endpoint import SQLApp, SQLHandler
 
-                sql_app = SQLApp(os.path.realpath(str(self.url.path)), self.auth_token, SQL_MAX_BODY_BYTES)
-                self._sql = Server(self.sql_host, sql_port, SQLHandler, sql_app, ssl_context)
+                sql_app = SQLApp(os.path.realpath(data_dir), self.auth_token, SQL_MAX_BODY_BYTES)
+                self._sql = Server(config.sql_host, config.sql_port, SQLHandler, sql_app, ssl_context)
         except OSError as error:
             raise StoreUnavailable(
-                f"cannot listen on {self.host}: {error} (is another collector running?)"
+                f"cannot listen on {config.host}: {error} (is another collector running?)"
             ) from None
         self._grpc.start()
         self._http.start("lightspan-otlp-http")
-        if self._sql is not None:
+        if self._sql is not None and data_dir is not None:
             self._sql.start("lightspan-sql")
-            store_lock.advertise_endpoint(self.url.path, self.sql_url)
+            store_lock.advertise_endpoint(
+                data_dir, self._url(self.config.sql_host, self._sql.port, "/default")
+            )
 
     def stop(self, grace: float = 30.0) -> None:
         """Stop accepting, commit and answer what is queued, then close the store."""
@@ -193,7 +165,8 @@ class Collector:
         if self._sql is not None:
             self._sql.stop_listening()
             self._sql.drain(5)
-            store_lock.withdraw_endpoint(self.url.path)
+            if self.url.path is not None:
+                store_lock.withdraw_endpoint(self.url.path)
             self._sql = None
         with self._store_lock:
             for index, store in enumerate(self._stores):
@@ -217,7 +190,7 @@ class Collector:
         with self._store_lock:
             if self._stores[index] is None:
                 try:
-                    self._stores[index] = Store.connect(self.store_url, migrate=index == 0)
+                    self._stores[index] = Store.connect(self.config.store_url, migrate=index == 0)
                 except StoreUnavailable as error:
                     # A server that is down now may be up later: start anyway and answer
                     # UNAVAILABLE until it is. An embedded store that cannot open is fatal.
@@ -237,21 +210,21 @@ class Collector:
 
     def _on_commit(self, spans: int, seconds: float, error: BaseException | None) -> None:
         metrics = self.metrics
-        metrics.observe_commit(seconds)
+        metrics.commit_seconds.observe(seconds)
         if error is None:
             self._store_up, self._last_error = True, ""
-            metrics.inc("lightspan_collector_spans_committed_total", spans)
-            metrics.inc("lightspan_collector_commits_total", outcome="ok")
+            metrics.spans_committed.inc(spans)
+            metrics.commits.labels(outcome="ok").inc()
         else:
             self._store_up, self._last_error = False, str(error)
-            metrics.inc("lightspan_collector_commits_total", outcome="failed")
+            metrics.commits.labels(outcome="failed").inc()
 
     # --- endpoints ------------------------------------------------------------------------------
-    def _scheme(self, secure: bool) -> str:
-        return "https" if secure else "http"
-
-    def _public_host(self, host: str) -> str:
-        return "127.0.0.1" if host in ("", "0.0.0.0", "::") else host
+    def _url(self, host: str, port: int, path: str = "") -> str:
+        """What a client dials: https under TLS, and this machine for an any-address host."""
+        scheme = "https" if self.config.tls_cert else "http"
+        public = "127.0.0.1" if host in ("", "0.0.0.0", "::") else host
+        return f"{scheme}://{public}:{port}{path}"
 
     @property
     def grpc_port(self) -> int:
@@ -268,19 +241,19 @@ class Collector:
     @property
     def grpc_endpoint(self) -> str:
         """What OTEL_EXPORTER_OTLP_ENDPOINT should be for gRPC exporters."""
-        return f"{self._scheme(bool(self.tls))}://{self._public_host(self.host)}:{self.grpc_port}"
+        return self._url(self.config.host, self.grpc_port)
 
     @property
     def http_endpoint(self) -> str:
         """What OTEL_EXPORTER_OTLP_ENDPOINT should be for HTTP exporters (they append /v1/traces)."""
-        return f"{self._scheme(bool(self.tls))}://{self._public_host(self.host)}:{self.http_port}"
+        return self._url(self.config.host, self.http_port)
 
     @property
     def sql_url(self) -> str | None:
         """The store URL through this collector (`--store` for the trainer and `lightspan sql`)."""
         if self._sql is None:
             return None
-        return f"{self._scheme(bool(self.tls))}://{self._public_host(self.sql_host)}:{self.sql_port}/default"
+        return self._url(self.config.sql_host, self._sql.port, "/default")
 
     def health(self) -> dict[str, Any]:
         committer = self._committer
@@ -290,6 +263,6 @@ class Collector:
             "store_error": self._last_error,
             "queue_spans": committer.depth_spans if committer else 0,
             "queue_bytes": committer.depth_bytes if committer else 0,
-            "spans_committed": int(self.metrics.total("lightspan_collector_spans_committed_total")),
+            "spans_committed": self.metrics.committed_spans(),
             "time": time.time(),
         }

@@ -19,6 +19,7 @@ from __future__ import annotations
 import base64
 import email.parser
 import email.policy
+import email.utils
 import hmac
 import json
 import os
@@ -179,7 +180,8 @@ class SQLApp:
 
 
 def _first_keyword(sql: str) -> str:
-    match = _FIRST_WORD.match(sql, _COMMENTS.match(sql).end())
+    comments = _COMMENTS.match(sql)  # matches at least the empty string, never None
+    match = _FIRST_WORD.match(sql, comments.end() if comments else 0)
     return match.group(1).upper() if match else ""
 
 
@@ -197,7 +199,7 @@ def _decompress(body: bytes, encoding: str) -> bytes:
 
             return zstandard.ZstdDecompressor().decompressobj().decompress(body)
         if encoding == "lz4":
-            import lz4.frame
+            import lz4.frame  # type: ignore[import-untyped]  # lz4 ships no type information
 
             return lz4.frame.decompress(body)
         if encoding == "br":
@@ -221,13 +223,18 @@ def _form_fields(content_type: str, body: bytes) -> dict[str, str]:
     )
     if not message.is_multipart():
         raise ClickHouseError(62, "malformed multipart/form-data body", "SYNTAX_ERROR")
-    fields = {}
+    fields: dict[str, str] = {}
     for part in message.iter_parts():
         name = part.get_param("name", header="content-disposition")
+        if isinstance(name, tuple):  # an RFC 2231 encoded name: (charset, language, text)
+            name = email.utils.collapse_rfc2231_value(name)
         if part.get_filename() is not None:
             raise ClickHouseError(48, "external data (file parts) is not supported here", "NOT_IMPLEMENTED")
         if name:
-            fields[name] = part.get_payload(decode=True).decode("utf-8")
+            payload = part.get_payload(decode=True)
+            if not isinstance(payload, bytes):  # a nested multipart has no payload of its own
+                raise ClickHouseError(62, f"form field {name!r} is not a plain value", "SYNTAX_ERROR")
+            fields[name] = payload.decode("utf-8")
     return fields
 
 
@@ -371,15 +378,16 @@ class SQLHandler(Handler):
                 return (f"{query}\n{body.decode()}" if body else query), None, None
             except UnicodeDecodeError:
                 raise ClickHouseError(62, "inline INSERT data is not valid UTF-8", "SYNTAX_ERROR") from None
-        match = _INSERT_FORMAT.search(body, 0, 65536)
-        if match is None:
+        data_match = _INSERT_FORMAT.search(body, 0, 65536)
+        if data_match is None:
             try:
                 return body.decode(), None, None
             except UnicodeDecodeError:
                 raise ClickHouseError(
                     62, "INSERT without FORMAT is not valid UTF-8", "SYNTAX_ERROR"
                 ) from None
-        return body[: match.start()].decode().rstrip(), match.group(1).decode(), body[match.end() :]
+        start, end = data_match.span()
+        return body[:start].decode().rstrip(), data_match.group(1).decode(), body[end:]
 
     def _answer(
         self, statement: str, was_insert: bool, result: Any, default_format: str, query_id: str

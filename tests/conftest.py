@@ -13,8 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers.processes import CollectorEndpoints
-from tests.helpers.processes import collector_process as start_collector
+from tests.helpers.processes import CollectorProcess
 
 # No test may reach the network for models or data.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -50,7 +49,8 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture
-def collector_process(tmp_path: Path) -> Iterator[CollectorEndpoints]:
-    """The real `lightspan collector` process on an embedded store in tmp_path (see helpers.processes)."""
-    with start_collector(tmp_path / "data") as endpoints:
-        yield endpoints
+def collector_process(tmp_path: Path) -> Iterator[CollectorProcess]:
+    """The real `lightspan collector` process on an embedded store in tmp_path, on free ports
+    (see helpers.processes); stopped with SIGTERM at teardown."""
+    with CollectorProcess(f"chdb://{tmp_path / 'data'}", log=tmp_path / "collector.log") as collector:
+        yield collector

@@ -1,18 +1,27 @@
 """The Helm chart, checked without Helm (none is installed here): every value a template reads
-exists, the commands it runs take the flags it passes, and its trainer config is valid."""
+exists, the commands it runs take the flags it passes, the collector it runs is configured as
+`lightspan collector` is by default, and its trainer config is valid."""
 
 from __future__ import annotations
 
+import dataclasses
 import re
+from typing import Any
 
+import pytest
 import yaml
 
+from lightspan.cli import build_parser
+from lightspan.collector.cli import config_from_args
+from lightspan.collector.config import CollectorConfig
 from lightspan.trainer.config import from_dict
 from tests.helpers import ROOT
 from tests.helpers.processes import run_cli
 
 CHART = ROOT / "charts" / "lightspan"
 TEMPLATES = sorted((CHART / "templates").glob("*"))
+# values.collector keys for Kubernetes itself, not passed to the collector as flags.
+KUBERNETES_ONLY = {"replicas", "resources", "authTokenSecret"}
 
 
 def _values() -> dict:
@@ -40,6 +49,41 @@ def test_collector_flags_exist():
     flags = set(re.findall(r"(?<![-\w])(--[a-z][a-z-]*)", text))
     help_text = run_cli("collector", "--help").stdout
     assert flags and all(flag in help_text for flag in flags), flags
+
+
+def _value(path: str) -> Any:
+    node = _values()
+    for key in path.split("."):
+        node = node[key]
+    return node
+
+
+def _collector_args() -> tuple[list[str], set[str]]:
+    """The collector container's args as Helm renders them with values.yaml, and the values.collector
+    keys they read."""
+    text = (CHART / "templates" / "collector.yaml").read_text()
+    match = re.search(r"^\s*args: (\[.*?\])$", text, re.MULTILINE | re.DOTALL)
+    assert match, "no args list in templates/collector.yaml"
+    template = match.group(1)
+    used = set(re.findall(r"\.Values\.collector\.(\w+)", template))
+    rendered = re.sub(r"\{\{\s*\.Values\.([\w.]+)\s*\}\}", lambda m: str(_value(m.group(1))), template)
+    return [str(arg) for arg in yaml.safe_load(rendered)], used
+
+
+def test_the_chart_runs_the_collector_with_its_own_defaults(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.delenv("LIGHTSPAN_AUTH_TOKEN", raising=False)  # the chart sets it from a Secret
+    argv, used = _collector_args()
+    assert argv[0] == "collector"
+    config = config_from_args(build_parser().parse_args(argv))  # valid, or InvalidInput says why
+    # What a pod needs otherwise: every address, and no SQL endpoint (the store is a ClickHouse
+    # server, given as LIGHTSPAN_STORE).
+    assert (config.host, config.sql_port, config.store_url) == ("0.0.0.0", None, None)
+    # Every tunable the chart passes from values.yaml is the collector's own default, so a chart
+    # install runs the collector `lightspan collector` is (its defaults are tuned, see the README).
+    defaults = CollectorConfig.standalone()
+    assert dataclasses.replace(config, host=defaults.host, sql_port=defaults.sql_port) == defaults
+    # And every collector value is either passed to it or used by Kubernetes.
+    assert used == set(_values()["collector"]) - KUBERNETES_ONLY
 
 
 def test_trainer_command_and_config_are_valid():

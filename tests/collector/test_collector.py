@@ -21,13 +21,14 @@ from opentelemetry.exporter.otlp.proto.http import Compression
 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as HttpExporter
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceResponse
 from opentelemetry.sdk.trace.export import SpanExportResult
+from prometheus_client.parser import text_string_to_metric_families
 
 from lightspan.collector.grpc_server import METHOD, SERVICE
 from lightspan.collector.server import Collector
 from lightspan.store import Store
 from lightspan.store.lock import read_endpoint
-from tests.collector.test_support import make_spans
 from tests.helpers import ROOT
+from tests.helpers.otel import make_spans
 
 TOKEN = "s3cret-token"
 
@@ -259,12 +260,22 @@ def test_metrics_and_health(collector: Collector):
     assert exporter.export(make_spans()) == SpanExportResult.SUCCESS
     exporter.shutdown()
     _post(f"{collector.http_endpoint}/v1/traces", b"\xff\xff")
-    text = urllib.request.urlopen(f"{collector.http_endpoint}/metrics").read().decode()
-    assert 'lightspan_collector_spans_received_total{protocol="grpc"} 3' in text
-    assert "lightspan_collector_spans_committed_total 3" in text
-    assert 'lightspan_collector_requests_total{outcome="invalid",protocol="http"} 1' in text
-    assert "lightspan_collector_queue_spans 0" in text
-    assert 'lightspan_collector_commit_seconds_bucket{le="+Inf"} 1' in text
+    with urllib.request.urlopen(f"{collector.http_endpoint}/metrics") as response:
+        assert response.headers["Content-Type"] == "text/plain; version=0.0.4; charset=utf-8"
+        samples = {
+            (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+            for family in text_string_to_metric_families(response.read().decode())
+            for sample in family.samples
+        }
+    assert samples[("lightspan_collector_spans_received_total", (("protocol", "grpc"),))] == 3
+    assert samples[("lightspan_collector_spans_committed_total", ())] == 3
+    assert (
+        samples[("lightspan_collector_requests_total", (("outcome", "invalid"), ("protocol", "http")))] == 1
+    )
+    assert samples[("lightspan_collector_commits_total", (("outcome", "ok"),))] == 1
+    assert samples[("lightspan_collector_queue_spans", ())] == 0
+    assert samples[("lightspan_collector_store_up", ())] == 1
+    assert samples[("lightspan_collector_commit_seconds_bucket", (("le", "+Inf"),))] == 1
     health = json.loads(urllib.request.urlopen(f"{collector.http_endpoint}/health").read())
     assert health["status"] == "ok" and health["spans_committed"] == 3
 

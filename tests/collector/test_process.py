@@ -24,7 +24,8 @@ from opentelemetry.sdk.trace.export import SpanExportResult
 
 from lightspan.collector.grpc_server import METHOD, SERVICE
 from lightspan.store import Store
-from tests.collector.test_support import CollectorProcess, free_ports, make_spans
+from tests.helpers.otel import make_spans
+from tests.helpers.processes import CollectorProcess
 
 
 def _span_ids(spans) -> set[str]:
@@ -69,8 +70,8 @@ def test_sigterm_commits_queued_spans_and_exits_zero(tmp_path: Path):
 @pytest.mark.slow
 def test_kill_9_loses_nothing_acknowledged(tmp_path: Path):
     store = f"chdb://{tmp_path / 'data'}"
-    ports = free_ports(3)
-    collector = CollectorProcess(store, "--batch-ms", "20", ports=ports, log=tmp_path / "log").start()
+    collector = CollectorProcess(store, "--batch-ms", "20", log=tmp_path / "log").start()
+    ports = collector.ports
     acked: set[str] = set()
     sent = 0
     stop = threading.Event()
@@ -115,10 +116,13 @@ def test_kill_9_loses_nothing_acknowledged(tmp_path: Path):
 @pytest.mark.slow
 def test_store_down_then_back_every_span_lands(tmp_path: Path):
     # Collector A (embedded store) is the ClickHouse server; collector B writes to it over HTTP.
-    a_ports = free_ports(3)
     store_a = f"chdb://{tmp_path / 'a'}"
-    a = CollectorProcess(store_a, ports=a_ports, log=tmp_path / "a.log").start()
-    b = CollectorProcess(a.sql_url, "--batch-ms", "20", log=tmp_path / "b.log").start()
+    a = CollectorProcess(store_a, log=tmp_path / "a.log").start()
+    a_ports = a.ports
+    assert a.sql_url is not None
+    # The SDK exporter gives up after 6 tries, each after the delay the collector advises: 3 s
+    # each outlasts A's restart on a busy machine.
+    b = CollectorProcess(a.sql_url, "--batch-ms", "20", "--retry-after", "3", log=tmp_path / "b.log").start()
     results: list[SpanExportResult] = []
     all_ids: set[str] = set()
     try:
@@ -156,9 +160,9 @@ def test_store_down_then_back_every_span_lands(tmp_path: Path):
 @pytest.mark.slow
 def test_memory_stays_bounded_when_clients_outpace_the_store(tmp_path: Path):
     store = f"chdb://{tmp_path / 'data'}"
-    # A tiny queue that commits slowly: clients are much faster than the store.
+    # A tiny queue: clients are much faster than the store.
     collector = CollectorProcess(
-        store, "--queue-spans", "1000", "--batch-spans", "100000", "--batch-ms", "400", log=tmp_path / "log"
+        store, "--queue-spans", "1000", "--batch-spans", "1000", "--batch-ms", "400", log=tmp_path / "log"
     ).start()
     bodies = [encode_spans(make_spans(rollout=f"r{i}", children=199)).SerializeToString() for i in range(40)]
     outcomes: dict[str, int] = {"ok": 0, "unavailable": 0}

@@ -1,0 +1,147 @@
+"""Every setting of the collector, with its default and its rule, in one place.
+
+`Collector` (in-process), `lightspan collector` (whose flags take their defaults from here, so
+`--help` shows the true ones) and the Helm chart (checked against this class by its test) all
+start from `CollectorConfig`. Its shape follows the OpenTelemetry Collector's ClickHouse
+exporter `Config`: a plain record of fields with their defaults, and a `validate()` that reports
+every problem at once, before anything listens or opens the store.
+
+Batches are large because every commit becomes a part in each table of the store, and parts are
+later merged: at 8,192 spans a batch, background merges cost the embedded store nearly as much
+CPU as the inserts themselves. Under light load the timer commits sooner, so a lone request waits
+at most `batch_ms` for company.
+
+This module imports only the standard library (the store's URL parser is imported when
+validating), so the CLI can build its flags from it without slowing `lightspan --help`.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+from lightspan.errors import InvalidInput
+
+MIB = 1 << 20
+_MAX_PORT = 65535
+# The standalone collector decodes in one process per CPU (see collector.decoders).
+STANDALONE_DECODERS = (os.cpu_count() or 1) if (os.cpu_count() or 1) > 1 else 0
+
+
+@dataclass(frozen=True)
+class CollectorConfig:
+    """The collector's settings. Build one, `validate()` it (the `Collector` does), never mutate it.
+
+    Port 0 picks a free port; `sql_port=None` serves no SQL endpoint (it only ever runs for an
+    embedded store). The defaults are those of an in-process `Collector`; `standalone()` gives
+    those of `lightspan collector`, which differ only in decoding in worker processes.
+    """
+
+    # Where spans land: chdb:///path (embedded) or http(s)://user:pass@host:port/db.
+    # None: $LIGHTSPAN_STORE, else chdb://./lightspan-data.
+    store_url: str | None = None
+    # Address of the OTLP receivers (0.0.0.0 to accept other machines' agents).
+    host: str = "127.0.0.1"
+    grpc_port: int = 4317
+    http_port: int = 4318  # also serves /metrics and /health
+    # Address and port of the embedded store's SQL endpoint (ClickHouse HTTP interface).
+    sql_host: str = "127.0.0.1"
+    sql_port: int | None = 8123
+    # When set, every request must carry `Authorization: Bearer <auth_token>`.
+    auth_token: str | None = None
+    # PEM files: both or neither; with them OTLP and SQL are served over TLS.
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    # Larger requests are refused (RESOURCE_EXHAUSTED / 413).
+    max_request_bytes: int = 64 * MIB
+    # A batch is committed when it holds `batch_spans` spans, or once its oldest request has
+    # waited `batch_ms` milliseconds (see collector.batcher).
+    batch_spans: int = 32768
+    batch_ms: float = 200.0
+    # Memory bounds: past either, clients are told to retry after `retry_after` seconds.
+    queue_spans: int = 131072
+    queue_bytes: int = 512 * MIB
+    retry_after: float = 1.0
+    # Store connections inserting batches side by side.
+    committers: int = 2
+    # Decoder processes (0: decode in the receiving threads). Worker processes start with
+    # `spawn`, which needs an `if __name__ == "__main__":` guard in an embedding script, so an
+    # in-process collector decodes in its threads unless asked otherwise.
+    decoders: int = 0
+
+    @classmethod
+    def standalone(cls) -> CollectorConfig:
+        """The defaults of `lightspan collector` (and `lightspan up`): one decoder process per CPU."""
+        return cls(decoders=STANDALONE_DECODERS)
+
+    def validate(self) -> CollectorConfig:
+        """Return self when every setting is usable, else raise InvalidInput naming each problem.
+
+        All problems are reported together, in one line, so a user fixes them in one go.
+        """
+        from lightspan.store import parse_store_url  # the store package imports its client library
+
+        problems: list[str] = []
+        try:
+            parse_store_url(self.store_url)
+        except InvalidInput as error:
+            problems.append(str(error))
+        for name in ("host", "sql_host"):
+            if not isinstance(getattr(self, name), str):
+                problems.append(f"{name} must be an address string, got {getattr(self, name)!r}")
+        for name in ("grpc_port", "http_port", "sql_port"):
+            value = getattr(self, name)
+            if not (name == "sql_port" and value is None) and not _int_in(value, 0, _MAX_PORT):
+                off = " or None (no SQL endpoint)" if name == "sql_port" else ""
+                problems.append(f"{name} must be 0-{_MAX_PORT} (0 = any free port){off}, got {value!r}")
+        for name in ("auth_token", "tls_cert", "tls_key"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, str):
+                problems.append(f"{name} must be a string or None, got {value!r}")
+        if bool(self.tls_cert) != bool(self.tls_key):
+            given, missing = ("tls_cert", "tls_key") if self.tls_cert else ("tls_key", "tls_cert")
+            problems.append(f"TLS needs both tls_cert and tls_key: {given} is set, {missing} is not")
+        for name in ("max_request_bytes", "batch_spans", "queue_spans", "queue_bytes", "committers"):
+            if not _int_in(getattr(self, name), 1):
+                problems.append(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        if not _int_in(self.decoders, 0):
+            problems.append(
+                f"decoders must be 0 (decode in the receiving threads) or more, got {self.decoders!r}"
+            )
+        if not _number_in(self.batch_ms, 0):
+            problems.append(f"batch_ms must be a finite number of milliseconds >= 0, got {self.batch_ms!r}")
+        if not (_number_in(self.retry_after, 0) and self.retry_after > 0):
+            problems.append(f"retry_after must be a finite number of seconds > 0, got {self.retry_after!r}")
+        if (
+            _int_in(self.batch_spans, 1)
+            and _int_in(self.queue_spans, 1)
+            and self.batch_spans > self.queue_spans
+        ):
+            problems.append(
+                f"batch_spans ({self.batch_spans}) is larger than queue_spans ({self.queue_spans}): "
+                "such a batch can never fill; raise queue_spans or lower batch_spans"
+            )
+        if problems:
+            raise InvalidInput("invalid collector settings: " + "; ".join(problems))
+        return self
+
+
+def _int_in(value: object, low: int, high: int | None = None) -> bool:
+    """An int (not a bool) within [low, high]."""
+    return (
+        isinstance(value, int)
+        and not isinstance(value, bool)
+        and value >= low
+        and (high is None or value <= high)
+    )
+
+
+def _number_in(value: object, low: float) -> bool:
+    """A finite int or float (not a bool) >= low."""
+    return (
+        isinstance(value, (int, float))
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+        and value >= low
+    )
