@@ -433,7 +433,9 @@ def test_reload_under_load_drops_nothing(
 
 def test_store_url_fallback_folder_and_broken_checkpoint(tmp_path: Path, models: dict[str, Path]) -> None:
     url = f"chdb://{tmp_path / 'store'}"
-    with InferenceServer(models["m1"], store=url, resource="policy", port=0, poll_seconds=0.1) as server:
+    with InferenceServer(
+        models["m1"], store=url, resource="policy", port=0, poll_seconds=0.1, allow_reload_path=True
+    ) as server:
         assert server.model.id == "m1"  # nothing published yet: the folder serves
         server.store.publish_resource("policy", "checkpoint", uri=str(tmp_path / "missing"))
         server.store.publish_resource("policy", "checkpoint", uri=str(models["m2"]))
@@ -457,7 +459,17 @@ def test_store_url_fallback_folder_and_broken_checkpoint(tmp_path: Path, models:
 
 def test_cli_serves_reloads_and_stops(models: dict[str, Path]) -> None:
     process = subprocess.Popen(
-        [sys.executable, "-m", "lightspan", "serve", "--model", str(models["m1"]), "--port", "0"],
+        [
+            sys.executable,
+            "-m",
+            "lightspan",
+            "serve",
+            "--model",
+            str(models["m1"]),
+            "--port",
+            "0",
+            "--allow-reload-path",
+        ],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
