@@ -152,7 +152,14 @@ async def _unexpected(_: Request, error: Exception) -> Response:
 
 def build_app(server: InferenceServer) -> FastAPI:
     """The ASGI app answering for `server` (its model, scheduler and reload)."""
-    app = FastAPI(title="lightspan serve", docs_url=None, redoc_url=None)
+    # FastAPI's own OpenTelemetry spans, metrics and logs stay off: a process that traces agents
+    # (and so training data) may also run this server, and its HTTP spans are not rollout spans.
+    app = FastAPI(
+        title="lightspan serve",
+        docs_url=None,
+        redoc_url=None,
+        telemetry={"tracing": False, "metrics": False, "logs": False, "operation_spans": False},
+    )
     app.state.server = server
     app.include_router(router)
     app.add_exception_handler(APIError, _api_error)

@@ -94,8 +94,9 @@ def test_chunks_arrive_while_the_answer_is_still_being_decoded(
     early: list[Any] = []
     while sum(len(c.choices[0].model_extra.get("token_ids") or []) for c in early if c.choices) < 4:
         early.append(next(chunks))
-    # The client holds the first four tokens while the server is stuck computing the fifth.
-    assert steps.held.is_set() and not steps.release.is_set() and not steps.timed_out
+    # The client holds the first four tokens while the server is stuck computing the fifth (the
+    # decode thread publishes a step before it starts the next, so it may reach the hold just after).
+    assert steps.held.wait(30) and not steps.release.is_set() and not steps.timed_out
     assert early[0].choices[0].delta.role == "assistant"
     token_chunks = [c for c in early if c.choices and c.choices[0].model_extra.get("token_ids")]
     assert [len(c.choices[0].model_extra["token_ids"]) for c in token_chunks] == [1, 1, 1, 1]
