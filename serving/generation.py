@@ -233,7 +233,8 @@ class _RowState:
         if self.finish is not None:
             visible = self.text(tokenizer)
         else:  # the last longest_stop - 1 characters could still begin a stop string
-            visible = self.detok.text[: len(self.detok.text) - max(0, self.longest_stop - 1)]
+            text = self.detok.text
+            visible = text[: max(0, len(text) - max(0, self.longest_stop - 1))]
         piece = visible[self.sent_chars :]
         self.sent_chars = max(self.sent_chars, len(visible))
         new_ids, self.sent_tokens = self.tokens[self.sent_tokens :], len(self.tokens)

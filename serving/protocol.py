@@ -48,6 +48,19 @@ _OFF: dict[str, Any] = {
 }
 
 
+# Fields whose `null` is their default (chat's and completions' own ones included).
+_NULL_IS_DEFAULT = (
+    "n",
+    "ignore_eos",
+    "include_stop_str_in_output",
+    "return_token_ids",
+    "stream",
+    "logprobs",
+    "add_generation_prompt",
+    "max_tokens",
+)
+
+
 def _error(code: str, message: str) -> PydanticCustomError:
     """A validation error whose `type` becomes the OpenAI error's `code`."""
     return PydanticCustomError(code, message)
@@ -91,6 +104,12 @@ class _Request(BaseModel):
     guided_regex: Any = None
     guided_choice: Any = None
     structured_outputs: Any = None
+
+    @field_validator(*_NULL_IS_DEFAULT, mode="before", check_fields=False)
+    @classmethod
+    def _null_is_default(cls, value: Any, info: ValidationInfo) -> Any:
+        """`null` means "the default" for these, as the OpenAI API takes it."""
+        return cls.model_fields[str(info.field_name)].default if value is None else value
 
     @field_validator(*_OFF, mode="before")
     @classmethod
@@ -212,7 +231,7 @@ class CompletionRequest(_Request):
         return value
 
     logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
-    max_tokens: int | None = Field(default=16, ge=1)
+    max_tokens: int = Field(default=16, ge=1)
 
     @field_validator("prompt", mode="before")
     @classmethod

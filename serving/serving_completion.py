@@ -116,10 +116,7 @@ class CompletionRenderer:
             first = index not in self._offsets
             offset = self._offsets.get(index, 0)
             logprobs = _logprobs(delta.token_text, delta.logprobs, offset)
-            if logprobs is not None:
-                self._offsets[index] = offset + sum(len(t) for t in logprobs.tokens)
-            else:
-                self._offsets[index] = offset
+            self._offsets[index] = offset + (sum(len(t) for t in logprobs.tokens) if logprobs else 0)
             choice = CompletionStreamChoice(
                 index=index,
                 text=delta.text,

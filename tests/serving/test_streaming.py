@@ -158,8 +158,9 @@ def test_streamed_text_never_shows_a_stop_string(tiny: Path) -> None:
         url = server.url + "/v1/completions"
         text = httpx.post(url, json=body, timeout=60).json()["choices"][0]["text"]
         stop = text[len(text) // 2 : len(text) // 2 + 3]
-        plain = httpx.post(url, json={**body, "stop": stop}, timeout=60).json()["choices"][0]
-        events = sse_events(url, {**body, "stop": stop, "stream": True})
+        stops = [stop, "never appears \u2603"]  # the longer one holds back 14 characters
+        plain = httpx.post(url, json={**body, "stop": stops}, timeout=60).json()["choices"][0]
+        events = sse_events(url, {**body, "stop": stops, "stream": True})
     assert plain["finish_reason"] == "stop" and plain["stop_reason"] == stop
     pieces = [event["choices"][0]["text"] for event in events[:-1]]
     assert "".join(pieces) == plain["text"] == text[: text.index(stop)]
