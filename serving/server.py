@@ -110,6 +110,7 @@ class InferenceServer:
             raise
         config = uvicorn.Config(
             build_app(self),
+            log_config=None,  # a library: uvicorn's records go to the process's logging as they are
             log_level="warning",
             lifespan="off",
             timeout_graceful_shutdown=5,  # an open stream must not hold up close() for long
