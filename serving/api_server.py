@@ -9,6 +9,7 @@ unexpected as a 500 whose cause is logged here.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from http import HTTPStatus
 from typing import TYPE_CHECKING, Any
 
@@ -29,7 +30,6 @@ from lightspan.serving.protocol import (
     ModelList,
     ReloadRequest,
     ReloadResponse,
-    validation_error,
 )
 from lightspan.serving.serving_base import serve
 from lightspan.serving.serving_chat import ChatRenderer, chat_generation
@@ -113,6 +113,52 @@ class JSONBodies:
                 return
             scope = {**scope, "headers": [*headers, (b"content-type", b"application/json")]}
         await self.app(scope, receive, send)
+
+
+# --- validation errors -----------------------------------------------------------------------------
+_CODES = {"missing": "missing_required_parameter", "json_invalid": "invalid_json"}
+_OURS = {"invalid_type", "invalid_value", "unsupported_parameter"}
+
+
+def _param(loc: Sequence[Any]) -> str | None:
+    """`("body", "messages", 0, "content", ...)` -> `messages[0].content`; None for the body itself."""
+    parts = list(loc[1:] if loc and loc[0] == "body" else loc)
+    if not parts or not isinstance(parts[0], str):
+        return None
+    param, after_index = parts[0], False
+    for part in parts[1:]:
+        if isinstance(part, int):
+            param, after_index = f"{param}[{part}]", True
+        elif after_index:  # a field of a list item; anything else is pydantic's union bookkeeping
+            param, after_index = f"{param}.{part}", False
+        else:
+            break
+    return param
+
+
+def validation_error(errors: Sequence[Any]) -> APIError:
+    """The first of pydantic's (or FastAPI's) validation errors as an OpenAI-style 400."""
+    first = dict(errors[0]) if errors else {"type": "value_error", "loc": (), "msg": "invalid request"}
+    kind, loc = str(first.get("type", "")), tuple(first.get("loc") or ())
+    if kind == "json_invalid":
+        ctx = first.get("ctx")
+        error = ctx.get("error") if isinstance(ctx, dict) else first.get("msg")
+        return APIError(f"the request body is not valid JSON: {error}", code="invalid_json")
+    param = _param(loc)
+    if param is None:
+        return APIError("the request body must be a JSON object", code="invalid_json")
+    code = _CODES.get(kind) or (kind if kind in _OURS else None)
+    if code is None:
+        code = (
+            "invalid_type" if kind.endswith(("_type", "_parsing")) or "literal" in kind else "invalid_value"
+        )
+    if kind == "missing":
+        message = f"Missing required parameter: '{param}'"
+    elif kind in _OURS:
+        message = str(first.get("msg"))
+    else:
+        message = f"'{param}': {first.get('msg')}, not {first.get('input')!r}"
+    return APIError(message, param=param, code=code)
 
 
 def _error_response(error: APIError) -> JSONResponse:

@@ -1,8 +1,8 @@
 """The OpenAI wire format of `lightspan serve` as pydantic models (the shape of vLLM's `protocol`).
 
 Requests are validated field by field before they reach the model, so a bad request never
-occupies a batch slot; FastAPI runs the validation and `api_server` turns pydantic's errors into
-OpenAI's `{"error": {...}}` body with status 400 (`validation_error`). Types are strict, as
+occupies a batch slot; FastAPI runs the validation and `api_server.validation_error` turns
+pydantic's errors into OpenAI's `{"error": {...}}` body with status 400. Types are strict, as
 OpenAI's API is: `"n": "2"` or `"temperature": true` are refused, not coerced. Responses follow the
 OpenAI schema plus the vLLM extensions agent trainers rely on: `return_token_ids` adds
 `prompt_token_ids` and `choices[].token_ids` exactly where vLLM puts them, and `stop_reason` names
@@ -27,7 +27,6 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from lightspan.serving.errors import APIError
 from lightspan.serving.sampling import SamplingParams
 
 MAX_N = 128  # OpenAI's limit on choices per request
@@ -455,49 +454,3 @@ def request_id(prefix: str) -> str:
 
 def now() -> int:
     return int(time.time())
-
-
-# --- validation errors -----------------------------------------------------------------------------
-_CODES = {"missing": "missing_required_parameter", "json_invalid": "invalid_json"}
-_OURS = {"invalid_type", "invalid_value", "unsupported_parameter"}
-
-
-def _param(loc: Sequence[Any]) -> str | None:
-    """`("body", "messages", 0, "content", ...)` -> `messages[0].content`; None for the body itself."""
-    parts = list(loc[1:] if loc and loc[0] == "body" else loc)
-    if not parts or not isinstance(parts[0], str):
-        return None
-    param, after_index = parts[0], False
-    for part in parts[1:]:
-        if isinstance(part, int):
-            param, after_index = f"{param}[{part}]", True
-        elif after_index:  # a field of a list item; anything else is pydantic's union bookkeeping
-            param, after_index = f"{param}.{part}", False
-        else:
-            break
-    return param
-
-
-def validation_error(errors: Sequence[Any]) -> APIError:
-    """The first of pydantic's (or FastAPI's) validation errors as an OpenAI-style 400."""
-    first = dict(errors[0]) if errors else {"type": "value_error", "loc": (), "msg": "invalid request"}
-    kind, loc = str(first.get("type", "")), tuple(first.get("loc") or ())
-    if kind == "json_invalid":
-        ctx = first.get("ctx")
-        error = ctx.get("error") if isinstance(ctx, dict) else first.get("msg")
-        return APIError(f"the request body is not valid JSON: {error}", code="invalid_json")
-    param = _param(loc)
-    if param is None:
-        return APIError("the request body must be a JSON object", code="invalid_json")
-    code = _CODES.get(kind) or (kind if kind in _OURS else None)
-    if code is None:
-        code = (
-            "invalid_type" if kind.endswith(("_type", "_parsing")) or "literal" in kind else "invalid_value"
-        )
-    if kind == "missing":
-        message = f"Missing required parameter: '{param}'"
-    elif kind in _OURS:
-        message = str(first.get("msg"))
-    else:
-        message = f"'{param}': {first.get('msg')}, not {first.get('input')!r}"
-    return APIError(message, param=param, code=code)
