@@ -6,7 +6,7 @@ Runs the demo's learning core in one process, on CPU, with the real pieces where
   SDK, token-id hook, `@lightspan.rollout`) into an in-memory OTel exporter, inserted into an
   embedded chDB store, selected and turned into transitions by the trainer's own
   `select_rollouts` / `load_transitions`, and trained by the trainer's `TrainStep` (SFT);
-- GRPO: sampling with the inference server's decode loop (`serving_engine.generate`, per-row
+- GRPO: sampling with the inference server's decode loop (`serving.generation.generate`, per-row
   seeds, raw logprobs) on the live policy, the episode logic of `demo_task` (same prompts, tool,
   score), transitions with exact token ids and logprobs, credit and advantages from
   `lightspan.algorithms`, and one `TrainStep` (PPO-clip) per iteration.
@@ -122,11 +122,11 @@ def build_step(config: Any) -> Any:
 
 
 def policy_view(step: Any, path: Path) -> Any:
-    """The live training module as the server's `LoadedModel`, so sampling uses its decode loop."""
-    from lightspan.serving.generation import LoadedModel
+    """The live training module as the server's `ServedModel`, so sampling uses its decode loop."""
+    from lightspan.serving.generation import ServedModel
 
     tok = step.loaded.tokenizer
-    return LoadedModel(
+    return ServedModel(
         id="policy",
         name="policy",
         path=path,
@@ -153,7 +153,7 @@ def play_batch(
 ) -> tuple[list[Any], list[float]]:
     """`group` episodes per task, both turns batched; returns (transitions, rewards per rollout)."""
     from lightspan.serving.generation import generate
-    from lightspan.serving.protocol import Row, SamplingParams
+    from lightspan.serving.sampling import Row, SamplingParams
     from lightspan.types import Transition
 
     tok = view.tokenizer

@@ -1,7 +1,7 @@
 """`lightspan serve`: the command line of the OpenAI-compatible server (`lightspan.serving.server`).
 
-Only argparse here; torch and transformers load when the command runs, so `lightspan --help`
-stays fast.
+Only argparse here; torch, transformers and FastAPI load when the command runs, so `lightspan
+--help` stays fast.
 """
 
 from __future__ import annotations
@@ -18,10 +18,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "serve",
         help="serve a Hugging Face causal LM over an OpenAI-compatible API, reloading new checkpoints",
         description=(
-            "OpenAI-compatible server (/v1/chat/completions, /v1/completions, /v1/models, "
-            "POST /v1/reload, /health) with batching, vLLM-style return_token_ids and logprobs. "
-            "With --store and --resource it serves the latest published checkpoint of RESOURCE and "
-            "swaps in each newer one without dropping requests."
+            "OpenAI-compatible server (FastAPI; /v1/chat/completions, /v1/completions, /v1/models, "
+            "POST /v1/reload, /health) with batching, token-by-token streaming (stream: true), "
+            "vLLM-style return_token_ids and logprobs. With --store and --resource it serves the "
+            "latest published checkpoint of RESOURCE and swaps in each newer one without dropping "
+            "requests. POST /v1/reload loads the store's latest version ({}), a published one "
+            '({"version": N}) or the --model folder again; a "path" only with --allow-reload-path.'
         ),
     )
     parser.add_argument(
@@ -49,6 +51,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         metavar="N",
         help="most sequences decoded together (default: %(default)s)",
     )
+    parser.add_argument(
+        "--allow-reload-path",
+        action="store_true",
+        help='let POST /v1/reload {"path": DIR} load any model folder this process can read '
+        "(off: only published versions of RESOURCE, or the --model folder again)",
+    )
     parser.add_argument("--device", default="auto", help="auto (cuda when present), cpu, cuda, cuda:1 ...")
     parser.add_argument(
         "--dtype",
@@ -73,6 +81,7 @@ def _run(args: argparse.Namespace) -> int:
         max_batch=args.max_batch,
         device=args.device,
         dtype=args.dtype,
+        allow_reload_path=args.allow_reload_path,
     ).start()
     # One line on stdout that scripts (and tests) read to find the port.
     print(f"lightspan serve: serving {server.model.id} on {server.url}", flush=True, file=sys.stdout)

@@ -11,6 +11,10 @@ answer does not make the finished rows pay for its steps.
 
 Logprobs are the model's raw log-softmax (before temperature/top-p/top-k), as vLLM returns by
 default: they are the policy's probabilities the trainer needs for off-policy correction.
+
+Streamed rows are detokenized incrementally as they grow, and `on_step` hands each step's new
+tokens and text to the caller while the batch is still decoding (the scheduler forwards them to
+the waiting HTTP streams); the caller may answer with rows to abort (a client that went away).
 """
 
 from __future__ import annotations
@@ -18,19 +22,25 @@ from __future__ import annotations
 import inspect
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from lightspan.errors import InvalidInput
-from lightspan.serving.protocol import Completion, Row, TokenLogprob, invalid
+from lightspan.serving.errors import invalid
+from lightspan.serving.sampling import Completion, Row, RowDelta, TokenLogprob
 
 log = logging.getLogger(__name__)
 
 
+# Called once per decode step with (row index, what the step added) for every streamed row still
+# decoding; returns the indices of rows to abort now.
+StepListener = Callable[[list[tuple[int, RowDelta]]], Collection[int]]
+
+
 @dataclass
-class LoadedModel:
+class ServedModel:
     """A model ready to serve, and the names it answers to.
 
     `id` is what every response's `model` field says: `name:version` for a store resource,
@@ -70,7 +80,7 @@ def _dtype(name: str, device: Any) -> Any:
     return getattr(torch, name)
 
 
-def load_model(
+def load_served_model(
     path: str | Path,
     *,
     model_id: str,
@@ -78,7 +88,7 @@ def load_model(
     version: int | None = None,
     device: str = "auto",
     dtype: str = "auto",
-) -> LoadedModel:
+) -> ServedModel:
     """Load a Hugging Face folder (`save_pretrained` layout); InvalidInput if it is not one."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -99,7 +109,7 @@ def load_model(
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos, default=0)
     max_length = getattr(model.config, "max_position_embeddings", None)
     log.info("loaded %s from %s on %s in %.1fs", model_id, path, target, time.perf_counter() - started)
-    return LoadedModel(
+    return ServedModel(
         id=model_id,
         name=name,
         path=path,
@@ -115,7 +125,7 @@ def load_model(
     )
 
 
-def check_context(loaded: LoadedModel, prompt_len: int, max_tokens: int | None) -> int:
+def check_context(loaded: ServedModel, prompt_len: int, max_tokens: int | None) -> int:
     """The token budget of a row; a 400 when the prompt leaves no room, as vLLM answers."""
     if loaded.max_length is None:
         if max_tokens is None:
@@ -134,33 +144,41 @@ def check_context(loaded: LoadedModel, prompt_len: int, max_tokens: int | None) 
     return max_tokens
 
 
-class _StopScanner:
-    """Finds stop strings as the text grows, decoding a window of a few tokens per step (the
+class _IncrementalText:
+    """The text of a growing token list, decoding a window of a few tokens per step (the
     prefix/read offsets of incremental detokenization) rather than the whole answer each time."""
 
-    def __init__(self, stops: Sequence[str]):
-        self.stops = stops
-        self.longest = max(len(s) for s in stops)
+    def __init__(self) -> None:
         self.text = ""
         self._prefix = self._read = 0
 
-    def feed(self, tokens: Sequence[int], tokenizer: Any) -> tuple[int, str] | None:
-        """(position, stop string) of the first stop string in the text so far, if any."""
-        before = tokenizer.decode(tokens[self._prefix : self._read], skip_special_tokens=True)
-        after = tokenizer.decode(tokens[self._prefix :], skip_special_tokens=True)
+    def feed(self, tokens: Sequence[int], tokenizer: Any) -> None:
+        before, after = self._window(tokens, tokenizer)
         if len(after) <= len(before) or after.endswith("\ufffd"):
-            return None  # a special token or half a character: wait for the bytes that finish it
-        start = max(0, len(self.text) - self.longest + 1)
+            return  # a special token or half a character: wait for the bytes that finish it
         self.text += after[len(before) :]
         self._prefix, self._read = self._read, len(tokens)
-        hits = [(at, stop) for stop in self.stops if (at := self.text.find(stop, start)) >= 0]
-        return min(hits) if hits else None
+
+    def flush(self, tokens: Sequence[int], tokenizer: Any) -> str:
+        """The whole text, including tokens `feed` still waits on (the answer ended there)."""
+        before, after = self._window(tokens, tokenizer)
+        return self.text + after[len(before) :] if len(after) > len(before) else self.text
+
+    def _window(self, tokens: Sequence[int], tokenizer: Any) -> tuple[str, str]:
+        before = tokenizer.decode(tokens[self._prefix : self._read], skip_special_tokens=True)
+        return before, tokenizer.decode(tokens[self._prefix :], skip_special_tokens=True)
+
+
+def token_texts(tokenizer: Any, logprobs: Sequence[TokenLogprob]) -> dict[int, str]:
+    """Each token id of `logprobs` decoded on its own (vLLM's `token` strings), in one call."""
+    ids = sorted({lp.token_id for lp in logprobs} | {t for lp in logprobs for t, _ in lp.top})
+    return dict(zip(ids, tokenizer.batch_decode([[i] for i in ids]), strict=True))
 
 
 class _RowState:
     """Decoding state of one row: its generator, budget, tokens so far and how it ended."""
 
-    def __init__(self, row: Row, budget: int, loaded: LoadedModel):
+    def __init__(self, row: Row, budget: int, loaded: ServedModel):
         import torch
 
         self.row = row
@@ -170,9 +188,11 @@ class _RowState:
         self.logprobs: list[TokenLogprob] = []
         self.finish: str | None = None
         self.stop_reason: str | int | None = None
-        self.text: str | None = None  # set when a stop string cut the text
+        self.cut: str | None = None  # the text, when a stop string ended it
         params = row.params
-        self.scanner = _StopScanner(params.stop) if params.stop else None
+        self.longest_stop = max((len(s) for s in params.stop), default=0)
+        self.detok = _IncrementalText() if params.stop or row.stream else None
+        self.sent_tokens = self.sent_chars = 0  # what streamed rows have published so far
         self.end_ids = (frozenset() if params.ignore_eos else loaded.eos_ids) | frozenset(
             params.stop_token_ids
         )
@@ -182,21 +202,66 @@ class _RowState:
         self.tokens.append(token)
         if params.logprobs is not None:
             self.logprobs.append(TokenLogprob(token, logprob, tuple(top[: params.logprobs])))
+        searched = 0
+        if self.detok is not None:
+            searched = max(0, len(self.detok.text) - self.longest_stop + 1)
+            self.detok.feed(self.tokens, tokenizer)
         if token in self.end_ids:
             self.finish = "stop"
             self.stop_reason = token if token in params.stop_token_ids else None
-        elif self.scanner is not None and (hit := self.scanner.feed(self.tokens, tokenizer)):
-            at, stop = hit
-            self.finish, self.stop_reason = "stop", stop
-            text = self.scanner.text
-            self.text = text[: at + len(stop)] if params.include_stop_str_in_output else text[:at]
+        elif params.stop and self.detok is not None:
+            text = self.detok.text
+            hits = [(at, stop) for stop in params.stop if (at := text.find(stop, searched)) >= 0]
+            if hits:
+                at, stop = min(hits)
+                self.finish, self.stop_reason = "stop", stop
+                self.cut = text[: at + len(stop)] if params.include_stop_str_in_output else text[:at]
         if self.finish is None and len(self.tokens) >= self.budget:
             self.finish = "length"
 
+    def text(self, tokenizer: Any) -> str:
+        """The answer's text once finished; a streamed row's is the text it streamed."""
+        if self.cut is not None:
+            return self.cut
+        if self.detok is not None and self.row.stream:
+            return self.detok.flush(self.tokens, tokenizer)
+        return tokenizer.decode(self.tokens, skip_special_tokens=True)
+
+    def delta(self, tokenizer: Any) -> RowDelta:
+        """What this step added to a streamed row (see `RowDelta` for the held-back text)."""
+        assert self.detok is not None
+        if self.finish is not None:
+            visible = self.text(tokenizer)
+        else:  # the last longest_stop - 1 characters could still begin a stop string
+            text = self.detok.text
+            visible = text[: max(0, len(text) - max(0, self.longest_stop - 1))]
+        piece = visible[self.sent_chars :]
+        self.sent_chars = max(self.sent_chars, len(visible))
+        new_ids, self.sent_tokens = self.tokens[self.sent_tokens :], len(self.tokens)
+        logprobs = (
+            self.logprobs[len(self.logprobs) - len(new_ids) :]
+            if self.row.params.logprobs is not None
+            else None
+        )
+        return RowDelta(
+            token_ids=new_ids,
+            text=piece,
+            logprobs=logprobs,
+            token_text=token_texts(tokenizer, logprobs) if logprobs else {},
+            finish_reason=self.finish,
+            stop_reason=self.stop_reason,
+        )
+
     def completion(self, tokenizer: Any) -> Completion:
-        text = self.text if self.text is not None else tokenizer.decode(self.tokens, skip_special_tokens=True)
         logprobs = self.logprobs if self.row.params.logprobs is not None else None
-        return Completion(self.tokens, text, self.finish or "length", self.stop_reason, logprobs)
+        return Completion(
+            token_ids=self.tokens,
+            text=self.text(tokenizer),
+            finish_reason=self.finish or "length",
+            stop_reason=self.stop_reason,
+            logprobs=logprobs,
+            token_text=token_texts(tokenizer, logprobs) if logprobs else {},
+        )
 
 
 def _sample(torch: Any, logits: Any, states: Sequence[_RowState]) -> Any:
@@ -231,12 +296,22 @@ def _sample(torch: Any, logits: Any, states: Sequence[_RowState]) -> Any:
     return torch.where(greedy, logits.argmax(-1), sampled[:, 0])
 
 
-def generate(loaded: LoadedModel, rows: Sequence[Row], budgets: Sequence[int]) -> list[Completion]:
-    """Decode all rows together; returns one Completion per row, in order."""
+def generate(
+    loaded: ServedModel,
+    rows: Sequence[Row],
+    budgets: Sequence[int],
+    on_step: StepListener | None = None,
+) -> list[Completion]:
+    """Decode all rows together; returns one Completion per row, in order.
+
+    `on_step` (if given) is called after every step with what it added to each streamed row still
+    decoding; rows whose index it returns end at once with finish_reason "abort".
+    """
     import torch
 
     model, tokenizer, device = loaded.model, loaded.tokenizer, loaded.device
     states = [_RowState(row, budget, loaded) for row, budget in zip(rows, budgets, strict=True)]
+    streamed = any(row.stream for row in rows)
     width = max(len(r.prompt_ids) for r in rows)
     input_ids = torch.full((len(rows), width), loaded.pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
@@ -270,6 +345,10 @@ def generate(loaded: LoadedModel, rows: Sequence[Row], budgets: Sequence[int]) -
             for k, state in enumerate(live):
                 top = list(zip(top_ids[k], top_values[k], strict=True)) if want_top else []
                 state.add(token_list[k], chosen[k], top, tokenizer)
+            if streamed and on_step is not None:
+                deltas = [(i, states[i].delta(tokenizer)) for i in active if states[i].row.stream]
+                for i in on_step(deltas) if deltas else ():
+                    states[i].finish = states[i].finish or "abort"
             keep = [k for k, state in enumerate(live) if state.finish is None]
             if len(keep) < len(live):
                 active = [active[k] for k in keep]

@@ -1,206 +1,45 @@
-"""The OpenAI wire format of `lightspan serve`: request validation and response bodies.
+"""The OpenAI wire format of `lightspan serve` as pydantic models (the shape of vLLM's `protocol`).
 
-Kept free of torch so the rules are cheap to test and read in one place. Requests are checked
-field by field and rejected with OpenAI-style errors (HTTP status, `type`, `param`, `code`)
-before they reach the model, so a bad request never occupies a batch slot. Responses follow
-the OpenAI schema plus the vLLM extensions agent trainers rely on: `return_token_ids` adds
-`prompt_token_ids` and `choices[].token_ids` exactly where vLLM puts them, and `stop_reason`
-names the stop string or token id that ended a choice.
+Requests are validated field by field before they reach the model, so a bad request never
+occupies a batch slot; FastAPI runs the validation and `api_server.validation_error` turns
+pydantic's errors into OpenAI's `{"error": {...}}` body with status 400. Types are strict, as
+OpenAI's API is: `"n": "2"` or `"temperature": true` are refused, not coerced. Responses follow the
+OpenAI schema plus the vLLM extensions agent trainers rely on: `return_token_ids` adds
+`prompt_token_ids` and `choices[].token_ids` exactly where vLLM puts them, and `stop_reason` names
+the stop string or token id that ended a choice.
 """
 
 from __future__ import annotations
 
-import hashlib
-import math
-import secrets
 import time
 import uuid
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, ClassVar, Literal
 
-from lightspan.errors import LightspanError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    ValidationInfo,
+    field_validator,
+    model_serializer,
+)
+from pydantic_core import PydanticCustomError
+
+from lightspan.serving.sampling import SamplingParams
 
 MAX_N = 128  # OpenAI's limit on choices per request
 MAX_TOP_LOGPROBS = 20  # OpenAI's limit on alternatives per token
-SEED_MODULUS = 2**63
 
-
-class APIError(LightspanError):
-    """A request the server refuses, rendered as OpenAI's `{"error": {...}}` body."""
-
-    def __init__(
-        self,
-        message: str,
-        *,
-        status: int = 400,
-        type: str = "invalid_request_error",
-        param: str | None = None,
-        code: str | None = None,
-    ):
-        super().__init__(message)
-        self.status = status
-        self.type = type
-        self.param = param
-        self.code = code
-
-    def body(self) -> dict[str, Any]:
-        return {"error": {"message": str(self), "type": self.type, "param": self.param, "code": self.code}}
-
-
-def invalid(param: str, message: str, code: str = "invalid_value") -> APIError:
-    return APIError(message, param=param, code=code)
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    """How to sample one completion; every field is per row, so one batch mixes them freely."""
-
-    max_tokens: int | None  # None: as many as the context allows
-    temperature: float = 1.0  # 0 means greedy
-    top_p: float = 1.0
-    top_k: int = 0  # 0 means off
-    stop: tuple[str, ...] = ()
-    stop_token_ids: tuple[int, ...] = ()
-    ignore_eos: bool = False
-    include_stop_str_in_output: bool = False
-    logprobs: int | None = None  # None: no logprobs; k: the sampled token plus k alternatives
-
-
-@dataclass(frozen=True)
-class Row:
-    """One completion to generate: a prompt, its sampling parameters and its own RNG seed."""
-
-    prompt_ids: tuple[int, ...]
-    params: SamplingParams
-    seed: int
-
-
-@dataclass(frozen=True)
-class TokenLogprob:
-    """The sampled token's log-probability under the model, with the top alternatives."""
-
-    token_id: int
-    logprob: float
-    top: tuple[tuple[int, float], ...] = ()
-
-
-@dataclass
-class Completion:
-    """What the engine returns for one row."""
-
-    token_ids: list[int]
-    text: str
-    finish_reason: str  # "stop" | "length"
-    stop_reason: str | int | None = None  # the stop string or stop token id; None for EOS or length
-    logprobs: list[TokenLogprob] | None = None
-
-
-@dataclass
-class GenerationRequest:
-    """A validated request: what to tokenize, how to sample, how to render the answer.
-
-    Tokenization waits for the batch (`encode` runs against the model that will generate), so
-    the reported `prompt_token_ids` always come from the tokenizer of the version that answered.
-    """
-
-    kind: str  # "chat" | "completion"
-    model: str | None
-    params: SamplingParams
-    n: int
-    seed: int | None
-    return_token_ids: bool
-    stream: bool
-    include_usage: bool
-    encode: Callable[[Any], list[list[int]]]  # tokenizer -> one id list per prompt
-    prompt_count: int = 1
-    created: int = field(default_factory=lambda: int(time.time()))
-    id: str = field(default_factory=lambda: uuid.uuid4().hex)
-
-    @property
-    def row_count(self) -> int:
-        return self.prompt_count * self.n
-
-    def rows(self, prompts: Sequence[Sequence[int]]) -> list[Row]:
-        """n rows per prompt; seeded requests derive one seed per choice, so each is reproducible."""
-        rows = []
-        for p, prompt in enumerate(prompts):
-            for j in range(self.n):
-                index = p * self.n + j
-                seed = derive_seed(self.seed, index) if self.seed is not None else secrets.randbits(63)
-                rows.append(Row(tuple(prompt), self.params, seed))
-        return rows
-
-
-def derive_seed(seed: int, index: int) -> int:
-    """A stable 63-bit seed for choice `index` of a request seeded with `seed`."""
-    digest = hashlib.blake2b(f"{seed}:{index}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "big") % SEED_MODULUS
-
-
-# --- field validation ------------------------------------------------------------------------------
-def _number(body: Mapping[str, Any], name: str, default: float, low: float, high: float) -> float:
-    value = body.get(name)
-    if value is None:
-        return default
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise invalid(name, f"'{name}' must be a number, not {value!r}", "invalid_type")
-    if not low <= value <= high:
-        raise invalid(name, f"'{name}' must be between {low} and {high}, not {value}")
-    return float(value)
-
-
-def _integer(
-    body: Mapping[str, Any], name: str, default: int | None, low: int, high: int | None = None
-) -> int | None:
-    value = body.get(name)
-    if value is None:
-        return default
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise invalid(name, f"'{name}' must be an integer, not {value!r}", "invalid_type")
-    if value < low or (high is not None and value > high):
-        bound = f"between {low} and {high}" if high is not None else f"at least {low}"
-        raise invalid(name, f"'{name}' must be {bound}, not {value}")
-    return value
-
-
-def _flag(body: Mapping[str, Any], name: str) -> bool:
-    value = body.get(name)
-    if value is None:
-        return False
-    if not isinstance(value, bool):
-        raise invalid(name, f"'{name}' must be true or false, not {value!r}", "invalid_type")
-    return value
-
-
-def _stop(body: Mapping[str, Any]) -> tuple[str, ...]:
-    value = body.get("stop")
-    if value is None:
-        return ()
-    values = [value] if isinstance(value, str) else value
-    if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
-        raise invalid("stop", "'stop' must be a string or a list of strings", "invalid_type")
-    return tuple(v for v in values if v)
-
-
-def _token_ids(value: Any, name: str) -> list[int]:
-    if not isinstance(value, list) or not all(
-        isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in value
-    ):
-        raise invalid(name, f"'{name}' must be a list of non-negative integer token ids", "invalid_type")
-    return value
-
-
-_UNSUPPORTED = {
-    # name: the value that means "off", which is accepted
+# Parameters lightspan serve does not implement, with the value that means "off" (accepted).
+_OFF: dict[str, Any] = {
     "presence_penalty": 0,
     "frequency_penalty": 0,
     "logit_bias": None,
-    "suffix": None,
     "echo": False,
     "use_beam_search": False,
     "prompt_logprobs": None,
-    "best_of": None,
     "guided_json": None,
     "guided_regex": None,
     "guided_choice": None,
@@ -208,298 +47,410 @@ _UNSUPPORTED = {
 }
 
 
-def _reject_unsupported(body: Mapping[str, Any]) -> None:
-    for name, off in _UNSUPPORTED.items():
-        value = body.get(name)
-        if value is not None and value != off and not (name == "best_of" and value == body.get("n", 1)):
-            raise invalid(name, f"'{name}' is not supported by lightspan serve", "unsupported_parameter")
-    fmt = body.get("response_format")
-    if fmt is not None and not (isinstance(fmt, dict) and fmt.get("type") == "text"):
-        raise invalid(
-            "response_format", "only response_format {'type': 'text'} is supported", "unsupported_parameter"
+# Fields whose `null` is their default (chat's and completions' own ones included).
+_NULL_IS_DEFAULT = (
+    "n",
+    "ignore_eos",
+    "include_stop_str_in_output",
+    "return_token_ids",
+    "stream",
+    "logprobs",
+    "add_generation_prompt",
+    "max_tokens",
+)
+
+
+def _error(code: str, message: str) -> PydanticCustomError:
+    """A validation error whose `type` becomes the OpenAI error's `code`."""
+    return PydanticCustomError(code, message)
+
+
+# --- requests --------------------------------------------------------------------------------------
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+    include_usage: bool | None = False
+
+
+class _Request(BaseModel):
+    """Fields chat and completions share: OpenAI's sampling parameters plus vLLM's extras."""
+
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+    model: str | None = None
+    n: int = Field(default=1, ge=1, le=MAX_N)
+    best_of: int | None = None
+    seed: int | None = None
+    temperature: float | None = Field(default=None, ge=0.0, le=100.0, allow_inf_nan=False)
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0, allow_inf_nan=False)
+    top_k: int | None = Field(default=None, ge=-1)  # -1 and 0 mean off
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool = False
+    include_stop_str_in_output: bool = False
+    return_token_ids: bool = False
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    response_format: dict[str, Any] | None = None
+    # accepted only when they say "off" (see `_OFF`)
+    presence_penalty: Any = None
+    frequency_penalty: Any = None
+    logit_bias: Any = None
+    echo: Any = None
+    use_beam_search: Any = None
+    prompt_logprobs: Any = None
+    guided_json: Any = None
+    guided_regex: Any = None
+    guided_choice: Any = None
+    structured_outputs: Any = None
+
+    @field_validator(*_NULL_IS_DEFAULT, mode="before", check_fields=False)
+    @classmethod
+    def _null_is_default(cls, value: Any, info: ValidationInfo) -> Any:
+        """`null` means "the default" for these, as the OpenAI API takes it."""
+        return cls.model_fields[str(info.field_name)].default if value is None else value
+
+    @field_validator(*_OFF, mode="before")
+    @classmethod
+    def _unsupported(cls, value: Any, info: ValidationInfo) -> Any:
+        if value is not None and value != _OFF[str(info.field_name)]:
+            raise _error("unsupported_parameter", f"'{info.field_name}' is not supported by lightspan serve")
+        return value
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _stop(cls, value: Any) -> Any:
+        if value is None or isinstance(value, str):
+            return value
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise _error("invalid_type", "'stop' must be a string or a list of strings")
+        return value
+
+    @field_validator("stop_token_ids", mode="before")
+    @classmethod
+    def _token_ids(cls, value: Any) -> Any:
+        if value is not None and not _is_token_ids(value):
+            raise _error("invalid_type", "'stop_token_ids' must be a list of non-negative integer token ids")
+        return value
+
+    @field_validator("best_of")
+    @classmethod
+    def _best_of(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if value is not None and value != info.data.get("n", 1):
+            raise _error("unsupported_parameter", "'best_of' is not supported by lightspan serve")
+        return value
+
+    @field_validator("response_format")
+    @classmethod
+    def _response_format(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        if value is not None and value.get("type") != "text":
+            raise _error("unsupported_parameter", "only response_format {'type': 'text'} is supported")
+        return value
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+    def sampling_params(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+        stop = [self.stop] if isinstance(self.stop, str) else self.stop or []
+        return SamplingParams(
+            max_tokens=max_tokens,
+            temperature=1.0 if self.temperature is None else self.temperature,
+            top_p=1.0 if self.top_p is None else self.top_p,
+            top_k=max(0, self.top_k or 0),
+            stop=tuple(s for s in stop if s),
+            stop_token_ids=tuple(self.stop_token_ids or ()),
+            ignore_eos=self.ignore_eos,
+            include_stop_str_in_output=self.include_stop_str_in_output,
+            logprobs=logprobs,
         )
 
 
-def _common(
-    body: Mapping[str, Any],
-    kind: str,
-    max_tokens: int | None,
-    logprobs: int | None,
-    encode: Callable[[Any], list[list[int]]],
-    prompt_count: int = 1,
-) -> GenerationRequest:
-    """The parameters chat and completions share (OpenAI's plus vLLM's sampling extras)."""
-    _reject_unsupported(body)
-    model = body.get("model")
-    if model is not None and not isinstance(model, str):
-        raise invalid("model", "'model' must be a string", "invalid_type")
-    seed = body.get("seed")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-        raise invalid("seed", f"'seed' must be an integer, not {seed!r}", "invalid_type")
-    stop_token_ids = body.get("stop_token_ids")
-    stream_options = body.get("stream_options")
-    if stream_options is not None and not isinstance(stream_options, dict):
-        raise invalid("stream_options", "'stream_options' must be an object", "invalid_type")
-    params = SamplingParams(
-        max_tokens=max_tokens,
-        temperature=_number(body, "temperature", 1.0, 0.0, 100.0),
-        top_p=_number(body, "top_p", 1.0, 1e-9, 1.0),
-        top_k=max(0, _integer(body, "top_k", 0, -1) or 0),
-        stop=_stop(body),
-        stop_token_ids=tuple(_token_ids(stop_token_ids, "stop_token_ids"))
-        if stop_token_ids is not None
-        else (),
-        ignore_eos=_flag(body, "ignore_eos"),
-        include_stop_str_in_output=_flag(body, "include_stop_str_in_output"),
-        logprobs=logprobs,
+class TextPart(BaseModel):
+    model_config = ConfigDict(strict=True, extra="allow")
+
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    """A message; its other fields (name, tool_calls, tool_call_id ...) go to the chat template."""
+
+    model_config = ConfigDict(strict=True, extra="allow")
+
+    role: str
+    content: str | list[TextPart] | None = None
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _text_only(cls, value: Any) -> Any:
+        if isinstance(value, list) and not all(
+            isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in value
+        ):
+            raise _error("unsupported_parameter", "only text content parts are supported")
+        if value is not None and not isinstance(value, (str, list)):
+            raise _error("invalid_type", "'content' must be a string or a list of text parts")
+        return value
+
+    def for_template(self) -> dict[str, Any]:
+        """The message with its content flattened to text, the form chat templates expect."""
+        content = self.content
+        if isinstance(content, list):
+            content = "\n".join(part.text for part in content)
+        return {**self.model_dump(exclude={"content"}), "content": content or ""}
+
+
+class ChatCompletionRequest(_Request):
+    messages: list[ChatMessage] = Field(min_length=1)
+    tools: list[dict[str, Any]] | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+    add_generation_prompt: bool = True
+    logprobs: bool = False
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+    max_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _needs_logprobs(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if value is not None and not info.data.get("logprobs"):
+            raise _error("invalid_value", "'top_logprobs' requires 'logprobs': true")
+        return value
+
+
+class CompletionRequest(_Request):
+    prompt: str | list[int] | list[str | list[int]]
+    suffix: str | None = None
+
+    @field_validator("suffix")
+    @classmethod
+    def _no_suffix(cls, value: str | None) -> str | None:
+        if value is not None:
+            raise _error("unsupported_parameter", "'suffix' is not supported by lightspan serve")
+        return value
+
+    logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+    max_tokens: int = Field(default=16, ge=1)
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _prompt(cls, value: Any) -> Any:
+        shape = "'prompt' must be a string, a list of strings, or token id list(s)"
+        if isinstance(value, str):
+            if not value:
+                raise _error("invalid_value", "'prompt' must not be empty")
+            return value
+        if not isinstance(value, list) or not value:
+            raise _error("invalid_type", shape)
+        if all(isinstance(p, int) and not isinstance(p, bool) for p in value):
+            if not _is_token_ids(value):
+                raise _error("invalid_type", "'prompt' token ids must be non-negative integers")
+            return value
+        for p in value:
+            if not (isinstance(p, str) or _is_token_ids(p)):
+                raise _error("invalid_type", shape)
+            if len(p) == 0:
+                raise _error("invalid_value", "'prompt' must not be empty")
+        return value
+
+    def prompts(self) -> list[str | list[int]]:
+        """One entry per prompt: text, or token ids as given."""
+        prompt = self.prompt
+        if isinstance(prompt, str):
+            return [prompt]
+        if all(isinstance(p, int) for p in prompt):
+            return [[p for p in prompt if isinstance(p, int)]]
+        return [p for p in prompt if not isinstance(p, int)]
+
+
+def _is_token_ids(value: Any) -> bool:
+    return isinstance(value, list) and all(
+        isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in value
     )
-    return GenerationRequest(
-        kind=kind,
-        model=model,
-        params=params,
-        n=_integer(body, "n", 1, 1, MAX_N) or 1,
-        seed=seed,
-        return_token_ids=_flag(body, "return_token_ids"),
-        stream=_flag(body, "stream"),
-        include_usage=bool((stream_options or {}).get("include_usage")),
-        encode=encode,
-        prompt_count=prompt_count,
-    )
 
 
-def _message_text(message: Mapping[str, Any], index: int) -> dict[str, Any]:
-    """A message with its content flattened to text, the form chat templates expect."""
-    param = f"messages[{index}]"
-    if not isinstance(message, dict) or not isinstance(message.get("role"), str):
-        raise invalid(param, f"'{param}' must be an object with a string 'role'", "invalid_type")
-    content = message.get("content")
-    if isinstance(content, list):
-        texts = []
-        for part in content:
-            if (
-                not isinstance(part, dict)
-                or part.get("type") != "text"
-                or not isinstance(part.get("text"), str)
-            ):
-                raise invalid(
-                    f"{param}.content", "only text content parts are supported", "unsupported_parameter"
-                )
-            texts.append(part["text"])
-        content = "\n".join(texts)
-    elif content is not None and not isinstance(content, str):
-        raise invalid(
-            f"{param}.content", "'content' must be a string or a list of text parts", "invalid_type"
-        )
-    return {**message, "content": content if content is not None else ""}
+class ReloadRequest(BaseModel):
+    """`POST /v1/reload`: {} for the store's latest version, a published version, or a folder."""
 
+    model_config = ConfigDict(strict=True, extra="forbid")
 
-def parse_chat(body: Mapping[str, Any]) -> GenerationRequest:
-    """Validate a `/v1/chat/completions` body."""
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise invalid("messages", "'messages' must be a non-empty list", "invalid_type")
-    messages = [_message_text(m, i) for i, m in enumerate(messages)]
-    tools = body.get("tools")
-    if tools is not None and not isinstance(tools, list):
-        raise invalid("tools", "'tools' must be a list", "invalid_type")
-    template_kwargs = body.get("chat_template_kwargs") or {}
-    if not isinstance(template_kwargs, dict):
-        raise invalid("chat_template_kwargs", "'chat_template_kwargs' must be an object", "invalid_type")
-    add_generation_prompt = body.get("add_generation_prompt", True)
-    top = _integer(body, "top_logprobs", None, 0, MAX_TOP_LOGPROBS)
-    if top is not None and not body.get("logprobs"):
-        raise invalid("top_logprobs", "'top_logprobs' requires 'logprobs': true")
-    max_tokens = _integer(body, "max_completion_tokens", None, 1)
-    if max_tokens is None:
-        max_tokens = _integer(body, "max_tokens", None, 1)
-
-    def encode(tokenizer: Any) -> list[list[int]]:
-        if not getattr(tokenizer, "chat_template", None):
-            raise invalid(
-                "messages", "the served model has no chat template; use /v1/completions", "no_chat_template"
-            )
-        try:
-            ids = tokenizer.apply_chat_template(
-                messages,
-                tools=tools,
-                add_generation_prompt=bool(add_generation_prompt),
-                tokenize=True,
-                return_dict=True,
-                **template_kwargs,
-            )["input_ids"]
-        except Exception as error:  # noqa: BLE001 - jinja raises its own errors for messages a template rejects
-            raise invalid(
-                "messages", f"the chat template rejected the messages: {error}", "chat_template_error"
-            ) from None
-        return [list(ids)]
-
-    logprobs = (top or 0) if _flag(body, "logprobs") else None
-    return _common(body, "chat", max_tokens, logprobs, encode)
-
-
-def parse_completion(body: Mapping[str, Any]) -> GenerationRequest:
-    """Validate a `/v1/completions` body; `prompt` is text, texts, token ids or lists of them."""
-    prompt = body.get("prompt")
-    if isinstance(prompt, str):
-        prompts: list[str | list[int]] = [prompt]
-    elif (
-        isinstance(prompt, list)
-        and prompt
-        and all(isinstance(p, int) and not isinstance(p, bool) for p in prompt)
-    ):
-        prompts = [_token_ids(prompt, "prompt")]
-    elif isinstance(prompt, list) and prompt and all(isinstance(p, (str, list)) for p in prompt):
-        prompts = [p if isinstance(p, str) else _token_ids(p, "prompt") for p in prompt]
-    else:
-        raise invalid(
-            "prompt", "'prompt' must be a string, a list of strings, or token id list(s)", "invalid_type"
-        )
-    if any(len(p) == 0 for p in prompts):
-        raise invalid("prompt", "'prompt' must not be empty")
-    logprobs = _integer(body, "logprobs", None, 0, MAX_TOP_LOGPROBS)
-    max_tokens = _integer(body, "max_tokens", 16, 1)
-
-    def encode(tokenizer: Any) -> list[list[int]]:
-        return [tokenizer(p)["input_ids"] if isinstance(p, str) else list(p) for p in prompts]
-
-    return _common(body, "completion", max_tokens, logprobs, encode, len(prompts))
+    version: int | None = Field(default=None, ge=1)
+    path: str | None = None
 
 
 # --- responses -------------------------------------------------------------------------------------
-def _token_texts(tokenizer: Any, logprobs: list[TokenLogprob]) -> dict[int, str]:
-    """Each token id decoded on its own (vLLM's `token` strings), in one tokenizer call."""
-    ids = sorted({lp.token_id for lp in logprobs} | {t for lp in logprobs for t, _ in lp.top})
-    return dict(zip(ids, tokenizer.batch_decode([[i] for i in ids]), strict=True))
+class _Response(BaseModel):
+    """Drops the vLLM extensions (and stream usage) that were not asked for, as vLLM leaves them out."""
+
+    OMIT_IF_NONE: ClassVar[frozenset[str]] = frozenset({"token_ids", "prompt_token_ids", "usage"})
+
+    @model_serializer(mode="wrap")
+    def _omit(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data = handler(self)
+        return {k: v for k, v in data.items() if not (k in self.OMIT_IF_NONE and v is None)}
 
 
-def _chat_logprobs(tokenizer: Any, logprobs: list[TokenLogprob]) -> dict[str, Any]:
-    texts = _token_texts(tokenizer, logprobs)
-
-    def entry(token_id: int, logprob: float) -> dict[str, Any]:
-        text = texts[token_id]
-        return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
-
-    return {
-        "content": [
-            {**entry(lp.token_id, lp.logprob), "top_logprobs": [entry(t, v) for t, v in lp.top]}
-            for lp in logprobs
-        ]
-    }
+class ErrorInfo(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
 
 
-def _completion_logprobs(tokenizer: Any, logprobs: list[TokenLogprob]) -> dict[str, Any]:
-    texts = _token_texts(tokenizer, logprobs)
-    tokens = [texts[lp.token_id] for lp in logprobs]
-    offsets, position = [], 0
-    for token in tokens:
-        offsets.append(position)
-        position += len(token)
-    return {
-        "tokens": tokens,
-        "token_logprobs": [lp.logprob for lp in logprobs],
-        "top_logprobs": [{texts[t]: v for t, v in lp.top} for lp in logprobs],
-        "text_offset": offsets,
-    }
+class ErrorResponse(BaseModel):
+    error: ErrorInfo
 
 
-def _usage(prompts: Sequence[Sequence[int]], completions: Sequence[Completion]) -> dict[str, int]:
-    prompt_tokens = sum(len(p) for p in prompts)
-    completion_tokens = sum(len(c.token_ids) for c in completions)
-    return {
-        "prompt_tokens": prompt_tokens,
-        "completion_tokens": completion_tokens,
-        "total_tokens": prompt_tokens + completion_tokens,
-    }
+class UsageInfo(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
 
-
-def _choice(
-    request: GenerationRequest, tokenizer: Any, index: int, prompt: Sequence[int], completion: Completion
-) -> dict[str, Any]:
-    choice: dict[str, Any] = {"index": index}
-    if request.kind == "chat":
-        choice["message"] = {"role": "assistant", "content": completion.text}
-        choice["logprobs"] = (
-            _chat_logprobs(tokenizer, completion.logprobs) if completion.logprobs is not None else None
+    @classmethod
+    def of(cls, prompts: Sequence[Sequence[int]], completion_tokens: int) -> UsageInfo:
+        prompt_tokens = sum(len(p) for p in prompts)
+        return cls(
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+            total_tokens=prompt_tokens + completion_tokens,
         )
-    else:
-        choice["text"] = completion.text
-        choice["logprobs"] = (
-            _completion_logprobs(tokenizer, completion.logprobs) if completion.logprobs is not None else None
-        )
-    choice["finish_reason"] = completion.finish_reason
-    choice["stop_reason"] = completion.stop_reason
-    if request.return_token_ids:
-        choice["token_ids"] = completion.token_ids
-        if request.kind == "completion":
-            choice["prompt_token_ids"] = list(prompt)  # vLLM puts them per choice for completions
-    return choice
 
 
-def render(
-    request: GenerationRequest,
-    model_id: str,
-    tokenizer: Any,
-    prompts: Sequence[Sequence[int]],
-    completions: Sequence[Completion],
-) -> dict[str, Any]:
-    """The response body: choice i*n+j is sample j of prompt i."""
-    choices = [
-        _choice(request, tokenizer, index, prompts[index // request.n], completion)
-        for index, completion in enumerate(completions)
-    ]
-    body: dict[str, Any] = {
-        "id": f"{'chatcmpl' if request.kind == 'chat' else 'cmpl'}-{request.id}",
-        "object": "chat.completion" if request.kind == "chat" else "text_completion",
-        "created": request.created,
-        "model": model_id,
-        "choices": choices,
-        "usage": _usage(prompts, completions),
-        "system_fingerprint": None,
-    }
-    if request.return_token_ids and request.kind == "chat":
-        body["prompt_token_ids"] = list(prompts[0])  # vLLM puts them at the top level for chat
-    return body
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int]
 
 
-def stream_chunks(request: GenerationRequest, body: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """A finished response re-cut as the chunks of an OpenAI stream.
+class ChatLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
 
-    Generation is not incremental: each choice arrives as one content chunk and one closing
-    chunk, after the whole batch finished. Clients that only speak streaming still work.
-    """
-    chat = request.kind == "chat"
-    base = {
-        "id": body["id"],
-        "object": "chat.completion.chunk" if chat else "text_completion",
-        "created": body["created"],
-        "model": body["model"],
-        "system_fingerprint": None,
-    }
-    chunks = []
-    for choice in body["choices"]:
-        delta: dict[str, Any] = {
-            "index": choice["index"],
-            "logprobs": choice["logprobs"],
-            "finish_reason": None,
-        }
-        if chat:
-            delta["delta"] = {"role": "assistant", "content": choice["message"]["content"]}
-        else:
-            delta["text"] = choice["text"]
-        for name in ("token_ids", "prompt_token_ids"):
-            if name in choice:
-                delta[name] = choice[name]
-        first = {**base, "choices": [delta]}
-        if chat and "prompt_token_ids" in body:
-            first["prompt_token_ids"] = body["prompt_token_ids"]
-        last = {
-            "index": choice["index"],
-            "logprobs": None,
-            "finish_reason": choice["finish_reason"],
-            "stop_reason": choice["stop_reason"],
-        }
-        last.update({"delta": {}} if chat else {"text": ""})
-        chunks += [first, {**base, "choices": [last]}]
-    if request.include_usage:
-        chunks.append({**base, "choices": [], "usage": body["usage"]})
-    return chunks
+
+class ChatLogprobs(BaseModel):
+    content: list[ChatLogprob]
+
+
+class CompletionLogprobs(BaseModel):
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]]
+    text_offset: list[int]
+
+
+class ChatMessageOut(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(_Response):
+    index: int
+    message: ChatMessageOut
+    logprobs: ChatLogprobs | None = None
+    finish_reason: str | None
+    stop_reason: str | int | None = None
+    token_ids: list[int] | None = None
+
+
+class ChatCompletionResponse(_Response):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: UsageInfo
+    system_fingerprint: None = None
+    prompt_token_ids: list[int] | None = None  # vLLM puts them at the top level for chat
+
+
+class DeltaMessage(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+    @model_serializer(mode="wrap")
+    def _present(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        return {k: v for k, v in handler(self).items() if v is not None}
+
+
+class ChatStreamChoice(_Response):
+    index: int
+    delta: DeltaMessage
+    logprobs: ChatLogprobs | None = None
+    finish_reason: str | None = None
+    stop_reason: str | int | None = None
+    token_ids: list[int] | None = None
+
+
+class ChatCompletionStreamResponse(_Response):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatStreamChoice]
+    system_fingerprint: None = None
+    usage: UsageInfo | None = None
+    prompt_token_ids: list[int] | None = None
+
+
+class CompletionChoice(_Response):
+    index: int
+    text: str
+    logprobs: CompletionLogprobs | None = None
+    finish_reason: str | None
+    stop_reason: str | int | None = None
+    token_ids: list[int] | None = None
+    prompt_token_ids: list[int] | None = None  # vLLM puts them per choice for completions
+
+
+class CompletionResponse(_Response):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: UsageInfo
+    system_fingerprint: None = None
+
+
+class CompletionStreamChoice(CompletionChoice):
+    finish_reason: str | None = None
+
+
+class CompletionStreamResponse(_Response):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionStreamChoice]
+    system_fingerprint: None = None
+    usage: UsageInfo | None = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "lightspan"
+    root: str
+    parent: str | None = None
+    max_model_len: int | None
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class ReloadResponse(BaseModel):
+    object: Literal["reload"] = "reload"
+    reloaded: bool
+    model: str
+    previous: str
+    load_seconds: float | None = None
+
+
+def request_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def now() -> int:
+    return int(time.time())

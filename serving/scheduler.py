@@ -1,8 +1,13 @@
 """One thread owns the model: it gathers waiting requests into a batch, runs it, answers each.
 
-HTTP handler threads only validate and enqueue; everything that touches the model or its
-tokenizer (chat template, decode loop, rendering token strings) runs here, one batch at a
-time, so no lock guards the model and a fast tokenizer is never used from two threads.
+Request handlers (coroutines on the HTTP event loop) only validate and enqueue; everything that
+touches the model or its tokenizer (chat template, decode loop, incremental detokenization,
+token strings for logprobs) runs here, one batch at a time, so no lock guards the model and a
+fast tokenizer is never used from two threads. Each request gets its answer as events through
+its own `publish` callback (the HTTP side hands one that puts them on an asyncio queue with
+`loop.call_soon_threadsafe`): `Accepted` once its prompts are tokenized and fit, `Progress` after
+every decode step for a streamed request, `Finished` with the completions, or an `APIError`.
+
 A new model version is staged with `swap` and taken up between batches: the batch in flight
 finishes on the version it started with, and every request enqueued after `swap` returned is
 answered by the new one. Nothing queued is dropped by a swap.
@@ -12,25 +17,89 @@ from __future__ import annotations
 
 import logging
 import queue
+import secrets
 import threading
 import time
 from collections import Counter
-from concurrent.futures import Future
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from lightspan.serving.generation import LoadedModel, check_context, generate
-from lightspan.serving.protocol import APIError, GenerationRequest, Row, invalid, render
+from lightspan.serving.errors import APIError, invalid
+from lightspan.serving.generation import ServedModel, check_context, generate
+from lightspan.serving.sampling import Completion, Row, RowDelta, SamplingParams, derive_seed
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
+class GenerationRequest:
+    """A validated request as the scheduler runs it: what to tokenize and how to sample.
+
+    Tokenization waits for the batch (`encode` runs against the model that will generate), so
+    the reported `prompt_token_ids` always come from the tokenizer of the version that answered.
+    """
+
+    params: SamplingParams
+    encode: Callable[[Any], list[list[int]]]  # tokenizer -> one id list per prompt
+    n: int = 1
+    seed: int | None = None
+    stream: bool = False
+    prompt_count: int = 1
+
+    @property
+    def row_count(self) -> int:
+        return self.prompt_count * self.n
+
+    def rows(self, prompts: Sequence[Sequence[int]]) -> list[Row]:
+        """n rows per prompt; seeded requests derive one seed per choice, so each is reproducible."""
+        rows = []
+        for p, prompt in enumerate(prompts):
+            for j in range(self.n):
+                index = p * self.n + j
+                seed = derive_seed(self.seed, index) if self.seed is not None else secrets.randbits(63)
+                rows.append(Row(tuple(prompt), self.params, seed, self.stream))
+        return rows
+
+
+@dataclass
+class Accepted:
+    """The batch took the request: the version that answers it and the prompts as it tokenized them."""
+
+    model_id: str
+    prompts: list[list[int]]
+
+
+@dataclass
+class Progress:
+    """One decode step of a streamed request: (choice index, what the step added to it)."""
+
+    deltas: list[tuple[int, RowDelta]]
+
+
+@dataclass
+class Finished:
+    """Every choice of the request, in order (choice i*n+j is sample j of prompt i)."""
+
+    completions: list[Completion]
+
+
+Event = Accepted | Progress | Finished | APIError
+
+
+@dataclass
 class Work:
-    """A request waiting for its batch; `future` resolves to the response body."""
+    """A request waiting for (or in) its batch, and where its events go."""
 
     request: GenerationRequest
-    future: Future = field(default_factory=Future)
+    publish: Callable[[Event], None]
+    cancelled: bool = False  # its client went away: do not start it, abort its rows
+    done: bool = False
+
+    def finish(self, event: Finished | APIError) -> None:
+        if not self.done:
+            self.done = True
+            self.publish(event)
 
 
 @dataclass
@@ -63,16 +132,20 @@ class BatchStats:
             }
 
 
+def _shutting_down() -> APIError:
+    return APIError("the server is shutting down", status=503, type="server_error")
+
+
 class Scheduler:
     """Gathers up to `max_batch` rows (a request contributes n rows per prompt), waiting at most
     `batch_wait` seconds after the first arrival for company; a single request larger than
     `max_batch` runs alone rather than being refused."""
 
-    def __init__(self, model: LoadedModel, *, max_batch: int = 32, batch_wait: float = 0.005):
+    def __init__(self, model: ServedModel, *, max_batch: int = 32, batch_wait: float = 0.005):
         if max_batch < 1:
             raise ValueError("max_batch must be at least 1")
         self._model = model
-        self._staged: LoadedModel | None = None
+        self._staged: ServedModel | None = None
         self._lock = threading.Lock()
         self._queue: queue.Queue[Work] = queue.Queue()
         self._carry: Work | None = None
@@ -94,30 +167,29 @@ class Scheduler:
         while not self._queue.empty():
             pending.append(self._queue.get_nowait())
         for work in pending:
-            work.future.set_exception(
-                APIError("the server is shutting down", status=503, type="server_error")
-            )
+            work.finish(_shutting_down())
 
     @property
-    def model(self) -> LoadedModel:
+    def model(self) -> ServedModel:
         """The version that will answer the next batch."""
         with self._lock:
             return self._staged or self._model
 
-    def swap(self, model: LoadedModel) -> None:
+    def swap(self, model: ServedModel) -> None:
         """Stage `model`; it answers every batch formed from now on."""
         with self._lock:
             self._staged = model
 
-    def submit(self, request: GenerationRequest) -> Future:
+    def submit(self, request: GenerationRequest, publish: Callable[[Event], None]) -> Work:
+        """Queue `request`; its events go to `publish`, called from the scheduler thread."""
         if self._stopping.is_set():
-            raise APIError("the server is shutting down", status=503, type="server_error")
-        work = Work(request)
+            raise _shutting_down()
+        work = Work(request, publish)
         self._queue.put(work)
-        return work.future
+        return work
 
     # --- the loop ---------------------------------------------------------------------------------
-    def _take_model(self) -> LoadedModel:
+    def _take_model(self) -> ServedModel:
         with self._lock:
             if self._staged is not None:
                 log.info("now serving %s (was %s)", self._staged.id, self._model.id)
@@ -148,7 +220,7 @@ class Scheduler:
 
     def _run(self) -> None:
         while not self._stopping.is_set():
-            batch = [work for work in self._gather() if work.future.set_running_or_notify_cancel()]
+            batch = [work for work in self._gather() if not work.cancelled]
             if not batch:
                 continue
             try:
@@ -157,10 +229,9 @@ class Scheduler:
                 log.exception("a batch of %d requests failed", len(batch))
                 failure = APIError(f"generation failed: {error}", status=500, type="server_error")
                 for work in batch:
-                    if not work.future.done():
-                        work.future.set_exception(failure)
+                    work.finish(failure)
 
-    def _prepare(self, model: LoadedModel, work: Work) -> tuple[list[list[int]], list[Row], list[int]]:
+    def _prepare(self, model: ServedModel, work: Work) -> tuple[list[list[int]], list[Row], list[int]]:
         """Tokenize with the batch's model and check the prompts fit: (prompts, rows, budgets)."""
         request = work.request
         prompts = request.encode(model.tokenizer)
@@ -170,21 +241,34 @@ class Scheduler:
         budgets = [check_context(model, len(p), request.params.max_tokens) for p in prompts]
         return prompts, request.rows(prompts), [b for b in budgets for _ in range(request.n)]
 
-    def _run_batch(self, model: LoadedModel, batch: list[Work]) -> None:
-        prepared = []
+    def _run_batch(self, model: ServedModel, batch: list[Work]) -> None:
+        accepted: list[tuple[Work, list[Row], list[int]]] = []
         for work in batch:
             try:
-                prepared.append((work, *self._prepare(model, work)))
+                prompts, rows, budgets = self._prepare(model, work)
             except APIError as error:
-                work.future.set_exception(error)
-        if not prepared:
+                work.finish(error)
+                continue
+            work.publish(Accepted(model.id, prompts))
+            accepted.append((work, rows, budgets))
+        if not accepted:
             return
-        rows = [row for _, _, work_rows, _ in prepared for row in work_rows]
-        budgets = [b for *_, work_budgets in prepared for b in work_budgets]
-        completions = generate(model, rows, budgets)
-        self.stats.record(len(rows), len(prepared))
+        owner = [(work, choice) for work, rows, _ in accepted for choice in range(len(rows))]
+
+        def on_step(deltas: list[tuple[int, RowDelta]]) -> list[int]:
+            steps: dict[int, tuple[Work, list[tuple[int, RowDelta]]]] = {}
+            for row, delta in deltas:
+                work, choice = owner[row]
+                steps.setdefault(id(work), (work, []))[1].append((choice, delta))
+            for work, items in steps.values():
+                work.publish(Progress(items))
+            return [row for row, _ in deltas if owner[row][0].cancelled]
+
+        rows = [row for _, work_rows, _ in accepted for row in work_rows]
+        budgets = [b for *_, work_budgets in accepted for b in work_budgets]
+        completions = generate(model, rows, budgets, on_step)
+        self.stats.record(len(rows), len(accepted))
         start = 0
-        for work, prompts, work_rows, _ in prepared:
-            mine = completions[start : start + len(work_rows)]
+        for work, work_rows, _ in accepted:
+            work.finish(Finished(completions[start : start + len(work_rows)]))
             start += len(work_rows)
-            work.future.set_result(render(work.request, model.id, model.tokenizer, prompts, mine))

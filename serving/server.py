@@ -1,41 +1,45 @@
 """`lightspan serve`: an OpenAI-compatible server for the checkpoints the trainer publishes.
 
 Endpoints: `POST /v1/chat/completions`, `POST /v1/completions`, `GET /v1/models[/ID]`,
-`POST /v1/reload`, `GET /health`. The HTTP layer is the standard library's
-`ThreadingHTTPServer` (one thread per connection, no extra dependency); handler threads only
-validate and wait, while one scheduler thread batches all requests through the model
-(`serving_scheduler`). With a store and a resource name the server polls
-`latest_resource(NAME)` and loads each newer checkpoint in the background, swapping it in
-between batches, so the closed loop (train, publish, serve the new version) needs no restart
-and no client sees a failed request. The store is either an embedded `chdb://` directory this
-process may own, a ClickHouse/collector `http://` URL, or a `Store` the caller already opened
-(how a process that owns an embedded store shares it with the server).
+`POST /v1/reload`, `GET /health` (routes in `api_server`, FastAPI and pydantic as vLLM's). uvicorn
+runs the app on an event loop in a thread of its own, so the server is an object a test or the
+CLI starts and stops; request coroutines only validate and wait, while one scheduler thread
+batches all requests through the model (`scheduler`) and streams their tokens back as it decodes.
+With a store and a resource name the server polls `latest_resource(NAME)` and loads each newer
+checkpoint in the background, swapping it in between batches, so the closed loop (train, publish,
+serve the new version) needs no restart and no client sees a failed request. The store is either
+an embedded `chdb://` directory this process may own, a ClickHouse/collector `http://` URL, or a
+`Store` the caller already opened (how a process that owns an embedded store shares it with the
+server).
+
+`POST /v1/reload` loads only what the store published for the server's resource (its latest, or
+`{"version": N}`), or the `--model` folder again; a request naming any other folder (`"path"`) is
+refused unless the server was started with `allow_reload_path` (`--allow-reload-path`), since
+loading an arbitrary folder of the machine is not something every client of the API may ask.
 """
 
 from __future__ import annotations
 
-import json
 import logging
+import socket
 import threading
 import time
 from collections.abc import Callable
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlsplit
 
 from lightspan.errors import InvalidInput, LightspanError, StoreUnavailable
-from lightspan.serving.generation import LoadedModel, load_model
-from lightspan.serving.protocol import APIError, parse_chat, parse_completion, stream_chunks
+from lightspan.serving.errors import APIError
+from lightspan.serving.generation import ServedModel, load_served_model
+from lightspan.serving.protocol import ModelCard, ReloadRequest, ReloadResponse
 from lightspan.serving.scheduler import Scheduler
 
 if TYPE_CHECKING:
+    import uvicorn
     from typing_extensions import Self  # annotations only: Python 3.10 has no typing.Self
 
 log = logging.getLogger(__name__)
-
-MAX_BODY_BYTES = 64 * 1024 * 1024
-Reply = tuple[int, Any]  # (status, JSON body) or (200, list of stream chunks)
 
 
 class InferenceServer:
@@ -59,6 +63,7 @@ class InferenceServer:
         batch_wait: float = 0.005,
         device: str = "auto",
         dtype: str = "auto",
+        allow_reload_path: bool = False,
     ):
         if (store is None) != (resource is None):
             raise InvalidInput("--store and --resource go together: the server polls RESOURCE in STORE")
@@ -80,43 +85,78 @@ class InferenceServer:
         self._poll_seconds = poll_seconds
         self._max_batch, self._batch_wait = max_batch, batch_wait
         self._device, self._dtype = device, dtype
+        self._allow_reload_path = allow_reload_path
         self._closing = threading.Event()
         self._scheduler: Scheduler | None = None
-        self._httpd: ThreadingHTTPServer | None = None
+        self._uvicorn: uvicorn.Server | None = None
+        self._address: tuple[str, int] | None = None
         self._threads: list[threading.Thread] = []
 
     # --- lifecycle ----------------------------------------------------------------------------------
-    def start(self) -> InferenceServer:
-        """Load the first model, bind the port, start the scheduler (and the store watcher)."""
+    def start(self) -> Self:
+        """Load the first model, bind the port, start the scheduler, the HTTP loop (and the watcher)."""
+        import uvicorn
+
+        from lightspan.serving.api_server import build_app
+
         if self.resource is not None:
             self._open_store()
         try:
             first = self._first_model()
             self._scheduler = Scheduler(first, max_batch=self._max_batch, batch_wait=self._batch_wait)
-            try:
-                self._httpd = ThreadingHTTPServer((self._host, self._port), _Handler)
-            except OSError as error:
-                raise InvalidInput(f"cannot listen on {self._host}:{self._port}: {error}") from None
+            listener = self._listen()
         except BaseException:
             self._close_store()
             raise
-        self._httpd.daemon_threads = True
-        self._httpd.app = self  # type: ignore[attr-defined]
+        config = uvicorn.Config(
+            build_app(self),
+            log_config=None,  # a library: uvicorn's records go to the process's logging as they are
+            log_level="warning",
+            lifespan="off",
+            timeout_graceful_shutdown=5,  # an open stream must not hold up close() for long
+        )
+        self._uvicorn = uvicorn.Server(config)
         self._scheduler.start()
-        self._spawn("lightspan-serve-http", lambda: self._httpd.serve_forever(poll_interval=0.2))
+        self._spawn("lightspan-serve-http", lambda: self._run_uvicorn(listener))
+        deadline = time.monotonic() + 30
+        while not self._uvicorn.started and self._threads[0].is_alive() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        if not self._uvicorn.started:
+            self.close()
+            raise LightspanError(f"the HTTP server did not start on {self.url}")
         if self.resource is not None:
             self._spawn("lightspan-serve-watch", self._watch)
         log.info("serving %s on %s", first.id, self.url)
         return self
+
+    def _listen(self) -> socket.socket:
+        """Bind here, so a taken port is a clear error now and port 0's real port is known."""
+        family = socket.AF_INET6 if ":" in self._host else socket.AF_INET
+        listener = socket.socket(family, socket.SOCK_STREAM)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            listener.bind((self._host, self._port))
+            listener.listen(2048)
+        except OSError as error:
+            listener.close()
+            raise InvalidInput(f"cannot listen on {self._host}:{self._port}: {error}") from None
+        self._address = listener.getsockname()[:2]
+        return listener
+
+    def _run_uvicorn(self, listener: socket.socket) -> None:
+        assert self._uvicorn is not None
+        try:
+            self._uvicorn.run(sockets=[listener])
+        finally:
+            listener.close()
 
     def close(self) -> None:
         """Stop accepting, finish the batch in flight, release the store if we opened it."""
         if self._closing.is_set():
             return
         self._closing.set()
-        if self._httpd is not None:
-            self._httpd.shutdown()
-            self._httpd.server_close()
+        if self._uvicorn is not None:
+            self._uvicorn.should_exit = True
         if self._scheduler is not None:
             self._scheduler.stop()
         for thread in self._threads:
@@ -140,16 +180,20 @@ class InferenceServer:
     @property
     def url(self) -> str:
         """Base URL, e.g. http://127.0.0.1:8000 (the real port when 0 was asked)."""
-        if self._httpd is None:
+        if self._address is None:
             raise LightspanError("the server is not started")
-        host, port = self._httpd.server_address[:2]
-        return f"http://{host}:{port}"
+        host, port = self._address
+        return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
     @property
-    def model(self) -> LoadedModel:
+    def model(self) -> ServedModel:
         """The version answering requests from now on."""
+        return self.scheduler.model
+
+    @property
+    def scheduler(self) -> Scheduler:
         assert self._scheduler is not None, "start() first"
-        return self._scheduler.model
+        return self._scheduler
 
     @property
     def store(self) -> Any:
@@ -158,8 +202,7 @@ class InferenceServer:
 
     def stats(self) -> dict[str, Any]:
         """Batching counters: batches, requests, rows, largest_batch, batch_sizes."""
-        assert self._scheduler is not None, "start() first"
-        return self._scheduler.stats.snapshot()
+        return self.scheduler.stats.snapshot()
 
     def _spawn(self, name: str, target: Callable[[], None]) -> None:
         thread = threading.Thread(target=target, name=name, daemon=True)
@@ -187,7 +230,7 @@ class InferenceServer:
         with self._store_lock:
             return self._store.latest_resource(self.resource)
 
-    def _first_model(self) -> LoadedModel:
+    def _first_model(self) -> ServedModel:
         latest = self._latest() if self.resource is not None else None
         if latest is not None:
             return self._load_resource(latest)
@@ -197,11 +240,11 @@ class InferenceServer:
             )
         return self._load_folder(self._initial_path)
 
-    def _load_folder(self, path: Path) -> LoadedModel:
+    def _load_folder(self, path: Path) -> ServedModel:
         name = path.resolve().name
-        return load_model(path, model_id=name, name=name, device=self._device, dtype=self._dtype)
+        return load_served_model(path, model_id=name, name=name, device=self._device, dtype=self._dtype)
 
-    def _load_resource(self, resource: Any) -> LoadedModel:
+    def _load_resource(self, resource: Any) -> ServedModel:
         if resource.kind != "checkpoint" or not resource.uri:
             raise InvalidInput(
                 f"resource {resource.id} is a {resource.kind!r} with uri {resource.uri!r}, not a checkpoint"
@@ -209,7 +252,7 @@ class InferenceServer:
         path = Path(
             unquote(urlsplit(resource.uri).path) if resource.uri.startswith("file:") else resource.uri
         )
-        loaded = load_model(
+        loaded = load_served_model(
             path,
             model_id=resource.id,
             name=resource.name,
@@ -239,31 +282,71 @@ class InferenceServer:
             self._install(loaded)
             return True
 
-    def reload(self, path: str | Path | None = None) -> dict[str, Any]:
-        """Load `path`, else the latest store version, else the current folder again; swap it in."""
+    def reload(self, path: str | Path | None = None, version: int | None = None) -> dict[str, Any]:
+        """Load `path`, or `version` of the resource, else the store's latest (when it is not the
+        version serving already), else the current folder again; swap it in."""
         with self._reload_lock:
-            previous = self.model.id
+            previous = self.model
             started = time.perf_counter()
             if path is not None:
                 loaded = self._load_folder(Path(path))
             elif self.resource is not None:
-                latest = self._latest()
-                if latest is None or latest.version <= self._store_version:
-                    return {"object": "reload", "reloaded": False, "model": previous, "previous": previous}
-                self._failed.discard(latest.id)
-                loaded = self._load_resource(latest)
+                wanted = self._version(version) if version is not None else self._latest()
+                if wanted is None or (version is None and wanted.id == previous.id):
+                    return {
+                        "object": "reload",
+                        "reloaded": False,
+                        "model": previous.id,
+                        "previous": previous.id,
+                    }
+                self._failed.discard(wanted.id)
+                loaded = self._load_resource(wanted)
             else:
-                loaded = self._load_folder(self.model.path)
+                loaded = self._load_folder(previous.path)
             self._install(loaded)
             return {
                 "object": "reload",
                 "reloaded": True,
                 "model": loaded.id,
-                "previous": previous,
+                "previous": previous.id,
                 "load_seconds": round(time.perf_counter() - started, 3),
             }
 
-    def _install(self, loaded: LoadedModel) -> None:
+    def _version(self, version: int) -> Any:
+        with self._store_lock:
+            versions = self._store.resources(self.resource)
+        found = [r for r in versions if r.version == version]
+        if not found:
+            published = ", ".join(str(r.version) for r in versions) or "none"
+            raise APIError(
+                f"{self.resource!r} has no version {version} (published: {published})",
+                status=404,
+                param="version",
+                code="version_not_found",
+            )
+        return found[0]
+
+    def reload_request(self, request: ReloadRequest) -> ReloadResponse:
+        """`POST /v1/reload`: published versions only, unless started with `allow_reload_path`."""
+        if request.path is not None and request.version is not None:
+            raise APIError("give 'path' or 'version', not both", param="version", code="invalid_value")
+        if request.path is not None and not self._allow_reload_path:
+            raise APIError(
+                'this server reloads only published versions of its resource ({} or {"version": N}); '
+                "start it with --allow-reload-path to load any folder",
+                status=403,
+                param="path",
+                code="reload_path_not_allowed",
+            )
+        if request.version is not None and self.resource is None:
+            raise APIError(
+                "'version' needs a server following a resource (--store and --resource)",
+                param="version",
+                code="no_resource",
+            )
+        return ReloadResponse(**self.reload(request.path, request.version))
+
+    def _install(self, loaded: ServedModel) -> None:
         assert self._scheduler is not None
         self._scheduler.swap(loaded)
         log.info("staged %s from %s; it answers from the next batch", loaded.id, loaded.path)
@@ -279,43 +362,8 @@ class InferenceServer:
             except Exception:
                 log.exception("polling the store failed")
 
-    # --- HTTP routes ------------------------------------------------------------------------------
-    def handle(self, method: str, target: str, body: bytes) -> Reply:
-        """Route one request; every failure becomes an OpenAI-style error body."""
-        path = urlsplit(target).path.rstrip("/") or "/"
-        routes: dict[tuple[str, str], Callable[[bytes], Reply]] = {
-            ("GET", "/health"): lambda _: (200, self._health()),
-            ("GET", "/v1/models"): lambda _: (200, {"object": "list", "data": [self._model_card()]}),
-            ("POST", "/v1/chat/completions"): lambda raw: self._generate(parse_chat(_json(raw))),
-            ("POST", "/v1/completions"): lambda raw: self._generate(parse_completion(_json(raw))),
-            ("POST", "/v1/reload"): self._reload_route,
-        }
-        try:
-            if (method, path) in routes:
-                return routes[(method, path)](body)
-            if method == "GET" and path.startswith("/v1/models/"):
-                self._check_model(unquote(path[len("/v1/models/") :]))
-                return 200, self._model_card()
-            if any(route_path == path for _, route_path in routes):
-                raise APIError(
-                    f"method {method} is not allowed on {path}", status=405, code="method_not_allowed"
-                )
-            raise APIError(f"no route {method} {path}", status=404, code="not_found")
-        except APIError as error:
-            return error.status, error.body()
-        except InvalidInput as error:
-            return 400, APIError(str(error)).body()
-        except Exception as error:
-            log.exception("%s %s failed", method, path)
-            return 500, APIError(f"internal error: {error}", status=500, type="server_error").body()
-
-    def _generate(self, request: Any) -> Reply:
-        self._check_model(request.model)
-        assert self._scheduler is not None
-        body = self._scheduler.submit(request).result()
-        return 200, (stream_chunks(request, body) if request.stream else body)
-
-    def _check_model(self, name: str | None) -> None:
+    # --- what the routes ask -------------------------------------------------------------------------
+    def check_model(self, name: str | None) -> None:
         """Accept the served id, its resource/folder name, or no name at all."""
         current = self.model
         if name is None or name in (current.id, current.name, self.resource):
@@ -327,19 +375,13 @@ class InferenceServer:
             code="model_not_found",
         )
 
-    def _model_card(self) -> dict[str, Any]:
+    def model_card(self) -> ModelCard:
         current = self.model
-        return {
-            "id": current.id,
-            "object": "model",
-            "created": current.created,
-            "owned_by": "lightspan",
-            "root": str(current.path),
-            "parent": None,
-            "max_model_len": current.max_length,
-        }
+        return ModelCard(
+            id=current.id, created=current.created, root=str(current.path), max_model_len=current.max_length
+        )
 
-    def _health(self) -> dict[str, Any]:
+    def health(self) -> dict[str, Any]:
         current = self.model
         return {
             "status": "ok",
@@ -349,81 +391,3 @@ class InferenceServer:
             "resource": self.resource,
             "batching": self.stats(),
         }
-
-    def _reload_route(self, raw: bytes) -> Reply:
-        body = _json(raw) if raw.strip() else {}
-        path = body.get("path")
-        if path is not None and not isinstance(path, str):
-            raise APIError("'path' must be a string naming a model folder", param="path", code="invalid_type")
-        return 200, self.reload(path)
-
-
-def _json(raw: bytes) -> dict[str, Any]:
-    try:
-        body = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise APIError(f"the request body is not valid JSON: {error}", code="invalid_json") from None
-    if not isinstance(body, dict):
-        raise APIError("the request body must be a JSON object", code="invalid_json")
-    return body
-
-
-class _Handler(BaseHTTPRequestHandler):
-    """Reads the body, asks `InferenceServer.handle`, writes JSON or a server-sent event stream."""
-
-    protocol_version = "HTTP/1.1"  # keep-alive: every JSON reply carries Content-Length
-    server_version = "lightspan-serve"
-
-    def do_GET(self) -> None:
-        self._dispatch("GET")
-
-    def do_POST(self) -> None:
-        self._dispatch("POST")
-
-    def do_PUT(self) -> None:
-        self._dispatch("PUT")
-
-    def do_DELETE(self) -> None:
-        self._dispatch("DELETE")
-
-    def _dispatch(self, method: str) -> None:
-        try:
-            length = int(self.headers.get("Content-Length") or 0)
-        except ValueError:
-            length = -1
-        if not 0 <= length <= MAX_BODY_BYTES:
-            self.close_connection = True
-            status = 400 if length < 0 else 413
-            self._send_json(status, APIError("bad or too large Content-Length", status=status).body())
-            return
-        raw = self.rfile.read(length) if length else b""
-        status, payload = self.server.app.handle(method, self.path, raw)  # type: ignore[attr-defined]
-        try:
-            if isinstance(payload, list):
-                self._send_stream(payload)
-            else:
-                self._send_json(status, payload)
-        except (BrokenPipeError, ConnectionResetError):
-            self.close_connection = True  # the client gave up waiting; its answer has nowhere to go
-
-    def _send_json(self, status: int, payload: Any) -> None:
-        data = json.dumps(payload).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def _send_stream(self, chunks: list[dict[str, Any]]) -> None:
-        self.close_connection = True  # the stream ends when the connection does
-        self.send_response(200)
-        self.send_header("Content-Type", "text/event-stream")
-        self.send_header("Cache-Control", "no-cache")
-        self.send_header("Connection", "close")
-        self.end_headers()
-        for chunk in chunks:
-            self.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
-        self.wfile.write(b"data: [DONE]\n\n")
-
-    def log_message(self, format: str, *args: Any) -> None:
-        log.debug("%s %s", self.address_string(), format % args)

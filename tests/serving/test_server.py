@@ -433,7 +433,9 @@ def test_reload_under_load_drops_nothing(
 
 def test_store_url_fallback_folder_and_broken_checkpoint(tmp_path: Path, models: dict[str, Path]) -> None:
     url = f"chdb://{tmp_path / 'store'}"
-    with InferenceServer(models["m1"], store=url, resource="policy", port=0, poll_seconds=0.1) as server:
+    with InferenceServer(
+        models["m1"], store=url, resource="policy", port=0, poll_seconds=0.1, allow_reload_path=True
+    ) as server:
         assert server.model.id == "m1"  # nothing published yet: the folder serves
         server.store.publish_resource("policy", "checkpoint", uri=str(tmp_path / "missing"))
         server.store.publish_resource("policy", "checkpoint", uri=str(models["m2"]))
@@ -455,9 +457,73 @@ def test_store_url_fallback_folder_and_broken_checkpoint(tmp_path: Path, models:
         assert status == 200 and body["model"] == "m1"
 
 
+def test_reload_loads_published_versions_and_refuses_paths(tmp_path: Path, models: dict[str, Path]) -> None:
+    """Without --allow-reload-path a client may pick among published versions, not load any folder."""
+    from lightspan.store import Store
+
+    def reload(body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        return raw_post(server.url + "/v1/reload", json.dumps(body).encode())
+
+    with Store.connect(f"chdb://{tmp_path / 'store'}") as store:
+        store.publish_resource("policy", "checkpoint", uri=str(models["m1"]))
+        store.publish_resource("policy", "checkpoint", uri=str(models["m2"]))
+        with InferenceServer(store=store, resource="policy", port=0) as server:
+            assert server.model.id == "policy:2"
+            status, body = reload({"path": str(models["m1"])})
+            assert status == 403 and body["error"]["code"] == "reload_path_not_allowed"
+            assert body["error"]["param"] == "path" and "--allow-reload-path" in body["error"]["message"]
+            assert server.model.id == "policy:2"
+
+            status, body = reload({"version": 1})  # roll back to a published version
+            assert status == 200 and body == {
+                **body,
+                "reloaded": True,
+                "model": "policy:1",
+                "previous": "policy:2",
+            }
+            status, body = raw_post(
+                server.url + "/v1/completions",
+                json.dumps({"model": "policy", "prompt": "hi", "max_tokens": 1}).encode(),
+            )
+            assert status == 200 and body["model"] == "policy:1"
+
+            status, body = reload({"version": 7})
+            assert status == 404 and body["error"]["code"] == "version_not_found"
+            assert body["error"]["param"] == "version" and "1, 2" in body["error"]["message"]
+            for bad, param in (({"version": "1"}, "version"), ({"version": 1, "path": "x"}, "version")):
+                status, body = reload(bad)
+                assert status == 400 and body["error"]["param"] == param, body
+            status, body = reload({"paht": str(models["m1"])})
+            assert status == 400 and body["error"]["param"] == "paht"
+
+            status, body = reload({})  # the store's latest again
+            assert status == 200 and body["reloaded"] is True and body["model"] == "policy:2"
+            status, body = reload({})
+            assert status == 200 and body["reloaded"] is False and body["model"] == "policy:2"
+
+
+def test_reload_without_a_resource_reloads_the_folder(server: InferenceServer) -> None:
+    status, body = raw_post(server.url + "/v1/reload", json.dumps({"version": 1}).encode())
+    assert status == 400 and body["error"]["code"] == "no_resource"
+    status, body = raw_post(server.url + "/v1/reload", b"{}")
+    assert status == 200 and body == {**body, "reloaded": True, "model": "m1", "previous": "m1"}
+    status, body = raw_post(server.url + "/v1/reload", json.dumps({"path": "/"}).encode())
+    assert status == 403 and server.model.id == "m1"
+
+
 def test_cli_serves_reloads_and_stops(models: dict[str, Path]) -> None:
     process = subprocess.Popen(
-        [sys.executable, "-m", "lightspan", "serve", "--model", str(models["m1"]), "--port", "0"],
+        [
+            sys.executable,
+            "-m",
+            "lightspan",
+            "serve",
+            "--model",
+            str(models["m1"]),
+            "--port",
+            "0",
+            "--allow-reload-path",
+        ],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -485,3 +551,6 @@ def test_cli_rejects_a_missing_model(tmp_path: Path) -> None:
     assert result.returncode == 2 and "does not exist" in result.stderr
     result = run_cli("serve", "--store", f"chdb://{tmp_path / 'store'}", "--port", "0")
     assert result.returncode == 2 and "--resource" in result.stderr
+    usage = run_cli("serve", "--help").stdout
+    usage = " ".join(usage.split())  # argparse wraps to the terminal's width
+    assert "--allow-reload-path" in usage and '({"version": N})' in usage
