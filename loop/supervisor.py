@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -25,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from lightspan.errors import LightspanError
+from lightspan.trainer.distributed import free_port
 from lightspan.types import LLM, Resource
 
 if TYPE_CHECKING:
@@ -32,12 +32,6 @@ if TYPE_CHECKING:
 
 TRAIN_SERVICE = "lightspan-fit"
 VALIDATION_SERVICE = "lightspan-fit-validation"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Child:
