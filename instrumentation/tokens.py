@@ -39,7 +39,9 @@ from typing import Any
 import wrapt  # opentelemetry-instrumentation's own dependency
 from opentelemetry import context as otel_context
 from opentelemetry import trace
-from opentelemetry.instrumentation.instrumentor import BaseInstrumentor
+
+# the module opens with a file-wide `# type: ignore`, so mypy sees none of its names
+from opentelemetry.instrumentation.instrumentor import BaseInstrumentor  # type: ignore[attr-defined]
 from opentelemetry.instrumentation.utils import unwrap
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 

@@ -88,9 +88,12 @@ class ClosedLoop:
             url, grpc_port=0, http_port=0, sql_port=0 if embedded else None, batch_ms=50
         )
         self.collector.start()
-        # Children reach an embedded store through the collector; a server store directly.
-        self.store_url = self.collector.sql_url if embedded else url
         try:
+            # Children reach an embedded store through the collector; a server store directly.
+            sql_url = self.collector.sql_url
+            if embedded and sql_url is None:
+                raise LightspanError("the collector for the embedded store started without its SQL endpoint")
+            self.store_url: str = sql_url if embedded and sql_url is not None else url
             self.store = Store.connect(url)
         except BaseException:
             self.collector.stop()  # not yet a context manager: nobody else would stop it

@@ -89,7 +89,8 @@ def merged_lora_state_dict(peft_model: Any) -> dict[str, torch.Tensor]:
     deltas = {}
     for module_name, module in base.named_modules():
         if isinstance(module, LoraLayer) and adapter in module.lora_A:
-            deltas[f"{module_name}.weight"] = module.get_delta_weight(adapter).detach()
+            # every concrete LoRA layer (Linear, Embedding, Conv) has it; peft's base class does not
+            deltas[f"{module_name}.weight"] = module.get_delta_weight(adapter).detach()  # type: ignore[attr-defined]
     merged = {}
     for key, value in _untied(base.state_dict()).items():
         if "lora_" in key:

@@ -97,7 +97,7 @@ def load_model(path: str, config: TrainConfig, *, trainable: bool = True) -> Any
             target_modules=m.lora.target_modules,
             task_type="CAUSAL_LM",
         )
-        model = peft.get_peft_model(model, lora)
+        return peft.get_peft_model(model, lora)
     return model
 
 
@@ -135,7 +135,7 @@ def build(config: TrainConfig, dist: Distributed) -> Engines:
 
         def optimizer(params: Any) -> torch.optim.Optimizer:
             return torch.optim.AdamW(
-                params, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay
+                params, lr=o.lr, betas=(o.betas[0], o.betas[1]), eps=o.eps, weight_decay=o.weight_decay
             )
 
     def scheduler(opt: torch.optim.Optimizer) -> Any:
@@ -312,8 +312,10 @@ class TrainStep:
         if self.engines.lora:  # the base model is the reference: the adapters switched off
             with self.engine.module.disable_adapter():
                 logits = self.engine.module(input_ids=ids, attention_mask=attention, use_cache=False).logits
-        else:
+        elif self.engines.reference is not None:
             logits = self.engines.reference(input_ids=ids, attention_mask=attention, use_cache=False).logits
+        else:
+            raise RuntimeError("kl_coef > 0 needs a reference model, and `build` loads one without LoRA")
         return losses.token_logprobs(logits[:, :-1], ids[:, 1:], self.config.algorithm.temperature)
 
     def _metrics(

@@ -155,7 +155,7 @@ class Session:
         The server and the runners follow the store, so the loop needs a version to start from.
         """
         name = self.config.output.resource_name
-        resource_id = None
+        resource_id = ""  # rank 0's id replaces it on the other ranks
         if self.dist.is_rank_0:
             latest = self.store.latest_resource(name)
             if latest is None:
@@ -166,12 +166,13 @@ class Session:
                     metadata={"step": 0, "run": self.run_id, "base_model": self.config.model.path},
                 )
             resource_id = latest.id
-        self.parent = self.dist.broadcast(resource_id)
-        return self.parent
+        published = self.dist.broadcast(resource_id)
+        self.parent = published
+        return published
 
     def accepted_versions(self, max_staleness: int) -> list[str]:
         """The latest version and up to `max_staleness` before it, newest first."""
-        ids = None
+        ids: list[str] = []  # rank 0's list replaces it on the other ranks
         if self.dist.is_rank_0:
             versions = self.store.resources(self.config.output.resource_name)
             ids = [r.id for r in reversed(versions[-(max_staleness + 1) :])]
