@@ -1,4 +1,4 @@
-"""The training run: distributed start-up, data selection per rank, steps, checkpoints, metrics.
+"""The training run: data selection per rank, steps, checkpoints, metrics, on `Distributed`'s group.
 
 `run(config)` is what `python -m lightspan.trainer` and every DeepSpeed rank execute. The work is
 split so the closed loop's follow mode can drive the same pieces: `Session.samples()` selects and
