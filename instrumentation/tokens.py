@@ -344,8 +344,6 @@ def patch_openai(module: Any = None) -> None:
 
 def unpatch_openai() -> None:
     """Restore the original `request` methods (a no-op where openai was never imported)."""
-    import sys
-
     base = sys.modules.get(_BASE_CLIENT)
     if base is None:
         return
