@@ -116,16 +116,17 @@ def train_config(model: Path, store: str, out: Path, *, sft: bool, recipe: Recip
 
 
 def build_step(config: Any) -> Any:
+    from lightspan.trainer.distributed import Distributed
     from lightspan.trainer.engine import TrainStep, build
 
-    return TrainStep(build(config, 1, 0))
+    return TrainStep(build(config, Distributed.setup()))
 
 
 def policy_view(step: Any, path: Path) -> Any:
     """The live training module as the server's `ServedModel`, so sampling uses its decode loop."""
     from lightspan.serving.generation import ServedModel
 
-    tok = step.loaded.tokenizer
+    tok = step.engines.tokenizer
     return ServedModel(
         id="policy",
         name="policy",
@@ -356,9 +357,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from lightspan.trainer.loop import init_distributed
+    from lightspan.trainer.distributed import Distributed
 
-    init_distributed()
+    Distributed.setup()
     _EXPORTER = _setup_tracing()
     overrides = parse_sets(args.set)
     results = []

@@ -135,8 +135,8 @@ def measure(args: argparse.Namespace, workdir: Path) -> None:
     from transformers import AutoModelForCausalLM
 
     from lightspan.trainer.config import from_dict
+    from lightspan.trainer.distributed import Distributed
     from lightspan.trainer.engine import TrainStep, build
-    from lightspan.trainer.loop import init_distributed
 
     model_path = workdir / "model"
     build_model(model_path, args)
@@ -149,18 +149,18 @@ def measure(args: argparse.Namespace, workdir: Path) -> None:
             "output": {"dir": str(workdir / "out")},
         }
     )
-    rank, world = init_distributed()
-    loaded = build(config.validate(world), world, rank)
-    step = TrainStep(loaded)
-    bf16 = bool(loaded.deepspeed_config.get("bf16", {}).get("enabled"))
-    device = loaded.engine.device
+    dist = Distributed.setup()
+    engines = build(config.validate(dist.world_size), dist)
+    step = TrainStep(engines)
+    bf16 = bool(engines.deepspeed_config.get("bf16", {}).get("enabled"))
+    device = engines.engine.device
     plain = AutoModelForCausalLM.from_pretrained(model_path).to(device)
     if bf16:
         plain = plain.to(torch.bfloat16)
     plain.train()
     optimizer = torch.optim.AdamW(plain.parameters(), lr=1e-5)
     batch = transitions(args, plain.config.vocab_size)
-    pad = loaded.tokenizer.pad_token_id
+    pad = engines.tokenizer.pad_token_id
 
     def sync() -> None:
         if torch.cuda.is_available():

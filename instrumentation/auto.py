@@ -15,6 +15,8 @@ from collections.abc import Collection
 from typing import Any
 
 from opentelemetry import trace
+
+# the module opens with a file-wide `# type: ignore`, so mypy sees none of its names
 from opentelemetry.instrumentation.instrumentor import BaseInstrumentor  # type: ignore[attr-defined]
 from opentelemetry.sdk.trace import TracerProvider
 
@@ -28,10 +30,13 @@ def _env_flag(name: str) -> bool:
     return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
 
 
-class LightspanInstrumentor(BaseInstrumentor):  # type: ignore[misc]
+class LightspanInstrumentor(BaseInstrumentor):
     """Adds rollout stamping and token-id capture to the configured tracer provider."""
 
     def instrumentation_dependencies(self) -> Collection[str]:
+        """None: rollout stamping needs no library. The token-id hook is its own instrumentor
+        (`tokens.OpenAITokenIdsInstrumentor`), which declares and checks the openai versions it
+        instruments, so an app without openai still gets stamping here."""
         return ()
 
     def _instrument(self, **kwargs: Any) -> None:
@@ -44,4 +49,4 @@ class LightspanInstrumentor(BaseInstrumentor):  # type: ignore[misc]
             instrument(frameworks=None, request_token_ids=request_ids)
 
     def _uninstrument(self, **kwargs: Any) -> None:
-        tokens.unpatch_openai()
+        tokens.uninstall()

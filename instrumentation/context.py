@@ -164,8 +164,8 @@ class RolloutStampingProcessor(SpanProcessor):
         self._cache: dict[tuple[RolloutInfo | None, str], Mapping[str, Any]] = {}
 
     def on_start(self, span: Span, parent_context: Context | None = None) -> None:
-        rollout = otel_context.get_value(_ROLLOUT_KEY, parent_context)
-        agent_name = otel_context.get_value(_AGENT_KEY, parent_context)
+        rollout = current_rollout(parent_context)
+        agent_name = current_agent(parent_context)
         if rollout is None or agent_name is None:
             parent_attrs = _parent_attributes(parent_context)
             if parent_attrs is not None:
@@ -175,14 +175,14 @@ class RolloutStampingProcessor(SpanProcessor):
                     agent_name = parent_attrs.get(semconv.AGENT_NAME)
             if parent_context is not None:
                 if rollout is None:
-                    rollout = otel_context.get_value(_ROLLOUT_KEY)
+                    rollout = current_rollout()
                 if agent_name is None:
-                    agent_name = otel_context.get_value(_AGENT_KEY)
+                    agent_name = current_agent()
             if rollout is None:
                 rollout = self._env
         if agent_name is None:
             if rollout is not None:
-                span.set_attributes(rollout.attributes)  # type: ignore[union-attr]
+                span.set_attributes(rollout.attributes)
         else:
             span.set_attributes(self._with_agent(rollout, agent_name))
 

@@ -129,16 +129,20 @@ class _RolloutSpec:
     def __enter__(self) -> Rollout:
         return self._open().__enter__()
 
-    def __exit__(self, *exc_info: object) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         scope, self._scope = self._scope, None
         assert scope is not None
-        scope.__exit__(*exc_info)
+        scope.__exit__(exc_type, exc, tb)
 
     async def __aenter__(self) -> Rollout:
         return self.__enter__()
 
-    async def __aexit__(self, *exc_info: object) -> None:
-        self.__exit__(*exc_info)
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.__exit__(exc_type, exc, tb)
 
     # --- decorator ---
     def __call__(self, func: F) -> F:
@@ -216,7 +220,7 @@ def _scope_for_call(
 
 def _emit_final(result: Any) -> None:
     if isinstance(result, numbers.Real) and not isinstance(result, bool):
-        emit_reward(result, final=True)
+        emit_reward(float(result), final=True)
 
 
 def _decorate(func: F, spec: _RolloutSpec) -> F:

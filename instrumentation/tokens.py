@@ -2,8 +2,9 @@
 
 Training on re-tokenised text drifts from what the policy actually sampled; vLLM (and servers
 like it) can return the ids: `prompt_token_ids` (top level or per choice), `choices[].token_ids`
-and `choices[].logprobs.content[].logprob`. We hook the OpenAI SDK at `SyncAPIClient.request` /
-`AsyncAPIClient.request`, below `chat.completions.create`, because:
+and `choices[].logprobs.content[].logprob`. We wrap the OpenAI SDK's `SyncAPIClient.request` /
+`AsyncAPIClient.request` (with wrapt, as OpenTelemetry's instrumentors wrap theirs, so
+`uninstrument` restores the originals), below `chat.completions.create`, because:
 - every framework on top (LangChain, CrewAI, AG2, plain SDK, `with_raw_response`) goes through it;
 - instrumentors wrap `create`, so when our hook sees the response their LLM span is still the
   current span and the ids land on it, whatever order the instrumentors were installed in.
@@ -21,26 +22,34 @@ it, so the chunks are read as the app consumes them; the ids are set on the span
 ends, before the instrumentor that wraps the stream ends its span. A stream the app abandons early
 records no ids: a truncated response is not what the model sampled.
 
-The patch is applied when `openai` is imported (a post-import hook), so an app that never uses
-the OpenAI SDK never imports it.
+`OpenAITokenIdsInstrumentor` applies the wrappers when `openai` is imported (a post-import hook),
+so an app that never uses the OpenAI SDK never imports it, and only for the openai versions
+`package._instruments` declares.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+import sys
+from collections.abc import AsyncIterator, Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import wrapt  # opentelemetry-instrumentation's own dependency
 from opentelemetry import context as otel_context
 from opentelemetry import trace
+
+# the module opens with a file-wide `# type: ignore`, so mypy sees none of its names
+from opentelemetry.instrumentation.instrumentor import BaseInstrumentor  # type: ignore[attr-defined]
+from opentelemetry.instrumentation.utils import unwrap
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 
 from lightspan import semconv
+from lightspan.instrumentation.package import _instruments
 from lightspan.instrumentation.rewards import _tracer
 
 _CHAT_PATH = "/chat/completions"
-_ORIGINAL = "_lightspan_original_request"
 
 
 @dataclass(slots=True)
@@ -72,8 +81,9 @@ def extract_token_data(payload: Mapping[str, Any]) -> dict[str, list[int] | list
     content = logprobs.get("content") if isinstance(logprobs, Mapping) else None
     if isinstance(content, list) and content:
         values = [c.get("logprob") for c in content if isinstance(c, Mapping)]
-        if values and all(isinstance(v, (int, float)) for v in values):
-            found[semconv.LLM_RESPONSE_LOGPROBS] = [float(v) for v in values]
+        numbers = [float(v) for v in values if isinstance(v, (int, float))]
+        if values and len(numbers) == len(values):  # all or nothing: a gap would misalign tokens
+            found[semconv.LLM_RESPONSE_LOGPROBS] = numbers
     return found
 
 
@@ -281,62 +291,117 @@ class _Call:
                 self.own.end()
 
 
-def _wrap_sync(original: Callable[..., Any]) -> Callable[..., Any]:
-    def request(self: Any, cast_to: Any, options: Any, *args: Any, **kwargs: Any) -> Any:
-        call = _Call(options)
-        try:
-            result = original(self, cast_to, options, *args, **kwargs)
-        except BaseException as error:
-            call.done(error=error)
-            raise
-        call.done(result)
-        return result
-
-    setattr(request, _ORIGINAL, original)
-    return request
+def _options(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> Any:
+    """The `FinalRequestOptions` of `request(cast_to, options, *, stream, stream_cls)`."""
+    return args[1] if len(args) > 1 else kwargs["options"]
 
 
-def _wrap_async(original: Callable[..., Any]) -> Callable[..., Any]:
-    async def request(self: Any, cast_to: Any, options: Any, *args: Any, **kwargs: Any) -> Any:
-        call = _Call(options)
-        try:
-            result = await original(self, cast_to, options, *args, **kwargs)
-        except BaseException as error:
-            call.done(error=error)
-            raise
-        call.done(result)
-        return result
+def _request_sync(wrapped: Callable[..., Any], instance: Any, args: tuple[Any, ...], kwargs: Any) -> Any:
+    """wrapt wrapper of `SyncAPIClient.request`: the call between `_Call`'s start and its `done`."""
+    call = _Call(_options(args, kwargs))
+    try:
+        result = wrapped(*args, **kwargs)
+    except BaseException as error:
+        call.done(error=error)
+        raise
+    call.done(result)
+    return result
 
-    setattr(request, _ORIGINAL, original)
-    return request
+
+async def _request_async(
+    wrapped: Callable[..., Any], instance: Any, args: tuple[Any, ...], kwargs: Any
+) -> Any:
+    """wrapt wrapper of `AsyncAPIClient.request`, the coroutine twin of `_request_sync`."""
+    call = _Call(_options(args, kwargs))
+    try:
+        result = await wrapped(*args, **kwargs)
+    except BaseException as error:
+        call.done(error=error)
+        raise
+    call.done(result)
+    return result
+
+
+_BASE_CLIENT = "openai._base_client"
+_WRAPPERS = {"SyncAPIClient": _request_sync, "AsyncAPIClient": _request_async}
+
+
+def _ours(cls: type) -> bool:
+    """Whether `cls.request` is our wrapt wrapper (so patching twice or unwrapping a stranger's
+    wrapper cannot happen)."""
+    method = vars(cls).get("request")
+    return getattr(method, "_self_wrapper", None) is _WRAPPERS[cls.__name__]
 
 
 def patch_openai(module: Any = None) -> None:
-    """Install the hook on openai's base clients (idempotent)."""
+    """Wrap openai's base clients' `request` (idempotent); `module` is the post-import hook's."""
     import openai._base_client as base
 
-    for cls, wrap in ((base.SyncAPIClient, _wrap_sync), (base.AsyncAPIClient, _wrap_async)):
-        if not hasattr(cls.request, _ORIGINAL):
-            cls.request = wrap(cls.request)
+    for name, wrapper in _WRAPPERS.items():
+        if not _ours(getattr(base, name)):
+            wrapt.wrap_function_wrapper(_BASE_CLIENT, f"{name}.request", wrapper)
 
 
 def unpatch_openai() -> None:
-    """Remove the hook (tests, `LightspanInstrumentor.uninstrument`)."""
-    import sys
-
-    base = sys.modules.get("openai._base_client")
+    """Restore the original `request` methods (a no-op where openai was never imported)."""
+    base = sys.modules.get(_BASE_CLIENT)
     if base is None:
         return
-    for cls in (base.SyncAPIClient, base.AsyncAPIClient):
-        original = getattr(cls.request, _ORIGINAL, None)
-        if original is not None:
-            cls.request = original
+    for name in _WRAPPERS:
+        cls = getattr(base, name)
+        if _ours(cls):
+            unwrap(cls, "request")
+
+
+def _patch_if_enabled(module: Any) -> None:
+    """The post-import hook: wrapt cannot unregister one, so an uninstrumented hook stands down."""
+    if OpenAITokenIdsInstrumentor().is_instrumented_by_opentelemetry or _STATE.patching:
+        patch_openai(module)
+
+
+@dataclass(slots=True)
+class _HookState:
+    patching: bool = False  # inside `_instrument`, before BaseInstrumentor marks it instrumented
+    hook_registered: bool = False
+
+
+_STATE = _HookState()
+
+
+class OpenAITokenIdsInstrumentor(BaseInstrumentor):
+    """The token-id hook as an OpenTelemetry instrumentor: `instrument()` checks the installed
+    openai against `package._instruments`, then wraps openai's request methods as soon as openai
+    is imported (an app that never imports it never does); `uninstrument()` restores them."""
+
+    def instrumentation_dependencies(self) -> Collection[str]:
+        return _instruments
+
+    def _instrument(self, **kwargs: Any) -> None:
+        _STATE.patching = True
+        try:
+            if not _STATE.hook_registered:
+                wrapt.register_post_import_hook(_patch_if_enabled, "openai")
+                _STATE.hook_registered = True
+            elif "openai" in sys.modules:
+                patch_openai()
+        finally:
+            _STATE.patching = False
+
+    def _uninstrument(self, **kwargs: Any) -> None:
+        unpatch_openai()
 
 
 def install(request_token_ids: bool, capture_content: bool) -> None:
-    """Configure the hook and patch openai now if imported, else as soon as it is imported."""
-    import wrapt  # opentelemetry-instrumentation's dependency: post-import hooks
-
+    """Configure the hook and instrument openai when it is installed (now, or once imported)."""
     CONFIG.request_token_ids = request_token_ids
     CONFIG.capture_content = capture_content
-    wrapt.register_post_import_hook(patch_openai, "openai")
+    instrumentor = OpenAITokenIdsInstrumentor()
+    if importlib.util.find_spec("openai") is not None and not instrumentor.is_instrumented_by_opentelemetry:
+        instrumentor.instrument()
+
+
+def uninstall() -> None:
+    """Undo `install` (tests, `LightspanInstrumentor.uninstrument`)."""
+    instrumentor = OpenAITokenIdsInstrumentor()
+    if instrumentor.is_instrumented_by_opentelemetry:
+        instrumentor.uninstrument()

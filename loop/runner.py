@@ -81,7 +81,13 @@ def jobs_for(tasks: Iterable[Any], samples: int, resources_id: str, tag: str) ->
 
 def _run_agent(agent: Agent, task: Any, llm: LLM) -> Any:
     result = agent(task, llm)
-    return asyncio.run(result) if inspect.isawaitable(result) else result
+    if not inspect.isawaitable(result):
+        return result
+
+    async def settle() -> Any:  # asyncio.run takes a coroutine; an async agent may return any awaitable
+        return await result
+
+    return asyncio.run(settle())
 
 
 def _run_job(agent: Agent, job: Job, llm: LLM) -> tuple[float | None, str | None]:
@@ -204,17 +210,18 @@ class RunnerPool:
             for runner in self._runners:
                 while runner.ready and len(runner.jobs) < self.concurrency and pending:
                     runner.send(pending.popleft())
-            watched = {r.conn: r for r in self._runners if r.jobs or not r.ready}
+            watched: dict[object, _Runner] = {r.conn: r for r in self._runners if r.jobs or not r.ready}
+            conns = [r.conn for r in watched.values()]
             deadline = min(
                 min((sent + self.timeout for _, sent in r.jobs.values()), default=math.inf)
                 if r.ready
                 else r.spawned + self.STARTUP_TIMEOUT
                 for r in watched.values()
             )
-            for conn in wait(list(watched), timeout=max(0.0, deadline - time.monotonic())):
-                runner = watched[conn]
+            for ready in wait(conns, timeout=max(0.0, deadline - time.monotonic())):
+                runner = watched[ready]
                 try:
-                    message = conn.recv()
+                    message = runner.conn.recv()
                 except (EOFError, OSError):
                     if not runner.ready:
                         raise LightspanError(

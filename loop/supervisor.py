@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -25,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from lightspan.errors import LightspanError
+from lightspan.trainer.distributed import free_port
 from lightspan.types import LLM, Resource
 
 if TYPE_CHECKING:
@@ -32,12 +32,6 @@ if TYPE_CHECKING:
 
 TRAIN_SERVICE = "lightspan-fit"
 VALIDATION_SERVICE = "lightspan-fit-validation"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Child:
@@ -94,9 +88,12 @@ class ClosedLoop:
             url, grpc_port=0, http_port=0, sql_port=0 if embedded else None, batch_ms=50
         )
         self.collector.start()
-        # Children reach an embedded store through the collector; a server store directly.
-        self.store_url = self.collector.sql_url if embedded else url
         try:
+            # Children reach an embedded store through the collector; a server store directly.
+            sql_url = self.collector.sql_url
+            if embedded and sql_url is None:
+                raise LightspanError("the collector for the embedded store started without its SQL endpoint")
+            self.store_url: str = sql_url if embedded and sql_url is not None else url
             self.store = Store.connect(url)
         except BaseException:
             self.collector.stop()  # not yet a context manager: nobody else would stop it

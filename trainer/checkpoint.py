@@ -14,11 +14,14 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from lightspan.errors import NotFound
+
+if TYPE_CHECKING:
+    from lightspan.trainer.engine import Engines
 
 PREFIX = "step-"
 TEMP_PREFIX = ".tmp-"
@@ -30,34 +33,36 @@ def name(step: int) -> str:
     return f"{PREFIX}{step:08d}"
 
 
-def save(loaded: Any, out_dir: Path, step: int, state: dict[str, Any]) -> Path:
+def save(engines: Engines, out_dir: Path, step: int, state: dict[str, Any]) -> Path:
     """Write checkpoint `step` (collective: every rank must call it); returns its final path."""
     out_dir = Path(out_dir)
     final, temp = out_dir / name(step), out_dir / f"{TEMP_PREFIX}{name(step)}"
-    if loaded.rank == 0:
+    if engines.dist.is_rank_0:
         out_dir.mkdir(parents=True, exist_ok=True)
         for stale in out_dir.glob(f"{TEMP_PREFIX}*"):  # left by a run killed while saving
             shutil.rmtree(stale, ignore_errors=True)
-    _barrier(loaded)
-    engine = loaded.engine
+    engines.dist.barrier()
+    engine = engines.engine
     engine.save_checkpoint(str(temp), tag=DEEPSPEED_TAG, client_state={"step": step}, save_latest=False)
-    weights = gathered_state_dict(loaded)
-    if loaded.rank == 0:
-        write_hf_folder(loaded, weights, temp)
+    weights = gathered_state_dict(engines)
+    if engines.dist.is_rank_0:
+        if weights is None:  # DeepSpeed gathers onto global rank 0, which is this one
+            raise RuntimeError("checkpoint: rank 0 received no gathered weights")
+        write_hf_folder(engines, weights, temp)
         _write_json(temp / STATE_FILE, {**state, "step": step})
         publish(temp, final)
-    _barrier(loaded)
+    engines.dist.barrier()
     return final
 
 
-def gathered_state_dict(loaded: Any) -> dict[str, torch.Tensor] | None:
+def gathered_state_dict(engines: Engines) -> dict[str, torch.Tensor] | None:
     """The full weights on rank 0 (None elsewhere); collective under ZeRO-3."""
-    engine = loaded.engine
+    engine = engines.engine
     if engine.zero_optimization_partition_weights():
         return engine._zero3_consolidated_16bit_state_dict()
-    if loaded.rank != 0:
+    if not engines.dist.is_rank_0:
         return None
-    if loaded.lora:
+    if engines.lora:
         return merged_lora_state_dict(engine.module)
     return {k: v.detach().cpu() for k, v in _untied(engine.module.state_dict()).items()}
 
@@ -84,7 +89,8 @@ def merged_lora_state_dict(peft_model: Any) -> dict[str, torch.Tensor]:
     deltas = {}
     for module_name, module in base.named_modules():
         if isinstance(module, LoraLayer) and adapter in module.lora_A:
-            deltas[f"{module_name}.weight"] = module.get_delta_weight(adapter).detach()
+            # every concrete LoRA layer (Linear, Embedding, Conv) has it; peft's base class does not
+            deltas[f"{module_name}.weight"] = module.get_delta_weight(adapter).detach()  # type: ignore[attr-defined]
     merged = {}
     for key, value in _untied(base.state_dict()).items():
         if "lora_" in key:
@@ -94,16 +100,16 @@ def merged_lora_state_dict(peft_model: Any) -> dict[str, torch.Tensor]:
     return merged
 
 
-def write_hf_folder(loaded: Any, weights: dict[str, torch.Tensor], path: Path) -> None:
+def write_hf_folder(engines: Engines, weights: dict[str, torch.Tensor], path: Path) -> None:
     """Config, safetensors weights, generation config and tokenizer into `path` (rank 0)."""
-    module = loaded.engine.module
-    model = module.get_base_model() if loaded.lora else module
+    module = engines.engine.module
+    model = module.get_base_model() if engines.lora else module
     model.save_pretrained(path, state_dict=weights, safe_serialization=True)
-    if loaded.lora:  # the folder is a plain model: drop PEFT's mark from the saved config
+    if engines.lora:  # the folder is a plain model: drop PEFT's mark from the saved config
         config = json.loads((path / "config.json").read_text())
         config.pop("_name_or_path", None)
         (path / "config.json").write_text(json.dumps(config, indent=2))
-    loaded.tokenizer.save_pretrained(path)
+    engines.tokenizer.save_pretrained(path)
 
 
 def publish(temp: Path, final: Path) -> None:
@@ -141,7 +147,7 @@ def read_state(path: Path) -> dict[str, Any]:
         raise NotFound(f"{path} is not a complete Lightspan checkpoint (no readable {STATE_FILE})") from None
 
 
-def load(loaded: Any, path: Path) -> dict[str, Any]:
+def load(engines: Engines, path: Path) -> dict[str, Any]:
     """Restore weights, optimiser and LR-scheduler state from checkpoint `path` (collective)."""
     path = Path(path)
     state = read_state(path)
@@ -149,7 +155,7 @@ def load(loaded: Any, path: Path) -> dict[str, Any]:
         raise NotFound(
             f"{path} has no DeepSpeed state to resume from (pruned by output.keep_optimizer_state)"
         )
-    loaded.engine.load_checkpoint(
+    engines.engine.load_checkpoint(
         str(path), tag=DEEPSPEED_TAG, load_optimizer_states=True, load_lr_scheduler_states=True
     )
     return state
@@ -159,13 +165,6 @@ def prune_optimizer_state(out_dir: Path, keep: int) -> None:
     """Drop the DeepSpeed state of all but the newest `keep` checkpoints; their weights stay."""
     for path in checkpoints(out_dir)[:-keep]:
         shutil.rmtree(path / DEEPSPEED_TAG, ignore_errors=True)
-
-
-def _barrier(loaded: Any) -> None:
-    if loaded.world_size > 1:
-        import deepspeed.comm as dist
-
-        dist.barrier()
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:

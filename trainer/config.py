@@ -353,7 +353,7 @@ def _coerce(hint: Any, value: Any, where: str) -> Any:
         if value not in args:
             raise InvalidInput(f"{where} must be one of {', '.join(map(repr, args))}, got {value!r}")
         return value
-    if dataclasses.is_dataclass(hint):
+    if isinstance(hint, type) and dataclasses.is_dataclass(hint):
         return _build(hint, {} if value is None else value, where)
     if origin is list:
         if not isinstance(value, list):

@@ -143,11 +143,12 @@ def chat_tokens(tokenizer: Any, messages: list[dict], response: dict) -> tuple[l
 def to_sample(transition: Transition, tokenizer: Any, max_length: int) -> Sample | None:
     """Token ids for one transition; None when its prompt alone exceeds `max_length`."""
     old = transition.response_logprobs
-    if transition.needs_tokenization:
+    recorded_prompt, recorded_reply = transition.prompt_token_ids, transition.response_token_ids
+    if recorded_prompt is None or recorded_reply is None:  # `needs_tokenization`, spelt out for mypy
         prompt, reply = chat_tokens(tokenizer, transition.messages, transition.response)
         retokenized, old = True, None
     else:
-        prompt, reply = list(transition.prompt_token_ids), list(transition.response_token_ids)
+        prompt, reply = list(recorded_prompt), list(recorded_reply)
         retokenized = False
         if old is not None and len(old) != len(reply):
             old = None  # logprobs that do not line up with the tokens cannot be ratios

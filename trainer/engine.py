@@ -22,13 +22,14 @@ from lightspan.algorithms import losses
 from lightspan.errors import InvalidInput
 from lightspan.trainer.config import TrainConfig
 from lightspan.trainer.data import MicroBatch, Sample, collate, micro_batches, to_sample
+from lightspan.trainer.distributed import Distributed
 from lightspan.types import Transition
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
-class Loaded:
+class Engines:
     """What `build` returns: the DeepSpeed engine and what the step and the checkpoints need."""
 
     engine: Any  # deepspeed.DeepSpeedEngine
@@ -36,8 +37,7 @@ class Loaded:
     reference: Any | None  # a frozen model, a DeepSpeed inference engine (ZeRO-3), or None
     config: TrainConfig
     deepspeed_config: dict[str, Any]
-    world_size: int
-    rank: int
+    dist: Distributed
 
     @property
     def lora(self) -> bool:
@@ -97,7 +97,7 @@ def load_model(path: str, config: TrainConfig, *, trainable: bool = True) -> Any
             target_modules=m.lora.target_modules,
             task_type="CAUSAL_LM",
         )
-        model = peft.get_peft_model(model, lora)
+        return peft.get_peft_model(model, lora)
     return model
 
 
@@ -114,13 +114,13 @@ def load_tokenizer(config: TrainConfig) -> Any:
     return tokenizer
 
 
-def build(config: TrainConfig, world_size: int, rank: int) -> Loaded:
-    """Tokenizer, model, DeepSpeed engine and reference model; distributed must be initialised."""
+def build(config: TrainConfig, dist: Distributed) -> Engines:
+    """Tokenizer, model, DeepSpeed engine and reference model, on the process group `dist` joined."""
     import deepspeed
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # our progress bar is the console's one
-    ds = deepspeed_config(config, world_size)
+    ds = deepspeed_config(config, dist.world_size)
     stage = int(ds["zero_optimization"].get("stage", 0))
     keep_alive = None
     if stage == 3:  # weights load straight into their ZeRO-3 partitions (zero.Init)
@@ -135,7 +135,7 @@ def build(config: TrainConfig, world_size: int, rank: int) -> Loaded:
 
         def optimizer(params: Any) -> torch.optim.Optimizer:
             return torch.optim.AdamW(
-                params, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay
+                params, lr=o.lr, betas=(o.betas[0], o.betas[1]), eps=o.eps, weight_decay=o.weight_decay
             )
 
     def scheduler(opt: torch.optim.Optimizer) -> Any:
@@ -163,7 +163,7 @@ def build(config: TrainConfig, world_size: int, rank: int) -> Loaded:
             if ds.get("bf16", {}).get("enabled"):
                 reference.to(torch.bfloat16)
     del keep_alive
-    return Loaded(engine, tokenizer, reference, config, ds, world_size, rank)
+    return Engines(engine, tokenizer, reference, config, ds, dist)
 
 
 class TrainStep:
@@ -176,16 +176,17 @@ class TrainStep:
     update they are the same numbers); the ratio then starts at 1 and only recorded logprobs clip.
     """
 
-    def __init__(self, loaded: Loaded):
-        self.loaded = loaded
-        self.engine = loaded.engine
-        self.config = loaded.config
-        self.accumulation = loaded.config.accumulation_steps(loaded.world_size)
-        self.pad_id = loaded.tokenizer.pad_token_id
+    def __init__(self, engines: Engines):
+        self.engines = engines
+        self.engine = engines.engine
+        self.config = engines.config
+        self.dist = engines.dist
+        self.accumulation = engines.config.accumulation_steps(engines.dist.world_size)
+        self.pad_id = engines.tokenizer.pad_token_id
 
     def tokenize(self, transitions: Sequence[Transition]) -> tuple[list[Sample], int]:
         """Samples, and how many transitions were skipped (prompt longer than model.max_length)."""
-        samples = [to_sample(t, self.loaded.tokenizer, self.config.model.max_length) for t in transitions]
+        samples = [to_sample(t, self.engines.tokenizer, self.config.model.max_length) for t in transitions]
         kept = [s for s in samples if s is not None]
         return kept, len(samples) - len(kept)
 
@@ -228,8 +229,10 @@ class TrainStep:
             ],
             dtype=torch.float64,
         )
-        sums, extremes = self.all_reduce(sums, "sum"), self.all_reduce(extremes, "max")
-        elapsed = self.all_reduce(torch.tensor([time.perf_counter() - started], dtype=torch.float64), "max")
+        sums, extremes = self.dist.all_reduce(sums, "sum"), self.dist.all_reduce(extremes, "max")
+        elapsed = self.dist.all_reduce(
+            torch.tensor([time.perf_counter() - started], dtype=torch.float64), "max"
+        )
         metrics = self._metrics(sums, extremes, float(elapsed[0]), a.name)
         grad_norm = self.engine.get_global_grad_norm()
         grad_norm = own_norm if grad_norm is None else grad_norm
@@ -258,7 +261,7 @@ class TrainStep:
             local = (mask.sum(dim=1) > 0).sum()
         else:
             local = torch.tensor(len({s.rollout_id for s in samples}))
-        total = self.all_reduce(local.to(torch.float64).reshape(1), "sum")[0]
+        total = self.dist.all_reduce(local.to(torch.float64).reshape(1), "sum")[0]
         scale = float(local) / float(total) if float(total) > 0 else 0.0
         out, row = [], 0
         for batch in batches:
@@ -300,7 +303,7 @@ class TrainStep:
             sums[_SUMS.index("approx_kl_k1_tokens")] = float(stats["approx_kl_k1"]) * tokens
             sums[_SUMS.index("approx_kl_k3_tokens")] = float(stats["approx_kl_k3"]) * tokens
             sums[_SUMS.index("kl")] = float(stats.get("kl", 0.0))
-        self.engine.backward(loss * self.loaded.world_size, scale_wrt_gas=False)
+        self.engine.backward(loss * self.dist.world_size, scale_wrt_gas=False)
         sums[_SUMS.index("loss")] = float(loss.detach())
         sums[_SUMS.index("loss_tokens")] = tokens
         sums[_SUMS.index("tokens")] = float(attention.sum()) if tokens else 0.0
@@ -308,22 +311,14 @@ class TrainStep:
 
     @torch.no_grad()
     def _reference_logprobs(self, ids: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:
-        if self.loaded.lora:  # the base model is the reference: the adapters switched off
+        if self.engines.lora:  # the base model is the reference: the adapters switched off
             with self.engine.module.disable_adapter():
                 logits = self.engine.module(input_ids=ids, attention_mask=attention, use_cache=False).logits
+        elif self.engines.reference is not None:
+            logits = self.engines.reference(input_ids=ids, attention_mask=attention, use_cache=False).logits
         else:
-            logits = self.loaded.reference(input_ids=ids, attention_mask=attention, use_cache=False).logits
+            raise RuntimeError("kl_coef > 0 needs a reference model, and `build` loads one without LoRA")
         return losses.token_logprobs(logits[:, :-1], ids[:, 1:], self.config.algorithm.temperature)
-
-    def all_reduce(self, tensor: torch.Tensor, op: str) -> torch.Tensor:
-        """Sum or max of a small CPU tensor over all ranks (a copy; the input is unchanged)."""
-        import deepspeed.comm as dist
-
-        if self.loaded.world_size == 1:
-            return tensor
-        moved = tensor.to(self.engine.device)
-        dist.all_reduce(moved, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
-        return moved.cpu()
 
     def _metrics(
         self, sums: torch.Tensor, extremes: torch.Tensor, elapsed: float, name: str

@@ -1,4 +1,4 @@
-"""The training run: distributed start-up, data selection per rank, steps, checkpoints, metrics.
+"""The training run: data selection per rank, steps, checkpoints, metrics, on `Distributed`'s group.
 
 `run(config)` is what `python -m lightspan.trainer` and every DeepSpeed rank execute. The work is
 split so the closed loop's follow mode can drive the same pieces: `Session.samples()` selects and
@@ -13,7 +13,6 @@ import dataclasses
 import json
 import math
 import os
-import socket
 import sys
 import time
 from collections.abc import Sequence
@@ -27,59 +26,17 @@ from lightspan.errors import InvalidInput, LightspanError
 from lightspan.trainer import checkpoint
 from lightspan.trainer.config import TrainConfig, to_dict
 from lightspan.trainer.data import Sample, load_transitions, select_rollouts, step_batches
-from lightspan.trainer.engine import Loaded, TrainStep, build
+from lightspan.trainer.distributed import Distributed
+from lightspan.trainer.engine import Engines, TrainStep, build
 
 
-def init_distributed() -> tuple[int, int]:
-    """Join the process group the launcher describes (or a group of one); returns (rank, world)."""
-    import deepspeed
-    import deepspeed.comm as dist
-
-    if "RANK" not in os.environ:  # plain `python -m lightspan.trainer`: a world of one
-        os.environ.update(
-            RANK="0",
-            LOCAL_RANK="0",
-            WORLD_SIZE="1",
-            MASTER_ADDR="127.0.0.1",
-            MASTER_PORT=os.environ.get("MASTER_PORT") or str(_free_port()),
-        )
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo", verbose=False)
-    return dist.get_rank(), dist.get_world_size()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _broadcast(value: Any, world_size: int) -> Any:
-    """Rank 0's value on every rank (run id, data cut-off time)."""
-    if world_size == 1:
-        return value
-    import deepspeed.comm as dist
-
-    box = [value]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-def _barrier(world_size: int) -> None:
-    if world_size > 1:
-        import deepspeed.comm as dist
-
-        dist.barrier()
-
-
-def connect_store(config: TrainConfig, rank: int, world_size: int) -> Any:
+def connect_store(config: TrainConfig, dist: Distributed) -> Any:
     """Every rank opens the store; rank 0 migrates the schema first."""
     from lightspan.store import Store, parse_store_url
     from lightspan.store.lock import read_endpoint
 
     url = parse_store_url(config.store)
-    if url.embedded and world_size > 1:
+    if url.embedded and dist.world_size > 1:
         endpoint = url.path and read_endpoint(url.path)
         how = (
             f"use store: {endpoint}"
@@ -89,14 +46,14 @@ def connect_store(config: TrainConfig, rank: int, world_size: int) -> Any:
             )
         )
         raise InvalidInput(
-            f"{world_size} ranks cannot share the embedded store {url}: chDB allows one process per data "
+            f"{dist.world_size} ranks cannot share the embedded store {url}: chDB allows one process per data "
             f"directory; {how}"
         )
-    if rank != 0:
-        _barrier(world_size)
-    store = Store.connect(config.store, migrate=rank == 0)
-    if rank == 0:
-        _barrier(world_size)
+    if not dist.is_rank_0:
+        dist.barrier()
+    store = Store.connect(config.store, migrate=dist.is_rank_0)
+    if dist.is_rank_0:
+        dist.barrier()
     return store
 
 
@@ -104,29 +61,29 @@ class Session:
     """One rank's training state: engine, store, step counter, run id, checkpoint lineage."""
 
     def __init__(self, config: TrainConfig, *, resume: str | Path | bool | None = None):
-        self.rank, self.world_size = init_distributed()
-        config.validate(self.world_size)
+        self.dist = Distributed.setup()
+        config.validate(self.dist.world_size)
         self.config = config
         self.out_dir = Path(config.output.dir)
-        self.store = connect_store(config, self.rank, self.world_size)
+        self.store = connect_store(config, self.dist)
         resume_from = self._resume_path(resume)
         self.state = checkpoint.read_state(resume_from) if resume_from else {}
         default_run = f"{config.output.resource_name}-{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}"
-        self.run_id: str = _broadcast(self.state.get("run") or config.run or default_run, self.world_size)
+        self.run_id: str = self.dist.broadcast(self.state.get("run") or config.run or default_run)
         # The data set is fixed at the first start, so a resumed run sees the same rollouts. The
         # cut-off is timezone-aware: the client converts it to the server's zone, whatever it is.
         cutoff = config.selection.until or self.state.get("until") or datetime.now(timezone.utc)
-        self.until = _broadcast(
-            cutoff if isinstance(cutoff, datetime) else datetime.fromisoformat(cutoff), self.world_size
+        self.until = self.dist.broadcast(
+            cutoff if isinstance(cutoff, datetime) else datetime.fromisoformat(cutoff)
         )
         self.parent: str | None = (
             self.state.get("resource_id") or config.selection.resources_id or self._latest()
         )
-        self.loaded: Loaded = build(config, self.world_size, self.rank)
-        self.step_fn = TrainStep(self.loaded)
+        self.engines: Engines = build(config, self.dist)
+        self.step_fn = TrainStep(self.engines)
         self.step = 0
         if resume_from:
-            self.step = int(checkpoint.load(self.loaded, resume_from)["step"])
+            self.step = int(checkpoint.load(self.engines, resume_from)["step"])
         self.last_metrics: dict[str, float] = {}
 
     def _resume_path(self, resume: str | Path | bool | None) -> Path | None:
@@ -140,8 +97,8 @@ class Session:
         return Path(resume)
 
     def _latest(self) -> str | None:
-        latest = self.store.latest_resource(self.config.output.resource_name) if self.rank == 0 else None
-        return _broadcast(latest.id if latest else None, self.world_size)
+        latest = self.store.latest_resource(self.config.output.resource_name) if self.dist.is_rank_0 else None
+        return self.dist.broadcast(latest.id if latest else None)
 
     # --- data ---------------------------------------------------------------------------------
     def samples(
@@ -162,12 +119,17 @@ class Session:
             changes["since"] = since
         config = dataclasses.replace(self.config, selection=dataclasses.replace(selection, **changes))
         summaries = select_rollouts(
-            self.store, config, self.rank, self.world_size, resources_ids=resources_ids, landed=landed
+            self.store,
+            config,
+            self.dist.rank,
+            self.dist.world_size,
+            resources_ids=resources_ids,
+            landed=landed,
         )
         transitions = load_transitions(self.store, summaries, config)
         samples, skipped = self.step_fn.tokenize(transitions)
         self.skipped = skipped
-        manifest = self.out_dir / "data" / f"rank-{self.rank}-of-{self.world_size}.json"
+        manifest = self.out_dir / "data" / f"rank-{self.dist.rank}-of-{self.dist.world_size}.json"
         manifest.parent.mkdir(parents=True, exist_ok=True)
         manifest.write_text(
             json.dumps(
@@ -193,8 +155,8 @@ class Session:
         The server and the runners follow the store, so the loop needs a version to start from.
         """
         name = self.config.output.resource_name
-        resource_id = None
-        if self.rank == 0:
+        resource_id = ""  # rank 0's id replaces it on the other ranks
+        if self.dist.is_rank_0:
             latest = self.store.latest_resource(name)
             if latest is None:
                 latest = self.store.publish_resource(
@@ -204,25 +166,26 @@ class Session:
                     metadata={"step": 0, "run": self.run_id, "base_model": self.config.model.path},
                 )
             resource_id = latest.id
-        self.parent = _broadcast(resource_id, self.world_size)
-        return self.parent
+        published = self.dist.broadcast(resource_id)
+        self.parent = published
+        return published
 
     def accepted_versions(self, max_staleness: int) -> list[str]:
         """The latest version and up to `max_staleness` before it, newest first."""
-        ids = None
-        if self.rank == 0:
+        ids: list[str] = []  # rank 0's list replaces it on the other ranks
+        if self.dist.is_rank_0:
             versions = self.store.resources(self.config.output.resource_name)
             ids = [r.id for r in reversed(versions[-(max_staleness + 1) :])]
-        return _broadcast(ids, self.world_size)
+        return self.dist.broadcast(ids)
 
     def wait_for_data(self, accepted: Sequence[str], since: datetime | None) -> list[Sample]:
         """Poll until `follow.min_groups` complete groups of `accepted` versions have landed."""
         f = self.config.follow
         deadline = None if f.wait_timeout is None else time.monotonic() + f.wait_timeout
         while True:
-            self.until = _broadcast(datetime.now(timezone.utc), self.world_size)
+            self.until = self.dist.broadcast(datetime.now(timezone.utc))
             ready = False
-            if self.rank == 0:
+            if self.dist.is_rank_0:
                 selection = dataclasses.replace(self.config.selection, until=self.until, since=since)
                 config = dataclasses.replace(self.config, selection=selection)
                 groups = {
@@ -230,7 +193,7 @@ class Session:
                     for s in select_rollouts(self.store, config, 0, 1, resources_ids=accepted, landed=True)
                 }
                 ready = len(groups) >= f.min_groups
-            if _broadcast(ready, self.world_size):
+            if self.dist.broadcast(ready):
                 return self.samples(accepted, since=since, landed=True)
             if deadline is not None and time.monotonic() > deadline:
                 raise LightspanError(
@@ -245,7 +208,7 @@ class Session:
         """The same on every rank: the largest shard sets it, smaller shards pad with no-ops."""
         per_rank = self.config.schedule.micro_batch_size * self.step_fn.accumulation
         local = torch.tensor([math.ceil(len(samples) / per_rank)], dtype=torch.float64)
-        return int(self.step_fn.all_reduce(local, "max")[0])
+        return int(self.dist.all_reduce(local, "max")[0])
 
     def train(self, samples: Sequence[Sample], until_step: int, steps_per_epoch: int) -> None:
         """Steps `self.step + 1 .. until_step` over `samples`, saving on the configured cadence."""
@@ -258,7 +221,7 @@ class Session:
             initial=self.step,
             desc=f"train {self.run_id}",
             unit="step",
-            disable=self.rank != 0,
+            disable=not self.dist.is_rank_0,
             file=sys.stderr,
             dynamic_ncols=True,
         )
@@ -272,7 +235,7 @@ class Session:
             metrics["epoch"] = epoch + (index + 1) / steps_per_epoch
             self.step += 1
             self.last_metrics = metrics
-            if self.rank == 0:
+            if self.dist.is_rank_0:
                 self.store.log_metrics(self.run_id, self.step, metrics)
                 bar.set_postfix(
                     loss=f"{metrics['loss']:.4f}",
@@ -294,11 +257,11 @@ class Session:
             "parent": self.parent,
             "metrics": self.last_metrics,
             "config": to_dict(self.config),
-            "world_size": self.world_size,
+            "world_size": self.dist.world_size,
         }
-        path = checkpoint.save(self.loaded, self.out_dir, self.step, state)
+        path = checkpoint.save(self.engines, self.out_dir, self.step, state)
         resource_id = None
-        if self.rank == 0:
+        if self.dist.is_rank_0:
             resource = self.store.publish_resource(
                 self.config.output.resource_name,
                 "checkpoint",
@@ -318,19 +281,13 @@ class Session:
             temp.write_text(json.dumps({**saved, "resource_id": resource_id}, indent=2, default=str))
             os.replace(temp, state_file)
             checkpoint.prune_optimizer_state(self.out_dir, self.config.output.keep_optimizer_state)
-        self.parent = _broadcast(resource_id, self.world_size)
+        self.parent = self.dist.broadcast(resource_id)
         return path
 
     def close(self) -> None:
-        """Close the store and leave the process group. Without an explicit barrier and destroy,
-        gloo's threads can still be running while the interpreter tears down, and a rank that
-        finished its work then dies with `terminate called without an active exception`."""
+        """Close the store and leave the process group."""
         self.store.close()
-        import torch.distributed as dist
-
-        if dist.is_initialized():
-            _barrier(self.world_size)
-            dist.destroy_process_group()
+        self.dist.close()
 
 
 def follow(config: TrainConfig, *, resume: str | Path | bool | None = None) -> Path | None:

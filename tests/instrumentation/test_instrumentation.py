@@ -313,9 +313,8 @@ def openai_hook():
     import openai
 
     tokens.install(request_token_ids=True, capture_content=True)
-    tokens.patch_openai()
     yield openai
-    tokens.unpatch_openai()
+    tokens.uninstall()
     tokens.CONFIG.request_token_ids = False
 
 
@@ -459,3 +458,49 @@ def test_async_openai_client_is_captured(spans, openai_hook):
         asyncio.run(call())
     (llm,) = spans("chat am")
     assert list(llm.attributes[semconv.LLM_RESPONSE_TOKEN_IDS]) == tokenize(fake.default_reply)
+
+
+def _request_methods() -> dict[type, object]:
+    import openai._base_client as base
+
+    return {cls: vars(cls)["request"] for cls in (base.SyncAPIClient, base.AsyncAPIClient)}
+
+
+def test_uninstrument_restores_openais_own_request_methods(spans):
+    import openai
+    import wrapt
+
+    tokens.uninstall()  # whatever an earlier test left installed
+    originals = _request_methods()
+    assert not any(isinstance(m, wrapt.FunctionWrapper) for m in originals.values())
+    try:
+        tokens.install(request_token_ids=True, capture_content=True)
+        tokens.patch_openai()  # a second patch must not stack a second wrapper
+        for cls, method in _request_methods().items():
+            assert isinstance(method, wrapt.FunctionWrapper) and method.__wrapped__ is originals[cls]
+    finally:
+        tokens.uninstall()
+        tokens.CONFIG.request_token_ids = False
+    assert _request_methods() == originals  # the very same function objects, not look-alikes
+    with FakeOpenAI() as fake:
+        openai.OpenAI(base_url=fake.base_url, api_key="k").chat.completions.create(
+            model="after", messages=[{"role": "user", "content": "hi"}]
+        )
+    assert "return_token_ids" not in fake.requests[0]
+    assert not spans("chat after")
+
+
+def test_an_openai_outside_the_declared_versions_is_left_unpatched(monkeypatch, caplog):
+    from lightspan.instrumentation import package
+
+    assert tokens.OpenAITokenIdsInstrumentor().instrumentation_dependencies() == package._instruments
+    tokens.uninstall()
+    originals = _request_methods()
+    monkeypatch.setattr(tokens, "_instruments", ("openai >= 999",))
+    try:
+        tokens.install(request_token_ids=True, capture_content=True)
+        assert _request_methods() == originals
+        assert "openai >= 999" in caplog.text  # OpenTelemetry's dependency-conflict report
+    finally:
+        tokens.uninstall()
+        tokens.CONFIG.request_token_ids = False

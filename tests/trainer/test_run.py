@@ -18,6 +18,7 @@ import torch
 
 from lightspan.store import Store
 from lightspan.trainer import checkpoint
+from lightspan.trainer.distributed import free_port
 from tests.helpers.synthetic import arithmetic_rollouts
 
 TASKS, SAMPLES = 8, 4
@@ -180,8 +181,8 @@ _DIE_ON_SECOND_SAVE = """
 import os, signal, sys
 from lightspan.trainer import checkpoint
 original, saves = checkpoint.write_hf_folder, []
-def write_then_die(loaded, weights, path):
-    original(loaded, weights, path)
+def write_then_die(engines, weights, path):
+    original(engines, weights, path)
     saves.append(path)
     if len(saves) == 2:  # the weights and DeepSpeed state are on disk, the folder is not renamed yet
         os.kill(os.getpid(), signal.SIGKILL)
@@ -282,14 +283,6 @@ for task in range(tasks):
 """
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", [2, 3])
 def test_two_ranks_under_zero_split_task_groups_and_save_the_gathered_weights(
@@ -330,7 +323,7 @@ def test_two_ranks_under_zero_split_task_groups_and_save_the_gathered_weights(
             "--num_gpus",
             "2",
             "--master_port",
-            str(_free_port()),
+            str(free_port()),
             "--module",
             "lightspan.trainer",
             "--config",
@@ -348,7 +341,7 @@ def test_two_ranks_under_zero_split_task_groups_and_save_the_gathered_weights(
             "--num-gpus",
             "2",
             "--master-port",
-            str(_free_port()),
+            str(free_port()),
         ]
     run = subprocess.run(command, capture_output=True, text=True, timeout=400, check=False)
     assert run.returncode == 0, (run.stdout[-3000:], run.stderr[-3000:])
