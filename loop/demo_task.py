@@ -488,6 +488,9 @@ class Recipe:
                 "clip_low": self.clip,
                 "clip_high": self.clip,
                 "aggregation": "token",
+                # Calibrated with one sample per call: merged, each batch of `grpo_batch` sequences
+                # would hold twice the calls and an iteration half the optimiser steps.
+                "merge_turns": False,
                 "temperature": self.temperature,
                 "sft_min_return": -1.0,  # behaviour cloning: the unrewarded scripted episodes train too
             },

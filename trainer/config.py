@@ -87,6 +87,9 @@ class AlgorithmConfig:
     kl_estimator: Literal["k1", "k2", "k3"] = "k3"
     reference: str | None = None  # frozen reference for KL; defaults to model.path when kl_coef > 0
     aggregation: Literal["token", "sequence", "rollout"] = "token"
+    # Calls whose recorded prompt extends the previous call's prompt + response train as one
+    # sequence, the tokens in between masked (see lightspan.algorithms.turns).
+    merge_turns: bool = True
     temperature: float = 1.0  # the sampling temperature, so ratios against engine logprobs are exact
     sft_min_return: float = 0.0  # sft trains on transitions whose credited return exceeds this
 

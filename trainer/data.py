@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from lightspan.algorithms import prepare
+from lightspan.algorithms import prepare, turns
 from lightspan.trainer.config import TrainConfig
 from lightspan.types import Transition
 
@@ -94,20 +94,40 @@ def load_transitions(store: Any, summaries: Sequence[Any], config: TrainConfig) 
 
 # --- tokenisation ---------------------------------------------------------------------------------
 @dataclass(slots=True)
-class Sample:
-    """One transition as token ids: the prompt, then the response tokens that carry the loss."""
+class Segment:
+    """One LLM call's response inside a sample: tokens [start, end) of `input_ids` carry the loss,
+    with this call's own advantage (never a neighbour's: SkyRL's PR #1507 shows what broadcasting a
+    step's advantage to the wrong positions does)."""
 
-    input_ids: list[int]
-    prompt_length: int
+    start: int
+    end: int
     advantage: float
     reward: float
+
+    @property
+    def length(self) -> int:
+        return self.end - self.start
+
+
+@dataclass(slots=True)
+class Sample:
+    """One training sequence: the token ids of one LLM call, or of a chain of calls that extend each
+    other (`algorithms.turns`), whose tokens between responses (tool results, observations) carry
+    no loss."""
+
+    input_ids: list[int]
+    segments: list[Segment]
     rollout_id: str
-    old_logprobs: list[float] | None  # per response token, from the inference engine
+    old_logprobs: list[float] | None  # per response token of every segment, from the inference engine
     retokenized: bool
 
     @property
+    def prompt_length(self) -> int:
+        return self.segments[0].start
+
+    @property
     def response_length(self) -> int:
-        return len(self.input_ids) - self.prompt_length
+        return sum(segment.length for segment in self.segments)
 
 
 def _ids(encoded: Any) -> list[int]:
@@ -140,6 +160,56 @@ def chat_tokens(tokenizer: Any, messages: list[dict], response: dict) -> tuple[l
     return prompt, reply
 
 
+def to_samples(
+    transitions: Sequence[Transition], tokenizer: Any, max_length: int, merge_turns: bool = True
+) -> tuple[list[Sample], int]:
+    """Samples for the transitions, and how many transitions were skipped (prompt too long).
+
+    With `merge_turns`, calls that extend each other (`algorithms.turns.chains`) become one sample;
+    otherwise each call is its own.
+    """
+    chained = turns.chains(transitions, max_length) if merge_turns else [[t] for t in transitions]
+    samples, skipped = [], 0
+    for chain in chained:
+        if len(chain) == 1:
+            sample = to_sample(chain[0], tokenizer, max_length)
+            skipped += sample is None
+            if sample is not None:
+                samples.append(sample)
+        else:
+            samples.append(merged_sample(chain))
+    return samples, skipped
+
+
+def merged_sample(chain: Sequence[Transition]) -> Sample:
+    """One sample for calls whose recorded prompts extend each other: the last call's prompt and
+    response hold every earlier call's at the same positions (`turns.chains` checked it)."""
+    last = chain[-1]
+    assert last.prompt_token_ids is not None and last.response_token_ids is not None
+    segments: list[Segment] = []
+    old: list[float] | None = []  # known only if every call's logprobs were recorded
+    for call in chain:
+        assert call.prompt_token_ids is not None and call.response_token_ids is not None
+        start = len(call.prompt_token_ids)
+        segments.append(Segment(start, start + len(call.response_token_ids), *_credit(call)))
+        logprobs = call.response_logprobs
+        if old is not None and logprobs is not None and len(logprobs) == len(call.response_token_ids):
+            old += [float(x) for x in logprobs]
+        else:
+            old = None
+    return Sample(
+        input_ids=list(last.prompt_token_ids) + list(last.response_token_ids),
+        segments=segments,
+        rollout_id=last.rollout_id,
+        old_logprobs=old,
+        retokenized=False,
+    )
+
+
+def _credit(transition: Transition) -> tuple[float, float]:
+    return float(transition.advantage or 0.0), float(transition.credited_return or 0.0)
+
+
 def to_sample(transition: Transition, tokenizer: Any, max_length: int) -> Sample | None:
     """Token ids for one transition; None when its prompt alone exceeds `max_length`."""
     old = transition.response_logprobs
@@ -157,9 +227,7 @@ def to_sample(transition: Transition, tokenizer: Any, max_length: int) -> Sample
     reply = reply[: max_length - len(prompt)]
     return Sample(
         input_ids=prompt + reply,
-        prompt_length=len(prompt),
-        advantage=float(transition.advantage or 0.0),
-        reward=float(transition.credited_return or 0.0),
+        segments=[Segment(len(prompt), len(prompt) + len(reply), *_credit(transition))],
         rollout_id=transition.rollout_id,
         old_logprobs=None if old is None else [float(x) for x in old[: len(reply)]],
         retokenized=retokenized,
@@ -196,7 +264,7 @@ class MicroBatch:
     mask: torch.Tensor  # [B, L-1] 1 on response tokens
     old_logprobs: torch.Tensor  # [B, L-1] recorded logprobs (0 where unknown)
     old_known: torch.Tensor  # [B] bool: the row's old logprobs were recorded
-    advantages: torch.Tensor  # [B]
+    advantages: torch.Tensor  # [B, L-1] each response token's own call's advantage (0 elsewhere)
     rollout_index: torch.Tensor  # [B]
 
     @property
@@ -206,27 +274,32 @@ class MicroBatch:
 
 def collate(samples: Sequence[Sample], pad_id: int, rollout_ids: dict[str, int]) -> MicroBatch:
     """Right-padded tensors; an empty list gives one all-padding row with an all-zero mask."""
-    rows = list(samples) or [Sample([pad_id, pad_id], 1, 0.0, 0.0, "", None, False)]
+    rows = list(samples) or [Sample([pad_id, pad_id], [Segment(1, 2, 0.0, 0.0)], "", None, False)]
     empty = not samples
     length = max(len(s.input_ids) for s in rows)
     ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
     attention = torch.zeros((len(rows), length), dtype=torch.long)
     mask = torch.zeros((len(rows), length - 1), dtype=torch.float32)
     old = torch.zeros((len(rows), length - 1), dtype=torch.float32)
+    advantages = torch.zeros((len(rows), length - 1), dtype=torch.float32)
     for i, s in enumerate(rows):
-        n = len(s.input_ids)
-        ids[i, :n] = torch.tensor(s.input_ids)
-        attention[i, :n] = 1
-        if not empty:
-            mask[i, s.prompt_length - 1 : n - 1] = 1.0
-        if s.old_logprobs is not None:
-            old[i, s.prompt_length - 1 : n - 1] = torch.tensor(s.old_logprobs)
+        ids[i, : len(s.input_ids)] = torch.tensor(s.input_ids)
+        attention[i, : len(s.input_ids)] = 1
+        done = 0
+        for segment in s.segments:  # position t predicts token t + 1
+            positions = slice(segment.start - 1, segment.end - 1)
+            if not empty:
+                mask[i, positions] = 1.0
+                advantages[i, positions] = segment.advantage
+            if s.old_logprobs is not None:
+                old[i, positions] = torch.tensor(s.old_logprobs[done : done + segment.length])
+            done += segment.length
     return MicroBatch(
         input_ids=ids,
         attention_mask=attention,
         mask=mask,
         old_logprobs=old,
         old_known=torch.tensor([s.old_logprobs is not None for s in rows]),
-        advantages=torch.tensor([s.advantage for s in rows], dtype=torch.float32),
+        advantages=advantages,
         rollout_index=torch.tensor([rollout_ids.setdefault(s.rollout_id, len(rollout_ids)) for s in rows]),
     )

@@ -21,7 +21,7 @@ import torch
 from lightspan.algorithms import losses
 from lightspan.errors import InvalidInput
 from lightspan.trainer.config import TrainConfig
-from lightspan.trainer.data import MicroBatch, Sample, collate, micro_batches, to_sample
+from lightspan.trainer.data import MicroBatch, Sample, collate, micro_batches, to_samples
 from lightspan.trainer.distributed import Distributed
 from lightspan.types import Transition
 
@@ -185,10 +185,17 @@ class TrainStep:
         self.pad_id = engines.tokenizer.pad_token_id
 
     def tokenize(self, transitions: Sequence[Transition]) -> tuple[list[Sample], int]:
-        """Samples, and how many transitions were skipped (prompt longer than model.max_length)."""
-        samples = [to_sample(t, self.engines.tokenizer, self.config.model.max_length) for t in transitions]
-        kept = [s for s in samples if s is not None]
-        return kept, len(samples) - len(kept)
+        """Samples, and how many transitions were skipped (prompt longer than model.max_length).
+
+        With `algorithm.merge_turns`, calls that extend each other are one sample (see
+        `algorithms.turns`); the `merged_calls` metric counts the calls that joined another's.
+        """
+        return to_samples(
+            transitions,
+            self.engines.tokenizer,
+            self.config.model.max_length,
+            merge_turns=self.config.algorithm.merge_turns,
+        )
 
     def __call__(self, transitions: Sequence[Transition]) -> dict[str, float]:
         started = time.perf_counter()
@@ -215,17 +222,19 @@ class TrainStep:
                     raise RuntimeError("DeepSpeed's micro-step count is out of step with this batch")
                 own_norm = None if self.engine.zero_optimization() else self._grad_norm()
             self.engine.step()  # DeepSpeed counts micro-batches; it updates at the boundary only
-        sums[_SUMS.index("samples")] += len(samples)
+        calls = [segment for s in samples for segment in s.segments]  # per-call statistics
+        sums[_SUMS.index("samples")] += len(calls)
+        sums[_SUMS.index("sequences")] += len(samples)
         sums[_SUMS.index("skipped")] += skipped
         sums[_SUMS.index("retokenized")] += sum(s.retokenized for s in samples)
-        sums[_SUMS.index("reward")] += sum(s.reward for s in samples)
-        sums[_SUMS.index("advantage")] += sum(s.advantage for s in samples)
-        sums[_SUMS.index("advantage_sq")] += sum(s.advantage**2 for s in samples)
-        sums[_SUMS.index("response_tokens")] += sum(s.response_length for s in samples)
+        sums[_SUMS.index("reward")] += sum(c.reward for c in calls)
+        sums[_SUMS.index("advantage")] += sum(c.advantage for c in calls)
+        sums[_SUMS.index("advantage_sq")] += sum(c.advantage**2 for c in calls)
+        sums[_SUMS.index("response_tokens")] += sum(c.length for c in calls)
         extremes = torch.tensor(
             [
-                max((s.advantage for s in samples), default=-math.inf),
-                max((-s.advantage for s in samples), default=-math.inf),
+                max((c.advantage for c in calls), default=-math.inf),
+                max((-c.advantage for c in calls), default=-math.inf),
             ],
             dtype=torch.float64,
         )
@@ -335,6 +344,7 @@ class TrainStep:
             "advantage_max": float(extremes[0]) if v["samples"] else 0.0,
             "advantage_min": -float(extremes[1]) if v["samples"] else 0.0,
             "samples": v["samples"],
+            "merged_calls": v["samples"] - v["sequences"],
             "skipped": v["skipped"],
             "retokenized": v["retokenized"],
             "retokenized_fraction": v["retokenized"] / n,
@@ -362,6 +372,7 @@ _SUMS = (
     "approx_kl_k3_tokens",
     "kl",
     "samples",
+    "sequences",
     "skipped",
     "retokenized",
     "reward",

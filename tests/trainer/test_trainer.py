@@ -13,6 +13,7 @@ from lightspan.errors import InvalidInput
 from lightspan.trainer.config import TrainConfig, apply_override, from_dict, load_config
 from lightspan.trainer.data import (
     Sample,
+    Segment,
     chat_tokens,
     collate,
     complete_groups,
@@ -189,7 +190,7 @@ def test_to_sample_prefers_recorded_ids_and_cuts_to_max_length(tokenizer) -> Non
     )
     sample = to_sample(recorded, tokenizer, max_length=5)
     assert sample.input_ids == [5, 6, 7, 8, 9] and sample.prompt_length == 3 and not sample.retokenized
-    assert sample.old_logprobs == [-0.1, -0.2] and sample.advantage == 1.5
+    assert sample.old_logprobs == [-0.1, -0.2] and sample.segments == [Segment(3, 5, 1.5, 1.0)]
     assert to_sample(recorded, tokenizer, max_length=3) is None  # the prompt alone does not fit
     misaligned = Transition(
         "r", "t", "s", [], {}, prompt_token_ids=[5], response_token_ids=[8, 9], response_logprobs=[-0.1]
@@ -204,7 +205,7 @@ def test_to_sample_prefers_recorded_ids_and_cuts_to_max_length(tokenizer) -> Non
 
 
 def _sample(length: int, prompt: int = 2, rollout: str = "r") -> Sample:
-    return Sample(list(range(1, length + 1)), prompt, 1.0, 1.0, rollout, None, False)
+    return Sample(list(range(1, length + 1)), [Segment(prompt, length, 1.0, 1.0)], rollout, None, False)
 
 
 def test_micro_batches_bucket_by_length_and_pad_with_empty_ones() -> None:
@@ -224,13 +225,14 @@ def test_step_batches_are_a_seeded_shuffle() -> None:
 
 
 def test_collate_masks_everything_but_response_tokens() -> None:
-    recorded = Sample([1, 2, 3, 4, 5], 3, -1.0, 0.0, "x", [-0.5, -0.25], False)
+    recorded = Sample([1, 2, 3, 4, 5], [Segment(3, 5, -1.0, 0.0)], "x", [-0.5, -0.25], False)
     batch = collate([_sample(3, 1, "y"), recorded], pad_id=0, rollout_ids={})
     assert batch.input_ids.tolist() == [[1, 2, 3, 0, 0], [1, 2, 3, 4, 5]]
     # position t predicts token t + 1: the response tokens (index >= prompt length) carry the loss
     assert batch.mask.tolist() == [[1, 1, 0, 0], [0, 0, 1, 1]]
     assert batch.old_logprobs[1].tolist() == [0, 0, -0.5, -0.25] and batch.old_known.tolist() == [False, True]
-    assert batch.advantages.tolist() == [1.0, -1.0] and batch.rollout_index.tolist() == [0, 1]
+    assert batch.advantages.tolist() == [[1.0, 1.0, 0, 0], [0, 0, -1.0, -1.0]]
+    assert batch.rollout_index.tolist() == [0, 1]
     empty = collate([], pad_id=0, rollout_ids={})
     assert empty.mask.sum() == 0 and empty.input_ids.shape == (1, 2)
 
