@@ -129,6 +129,19 @@ def test_train_step_benchmark_compares_both_sides():
     assert ("model FLOPs" in output) == ("device cuda" in output), output
 
 
+def test_merge_turns_benchmark_trains_the_same_calls_as_fewer_tokens():
+    output = run_benchmark(
+        "merge_turns.py",
+        *("--episodes", 2, "--turns", 3, "--prompt", 8, "--response", 4, "--observation", 3),
+        *("--micro", 2, "--rounds", 1, "--hidden-size", 32, "--layers", 1, "--heads", 2),
+        *("--vocab-size", 512),
+    )
+    # 2 x 3 responses of 4 tokens carry the loss on both sides; merged, 2 sequences of 8+3*4+2*3
+    assert "24 response tokens carry the loss on both sides" in output, output
+    assert re.search(r"per call\s+6\s+\d+", output) and re.search(r"merged\s+2\s+52\s", output), output
+    assert re.search(r"per call / merged: tokens \d+\.\d\dx, wall time \d+\.\d\dx, CPU time", output), output
+
+
 def test_serve_benchmark_serves_every_request_at_full_length():
     clients, requests, max_tokens, max_batch = 2, 2, 4, 4
     output = run_benchmark(
