@@ -8,7 +8,8 @@ inside it (`--probe EXTRA`):
   import alone never runs; skipped only under `try: ... except ImportError` or `TYPE_CHECKING`),
 - runs the extra's commands with `--help`,
 - checks that the bare install's tracing path leaves torch, chDB and ClickHouse clients unimported,
-  and that no CUDA build of torch came in (the CPU wheel is on this machine's disk; pinned below).
+  and that no CUDA build of torch came in (the CPU wheel is on this machine's disk, pinned in
+  .ci/constraints.txt).
 uv reads no pip configuration, so the wheel folders, indexes and constraints pip is configured
 with here are passed to it: it resolves from the same sources as the README's `pip install`.
 """
@@ -32,9 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-# The CPU build of torch that lies on this machine's disk; any other version resolves to PyPI's
-# CUDA build and its gigabytes of nvidia-* wheels.
-TORCH_PIN = "torch==2.13.0"
+CONSTRAINTS = REPO / ".ci" / "constraints.txt"  # the CPU build of torch, as for CI's pip installs
 # What an agent app's process must never load just for tracing.
 HEAVY = ("torch", "chdb", "clickhouse_connect", "transformers", "deepspeed", "numpy")
 
@@ -204,8 +203,6 @@ def run(names: list[str]) -> None:
     uv = shutil.which("uv") or sys.exit("uv is not installed (pip install uv; it is in the [dev] extra)")
     sources = uv_sources()
     with tempfile.TemporaryDirectory(prefix="lightspan-extras-") as tmp:
-        pin = Path(tmp, "torch.txt")
-        pin.write_text(TORCH_PIN + "\n")
         start = time.monotonic()
         subprocess.run([uv, "build", "-q", "--wheel", "--out-dir", tmp, str(REPO)], check=True)
         (wheel,) = Path(tmp).glob("lightspan-*.whl")
@@ -216,8 +213,8 @@ def run(names: list[str]) -> None:
             subprocess.run([uv, "venv", "-q", "--python", sys.executable, str(venv)], check=True)
             python = str(venv / "bin" / "python")
             requirement = f"lightspan{f'[{name}]' if name else ''} @ {wheel.as_uri()}"
-            install = [uv, "pip", "install", "-q", "--python", python, *sources, "-c", str(pin), requirement]
-            subprocess.run(install, check=True)
+            install = [uv, "pip", "install", "-q", "--python", python, "-c", str(CONSTRAINTS), *sources]
+            subprocess.run([*install, requirement], check=True)
             installed = time.monotonic()
             env = {**os.environ, "PATH": f"{venv / 'bin'}{os.pathsep}{os.environ['PATH']}"}
             env.pop("PYTHONPATH", None)

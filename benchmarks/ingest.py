@@ -31,8 +31,6 @@ from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans, ScopeSpans, Sp
 from lightspan.collector.defaults import DEFAULT_BATCH_MS, DEFAULT_BATCH_SPANS, DEFAULT_DECODERS
 from lightspan.store import Store
 
-SPANS_PER_ROLLOUT = 10  # root, 4 LLM calls, 4 tool calls, 1 reward
-
 
 def _kv(key: str, value: object) -> KeyValue:
     if isinstance(value, bool):

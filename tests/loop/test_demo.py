@@ -11,6 +11,7 @@ from tests.helpers.processes import run_cli
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(2400)  # the demo itself may take run_cli's 1800 s, then the checks
 def test_demo_success_rises_from_warmup_to_trained(tmp_path):
     workdir = tmp_path / "demo"
     result = run_cli("demo", "--workdir", str(workdir), timeout=1800)
