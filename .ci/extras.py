@@ -32,6 +32,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from lightspan.instrumentation.frameworks import FRAMEWORKS  # light: the bare install has it
+
 REPO = Path(__file__).resolve().parent.parent
 CONSTRAINTS = REPO / ".ci" / "constraints.txt"  # the CPU build of torch, as for CI's pip installs
 # What an agent app's process must never load just for tracing.
@@ -80,9 +82,10 @@ EXTRAS: dict[str, Extra] = {
         ("lightspan.loop", "lightspan.collector", "lightspan.trainer", "lightspan.serving"),
         (("demo", "--help"), ("collector", "--help"), ("train", "--help"), ("serve", "--help")),
     ),
+    # One per framework instrumentor, as the registry names its extra.
     **{
-        name: Extra(("lightspan.instrumentation",), framework=name)
-        for name in ("openai", "langchain", "crewai", "autogen")
+        extra: Extra(("lightspan.instrumentation",), framework=name)
+        for name, (_, _, extra) in FRAMEWORKS.items()
     },
 }
 
