@@ -30,7 +30,8 @@ COMMAND_MODULES = {
 
 def _missing_dependency(error: ModuleNotFoundError) -> bool:
     """A third-party module is not installed (not a bug in our own imports)."""
-    return bool(error.name) and error.name.partition(".")[0] != "lightspan"
+    name = error.name or ""
+    return bool(name) and name.partition(".")[0] != "lightspan"
 
 
 def _install_hint(extra: str) -> str:
