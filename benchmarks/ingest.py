@@ -34,8 +34,6 @@ from lightspan.collector.config import CollectorConfig
 from lightspan.store import Store
 from tests.helpers.processes import CollectorProcess
 
-SPANS_PER_ROLLOUT = 10  # root, 4 LLM calls, 4 tool calls, 1 reward
-
 
 def _kv(key: str, value: object) -> KeyValue:
     if isinstance(value, bool):

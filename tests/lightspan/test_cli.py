@@ -99,6 +99,29 @@ def test_every_subcommand_has_help():
         assert result.returncode == 0 and "usage: lightspan " + name in result.stdout
 
 
+def test_a_missing_extra_is_named_not_a_traceback():
+    # As in a bare `pip install lightspan`: the store's client is absent (None in sys.modules
+    # makes its import fail the way a missing package does).
+    code = (
+        "import sys; sys.modules['clickhouse_connect'] = None; from lightspan.cli import main; "
+        "sys.exit(main(sys.argv[1:]))"
+    )
+    listing = subprocess.run(
+        [sys.executable, "-c", code, "--help"], capture_output=True, text=True, check=False
+    )
+    assert listing.returncode == 0
+    assert "pip install 'lightspan[store]'  (its commands need clickhouse_connect)" in listing.stdout
+    assert " sql " not in listing.stdout and "collector" in listing.stdout  # the others still register
+    run = subprocess.run(
+        [sys.executable, "-c", code, "collector"], capture_output=True, text=True, check=False
+    )
+    assert run.returncode == 2 and "Traceback" not in run.stderr
+    assert run.stderr == (
+        "lightspan: error: `lightspan collector` needs clickhouse_connect, which is not installed: "
+        "pip install 'lightspan[collector]'\n"
+    )
+
+
 def test_import_lightspan_stays_light():
     code = (
         "import sys, lightspan, lightspan.semconv, lightspan.types; lightspan.__version__; "
