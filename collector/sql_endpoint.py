@@ -130,7 +130,6 @@ _BAD_REQUEST_CODES = frozenset(
 _HTTP_STATUS = {60: 404, 81: 404, 164: 403, 497: 403, 516: 403, 192: 403, 202: 429, 159: 504, 209: 504}
 
 AUTH_FAILED = 516
-READONLY = 164
 
 
 class ClickHouseError(Exception):
