@@ -29,8 +29,8 @@ step-level one (discounted or step credit) to identical credit grouped by task. 
 reaches the target counts as updates + 1, so those means and ratios are bounds (marked '>').
 
 Measured with the defaults (12 tasks x 16 samples x 3 calls per update, 20 updates, seeds 0-4;
-the shared 2-core machine, one torch thread per process, the seeds split over three processes,
-about 20 minutes of wall time, 10-12 minutes per seed): the target is NOT met. Success after
+the shared 2-core machine, one torch thread per process; the seeds split over three processes
+merged with --merge, 20 minutes elapsed, 10 minutes per seed: 9 settings x 20 updates plus the warm-up): the target is NOT met. Success after
 warm-up 0.05 for every setting; mean success over the 20 updates 0.185 +- 0.055 for identical/task
 (Agent Lightning), 0.219 +- 0.056 step/task_step, 0.221 +- 0.069 step/state; updates to 0.40:
 > 20.4 +- 1.3 (1 of 5 seeds reached it) for identical/task, > 17.4 +- 5.1 (3/5) for step/state,
