@@ -208,3 +208,22 @@ def test_demo_learning_benchmark_runs_the_recipe_at_toy_size():
     assert re.search(
         r"criterion \(<= 0\.3 after warm-up, >= 0\.8 at the end\) met for [01]/1 seeds", output
     ), output
+
+
+def test_credit_benchmark_runs_every_setting_it_is_given():
+    updates = 2
+    settings = ("identical/task", "discounted/task_step", "step/state")
+    output = run_benchmark("credit.py", "--quick", "--settings", *settings, timeout=300)
+    # Success per update: one row per update plus the one after the last, a column per setting.
+    rows = re.findall(r"^ +(\d+)((?: +\d\.\d\d)+)$", output, re.MULTILINE)
+    assert [int(u) for u, _ in rows] == list(range(updates + 1)), output
+    assert all(len(values.split()) == len(settings) for _, values in rows), output
+    for setting in settings:
+        assert re.search(rf"^seed 0 {setting} +\d\.\d\d -> \d\.\d\d, target ", output, re.MULTILINE), output
+        assert re.search(
+            rf"^{setting} +>? +{NUMBER} \+- +{NUMBER} +[01]/1 +\d\.\d{{3}} \+- \d\.\d{{3}} +{NUMBER}$",
+            output,
+            re.MULTILINE,
+        ), output
+    assert re.search(r"best step-level: \S+, updates to target", output), output
+    assert re.search(r"ratio \d+\.\d\d \(target <= 0\.70\), spreads (do not )?overlap", output), output

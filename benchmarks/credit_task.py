@@ -1,0 +1,184 @@
+"""The task of `benchmarks/credit.py`: two chained tool calls, then the answer (three LLM calls).
+
+A question names two hops, e.g. "temperature in capital of Peru?": the model first names a tool
+(`lookup`), the environment runs it on the question's argument and returns the result (`Lima`)
+as the next user message, the model names a second tool (`weather`), the environment runs it on
+the first result and returns the temperature in Lima now, and the model answers. The final reward is
+1 for the exact answer, else 0. After each tool call the environment also emits an intermediate
+reward, `TOOL_WORKED` when the tool returned a value and 0 when it returned "error": the signal a
+real tool-using environment has for free (the call went through), which is not the same as the
+call being right.
+
+Why this is an honest test of credit assignment:
+- Which step earned the reward matters, and an early mistake cannot be repaired: a wrong first
+  tool feeds the second tool a wrong value or "error", so no later call can reach the answer.
+  With identical credit (Agent Lightning's) the answer call of such an episode is blamed for a
+  failure it could not have avoided, and a right first tool is blamed for a wrong second one.
+- The intermediate reward is informative but not the answer: two of the five tools work on a
+  city or a capital (`weather`, `clock`) and two on a number (`double`, `next`), so a tool that
+  works is right only half the time there, and the policy that maximises the intermediate
+  rewards succeeds on a quarter to a half of the questions. Only the final reward says which working
+  tool was the right one. (A first version let `counter` work on every word and `double` on its
+  count: a path that always "worked" twice, and step credit learned it instead of the task. A
+  signal that rewards a wrong path more reliably than the final reward rewards the right one
+  teaches the wrong path; real environments' "the call went through" is type-checked, as here.)
+- Answers cannot be memorised or guessed: `weather` and `clock` read a `World` of live data
+  that changes every update (50 temperatures, 24 hours), so only the tools know the answer. (In
+  a first version the world was fixed and every setting learned to answer from the question,
+  ignoring the tools; in a second, 5 to 12 possible answers made a blind guess pay more than
+  copying a wrong tool's result, and the answer call unlearned copying.)
+- Success, the number every setting is judged by, is the final reward alone: step credit's
+  extra return from the intermediate rewards is never counted as success.
+- The warm-up is behaviour cloning of a scripted policy that picks both tools *uniformly at
+  random* and copies the last observation: it teaches the protocol (tool names, copying,
+  stopping) but nothing about which tool fits which question, so success after warm-up is near
+  1/25 whatever its length. Every setting starts from the same warm-up checkpoint of a seed and
+  samples the same first batch.
+- Every value (tool names, observations, answers) is one BPE token of the tokenizer built from
+  `make_corpus()` and stands alone in its message, so the answer is a copy of the last
+  observation's token (as in `loop/demo_task.py`, whose argument this follows).
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+TOOLS = ("lookup", "weather", "clock", "double", "next")
+ERROR = "error"
+TOOL_WORKED = 0.2  # the intermediate reward for a tool call that returned a value
+
+CAPITALS = {
+    "France": "Paris",
+    "Spain": "Madrid",
+    "Italy": "Rome",
+    "Japan": "Tokyo",
+    "Egypt": "Cairo",
+    "Peru": "Lima",
+    "Kenya": "Nairobi",
+    "Greece": "Athens",
+}
+CITIES = tuple(CAPITALS.values())
+TEMPERATURES = tuple(str(t) for t in range(20))
+HOURS = tuple(str(h) for h in range(12))
+
+
+@dataclass(frozen=True)
+class World:
+    """The live data of one moment: each city's temperature and hour (what `weather` and `clock` read).
+
+    It changes between updates, so an answer cannot be memorised from the question: only the
+    tools know it. All episodes of a task within an update see the same world (a GRPO group
+    compares samples of one situation).
+    """
+
+    weather: dict[str, str]
+    clock: dict[str, str]
+
+    @classmethod
+    def sample(cls, rng: random.Random) -> World:
+        return cls({c: rng.choice(TEMPERATURES) for c in CITIES}, {c: rng.choice(HOURS) for c in CITIES})
+
+
+def _double(value: str) -> str:
+    return str(2 * int(value)) if value.isdigit() else ERROR
+
+
+def _next(value: str) -> str:
+    return str(int(value) + 1) if value.isdigit() else ERROR
+
+
+# Each tool reads one value; one that does not apply answers "error".
+TOOL_FUNCTIONS: dict[str, Callable[[str, World], str]] = {
+    "lookup": lambda value, world: CAPITALS.get(value, ERROR),
+    "weather": lambda value, world: world.weather.get(value, ERROR),
+    "clock": lambda value, world: world.clock.get(value, ERROR),
+    "double": lambda value, world: _double(value),
+    "next": lambda value, world: _next(value),
+}
+
+# kind -> (question template, first tool, second tool, the arguments it is asked about)
+KINDS: dict[str, tuple[str, str, str, Sequence[str]]] = {
+    "capital-temperature": ("temperature in capital of {}?", "lookup", "weather", tuple(CAPITALS)),
+    "capital-time": ("time in capital of {}?", "lookup", "clock", tuple(CAPITALS)),
+    "temperature-double": ("double the temperature in {}?", "weather", "double", CITIES),
+    "time-next": ("hour after the time in {}?", "clock", "next", CITIES),
+}
+
+
+@dataclass(frozen=True)
+class Task:
+    """One task: its id (the GRPO group), the question, and the tools a perfect agent calls."""
+
+    id: str
+    question: str
+    argument: str
+    tools: tuple[str, str]
+
+    def answer(self, world: World) -> str:
+        first, second = self.tools
+        return TOOL_FUNCTIONS[second](TOOL_FUNCTIONS[first](self.argument, world), world)
+
+
+def make_tasks(per_kind: int) -> list[Task]:
+    """The first `per_kind` arguments of every kind (at most 8 each), kinds interleaved."""
+    if not 1 <= per_kind <= len(CITIES):
+        raise ValueError(f"per_kind must be in 1..{len(CITIES)}, got {per_kind}")
+    return [
+        Task(f"{kind}-{arguments[i]}", template.format(arguments[i]), arguments[i], (first, second))
+        for i in range(per_kind)
+        for kind, (template, first, second, arguments) in KINDS.items()
+    ]
+
+
+def run_tool(reply: str, value: str, world: World) -> str:
+    """The observation the environment returns for a tool reply applied to `value`."""
+    tool = TOOL_FUNCTIONS.get(reply.strip().lower())
+    return tool(value, world) if tool is not None else ERROR
+
+
+def tool_reward(observation: str) -> float:
+    """The intermediate reward the environment emits after a tool call: did the tool work?"""
+    return 0.0 if observation == ERROR else TOOL_WORKED
+
+
+def messages(task: Task, replies: Sequence[str], observations: Sequence[str]) -> list[dict[str, str]]:
+    """The prompt of the call after `replies` (each followed by its observation)."""
+    out = [{"role": "user", "content": task.question}]
+    for reply, observation in zip(replies, observations, strict=True):
+        out += [{"role": "assistant", "content": reply}, {"role": "user", "content": observation}]
+    return out
+
+
+def score(task: Task, answer: str, world: World) -> float:
+    """The final reward: 1.0 for the exact answer (surrounding whitespace ignored), else 0.0."""
+    return 1.0 if answer.strip() == task.answer(world) else 0.0
+
+
+def scripted_episode(task: Task, rng: random.Random) -> tuple[list[str], list[str]]:
+    """The warm-up policy in a fresh world; returns (replies, observations).
+
+    Its first tool is uniformly random; its second is uniformly random among the tools that
+    accept the first observation (it knows the tools' signatures, never the question), any tool
+    after an error; it copies the last observation as the answer. Without the typed second call
+    too few warm-up episodes end in a value to copy, and the model never learns to copy numbers.
+    """
+    world = World.sample(rng)
+    first = rng.choice(TOOLS)
+    observations = [run_tool(first, task.argument, world)]
+    typed = [tool for tool in TOOLS if run_tool(tool, observations[0], world) != ERROR]
+    second = rng.choice(typed or TOOLS)
+    observations.append(run_tool(second, observations[0], world))
+    return [first, second, observations[1]], observations
+
+
+def make_corpus(repeat: int = 20) -> list[str]:
+    """Text for the tiny tokenizer's BPE, so every value in the task is a single token.
+
+    Values appear alone on a line (how observations and answers are rendered) and after a space
+    (how questions render them): byte-level BPE gives the two forms different tokens.
+    """
+    words = [*TOOLS, *CAPITALS, *CITIES, ERROR, *(str(n) for n in range(2 * len(TEMPERATURES)))]
+    questions = [t.question for t in make_tasks(len(CITIES))]
+    return [*(["user", "assistant", *questions, *words, " ".join(words)] * repeat)]
