@@ -68,12 +68,12 @@ from tqdm import tqdm
 
 from lightspan.algorithms import advantages, credit
 from lightspan.loop.tiny import build_tiny_model
-from lightspan.serving.generation import LoadedModel, generate
-from lightspan.serving.protocol import Row, SamplingParams
+from lightspan.serving.generation import ServedModel, generate
+from lightspan.serving.sampling import Row, SamplingParams
 from lightspan.trainer.config import from_dict
 from lightspan.trainer.data import step_batches
+from lightspan.trainer.distributed import Distributed
 from lightspan.trainer.engine import TrainStep, build
-from lightspan.trainer.loop import init_distributed
 from lightspan.types import Transition
 
 CREDITS = ("identical", "discounted", "step")
@@ -163,6 +163,7 @@ def train_config(
             "clip_low": config.clip,
             "clip_high": config.clip,
             "aggregation": "token",
+            "merge_turns": False,  # measured with one sample per call, each with its own advantage
             "temperature": 1.0,
         },
         "optim": {"lr": config.sft_lr if sft else config.lr, "grad_clip": 1.0},
@@ -172,10 +173,10 @@ def train_config(
     return from_dict(raw).validate(1)
 
 
-def policy_view(step: TrainStep, path: Path) -> LoadedModel:
-    """The live training module as the server's `LoadedModel`, so sampling uses its decode loop."""
-    tok = step.loaded.tokenizer
-    return LoadedModel(
+def policy_view(step: TrainStep, path: Path) -> ServedModel:
+    """The live training module as the server's `ServedModel`, so sampling uses its decode loop."""
+    tok = step.engines.tokenizer
+    return ServedModel(
         id="policy",
         name="policy",
         path=path,
@@ -197,7 +198,7 @@ def prompt_ids(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
 
 # --- episodes in lockstep ----------------------------------------------------------------------------
 def play(
-    view: LoadedModel, tasks: Sequence[credit_task.Task], group: int, seed: int, max_tokens: int
+    view: ServedModel, tasks: Sequence[credit_task.Task], group: int, seed: int, max_tokens: int
 ) -> tuple[list[Transition], Stats]:
     """`group` episodes per task, each call batched over all episodes; (transitions, their stats)."""
     tok = view.tokenizer
@@ -274,10 +275,11 @@ def warm_up(config: Config, seed: int, work: Path) -> Path:
     )
     step = TrainStep(
         build(
-            train_config(config, base, work / "sft", sft=True, credit_name="identical", group_by="task"), 1, 0
+            train_config(config, base, work / "sft", sft=True, credit_name="identical", group_by="task"),
+            Distributed.setup(),
         )
     )
-    tok = step.loaded.tokenizer
+    tok = step.engines.tokenizer
     rng = random.Random(seed)
     tasks = config.tasks
     transitions = []
@@ -318,7 +320,7 @@ def run_setting(config: Config, setting: str, seed: int, warm: Path, work: Path,
     train = train_config(
         config, warm, work / setting.replace("/", "-"), sft=False, credit_name=credit_name, group_by=group_by
     )
-    step = TrainStep(build(train, 1, 0))
+    step = TrainStep(build(train, Distributed.setup()))
     view = policy_view(step, warm)
     a = step.config.algorithm
     tasks = config.tasks
@@ -475,7 +477,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     torch.set_num_threads(args.threads)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    init_distributed()
+    Distributed.setup()
     print(
         f"{len(config.tasks)} tasks x {config.group_size} samples x {CALLS} calls per update, "
         f"{config.updates} updates,\n{len(config.settings)} settings x {len(config.seeds)} seeds, "
