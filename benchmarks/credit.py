@@ -64,6 +64,7 @@ from typing import Any
 
 import credit_task
 import torch
+from demo_learning import policy_view  # the same view of the live policy as the demo's
 from tqdm import tqdm
 
 from lightspan.algorithms import advantages, credit
@@ -171,22 +172,6 @@ def train_config(
         "output": {"dir": str(out), "resource_name": "policy"},
     }
     return from_dict(raw).validate(1)
-
-
-def policy_view(step: TrainStep, path: Path) -> ServedModel:
-    """The live training module as the server's `ServedModel`, so sampling uses its decode loop."""
-    tok = step.engines.tokenizer
-    return ServedModel(
-        id="policy",
-        name="policy",
-        path=path,
-        model=step.engine.module,
-        tokenizer=tok,
-        device=torch.device("cpu"),
-        eos_ids=frozenset({tok.eos_token_id}),
-        pad_id=tok.pad_token_id,
-        max_length=256,
-    )
 
 
 def prompt_ids(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
@@ -321,7 +306,7 @@ def run_setting(config: Config, setting: str, seed: int, warm: Path, work: Path,
         config, warm, work / setting.replace("/", "-"), sft=False, credit_name=credit_name, group_by=group_by
     )
     step = TrainStep(build(train, Distributed.setup()))
-    view = policy_view(step, warm)
+    view = policy_view(step, warm, max_length=256)
     a = step.config.algorithm
     tasks = config.tasks
     curve = []

@@ -122,8 +122,9 @@ def build_step(config: Any) -> Any:
     return TrainStep(build(config, Distributed.setup()))
 
 
-def policy_view(step: Any, path: Path) -> Any:
-    """The live training module as the server's `ServedModel`, so sampling uses its decode loop."""
+def policy_view(step: Any, path: Path, max_length: int = 1024) -> Any:
+    """The live training module as the server's `ServedModel`, so sampling uses its decode loop
+    (benchmarks/credit.py samples through it too)."""
     from lightspan.serving.generation import ServedModel
 
     tok = step.engines.tokenizer
@@ -136,7 +137,7 @@ def policy_view(step: Any, path: Path) -> Any:
         device=torch.device("cpu"),
         eos_ids=frozenset({tok.eos_token_id}),
         pad_id=tok.pad_token_id,
-        max_length=1024,
+        max_length=max_length,
     )
 
 
