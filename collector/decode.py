@@ -202,6 +202,8 @@ def parse_json(body: bytes) -> Any:
         document = json.loads(body)
     except (ValueError, UnicodeDecodeError) as error:
         raise InvalidInput(f"malformed OTLP JSON: {error}") from None
+    except RecursionError:  # a body nested thousands of levels deep: an answer, not a dropped connection
+        raise InvalidInput("malformed OTLP JSON: nested deeper than the parser allows") from None
     if not isinstance(document, dict):
         raise InvalidInput("OTLP JSON body must be an object with resourceSpans")
     for resource_spans in _children(document, "resourceSpans", "resource_spans"):
@@ -217,6 +219,8 @@ def parse_json(body: bytes) -> Any:
         json_format.ParseDict(document, request, ignore_unknown_fields=True)
     except (json_format.ParseError, ValueError, TypeError) as error:
         raise InvalidInput(f"malformed OTLP JSON: {error}") from None
+    except RecursionError:
+        raise InvalidInput("malformed OTLP JSON: nested deeper than the parser allows") from None
     return parse_protobuf(request.SerializeToString())
 
 

@@ -181,6 +181,18 @@ def test_grpc_partial_success(collector: Collector):
     assert _count(collector) == 1
 
 
+def test_json_nested_too_deep_is_invalid_argument_and_the_collector_answers_on(collector: Collector):
+    """Past protobuf's nesting limit, and past Python's recursion limit: a 400, not a dropped connection."""
+    url = f"{collector.http_endpoint}/v1/traces"
+    for depth in (150, 5000):
+        value = b'{"arrayValue":{"values":[' * depth + b'{"intValue":"1"}' + b"]}}" * depth
+        nested = b'{"resourceSpans":[{"scopeSpans":[{"spans":[{"attributes":[{"key":"k","value":%s}]}]}]}]}'
+        status, body, _ = _post(url, nested % value, "application/json")
+        assert status == 400 and "malformed OTLP JSON" in json.loads(body)["message"], (depth, body)
+    status, _, _ = _post(url, encode_spans(make_spans()).SerializeToString())
+    assert status == 200
+
+
 def test_http_error_statuses(tmp_path: Path):
     with Collector(
         f"chdb://{tmp_path / 'data'}",
