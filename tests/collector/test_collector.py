@@ -193,7 +193,9 @@ def test_json_nested_too_deep_is_invalid_argument_and_the_collector_answers_on(c
     assert status == 200
 
 
-def test_http_error_statuses(tmp_path: Path):
+@pytest.fixture
+def guarded(tmp_path: Path) -> Iterator[Collector]:
+    """A collector that wants a bearer token and takes requests up to 20,000 bytes."""
     with Collector(
         f"chdb://{tmp_path / 'data'}",
         grpc_port=0,
@@ -203,68 +205,65 @@ def test_http_error_statuses(tmp_path: Path):
         max_request_bytes=20_000,
         auth_token=TOKEN,
     ) as c:
-        url, auth = f"{c.http_endpoint}/v1/traces", {"Authorization": f"Bearer {TOKEN}"}
-        good = encode_spans(make_spans()).SerializeToString()
-
-        status, body, _ = _post(url, good)
-        assert status == 401
-        status, body, _ = _post(url, good, headers={"Authorization": "Bearer wrong"})
-        assert status == 401 and status_pb2.Status.FromString(body).code == 16
-
-        status, body, _ = _post(url, b"\xff\xff\xff\xff", headers=auth)
-        assert status == 400 and "malformed" in status_pb2.Status.FromString(body).message
-        status, body, _ = _post(url, b'{"resourceSpans": 5', "application/json", headers=auth)
-        assert status == 400 and "malformed" in json.loads(body)["message"]
-
-        big = encode_spans(make_spans(children=200)).SerializeToString()
-        assert len(big) > 20_000
-        status, body, _ = _post(url, big, headers=auth)
-        assert status == 413
-        bomb = gzip.compress(b"\x00" * 1_000_000)  # small on the wire, too large decompressed
-        status, body, _ = _post(url, bomb, headers={**auth, "Content-Encoding": "gzip"})
-        assert status == 413
-
-        assert _post(url, good, "text/plain", headers=auth)[0] == 415
-        assert _post(f"{c.http_endpoint}/v1/logs", good, headers=auth)[0] == 404
-        assert _count(c, password=TOKEN) == 0  # nothing of a rejected request is stored
-
-        status, body, _ = _post(url, gzip.compress(good), headers={**auth, "Content-Encoding": "gzip"})
-        assert status == 200 and ExportTraceServiceResponse.FromString(body) == ExportTraceServiceResponse()
-        assert _count(c, password=TOKEN) == 3
-        # The SQL endpoint honours the token too.
-        with pytest.raises(DatabaseError, match="Authentication failed"):
-            _sql(c)
-        assert _sql(c, password=TOKEN).command("SELECT count() FROM otel_traces") == 3
+        yield c
 
 
-def test_grpc_error_statuses(tmp_path: Path):
-    with Collector(
-        f"chdb://{tmp_path / 'data'}",
-        grpc_port=0,
-        http_port=0,
-        sql_port=0,
-        batch_ms=5,
-        max_request_bytes=20_000,
-        auth_token=TOKEN,
-    ) as c:
-        auth = (("authorization", f"Bearer {TOKEN}"),)
-        good = encode_spans(make_spans()).SerializeToString()
-        with pytest.raises(grpc.RpcError) as error:
-            _raw_export(c, good)
-        assert error.value.code() == grpc.StatusCode.UNAUTHENTICATED
-        with pytest.raises(grpc.RpcError) as error:
-            _raw_export(c, b"\xff\xff\xff\xff", auth)
-        assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-        with pytest.raises(grpc.RpcError) as error:
-            _raw_export(c, encode_spans(make_spans(children=200)).SerializeToString(), auth)
-        assert error.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-        assert _sql(c, password=TOKEN).command("SELECT count() FROM otel_traces") == 0
-        exporter = GrpcExporter(
-            endpoint=c.grpc_endpoint, insecure=True, headers={"authorization": f"Bearer {TOKEN}"}
-        )
-        assert exporter.export(make_spans()) == SpanExportResult.SUCCESS
-        exporter.shutdown()
-        assert _sql(c, password=TOKEN).command("SELECT count() FROM otel_traces") == 3
+def test_http_error_statuses(guarded: Collector):
+    c = guarded
+    url, auth = f"{c.http_endpoint}/v1/traces", {"Authorization": f"Bearer {TOKEN}"}
+    good = encode_spans(make_spans()).SerializeToString()
+
+    status, body, _ = _post(url, good)
+    assert status == 401
+    status, body, _ = _post(url, good, headers={"Authorization": "Bearer wrong"})
+    assert status == 401 and status_pb2.Status.FromString(body).code == 16
+
+    status, body, _ = _post(url, b"\xff\xff\xff\xff", headers=auth)
+    assert status == 400 and "malformed" in status_pb2.Status.FromString(body).message
+    status, body, _ = _post(url, b'{"resourceSpans": 5', "application/json", headers=auth)
+    assert status == 400 and "malformed" in json.loads(body)["message"]
+
+    big = encode_spans(make_spans(children=200)).SerializeToString()
+    assert len(big) > 20_000
+    status, body, _ = _post(url, big, headers=auth)
+    assert status == 413
+    bomb = gzip.compress(b"\x00" * 1_000_000)  # small on the wire, too large decompressed
+    status, body, _ = _post(url, bomb, headers={**auth, "Content-Encoding": "gzip"})
+    assert status == 413
+
+    assert _post(url, good, "text/plain", headers=auth)[0] == 415
+    assert _post(f"{c.http_endpoint}/v1/logs", good, headers=auth)[0] == 404
+    assert _count(c, password=TOKEN) == 0  # nothing of a rejected request is stored
+
+    status, body, _ = _post(url, gzip.compress(good), headers={**auth, "Content-Encoding": "gzip"})
+    assert status == 200 and ExportTraceServiceResponse.FromString(body) == ExportTraceServiceResponse()
+    assert _count(c, password=TOKEN) == 3
+    # The SQL endpoint honours the token too.
+    with pytest.raises(DatabaseError, match="Authentication failed"):
+        _sql(c)
+    assert _sql(c, password=TOKEN).command("SELECT count() FROM otel_traces") == 3
+
+
+def test_grpc_error_statuses(guarded: Collector):
+    c = guarded
+    auth = (("authorization", f"Bearer {TOKEN}"),)
+    good = encode_spans(make_spans()).SerializeToString()
+    with pytest.raises(grpc.RpcError) as error:
+        _raw_export(c, good)
+    assert error.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    with pytest.raises(grpc.RpcError) as error:
+        _raw_export(c, b"\xff\xff\xff\xff", auth)
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    with pytest.raises(grpc.RpcError) as error:
+        _raw_export(c, encode_spans(make_spans(children=200)).SerializeToString(), auth)
+    assert error.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert _sql(c, password=TOKEN).command("SELECT count() FROM otel_traces") == 0
+    exporter = GrpcExporter(
+        endpoint=c.grpc_endpoint, insecure=True, headers={"authorization": f"Bearer {TOKEN}"}
+    )
+    assert exporter.export(make_spans()) == SpanExportResult.SUCCESS
+    exporter.shutdown()
+    assert _sql(c, password=TOKEN).command("SELECT count() FROM otel_traces") == 3
 
 
 def test_metrics_and_health(collector: Collector):
