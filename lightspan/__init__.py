@@ -24,6 +24,7 @@ _EXPORTS: dict[str, str] = {
     "Trainer": "lightspan.loop.api",
     "GRPO": "lightspan.loop.api",
     "SFT": "lightspan.loop.api",
+    "PromptTemplate": "lightspan.types",
 }
 
 # Spelled out, not computed, so editors and type checkers see the API (tests/test_cli.py keeps the
@@ -31,6 +32,7 @@ _EXPORTS: dict[str, str] = {
 __all__ = [
     "GRPO",
     "SFT",
+    "PromptTemplate",
     "Store",
     "Trainer",
     "__version__",

@@ -9,10 +9,13 @@ JSON-encoded (the OpenTelemetry Collector ClickHouse exporter's convention).
 from __future__ import annotations
 
 import json
+import string
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
+
+from lightspan.errors import InvalidInput
 
 
 def encode_attribute_value(value: Any) -> str:
@@ -225,3 +228,43 @@ class Resource:
     @property
     def id(self) -> str:
         return f"{self.name}:{self.version}"
+
+
+@dataclass(frozen=True, slots=True)
+class PromptTemplate:
+    """A prompt with `str.format` placeholders, the content of a resource of kind "prompt".
+
+    Placeholders are named fields only (`{question}`), checked when the template is made, so a
+    typo or a positional `{}` fails where it was written, not in the middle of a rollout. A prompt
+    search compares `placeholders` of a candidate with its parent's to reject a rewrite that drops
+    or invents one before it costs a rollout.
+    """
+
+    template: str
+
+    def __post_init__(self) -> None:
+        for name in self._fields():
+            if not name.isidentifier():
+                raise InvalidInput(
+                    f"prompt template placeholder {{{name}}} is not a name: use {{question}}-style "
+                    "named placeholders (write {{ and }} for literal braces)"
+                )
+
+    def _fields(self) -> list[str]:
+        try:
+            parsed = list(string.Formatter().parse(self.template))
+        except ValueError as error:
+            raise InvalidInput(f"prompt template is not a valid str.format string: {error}") from None
+        return [field_name for _, field_name, _, _ in parsed if field_name is not None]
+
+    @property
+    def placeholders(self) -> frozenset[str]:
+        """The names the template expects, e.g. {"question"}."""
+        return frozenset(self._fields())
+
+    def format(self, **values: Any) -> str:
+        """The prompt with every placeholder filled; a missing value is an `InvalidInput`."""
+        missing = self.placeholders - values.keys()
+        if missing:
+            raise InvalidInput(f"prompt template needs values for {sorted(missing)}")
+        return self.template.format(**values)
