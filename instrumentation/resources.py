@@ -167,9 +167,10 @@ def resource(
     try:
         answer = _ask(base, _token(token), name, rollout.rollout_id if rollout else _PROCESS_KEY, timeout)
     except StoreUnavailable as error:
-        answer = _last_known.get(name)
-        if answer is not None:
-            _warn_once(name, "resource %r: %s; using the last known version, %s", name, error, answer["id"])
+        last = _last_known.get(name)
+        if last is not None:
+            _warn_once(name, "resource %r: %s; using the last known version, %s", name, error, last["id"])
+            answer = last
         elif default is not _MISSING:
             _warn_once(name, "resource %r: %s; no version known yet, using default=", name, error)
             return default

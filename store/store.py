@@ -327,7 +327,10 @@ class Store:
         """Rollouts, newest first, filtered; `shard=(rank, world)` keeps the tasks whose id
         hashes to `rank`, so data-parallel ranks split the data by whole task groups.
         `landed=True` keeps only rollouts whose root span has arrived (it ends, so it is
-        exported, after everything inside it). `llm_calls`, `rewards` and `final_reward` follow
+        exported, after everything inside it). A rollout's `resources_id` is the longest its
+        spans record (spans started before a `lightspan.resource(...)` call lack that version),
+        and `resources_id=` keeps the rollouts that record every version it names, among others:
+        "policy:7" selects a rollout of "policy:7,system_prompt:3". `llm_calls`, `rewards` and `final_reward` follow
         the rules in `lightspan.semconv`, as training reads them (`final_reward` is the reward
         `algorithms.from_spans` gives the rollout before its failure policy)."""
         having = ["rewards >= {min_rewards:UInt32}"]
@@ -340,7 +343,11 @@ class Store:
             "task = {task:String}": ("task", task),
             "start >= {since:DateTime64(9)}": ("since", since),
             "start < {until:DateTime64(9)}": ("until", until),
-            "resources = {resources:String}": ("resources", resources_id),
+            # every version the filter names ("policy:7"), among others the rollout may record
+            "hasAll(splitByChar(',', resources), splitByChar(',', {resources:String}))": (
+                "resources",
+                resources_id,
+            ),
         }
         for clause, (name, value) in filters.items():
             if value is not None:
@@ -352,7 +359,7 @@ class Store:
             params.update(rank=rank, world=world)
         query = f"""
             SELECT RolloutId, anyIf(TaskId, TaskId != '') AS task, max(Attempt) AS attempt,
-                   any(ServiceName) AS service, anyIf(ResourcesId, ResourcesId != '') AS resources,
+                   any(ServiceName) AS service, argMax(ResourcesId, length(ResourcesId)) AS resources,
                    arraySort(groupUniqArrayIf(AgentName, AgentName != '')) AS agents,
                    count() AS spans, countIf(IsLLMCall) AS llm_calls,
                    sum(RewardCount) AS rewards,

@@ -1,0 +1,185 @@
+"""`lightspan.resource(name)` against the real collector process: the routed version per rollout,
+its id on the rollout's spans (real OpenTelemetry SDK, in-memory exporter), the bearer token, and
+what happens when the collector is stopped."""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+
+import pytest
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+import lightspan
+from lightspan import semconv
+from lightspan.errors import InvalidInput, NotFound, StoreUnavailable
+from lightspan.instrumentation.context import add_stamping, combine_resources
+from lightspan.store import Store, routing
+from lightspan.types import PromptTemplate, Resource
+from tests.helpers.processes import CollectorProcess
+
+_EXPORTER = InMemorySpanExporter()
+_tracer = trace.get_tracer("tests.resources")
+
+
+@pytest.fixture
+def spans():
+    """The global SDK provider with Lightspan's stamping processor and an in-memory exporter."""
+    provider = trace.get_tracer_provider()
+    if not isinstance(provider, TracerProvider):
+        trace.set_tracer_provider(TracerProvider())
+        provider = trace.get_tracer_provider()
+    assert isinstance(provider, TracerProvider)
+    add_stamping(provider)
+    if not getattr(provider, "_resources_test_exporter", False):
+        provider.add_span_processor(SimpleSpanProcessor(_EXPORTER))
+        provider._resources_test_exporter = True  # type: ignore[attr-defined]
+    _EXPORTER.clear()
+    yield _EXPORTER.get_finished_spans
+    _EXPORTER.clear()
+
+
+def _unique(prefix: str) -> str:
+    """A resource name of its own per test: the module keeps the last known version per name."""
+    return f"{prefix}_{uuid.uuid4().hex[:8]}"
+
+
+def _resources_of(finished, rollout_id: str) -> dict[str, str | None]:
+    return {
+        s.name: (s.attributes or {}).get(semconv.RESOURCES_ID)
+        for s in finished
+        if (s.attributes or {}).get(semconv.ROLLOUT_ID) == rollout_id
+    }
+
+
+def test_each_rollout_gets_its_routed_version_once_and_later_spans_record_it(collector_process, spans):
+    name = _unique("system_prompt")
+    endpoint = collector_process.http_endpoint
+    with Store.connect(collector_process.sql_url) as store:
+        for n in (1, 2):
+            store.publish_resource(name, "prompt", content=f"v{n}: answer {{question}}")
+        route = store.set_route(name, [(1, 0.5), (2, 0.5)])
+        seen = set()
+        for n in range(24):
+            rid = f"r{n}"
+            with lightspan.rollout("task", rollout_id=rid, resources_id="policy:7"):
+                with _tracer.start_as_current_span("before"):
+                    pass
+                prompt = lightspan.resource(name, endpoint=endpoint)
+                with _tracer.start_as_current_span("after"):
+                    assert lightspan.resource(name, endpoint=endpoint) is prompt  # no second version
+                lightspan.emit_reward(1.0)
+            version = routing.choose(route, rid)
+            seen.add(version)
+            assert isinstance(prompt, PromptTemplate)
+            assert prompt.template == f"v{version}: answer {{question}}"
+            assert prompt.format(question="2+2?") == f"v{version}: answer 2+2?"
+            recorded = _resources_of(spans(), rid)
+            assert recorded == {
+                "before": "policy:7",  # ended before the fetch: not stamped
+                "after": f"policy:7,{name}:{version}",
+                semconv.REWARD_SPAN: f"policy:7,{name}:{version}",
+                semconv.ROLLOUT_SPAN: f"policy:7,{name}:{version}",  # the rollout's span, at its end
+            }
+        assert seen == {1, 2}
+
+        # A route changed in the middle of a rollout does not change that rollout's version.
+        with lightspan.rollout("task", rollout_id="mid"):
+            first = lightspan.resource(name, endpoint=endpoint)
+            other = 2 if first.template.startswith("v1") else 1
+            store.promote(name, other)
+            time.sleep(1.2)  # past the collector's cache of the route
+            assert lightspan.resource(name, endpoint=endpoint) is first
+        with lightspan.rollout("task", rollout_id="next"):
+            assert lightspan.resource(name, endpoint=endpoint).template.startswith(f"v{other}")
+
+
+def test_a_checkpoint_is_its_resource_and_outside_a_rollout_nothing_is_recorded(collector_process, spans):
+    name = _unique("policy")
+    with Store.connect(collector_process.sql_url) as store:
+        store.publish_resource(name, "checkpoint", uri="/ckpt/step-10", metadata={"step": 10})
+    got = lightspan.resource(name, endpoint=collector_process.http_endpoint)
+    assert isinstance(got, Resource)
+    assert (got.id, got.uri, got.kind, got.metadata) == (
+        f"{name}:1",
+        "/ckpt/step-10",
+        "checkpoint",
+        {"step": 10},
+    )
+
+
+def test_an_unknown_resource_is_not_found_or_the_default_and_says_so(
+    collector_process, spans, caplog, monkeypatch
+):
+    monkeypatch.setenv(semconv.ENV_RESOURCES_URL, collector_process.http_endpoint)
+    name = _unique("nothing")
+    with pytest.raises(NotFound, match=f"no resource named '{name}'"):
+        lightspan.resource(name)
+    with (
+        caplog.at_level(logging.WARNING, logger="lightspan.resources"),
+        lightspan.rollout("task", rollout_id="u1"),
+    ):
+        assert lightspan.resource(name, default="fallback {x}") == "fallback {x}"
+    assert [r.getMessage() for r in caplog.records] == [
+        f"resource '{name}' is not published at {collector_process.http_endpoint}; using default="
+    ]
+    assert _resources_of(spans(), "u1")[semconv.ROLLOUT_SPAN] is None  # a default is not a version
+    with pytest.raises(InvalidInput, match="non-empty string without '/'"):
+        lightspan.resource("a/b")
+
+
+def test_the_collector_wants_its_bearer_token(tmp_path, monkeypatch, spans):
+    name = _unique("guarded")
+    with CollectorProcess(f"chdb://{tmp_path / 'data'}", "--auth-token", "s3cret") as collector:
+        assert collector.sql_url is not None
+        with Store.connect(collector.sql_url.replace("http://", "http://default:s3cret@")) as store:
+            store.publish_resource(name, "prompt", content="guarded")
+        monkeypatch.setenv(semconv.ENV_RESOURCES_URL, collector.http_endpoint)
+        monkeypatch.delenv(semconv.ENV_AUTH_TOKEN, raising=False)
+        with pytest.raises(InvalidInput, match="refused resource .*: missing or wrong bearer token"):
+            lightspan.resource(name)
+        assert lightspan.resource(name, token="s3cret").template == "guarded"
+        # The exporter's own header variable, as the collector's banner tells users to set it.
+        monkeypatch.setenv("OTEL_EXPORTER_OTLP_HEADERS", "Authorization=Bearer%20s3cret")
+        with lightspan.rollout("task", rollout_id="t1"):
+            assert lightspan.resource(name).template == "guarded"
+
+
+def test_a_stopped_collector_means_the_last_known_version_or_the_default_logged_once(tmp_path, spans, caplog):
+    known, never = _unique("known"), _unique("never")
+    collector = CollectorProcess(f"chdb://{tmp_path / 'data'}").start()
+    try:
+        endpoint = collector.http_endpoint
+        with Store.connect(collector.sql_url) as store:
+            store.publish_resource(known, "prompt", content="v1 {q}")
+        with lightspan.rollout("task", rollout_id="up"):
+            assert lightspan.resource(known, endpoint=endpoint).template == "v1 {q}"
+    finally:
+        assert collector.terminate() == 0
+        collector.close()
+    with caplog.at_level(logging.WARNING, logger="lightspan.resources"):
+        for rid in ("down-1", "down-2"):
+            with lightspan.rollout("task", rollout_id=rid):
+                assert lightspan.resource(known, endpoint=endpoint).template == "v1 {q}"
+                assert lightspan.resource(never, endpoint=endpoint, default="d") == "d"
+        with pytest.raises(
+            StoreUnavailable, match=f"resource '{never}': cannot reach the collector.*pass default="
+        ):
+            lightspan.resource(never, endpoint=endpoint)
+    messages = [r.getMessage() for r in caplog.records]
+    assert len(messages) == 2, messages  # once per name, not once per call
+    assert messages[0].startswith(f"resource '{known}': cannot reach the collector at {endpoint}")
+    assert messages[0].endswith(f"using the last known version, {known}:1")
+    assert messages[1].endswith("no version known yet, using default=")
+    # The last known version is the version the rollout ran: recorded as usual.
+    assert _resources_of(spans(), "down-2")[semconv.ROLLOUT_SPAN] == f"{known}:1"
+
+
+def test_combining_resource_ids():
+    assert combine_resources(None, {"p": 3}) == "p:3"
+    assert combine_resources("policy:7", {"p": 3, "q": 1}) == "policy:7,p:3,q:1"
+    assert combine_resources("p:2,policy:7", {"p": 3}) == "policy:7,p:3"  # the fetched version wins
