@@ -37,7 +37,7 @@ from lightspan.store.schema import (
 )
 from lightspan.store.spans import SPAN_SELECT, TRACE_COLUMNS, row_to_span, spans_to_columns
 from lightspan.store.url import StoreURL, parse_store_url
-from lightspan.types import Resource, Span, SpanTree
+from lightspan.types import PromptTemplate, Resource, Span, SpanTree
 
 if TYPE_CHECKING:
     from typing_extensions import Self  # annotations only: Python 3.10 has no typing.Self
@@ -412,6 +412,8 @@ class Store:
         """
         if kind not in ("prompt", "checkpoint"):
             raise InvalidInput(f"resource kind must be 'prompt' or 'checkpoint', not {kind!r}")
+        if kind == "prompt":
+            PromptTemplate(content)  # InvalidInput for a template agents could not fill
         latest = self.latest_resource(name)
         version = (latest.version if latest else 0) + 1
         meta = json.dumps(dict(metadata or {}), default=str)

@@ -4,8 +4,11 @@ what happens when the collector is stopped."""
 
 from __future__ import annotations
 
+import json
 import logging
 import time
+import urllib.error
+import urllib.request
 import uuid
 
 import pytest
@@ -17,6 +20,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 import lightspan
 from lightspan import semconv
 from lightspan.errors import InvalidInput, NotFound, StoreUnavailable
+from lightspan.instrumentation import resources as resources_module
 from lightspan.instrumentation.context import add_stamping, combine_resources
 from lightspan.store import Store, routing
 from lightspan.types import PromptTemplate, Resource
@@ -87,6 +91,25 @@ def test_each_rollout_gets_its_routed_version_once_and_later_spans_record_it(col
             }
         assert seen == {1, 2}
 
+        # What the collector answers, for agents in any language.
+        with urllib.request.urlopen(f"{endpoint}/v1/resources/{name}?rollout_id=r3") as response:
+            assert response.headers["Content-Type"] == "application/json"
+            answer = json.loads(response.read())
+        version = routing.choose(route, "r3")
+        assert answer == {
+            "name": name,
+            "version": version,
+            "kind": "prompt",
+            "id": f"{name}:{version}",
+            "uri": "",
+            "content": f"v{version}: answer {{question}}",
+            "metadata": {},
+        }
+        for path, status in ((f"{name}x", 404), ("", 400)):
+            with pytest.raises(urllib.error.HTTPError) as refused:
+                urllib.request.urlopen(f"{endpoint}/v1/resources/{path}?rollout_id=r3")
+            assert refused.value.code == status and "error" in json.loads(refused.value.read())
+
         # A route changed in the middle of a rollout does not change that rollout's version.
         with lightspan.rollout("task", rollout_id="mid"):
             first = lightspan.resource(name, endpoint=endpoint)
@@ -98,7 +121,9 @@ def test_each_rollout_gets_its_routed_version_once_and_later_spans_record_it(col
             assert lightspan.resource(name, endpoint=endpoint).template.startswith(f"v{other}")
 
 
-def test_a_checkpoint_is_its_resource_and_outside_a_rollout_nothing_is_recorded(collector_process, spans):
+def test_a_checkpoint_is_its_resource_and_outside_a_rollout_an_answer_is_kept_a_while(
+    collector_process, spans, monkeypatch
+):
     name = _unique("policy")
     with Store.connect(collector_process.sql_url) as store:
         store.publish_resource(name, "checkpoint", uri="/ckpt/step-10", metadata={"step": 10})
@@ -110,6 +135,13 @@ def test_a_checkpoint_is_its_resource_and_outside_a_rollout_nothing_is_recorded(
         "checkpoint",
         {"step": 10},
     )
+    # Outside a rollout an answer is reused for TTL seconds, then asked again.
+    with Store.connect(collector_process.sql_url) as store:
+        store.publish_resource(name, "checkpoint", uri="/ckpt/step-20")
+    time.sleep(1.2)  # past the collector's own cache of the route
+    assert lightspan.resource(name, endpoint=collector_process.http_endpoint).version == 1
+    monkeypatch.setattr(resources_module, "TTL", 0.0)
+    assert lightspan.resource(name, endpoint=collector_process.http_endpoint).uri == "/ckpt/step-20"
 
 
 def test_an_unknown_resource_is_not_found_or_the_default_and_says_so(

@@ -179,6 +179,12 @@ def test_routes_are_append_only_rows_and_the_newest_is_the_route(store):
     assert store.resource_for("system_prompt", "x").content.startswith("v")
 
 
+def test_a_prompt_is_checked_when_published(store):
+    with pytest.raises(InvalidInput, match="placeholder"):
+        store.publish_resource("system_prompt", "prompt", content="Answer {0}")
+    assert store.resources("system_prompt") == []
+
+
 def test_bad_route_changes_write_nothing(store):
     _publish(store, count=2)
     store.promote("system_prompt", 2)
@@ -347,6 +353,7 @@ def test_route_promote_rollback_show_list_and_compare_from_the_command_line(stor
     lines = {line.split("│")[1].strip(): line for line in out.splitlines() if line.count("│") > 5}
     assert "20" in lines["2"] and "0.5000" in lines["2"] and "reference" in lines["2"]
     assert "1.0000" in lines["3"] and "yes" in lines["3"]
+    assert "below 30 rollouts a version they are too narrow" in out
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
