@@ -33,7 +33,6 @@ from datetime import datetime
 
 from lightspan.errors import InvalidInput, NotFound
 
-ACTIONS = ("route", "promote", "rollback")
 # Shares given to `route` must add up to 1 within this (0.9 + 0.1 is 0.9999999999999999 in floats).
 WEIGHT_TOLERANCE = 1e-6
 

@@ -63,6 +63,8 @@ def _resources_of(finished, rollout_id: str) -> dict[str, str | None]:
 def test_each_rollout_gets_its_routed_version_once_and_later_spans_record_it(collector_process, spans):
     name = _unique("system_prompt")
     endpoint = collector_process.http_endpoint
+    banner = collector_process.log.read_text()
+    assert f"export {semconv.ENV_RESOURCES_URL}={endpoint}" in banner  # what the collector tells users
     with Store.connect(collector_process.sql_url) as store:
         for n in (1, 2):
             store.publish_resource(name, "prompt", content=f"v{n}: answer {{question}}")
