@@ -1,4 +1,4 @@
-"""`lightspan resources list|show|route|promote|rollback|compare`: versions and routes between them.
+"""`lightspan resources list|show|publish|route|promote|rollback|compare`: versions and routes.
 
 Every change is one appended row in `resource_routes` (see `store.routing`); bad input (an unknown
 name or version, weights that do not add up to 1, nothing to roll back to) is refused before
@@ -65,6 +65,32 @@ def _cmd_show(args: argparse.Namespace) -> int:
     for row in history:
         created = row.created.strftime("%Y-%m-%d %H:%M:%S") if row.created else ""
         console.print(f"  #{row.seq} {created} {row.action}: {row.shares}")
+    return 0
+
+
+def _cmd_publish(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    if args.prompt_file is not None:
+        try:
+            content = Path(args.prompt_file).read_text()
+        except OSError as error:
+            raise InvalidInput(f"cannot read {args.prompt_file}: {error.strerror}") from None
+    else:
+        content = args.prompt or ""
+    try:
+        metadata = json.loads(args.metadata) if args.metadata else {}
+    except ValueError as error:
+        raise InvalidInput(f"--metadata is not JSON: {error}") from None
+    if not isinstance(metadata, dict):
+        raise InvalidInput('--metadata must be a JSON object, e.g. \'{"made_by": "alice"}\'')
+    kind = "checkpoint" if args.checkpoint is not None else "prompt"
+    with _open(args) as store:
+        published = store.publish_resource(
+            args.name, kind, uri=args.checkpoint or "", content=content, metadata=metadata
+        )
+        route = store.route(args.name)
+    print(f"published {published.id}; route is {route.describe()}")
     return 0
 
 
@@ -176,6 +202,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     show.add_argument("name")
     _store_argument(show)
     show.set_defaults(func=_cmd_show)
+
+    publish = actions.add_parser(
+        "publish",
+        help="append the next version of a prompt or a checkpoint",
+        description="Append the next version of NAME. A prompt is a str.format template with named "
+        "placeholders ({question}), checked here; a checkpoint is the URI of a Hugging Face folder.",
+    )
+    publish.add_argument("name")
+    what = publish.add_mutually_exclusive_group(required=True)
+    what.add_argument("--prompt", metavar="TEXT", help="the prompt template")
+    what.add_argument("--prompt-file", metavar="FILE", help="read the prompt template from FILE")
+    what.add_argument("--checkpoint", metavar="URI", help="a checkpoint's folder or URI")
+    publish.add_argument(
+        "--metadata", metavar="JSON", help='a JSON object, e.g. \'{"parent": 3, "made_by": "alice"}\''
+    )
+    _store_argument(publish)
+    publish.set_defaults(func=_cmd_publish)
 
     route = actions.add_parser(
         "route",

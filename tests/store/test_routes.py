@@ -309,6 +309,10 @@ def _cli(capsys, *args: str) -> tuple[int, str, str]:
         (("rollback", "nope"), "no resource named 'nope'"),
         (("compare", "nope"), "no resource named 'nope'"),
         (("compare", "system_prompt", "--since", "yesterday"), "not an ISO date/time"),
+        (("publish", "system_prompt", "--prompt", "Answer {}"), "placeholder {} is not a name"),
+        (("publish", "system_prompt", "--prompt", "x", "--metadata", "{bad"), "--metadata is not JSON"),
+        (("publish", "system_prompt", "--prompt", "x", "--metadata", "[1]"), "must be a JSON object"),
+        (("publish", "system_prompt", "--prompt-file", "/no/such/file"), "cannot read /no/such/file"),
     ],
 )
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(store, capsys, args, message):
@@ -319,11 +323,23 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(store, capsys, args, me
     assert code == 2 and out == ""
     assert err.count("\n") == 1 and err.startswith("lightspan: error: ") and message in err, err
     assert _route_rows(store) == before
+    assert [r.version for r in store.resources("system_prompt")] == [1, 2]
 
 
 def test_route_promote_rollback_show_list_and_compare_from_the_command_line(store, capsys, tmp_path):
-    _publish(store, count=3)
     url = str(store.url)
+    (tmp_path / "v2.txt").write_text("v2: answer {question}")
+    for args in (
+        ("--prompt", "v1: answer {question}", "--metadata", '{"made_by": "alice"}'),
+        ("--prompt-file", str(tmp_path / "v2.txt"), "--metadata", '{"parent": 1, "scores": {"t1": 0.5}}'),
+        ("--prompt", "v3: answer {question}"),
+    ):
+        code, out, _ = _cli(capsys, "resources", "publish", "system_prompt", *args, "--store", url)
+        assert code == 0 and "route is" in out
+    assert "published system_prompt:3; route is 3 (100%); the default, latest version" in out
+    assert store.resource("system_prompt", 2).metadata == {"parent": 1, "scores": {"t1": 0.5}}
+    code, out, _ = _cli(capsys, "resources", "publish", "policy", "--checkpoint", "/ckpt/10", "--store", url)
+    assert code == 0 and store.resource("policy", 1).uri == "/ckpt/10"
     code, out, _ = _cli(capsys, "resources", "promote", "system_prompt", "2", "--store", url)
     assert code == 0 and "route is now 2 (100%); promote #1" in out
     code, out, _ = _cli(
