@@ -116,7 +116,7 @@ class ResourceLedger:
         if not fetched:
             return rollout
         cached = self._stamps.get(rollout.rollout_id)
-        if cached is not None and cached[0] == rollout:
+        if cached is not None and (cached[0] is rollout or cached[0] == rollout):
             return cached[1]
         versions = {name: version for name, (version, _) in fetched.items()}
         stamped = RolloutInfo(

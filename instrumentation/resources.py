@@ -32,8 +32,6 @@ import logging
 import os
 import threading
 import time
-import urllib.error
-import urllib.request
 import uuid
 from typing import Any
 from urllib.parse import quote, unquote, urlencode, urlsplit
@@ -98,6 +96,11 @@ def _token(token: str | None) -> str | None:
 def _ask(endpoint: str, token: str | None, name: str, key: str, timeout: float) -> dict[str, Any]:
     """The collector's answer; NotFound or InvalidInput for what waiting will not fix, else
     StoreUnavailable (unreachable, timed out, 5xx)."""
+    # Imported here: urllib.request (http.client, email) is a third of `import lightspan`'s time,
+    # and an app that never asks for a resource should not pay it.
+    import urllib.error
+    import urllib.request
+
     url = f"{endpoint}/v1/resources/{quote(name, safe='')}?{urlencode({'rollout_id': key})}"
     request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"} if token else {})
     try:
