@@ -146,6 +146,8 @@ def with_share(current: Route, versions: Sequence[int], shares: Sequence[tuple[i
                 others = [(max(lower), 1.0)]
             others_total = sum(w for _, w in others)
             split.update({v: rest * w / others_total for v, w in others})
+        else:
+            split = {version: 1.0}  # a rest within the tolerance is no one's share
     return Route(name, tuple(sorted(split.items())), "route", current.seq + 1, current.promoted)
 
 

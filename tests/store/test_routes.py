@@ -9,6 +9,8 @@ import sys
 import time
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 import lightspan.store.store as store_module
 from lightspan import semconv
@@ -62,6 +64,23 @@ def test_the_canary_of_one_resource_does_not_catch_the_same_rollouts_as_another(
     a = {rid for rid in IDS if routing.choose(routing.Route("a", ((1, 0.9), (2, 0.1))), rid) == 2}
     b = {rid for rid in IDS if routing.choose(routing.Route("b", ((1, 0.9), (2, 0.1))), rid) == 2}
     assert len(a & b) < 60  # independent: about 2000 x 0.1 x 0.1 = 20 in both
+
+
+@given(
+    weights=st.lists(st.integers(1, 1000), min_size=1, max_size=6),
+    canary=st.one_of(st.floats(0.001, 1.0), st.just(1 - 1e-7)),
+    rollout_id=st.text(max_size=40),
+)
+def test_every_route_is_a_whole_split_and_every_choice_one_of_its_versions(weights, canary, rollout_id):
+    versions = list(range(1, len(weights) + 1))
+    route = routing.Route("p", tuple((v, w / sum(weights)) for v, w in zip(versions, weights)), "route", 1)
+    assert routing.choose(route, rollout_id) in route.versions
+    newest = len(versions) + 1
+    grown = routing.with_share(route, [*versions, newest], [(newest, canary)])
+    assert math.isclose(sum(w for _, w in grown.split), 1.0)
+    assert math.isclose(dict(grown.split)[newest], canary, abs_tol=routing.WEIGHT_TOLERANCE)
+    assert [v for v, _ in grown.split] == sorted(v for v, _ in grown.split)
+    assert routing.choose(grown, rollout_id) in grown.versions
 
 
 def test_one_pair_is_a_canary_against_the_rest_of_the_current_route():
