@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import socket
 import time
 import urllib.error
 import urllib.request
@@ -217,3 +218,26 @@ def test_combining_resource_ids():
     assert combine_resources(None, {"p": 3}) == "p:3"
     assert combine_resources("policy:7", {"p": 3, "q": 1}) == "policy:7,p:3,q:1"
     assert combine_resources("p:2,policy:7", {"p": 3}) == "policy:7,p:3"  # the fetched version wins
+
+
+def test_a_collector_whose_store_is_down_answers_503_and_the_agent_falls_back(caplog):
+    """A ClickHouse server store that is down: the collector runs and says 503 with Retry-After;
+    the agent treats it as unreachable (no version known here, so the default, logged)."""
+    from lightspan.collector.server import Collector
+
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        closed = probe.getsockname()[1]
+    with Collector(
+        f"http://127.0.0.1:{closed}/default", grpc_port=0, http_port=0, sql_port=None
+    ) as collector:
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(f"{collector.http_endpoint}/v1/resources/p?rollout_id=r")
+        assert refused.value.code == 503 and refused.value.headers["Retry-After"] == "1"
+        assert "cannot reach ClickHouse" in json.loads(refused.value.read())["error"]
+        name = _unique("down")
+        with caplog.at_level(logging.WARNING, logger="lightspan.resources"):
+            assert lightspan.resource(name, endpoint=collector.http_endpoint, default="d") == "d"
+        assert [r.getMessage() for r in caplog.records][-1].startswith(
+            f"resource '{name}': the collector at {collector.http_endpoint} answered 503"
+        )
