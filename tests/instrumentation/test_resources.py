@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import socket
+import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -241,3 +244,61 @@ def test_a_collector_whose_store_is_down_answers_503_and_the_agent_falls_back(ca
         assert [r.getMessage() for r in caplog.records][-1].startswith(
             f"resource '{name}': the collector at {collector.http_endpoint} answered 503"
         )
+
+
+AGENT_APP = """
+import sys
+import lightspan
+
+lightspan.instrument(service_name="ab-agent", endpoint=sys.argv[1], frameworks=None)
+
+
+@lightspan.rollout
+def solve(task):
+    prompt = lightspan.resource(sys.argv[2])
+    answer = prompt.format(question=task["q"])
+    return 1.0 if answer.startswith("Be brief") else float(task["id"] % 3 == 0)
+
+
+for n in range(60):
+    solve({"id": n, "q": f"{n} + 1?"})
+lightspan.instrument().force_flush()
+"""
+
+
+@pytest.mark.slow  # about 20 s, most of it the fresh store's first commit on a 2-core machine
+def test_an_ab_split_lands_in_the_store_and_compare_groups_rewards_by_version(collector_process, tmp_path):
+    """The whole path in separate processes: an agent app (bare API) asks for a prompt under a 50/50
+    split, exports its spans over OTLP; `compare` reads them back per version."""
+    name = _unique("ab_prompt")
+    with Store.connect(collector_process.sql_url) as store:
+        store.publish_resource(name, "prompt", content="Answer {question}")
+        store.publish_resource(name, "prompt", content="Be brief. Answer {question}")
+        store.set_route(name, [(1, 0.5), (2, 0.5)])
+        app = tmp_path / "agent.py"
+        app.write_text(AGENT_APP)
+        env = {**os.environ, semconv.ENV_RESOURCES_URL: collector_process.http_endpoint}
+        done = subprocess.run(
+            [sys.executable, str(app), collector_process.grpc_endpoint, name],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        assert done.returncode == 0, done.stderr
+        deadline = time.monotonic() + 30
+        while len(store.rollouts(service="ab-agent", landed=True, limit=None)) < 60:
+            assert time.monotonic() < deadline, "the agent's rollouts did not land"
+            time.sleep(0.2)
+        result = store.compare_versions(name)
+        versions = {v.version: v for v in result.versions}
+        assert set(versions) == {1, 2} and versions[1].count + versions[2].count == 60
+        assert 15 <= versions[2].count <= 45
+        assert versions[2].mean == 1.0 and versions[1].mean < 0.6
+        assert result.reference == 2 and versions[1].significant is True
+        # Every rollout's spans name the version it ran, root included.
+        stamped = store.sql(
+            "SELECT countIf(ResourcesId = '') FROM rollout_spans FINAL WHERE ServiceName = 'ab-agent'"
+        ).scalar()
+        assert stamped == 0
