@@ -55,7 +55,13 @@ OPTIONAL = {
         "openai": "runs only after the app itself imported openai (a post-import hook)",
     },
 }
-STORE_COMMANDS = (("store", "--help"), ("sql", "--help"), ("rollouts", "--help"), ("show", "--help"))
+STORE_COMMANDS = (
+    ("store", "--help"),
+    ("sql", "--help"),
+    ("rollouts", "--help"),
+    ("show", "--help"),
+    ("resources", "--help"),
+)
 
 EXTRAS: dict[str, Extra] = {
     "": Extra(

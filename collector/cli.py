@@ -162,6 +162,9 @@ def _banner(collector: Any) -> str:
     ]
     if collector.auth_token:
         lines.append("               export OTEL_EXPORTER_OTLP_HEADERS='Authorization=Bearer <token>'")
+    lines.append(
+        f"  resources    export {semconv.ENV_RESOURCES_URL}={collector.http_endpoint}   (for lightspan.resource(name))"
+    )
     if collector.sql_url:
         lines += [
             f"  query        SQL (ClickHouse HTTP) {collector.sql_url}",

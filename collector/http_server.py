@@ -1,10 +1,13 @@
-"""OTLP/HTTP on `POST /v1/traces` (protobuf and JSON, gzip), plus `/metrics` and `/health`.
+"""OTLP/HTTP on `POST /v1/traces` (protobuf and JSON, gzip), plus `/metrics` and `/health`, and
+`GET /v1/resources/{name}?rollout_id=ID`, the resource version a rollout should use (JSON).
 
 Status codes follow the OTLP/HTTP specification: 200 with an ExportTraceServiceResponse in the
 request's encoding (`partial_success` when spans were rejected), 400 with a google.rpc.Status
 for malformed data, 401 without the bearer token when one is configured, 413 above the size
 limit, 415 for other content types or encodings, and 503 with `Retry-After` while the store is
 down or the collector is at its memory bound; exporters retry 503 and honour Retry-After.
+The resources endpoint takes the same bearer token and answers JSON: 200 with the version, 404
+with `{"error": ...}` for an unknown name, 503 while the store is down.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import parse_qs, unquote, urlsplit
 
 from google.rpc import code_pb2, status_pb2
 
@@ -24,9 +28,11 @@ from lightspan.collector.httpd import BadBody, BodyTooLarge, Handler, Server
 from lightspan.collector.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from lightspan.collector.metrics import Metrics
 from lightspan.collector.receiver import JSON, PROTOBUF, Receiver
-from lightspan.errors import InvalidInput, StoreUnavailable
+from lightspan.collector.resources import ResourceDirectory
+from lightspan.errors import InvalidInput, LightspanError, NotFound, StoreUnavailable
 
 TRACES_PATH = "/v1/traces"
+RESOURCES_PATH = "/v1/resources/"
 _CONTENT_TYPES = {
     "application/x-protobuf": PROTOBUF,
     "application/protobuf": PROTOBUF,
@@ -45,6 +51,7 @@ class OTLPHttpApp:
     health: Callable[[], dict[str, Any]]
     max_request_bytes: int
     retry_after: float
+    resources: ResourceDirectory | None = None
 
 
 def decompress(body: bytes, encoding: str, limit: int) -> bytes:
@@ -87,8 +94,35 @@ class OTLPHandler(Handler):
             report = self.app.health()
             body = json.dumps(report, indent=1).encode()
             self.reply(200 if report.get("status") == "ok" else 503, body, "application/json")
+        elif path.startswith(RESOURCES_PATH) and self.app.resources is not None:
+            self._resource(self.app.resources)
         else:
             self.reply(404, b"not found: OTLP traces go to POST /v1/traces; see also /metrics and /health\n")
+
+    def _resource(self, resources: ResourceDirectory) -> None:
+        """`GET /v1/resources/{name}?rollout_id=ID`: the version of `name` that rollout uses."""
+        if not self.app.receiver.authorized(self.headers.get("Authorization")):
+            self._json(401, {"error": "missing or wrong bearer token"}, {"WWW-Authenticate": "Bearer"})
+            return
+        url = urlsplit(self.path)
+        name = unquote(url.path[len(RESOURCES_PATH) :])
+        rollout_id = parse_qs(url.query).get("rollout_id", [""])[0]
+        if not name or "/" in name:
+            self._json(400, {"error": f"not a resource name: {name!r}"})
+            return
+        try:
+            self._json(200, resources.answer(name, rollout_id))
+        except NotFound as error:
+            self._json(404, {"error": str(error)})
+        except StoreUnavailable as error:
+            self._json(
+                503, {"error": str(error)}, {"Retry-After": str(max(1, math.ceil(self.app.retry_after)))}
+            )
+        except LightspanError as error:
+            self._json(400, {"error": str(error)})
+
+    def _json(self, status: int, body: dict[str, Any], headers: dict[str, str] | None = None) -> None:
+        self.reply(status, json.dumps(body, ensure_ascii=False).encode(), "application/json", headers)
 
     def _post(self) -> None:
         app, receiver = self.app, self.app.receiver

@@ -25,6 +25,7 @@ from lightspan.collector.httpd import Server, tls_context
 from lightspan.collector.metrics import Metrics
 from lightspan.collector.native import NATIVE_COLUMN_NAMES
 from lightspan.collector.receiver import Receiver
+from lightspan.collector.resources import ResourceDirectory
 from lightspan.errors import InvalidInput, StoreUnavailable
 from lightspan.store import Store, parse_store_url
 from lightspan.store import lock as store_lock
@@ -69,6 +70,7 @@ class Collector:
         self._grpc: OTLPGrpcServer | None = None
         self._http: Server | None = None
         self._sql: Server | None = None
+        self._resources = ResourceDirectory(lambda: Store.connect(self.config.store_url, migrate=False))
         self._stopped = threading.Event()
         self._started = False
 
@@ -120,7 +122,9 @@ class Collector:
                 max_request_bytes=config.max_request_bytes,
                 tls=tls_files,
             )
-            app = OTLPHttpApp(receiver, metrics, self.health, config.max_request_bytes, config.retry_after)
+            app = OTLPHttpApp(
+                receiver, metrics, self.health, config.max_request_bytes, config.retry_after, self._resources
+            )
             self._http = Server(config.host, config.http_port, OTLPHandler, app, ssl_context)
             if data_dir is not None and config.sql_port is not None:
                 from lightspan.collector.sql_endpoint import SQLApp, SQLHandler
@@ -168,6 +172,7 @@ class Collector:
             if self.url.path is not None:
                 store_lock.withdraw_endpoint(self.url.path)
             self._sql = None
+        self._resources.close()
         with self._store_lock:
             for index, store in enumerate(self._stores):
                 if store is not None:

@@ -12,6 +12,7 @@ instrumentation dependency), so an agent app never pulls torch, chDB or ClickHou
 
 from lightspan.instrumentation.context import NestedRolloutError, agent, current_agent, current_rollout
 from lightspan.instrumentation.episodes import Rollout, rollout
+from lightspan.instrumentation.resources import resource
 from lightspan.instrumentation.rewards import emit_action, emit_exception, emit_observation, emit_reward
 from lightspan.instrumentation.setup import Instrumentation, instrument
 
@@ -27,5 +28,6 @@ __all__ = [
     "emit_observation",
     "emit_reward",
     "instrument",
+    "resource",
     "rollout",
 ]

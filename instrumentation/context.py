@@ -15,11 +15,16 @@ wins:
 4. the process-wide environment (`LIGHTSPAN_ROLLOUT_ID`, `LIGHTSPAN_TASK_ID`, `LIGHTSPAN_ATTEMPT`,
    `LIGHTSPAN_RESOURCES_ID`), read when the processor is created: a runner process that runs one
    rollout sets them and needs no code in the agent.
+
+The resource versions a rollout fetched with `lightspan.resource(name)` are kept in `ledger`, by
+rollout id, and added to the rollout's `lightspan.resources.id` on every span started after the
+fetch (the rollout's own span gets the whole list when it ends).
 """
 
 from __future__ import annotations
 
 import os
+import threading
 import uuid
 import weakref
 from collections.abc import Iterator, Mapping
@@ -68,6 +73,70 @@ class RolloutInfo:
         if self.resources_id:
             attrs[semconv.RESOURCES_ID] = self.resources_id
         object.__setattr__(self, "attributes", MappingProxyType(attrs))
+
+
+def combine_resources(resources_id: str | None, fetched: Mapping[str, int]) -> str:
+    """`resources_id` ("policy:7") with the fetched versions ({"system_prompt": 3}) added:
+    "policy:7,system_prompt:3". A fetched name replaces the same name's entry already there."""
+    parts = [p.strip() for p in (resources_id or "").split(",") if p.strip()]
+    kept = [p for p in parts if p.rpartition(":")[0] not in fetched]
+    return ",".join([*kept, *(f"{name}:{version}" for name, version in fetched.items())])
+
+
+class ResourceLedger:
+    """Which resource versions each active rollout fetched, and the rollout identity to stamp.
+
+    Keyed by rollout id, not held in the OTel context: a fetch in the middle of a rollout must
+    reach spans whose context was made before it (a framework's own context, the parent
+    attributes of step 2 above). Reads on the span-start path take no lock; a rollout that
+    fetched nothing costs one dict lookup.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._used: dict[str, dict[str, tuple[int, Any]]] = {}  # rollout id -> name -> (version, value)
+        self._stamps: dict[str, tuple[RolloutInfo, RolloutInfo]] = {}  # rollout id -> (as given, stamped)
+
+    def record(self, rollout_id: str, name: str, version: int, value: Any) -> None:
+        """Rollout `rollout_id` uses `version` of `name` (and `value` is what the app was given)."""
+        with self._lock:
+            self._used.setdefault(rollout_id, {})[name] = (version, value)
+            self._stamps.pop(rollout_id, None)
+
+    def used(self, rollout_id: str, name: str) -> Any:
+        """What the rollout was given for `name` already, or None: one rollout, one version."""
+        entry = self._used.get(rollout_id, {}).get(name)
+        return None if entry is None else entry[1]
+
+    def stamped(self, rollout: RolloutInfo) -> RolloutInfo:
+        """`rollout` with the versions it fetched added to its resources id."""
+        if not self._used:
+            return rollout
+        fetched = self._used.get(rollout.rollout_id)
+        if not fetched:
+            return rollout
+        cached = self._stamps.get(rollout.rollout_id)
+        if cached is not None and (cached[0] is rollout or cached[0] == rollout):
+            return cached[1]
+        versions = {name: version for name, (version, _) in fetched.items()}
+        stamped = RolloutInfo(
+            rollout.rollout_id,
+            rollout.task_id,
+            rollout.attempt,
+            combine_resources(rollout.resources_id, versions),
+        )
+        with self._lock:
+            self._stamps[rollout.rollout_id] = (rollout, stamped)
+        return stamped
+
+    def forget(self, rollout_id: str) -> None:
+        """The rollout ended: drop what it fetched."""
+        with self._lock:
+            self._used.pop(rollout_id, None)
+            self._stamps.pop(rollout_id, None)
+
+
+ledger = ResourceLedger()
 
 
 def _env_attempt() -> int:
@@ -180,6 +249,8 @@ class RolloutStampingProcessor(SpanProcessor):
                     agent_name = current_agent()
             if rollout is None:
                 rollout = self._env
+        if rollout is not None:
+            rollout = ledger.stamped(rollout)
         if agent_name is None:
             if rollout is not None:
                 span.set_attributes(rollout.attributes)

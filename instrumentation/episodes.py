@@ -47,6 +47,7 @@ from lightspan.instrumentation.context import (
     current_rollout,
     enter_rollout,
     exit_rollout,
+    ledger,
     new_rollout_info,
 )
 from lightspan.instrumentation.rewards import _tracer, emit_reward
@@ -86,11 +87,17 @@ class _RolloutScope:
         span, self._span = self._span, None
         try:
             if span is not None:
+                # Started before any `lightspan.resource(...)` inside, the rollout's span gets the
+                # versions the rollout fetched now.
+                stamped = ledger.stamped(self._info)
+                if stamped.resources_id:
+                    span.set_attribute(semconv.RESOURCES_ID, stamped.resources_id)
                 if exc is not None:
                     span.record_exception(exc)
                     span.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"))
                 span.end()
         finally:
+            ledger.forget(self._info.rollout_id)
             otel_context.detach(self._tokens.pop())  # type: ignore[arg-type]
             exit_rollout(self._tokens.pop())
 

@@ -20,6 +20,7 @@ _EXPORTS: dict[str, str] = {
     "emit_exception": "lightspan.instrumentation",
     "rollout": "lightspan.instrumentation",
     "agent": "lightspan.instrumentation",
+    "resource": "lightspan.instrumentation",
     "Store": "lightspan.store",
     "Trainer": "lightspan.loop.api",
     "GRPO": "lightspan.loop.api",
@@ -42,6 +43,7 @@ __all__ = [
     "emit_observation",
     "emit_reward",
     "instrument",
+    "resource",
     "rollout",
 ]
 

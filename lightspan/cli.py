@@ -21,6 +21,7 @@ from lightspan.errors import LightspanError
 # that installs what their commands import.
 COMMAND_MODULES = {
     "lightspan.store.cli": "store",
+    "lightspan.store.resources_cli": "store",
     "lightspan.collector.cli": "collector",
     "lightspan.trainer.cli": "train",
     "lightspan.loop.cli": "loop",

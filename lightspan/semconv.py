@@ -41,6 +41,10 @@ ENV_TASK_ID = "LIGHTSPAN_TASK_ID"
 ENV_ATTEMPT = "LIGHTSPAN_ATTEMPT"
 ENV_RESOURCES_ID = "LIGHTSPAN_RESOURCES_ID"
 ENV_STORE = "LIGHTSPAN_STORE"
+# Where `lightspan.resource(name)` asks for versions (the collector's HTTP port), and the bearer
+# token a collector started with `--auth-token` wants.
+ENV_RESOURCES_URL = "LIGHTSPAN_RESOURCES_URL"
+ENV_AUTH_TOKEN = "LIGHTSPAN_AUTH_TOKEN"
 
 # --- OpenTelemetry GenAI semantic conventions (current) -------------------------------------------
 GEN_AI_OPERATION_NAME = "gen_ai.operation.name"

@@ -23,6 +23,7 @@ TRACES = "otel_traces"
 TRACE_ID_TS = "otel_traces_trace_id_ts"
 ROLLOUT_SPANS = "rollout_spans"
 RESOURCES = "resources"
+RESOURCE_ROUTES = "resource_routes"
 TRAIN_METRICS = "train_metrics"
 SCHEMA_VERSION = "schema_version"
 
@@ -441,6 +442,28 @@ def _rules_from_semconv(d: _DDL) -> list[str]:
     return statements
 
 
+def _resource_routes(d: _DDL) -> list[str]:
+    """Routes between resource versions, append-only like `resources` (see `store.routing`).
+
+    A row is a whole route: the versions and their weights, what wrote it (`route`, `promote`,
+    `rollback`), its number among the name's rows (`Seq`, the newest wins), and the promotion
+    history after it, which `rollback` reads. A name without rows follows its latest version.
+    """
+    return [
+        f"""CREATE TABLE IF NOT EXISTS {d.local(RESOURCE_ROUTES)}{d.on_cluster} (
+    Name LowCardinality(String),
+    Seq UInt32,
+    Action Enum8('route' = 1, 'promote' = 2, 'rollback' = 3),
+    Versions Array(UInt32),
+    Weights Array(Float64),
+    Promoted Array(UInt32),
+    Created DateTime64(3) DEFAULT now64(3)
+) ENGINE = {d.engine(RESOURCE_ROUTES, "ReplacingMergeTree")}
+ORDER BY (Name, Seq)""",
+        *d.distributed(RESOURCE_ROUTES, "cityHash64(Name)"),
+    ]
+
+
 # Numbered migrations. Append new ones; never edit one that has shipped.
 MIGRATIONS = (
     (1, "otel_traces as the OpenTelemetry ClickHouse exporter creates it", _traces),
@@ -449,6 +472,7 @@ MIGRATIONS = (
     (4, "rollout_spans token ids and logprobs computed on read", _token_ids_on_read),
     (5, "span tables write Compact parts up to 128 MiB", _compact_parts),
     (6, "rollout_spans IsLLMCall, AgentName and rewards follow semconv's rules", _rules_from_semconv),
+    (8, "resource_routes: canaries, splits, promotions and rollbacks", _resource_routes),
 )
 
 LATEST_VERSION = MIGRATIONS[-1][0]

@@ -20,10 +20,12 @@ import clickhouse_connect
 from clickhouse_connect.driver.exceptions import DatabaseError, OperationalError
 
 from lightspan.errors import InvalidInput, LightspanError, NotFound, StoreLocked, StoreUnavailable
-from lightspan.store import lock
+from lightspan.store import lock, routing
+from lightspan.store.compare import VersionComparison, compare_versions
 from lightspan.store.schema import (
     LATEST_VERSION,
     MIGRATIONS,
+    RESOURCE_ROUTES,
     RESOURCES,
     ROLLOUT_SPANS,
     SCHEMA_VERSION,
@@ -35,7 +37,7 @@ from lightspan.store.schema import (
 )
 from lightspan.store.spans import SPAN_SELECT, TRACE_COLUMNS, row_to_span, spans_to_columns
 from lightspan.store.url import StoreURL, parse_store_url
-from lightspan.types import Resource, Span, SpanTree
+from lightspan.types import PromptTemplate, Resource, Span, SpanTree
 
 if TYPE_CHECKING:
     from typing_extensions import Self  # annotations only: Python 3.10 has no typing.Self
@@ -325,7 +327,10 @@ class Store:
         """Rollouts, newest first, filtered; `shard=(rank, world)` keeps the tasks whose id
         hashes to `rank`, so data-parallel ranks split the data by whole task groups.
         `landed=True` keeps only rollouts whose root span has arrived (it ends, so it is
-        exported, after everything inside it). `llm_calls`, `rewards` and `final_reward` follow
+        exported, after everything inside it). A rollout's `resources_id` is the longest its
+        spans record (spans started before a `lightspan.resource(...)` call lack that version),
+        and `resources_id=` keeps the rollouts that record every version it names, among others:
+        "policy:7" selects a rollout of "policy:7,system_prompt:3". `llm_calls`, `rewards` and `final_reward` follow
         the rules in `lightspan.semconv`, as training reads them (`final_reward` is the reward
         `algorithms.from_spans` gives the rollout before its failure policy)."""
         having = ["rewards >= {min_rewards:UInt32}"]
@@ -338,7 +343,11 @@ class Store:
             "task = {task:String}": ("task", task),
             "start >= {since:DateTime64(9)}": ("since", since),
             "start < {until:DateTime64(9)}": ("until", until),
-            "resources = {resources:String}": ("resources", resources_id),
+            # every version the filter names ("policy:7"), among others the rollout may record
+            "hasAll(splitByChar(',', resources), splitByChar(',', {resources:String}))": (
+                "resources",
+                resources_id,
+            ),
         }
         for clause, (name, value) in filters.items():
             if value is not None:
@@ -350,7 +359,7 @@ class Store:
             params.update(rank=rank, world=world)
         query = f"""
             SELECT RolloutId, anyIf(TaskId, TaskId != '') AS task, max(Attempt) AS attempt,
-                   any(ServiceName) AS service, anyIf(ResourcesId, ResourcesId != '') AS resources,
+                   any(ServiceName) AS service, argMax(ResourcesId, length(ResourcesId)) AS resources,
                    arraySort(groupUniqArrayIf(AgentName, AgentName != '')) AS agents,
                    count() AS spans, countIf(IsLLMCall) AS llm_calls,
                    sum(RewardCount) AS rewards,
@@ -403,6 +412,8 @@ class Store:
         """
         if kind not in ("prompt", "checkpoint"):
             raise InvalidInput(f"resource kind must be 'prompt' or 'checkpoint', not {kind!r}")
+        if kind == "prompt":
+            PromptTemplate(content)  # InvalidInput for a template agents could not fill
         latest = self.latest_resource(name)
         version = (latest.version if latest else 0) + 1
         meta = json.dumps(dict(metadata or {}), default=str)
@@ -428,6 +439,133 @@ class Store:
         """The highest version of `name`, or None when it was never published."""
         versions = self.resources(name)
         return versions[-1] if versions else None
+
+    def resource(self, name: str, version: int) -> Resource:
+        """One version of `name`; NotFound when there is no such name or version."""
+        rows = self.sql(
+            f"SELECT Name, Version, Kind, Uri, Content, Metadata, Created FROM {RESOURCES} FINAL"
+            " WHERE Name = {name:String} AND Version = {version:UInt32}",
+            {"name": name, "version": version},
+        ).rows
+        if not rows:
+            known = ", ".join(map(str, self._versions(name)))  # NotFound for an unknown name
+            raise NotFound(f"resource {name!r} has no version {version} (versions: {known})")
+        r = rows[0]
+        return Resource(r[0], int(r[1]), r[2], r[3], r[4], json.loads(r[5] or "{}"), r[6])
+
+    def _versions(self, name: str) -> list[int]:
+        """The published versions of `name`, ascending; NotFound for a name never published."""
+        versions = [
+            int(v)
+            for (v,) in self.sql(
+                f"SELECT DISTINCT Version FROM {RESOURCES} WHERE Name = {{name:String}} ORDER BY Version",
+                {"name": name},
+            ).rows
+        ]
+        if not versions:
+            raise NotFound(f"no resource named {name!r} (see `lightspan resources list`)")
+        return versions
+
+    # --- routes between resource versions (see store.routing) ------------------------------------
+    def route(self, name: str) -> routing.Route:
+        """The route of `name` now: its newest route row, else the default (its latest version)."""
+        versions = self._versions(name)
+        rows = self.sql(
+            f"SELECT Seq, Action, Versions, Weights, Promoted, Created FROM {RESOURCE_ROUTES} FINAL"
+            " WHERE Name = {name:String} ORDER BY Seq DESC LIMIT 1",
+            {"name": name},
+        ).rows
+        if not rows:
+            return routing.default_route(name, versions)
+        seq, action, split_versions, weights, promoted, created = rows[0]
+        split = tuple((int(v), float(w)) for v, w in zip(split_versions, weights))
+        return routing.Route(name, split, action, int(seq), tuple(int(v) for v in promoted), created)
+
+    def routes(self, name: str) -> list[routing.Route]:
+        """Every route row of `name`, oldest first: the record of each change."""
+        self._versions(name)
+        rows = self.sql(
+            f"SELECT Seq, Action, Versions, Weights, Promoted, Created FROM {RESOURCE_ROUTES} FINAL"
+            " WHERE Name = {name:String} ORDER BY Seq",
+            {"name": name},
+        ).rows
+        return [
+            routing.Route(
+                name,
+                tuple((int(v), float(w)) for v, w in zip(vs, ws)),
+                action,
+                int(seq),
+                tuple(int(v) for v in promoted),
+                created,
+            )
+            for seq, action, vs, ws, promoted, created in rows
+        ]
+
+    def set_route(self, name: str, shares: Sequence[tuple[int, float]]) -> routing.Route:
+        """Split traffic: a canary or an A/B test (`routing.with_share`); returns the new route."""
+        return self._append_route(routing.with_share(self.route(name), self._versions(name), shares))
+
+    def promote(self, name: str, version: int) -> routing.Route:
+        """Send every rollout to `version` of `name`, on the record as a promotion."""
+        return self._append_route(routing.promoted(self.route(name), self._versions(name), version))
+
+    def rollback(self, name: str) -> routing.Route:
+        """Pin the version promoted before the newest promotion (`store.routing` has the rule)."""
+        return self._append_route(routing.rolled_back(self.route(name), self._versions(name)))
+
+    def _append_route(self, route: routing.Route) -> routing.Route:
+        """Write one route row. One writer per name is assumed, as for `publish_resource`."""
+        self._call(
+            "insert",
+            RESOURCE_ROUTES,
+            [
+                [
+                    route.name,
+                    route.seq,
+                    route.action,
+                    list(route.versions),
+                    [w for _, w in route.split],
+                    list(route.promoted),
+                ]
+            ],
+            column_names=["Name", "Seq", "Action", "Versions", "Weights", "Promoted"],
+        )
+        return route
+
+    def resource_for(self, name: str, rollout_id: str) -> Resource:
+        """The version of `name` that rollout `rollout_id` uses under the current route."""
+        return self.resource(name, routing.choose(self.route(name), rollout_id))
+
+    def compare_versions(self, name: str, *, since: datetime | None = None) -> VersionComparison:
+        """Final rewards of the rollouts that ran each version of `name` (`store.compare`).
+
+        A rollout counts for the version of `name` its spans record in `lightspan.resources.id`
+        and for its final reward (the one `rollouts()` reports); rollouts without a reward are
+        left out. `since` keeps the rollouts that started at or after it.
+        """
+        route = self.route(name)
+        prefix = f"{name}:"
+        element = "arrayFirst(x -> startsWith(x, {prefix:String}), arrayMap(trimBoth, splitByChar(',', ResourcesId)))"
+        query = f"""
+            SELECT version, groupArray(final_reward) FROM (
+                SELECT RolloutId,
+                       max(toUInt32OrZero(substring({element}, {{offset:UInt32}}))) AS version,
+                       argMaxIf(Reward, (RewardFinal, RewardTime, SpanId), Reward IS NOT NULL) AS final_reward,
+                       min(Timestamp) AS start
+                FROM {ROLLOUT_SPANS} FINAL
+                WHERE RolloutId IN (
+                    SELECT RolloutId FROM {ROLLOUT_SPANS} WHERE position(ResourcesId, {{prefix:String}}) > 0
+                )
+                GROUP BY RolloutId
+                HAVING version > 0 AND final_reward IS NOT NULL
+                       {"AND start >= {since:DateTime64(9)}" if since is not None else ""}
+            )
+            GROUP BY version ORDER BY version"""
+        params: dict[str, Any] = {"prefix": prefix, "offset": len(prefix) + 1}
+        if since is not None:
+            params["since"] = since
+        rewards = {int(v): [float(x) for x in values] for v, values in self.sql(query, params).rows}
+        return compare_versions(name, rewards, route.primary)
 
     # --- training metrics -----------------------------------------------------------------------
     def log_metrics(self, run: str, step: int, metrics: Mapping[str, float]) -> None:

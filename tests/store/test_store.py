@@ -120,13 +120,13 @@ def test_migrations_are_idempotent(store_url):
         "SELECT name, create_table_query FROM system.tables WHERE database = currentDatabase() ORDER BY name"
     )
     with Store.connect(store_url, migrate=False) as s:
-        assert s.migrate() == [1, 2, 3, 4, 5, 6]
+        assert s.migrate() == [1, 2, 3, 4, 5, 6, 8]
         before = s.sql(tables).rows
         assert s.migrate() == []
         assert s.sql(tables).rows == before
-        assert s.sql("SELECT count() FROM schema_version FINAL").scalar() == 6
+        assert s.sql("SELECT count() FROM schema_version FINAL").scalar() == 7
     with Store.connect(store_url) as s:  # a second open migrates nothing either
-        assert s.schema_version() == s.latest_schema_version == 6
+        assert s.schema_version() == s.latest_schema_version == 8
         assert s.sql(tables).rows == before
 
 
@@ -302,7 +302,7 @@ def test_cluster_ddl_uses_on_cluster_replicated_and_distributed():
     # No ClickHouse cluster here: the generated DDL text is what we can check.
     options = SchemaOptions(cluster="prod")
     ddl = "\n".join(
-        s for v in (1, 2, 3, 4, 5, 6) for s in migration_statements(v, options)
+        s for v in (1, 2, 3, 4, 5, 6, 8) for s in migration_statements(v, options)
     ) + schema_version_ddl(options)
     assert "CREATE TABLE IF NOT EXISTS otel_traces_local ON CLUSTER prod" in ddl
     assert "ReplicatedMergeTree('/clickhouse/tables/{shard}/{database}/otel_traces', '{replica}')" in ddl
@@ -335,7 +335,15 @@ def test_cluster_ddl_uses_on_cluster_replicated_and_distributed():
     ]
     assert rules[2].split(" ON CLUSTER prod ")[1].startswith("MODIFY QUERY WITH")
     assert rules[3].split(" ON CLUSTER prod ")[1].startswith("UPDATE AgentName = ")
-    single = "\n".join(s for v in (1, 2, 3, 4, 5, 6) for s in migration_statements(v, SchemaOptions()))
+    assert migration_statements(8, options)[1] == (
+        "CREATE TABLE IF NOT EXISTS resource_routes ON CLUSTER prod AS resource_routes_local ENGINE = "
+        "Distributed('prod', currentDatabase(), resource_routes_local, cityHash64(Name))"
+    )
+    assert (
+        "ReplicatedReplacingMergeTree('/clickhouse/tables/{shard}/{database}/resource_routes', '{replica}')"
+        in ddl
+    )
+    single = "\n".join(s for v in (1, 2, 3, 4, 5, 6, 8) for s in migration_statements(v, SchemaOptions()))
     assert "ON CLUSTER" not in single and "Distributed" not in single and "Replicated" not in single
     assert parse_store_url("http://u:p@h:9000/db?cluster=prod").cluster == "prod"
 
@@ -429,7 +437,7 @@ def test_migration_6_rewrites_the_rows_of_an_older_store(
             # The old view counted the invoke_agent span as a call and ignored the final flag.
             assert old.sql(columns, {"r": old_tree}).rows == [("c", True, None), ("root", True, None)]
     with Store.connect(store_url) as s:
-        assert s.schema_version() == 6
+        assert s.schema_version() == s.latest_schema_version
         assert s.migrate() == []  # idempotent: nothing left to apply
         s.insert_spans(TREES[new_tree])
         stored = stored_columns(s)
