@@ -18,7 +18,11 @@ TASKS = ["t1", "t2", "t3", "t4"]
 
 
 def test_fronts_hold_every_candidate_with_the_best_score_of_a_task():
-    matrix = {0: {"t1": 1, "t2": 0, "t3": 0.5}, 1: {"t1": 1, "t2": 1, "t3": 0}, 2: {"t1": 0, "t2": 0, "t3": 0.5}}
+    matrix = {
+        0: {"t1": 1, "t2": 0, "t3": 0.5},
+        1: {"t1": 1, "t2": 1, "t3": 0},
+        2: {"t1": 0, "t2": 0, "t3": 0.5},
+    }
     assert prompts.pareto_fronts(matrix, ["t1", "t2", "t3", "t4"]) == {"t1": {0, 1}, "t2": {1}, "t3": {0, 2}}
 
 
@@ -89,9 +93,9 @@ def test_a_rewrite_that_drops_or_invents_placeholders_is_refused(text, message):
 
 def test_a_rewrite_with_the_same_placeholders_is_accepted():
     parent = PromptTemplate("Answer {question}.")
-    assert prompts.check_placeholders(parent, "Think, then answer {question}. Use {{json}}.").placeholders == {
-        "question"
-    }
+    assert prompts.check_placeholders(
+        parent, "Think, then answer {question}. Use {{json}}."
+    ).placeholders == {"question"}
 
 
 def _call(span_id, parent, start, messages, reply, rollout="r1", **extra):
@@ -112,13 +116,29 @@ def test_an_example_from_a_span_tree_has_messages_tool_calls_errors_and_reward()
     first = [{"role": "system", "content": "Be short."}, {"role": "user", "content": "capital of Peru?"}]
     spans = [
         root,
-        _call("2" * 16, root.span_id, 10, first, {"role": "assistant", "content": None, "tool_calls": [tool]}),
-        Span("a" * 32, "3" * 16, root.span_id, "tool.lookup", 20, 30, {}, status_code="Error", status_message="404"),
+        _call(
+            "2" * 16, root.span_id, 10, first, {"role": "assistant", "content": None, "tool_calls": [tool]}
+        ),
+        Span(
+            "a" * 32,
+            "3" * 16,
+            root.span_id,
+            "tool.lookup",
+            20,
+            30,
+            {},
+            status_code="Error",
+            status_message="404",
+        ),
         _call(
             "4" * 16,
             root.span_id,
             40,
-            [*first, {"role": "assistant", "content": None, "tool_calls": [tool]}, {"role": "tool", "content": "?"}],
+            [
+                *first,
+                {"role": "assistant", "content": None, "tool_calls": [tool]},
+                {"role": "tool", "content": "?"},
+            ],
             {"role": "assistant", "content": "Lima."},
         ),
         Span(
@@ -139,14 +159,18 @@ def test_an_example_from_a_span_tree_has_messages_tool_calls_errors_and_reward()
 
 
 def test_a_failed_rollout_without_reward_is_shown_with_reward_zero():
-    root = Span("b" * 32, "1" * 16, "", semconv.ROLLOUT_SPAN, 0, 9, {}, status_code="Error", status_message="boom")
+    root = Span(
+        "b" * 32, "1" * 16, "", semconv.ROLLOUT_SPAN, 0, 9, {}, status_code="Error", status_message="boom"
+    )
     example = prompts.example_from_tree(SpanTree("r2", [root]))
     assert example.reward == 0.0 and example.errors == [f"{semconv.ROLLOUT_SPAN}: boom"]
 
 
 def test_reflection_messages_show_the_prompt_and_failures_first():
     win = prompts.Example("t1", "2+2?", 1.0, [{"role": "assistant", "content": "4"}])
-    loss = prompts.Example("t2", "3+3?", 0.0, [{"role": "assistant", "content": "six"}], errors=["parse: bad"])
+    loss = prompts.Example(
+        "t2", "3+3?", 0.0, [{"role": "assistant", "content": "six"}], errors=["parse: bad"]
+    )
     system, user = prompts.reflection_messages(PromptTemplate("Solve {question}."), [win, loss])
     assert "{question}" in system["content"] and "<prompt>" in system["content"]
     body = user["content"]

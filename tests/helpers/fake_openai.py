@@ -10,7 +10,8 @@ chunk with the finish reason, a usage chunk when `stream_options.include_usage` 
 
 Replies are scripted: `FakeOpenAI(script=[...])` takes strings (assistant text) and
 `ToolCall(name, arguments)` items (a tool call), consumed one per request; when the script runs
-out every reply is `default_reply`. Token ids are a deterministic function of the text (a crc32 of
+out every reply is `default_reply`. Or `responder(body)` computes each reply from the request (an LLM
+whose behaviour is a function of its prompt). Token ids are a deterministic function of the text (a crc32 of
 each whitespace-separated word), so tests can recompute them. Every request body is kept in
 `requests` for assertions.
 """
@@ -21,6 +22,7 @@ import json
 import threading
 import time
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING, Any
@@ -63,6 +65,7 @@ class FakeOpenAI:
     default_reply: str = "The answer is 4."
     always_token_ids: bool = False
     requests: list[dict[str, Any]] = field(default_factory=list)
+    responder: Callable[[dict[str, Any]], str | ToolCall] | None = None
 
     def __post_init__(self) -> None:
         self._lock = threading.Lock()
@@ -137,7 +140,7 @@ class FakeOpenAI:
         with self._lock:
             self.requests.append(body)
             index = len(self.requests)
-        reply = self._next_reply()
+        reply = self.responder(body) if self.responder is not None else self._next_reply()
         messages = body.get("messages") or []
         prompt_ids = tokenize(prompt_text(messages))
         if isinstance(reply, ToolCall):

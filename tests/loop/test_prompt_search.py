@@ -1,0 +1,200 @@
+"""The prompt search through the real parts: collector, chDB store, runner processes, OTLP.
+
+Hosted LLM APIs cannot run here, so `tests/helpers/fake_openai.py` stands for both the agent's
+LLM and the optimizer LLM, each a deterministic function of the prompt it gets: the agent's LLM
+answers with the bare city only when the prompt asks for "the city name only" (else it chats
+around it, which the exact-match reward scores 0); the optimizer, shown chatty failures, proposes
+adding that instruction (its first proposal drops the `{question}` placeholder and must be
+refused before it costs a rollout); shown no failure, it returns the prompt unchanged.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import pytest
+
+import lightspan
+from lightspan.errors import InvalidInput, LightspanError
+from lightspan.loop.prompt_backend import MATRIX_SQL
+from lightspan.loop.prompt_search import APO, Candidate, Search
+from lightspan.store import Store
+from lightspan.types import LLM, PromptTemplate
+from tests.helpers.fake_openai import FakeOpenAI, prompt_text
+from tests.helpers.fit_agents import plain_agent, prompted_capital_agent
+
+CAPITALS = {
+    "France": "Paris",
+    "Germany": "Berlin",
+    "Spain": "Madrid",
+    "Italy": "Rome",
+    "Japan": "Tokyo",
+    "Peru": "Lima",
+    "Egypt": "Cairo",
+    "Norway": "Oslo",
+}
+TASKS = [
+    {"id": f"cap-{c.lower()}", "question": f"What is the capital of {c}?", "answer": a}
+    for c, a in CAPITALS.items()
+]
+TRAIN, VAL = TASKS[:4], TASKS[4:]
+EXACT = "Reply with the city name only."
+SEED = "Question: {question}"
+
+
+class Behaviour:
+    """The fake's replies for both models (see the module doc)."""
+
+    def __init__(self) -> None:
+        self.proposals = 0
+
+    def __call__(self, body: dict[str, Any]) -> str:
+        text = prompt_text(body["messages"])
+        if body["model"] == "agent":
+            city = CAPITALS[re.search(r"capital of (\w+)", text).group(1)]
+            return city if EXACT in text else f"I think it is {city}."
+        current = re.search(r"<prompt>\n(.*?)\n</prompt>", body["messages"][-1]["content"], re.S).group(1)
+        self.proposals += 1
+        if "reward 0" in text and "I think it is" in text:
+            if self.proposals == 1:
+                return f"<prompt>{EXACT}</prompt>"  # drops {question}: refused, no rollout
+            return f"Here you go:\n<prompt>{EXACT} {current}</prompt>"
+        return f"<prompt>{current}</prompt>"
+
+
+@pytest.fixture
+def fake():
+    with FakeOpenAI(responder=Behaviour()) as server:
+        yield server
+
+
+def _trainer(tmp_path, fake, run, optimizer_url=None, **apo):
+    settings = dict(
+        rollout_budget=40, optimizer_budget=3, minibatch=2, optimizer_retries=1, optimizer_backoff=0.05
+    )
+    return lightspan.Trainer(
+        algorithm=APO(optimizer=LLM(optimizer_url or fake.base_url, "optimizer"), **{**settings, **apo}),
+        initial_resources={"system_prompt": PromptTemplate(SEED)},
+        llm=LLM(fake.base_url, "agent"),
+        n_runners=1,
+        runner_concurrency=4,
+        workdir=tmp_path / "search",
+        run=run,
+        progress=False,
+    )
+
+
+def _agent_calls(fake: FakeOpenAI) -> int:
+    return sum(r["model"] == "agent" for r in fake.requests)
+
+
+@pytest.mark.slow
+def test_the_search_publishes_a_better_prompt_with_versions_and_scores_in_sql(tmp_path, fake):
+    result = _trainer(tmp_path, fake, "s1").fit(prompted_capital_agent, TRAIN, VAL)
+
+    assert (result.seed_val_score, result.val_score) == (0.0, 1.0)
+    assert result.prompt.template == f"{EXACT} {SEED}"
+    assert result.resources_id == "system_prompt:2"
+    rejected = [c for c in result.search.candidates if c.rejected]
+    assert len(rejected) == 1 and "drops ['question']" in rejected[0].rejected
+    # Every rollout the search counted was an agent call: the refused proposal cost none.
+    assert _agent_calls(fake) == result.search.rollouts
+    with Store.connect(f"chdb://{tmp_path / 'search' / 'store'}") as store:
+        (initial, winner) = store.resources("system_prompt")
+        assert initial.content == SEED and winner.content == result.prompt.template
+        assert winner.metadata["parent"] == "system_prompt:1" and winner.metadata["val_score"] == 1.0
+        assert winner.metadata["scores"] == {t["id"]: 1.0 for t in VAL}
+        candidate = winner.metadata["candidate"]  # e.g. system_prompt@s1:3
+        # The candidate x task matrix is one query over the rollouts, which carry the versions.
+        matrix = {(c, t): s for c, t, s, _ in store.sql(MATRIX_SQL, {"prefix": "s1/"}).rows}
+        assert all(matrix[("system_prompt@s1:1", t["id"])] == 0.0 for t in VAL)
+        assert all(matrix[(candidate, t["id"])] == 1.0 for t in VAL)
+        # The optimizer's calls are traced under their own service, with the messages it saw.
+        calls = store.sql(
+            "SELECT count(), countIf(SpanAttributes['gen_ai.input.messages'] LIKE '%I think it is%') "
+            "FROM otel_traces WHERE ServiceName = 'lightspan-apo'"
+        ).rows[0]
+        assert calls == (3, 2)
+        # Best and Pareto validation score against rollouts, for `lightspan report`.
+        series = store.metrics("s1/search")
+        assert series["best_val_score"][0] == (4, 0.0) and series["best_val_score"][-1][1] == 1.0
+
+
+@pytest.mark.slow
+def test_a_search_whose_optimizer_is_down_keeps_its_state_and_resumes(tmp_path, fake):
+    with pytest.raises(LightspanError, match=r"optimizer LLM at http://127\.0\.0\.1:9/v1 .* failed 2 times"):
+        _trainer(tmp_path, fake, "s2", optimizer_url="http://127.0.0.1:9/v1").fit(
+            prompted_capital_agent, TRAIN, VAL
+        )
+    ran_before = _agent_calls(fake)
+    assert ran_before == 6  # the seed on the 4 validation tasks, then on a minibatch of 2
+
+    result = _trainer(tmp_path, fake, "s2").fit(prompted_capital_agent, TRAIN, VAL)
+    assert result.val_score == 1.0 and result.resources_id == "system_prompt:2"
+    # Resumed: the 6 stored rollouts were read back, not run again.
+    assert _agent_calls(fake) == result.search.rollouts
+    assert _agent_calls(fake) - ran_before == result.search.rollouts - 6
+
+
+def test_bad_settings_are_named_before_anything_starts(tmp_path, fake):
+    with pytest.raises(InvalidInput, match="takes no 'system_prompt' argument"):
+        _trainer(tmp_path, fake, "x").fit(plain_agent, TRAIN, VAL)
+    with pytest.raises(InvalidInput, match="pass llm="):
+        lightspan.Trainer(algorithm=APO(optimizer=LLM("http://x", "m")))
+    with pytest.raises(InvalidInput, match="selection must be"):
+        lightspan.Trainer(
+            algorithm=APO(optimizer=LLM("http://x", "m"), selection="best"), llm=LLM("http://x", "m")
+        )
+    with pytest.raises(InvalidInput, match="grpo trains a model"):
+        lightspan.Trainer()
+    assert not (tmp_path / "search").exists()
+
+
+class MemoryBackend:
+    """The search over dictionaries: prompt text -> per-task scores, a scripted optimizer."""
+
+    def __init__(self, scores: dict[str, dict[str, float]], proposals: list[str], stored=()) -> None:
+        self.table, self.proposals = scores, list(proposals)
+        self.candidates: list[Candidate] = list(stored)
+        self.asked = 0
+        self.ran: list[tuple[int, str]] = []
+
+    def stored_candidates(self):
+        return list(self.candidates)
+
+    def add_candidate(self, text, parents, origin, key, rejected):
+        candidate = Candidate(len(self.candidates) + 1, text, parents, origin, key, rejected)
+        self.candidates.append(candidate)
+        return candidate
+
+    def score(self, candidate, task_ids, samples):
+        self.ran += [(candidate.id, t) for t in task_ids]
+        return {t: self.table[candidate.text][t] for t in task_ids}
+
+    def examples(self, candidate, task_ids, samples):
+        return []
+
+    def ask(self, messages):
+        self.asked += 1
+        return self.proposals.pop(0)
+
+    def log(self, rollouts, metrics):
+        pass
+
+
+def test_the_driver_replays_stored_candidates_without_asking_again():
+    scores = {
+        "A {q}": {"t1": 0, "t2": 0},
+        "B {q}": {"t1": 1, "t2": 0},
+        "C {q}": {"t1": 1, "t2": 1},
+    }
+    apo = APO(optimizer=LLM("http://x", "m"), rollout_budget=100, optimizer_budget=3, minibatch=2)
+    first = MemoryBackend(scores, ["B {q}", "no placeholder", "C {q}"])
+    result = Search(apo, first, PromptTemplate("A {q}"), ["t1", "t2"], ["t1", "t2"], progress=False).run()
+    assert result.best.text == "C {q}" and result.optimizer_calls == 3 and first.asked == 3
+    assert [c.rejected is not None for c in first.candidates] == [False, False, True, False]
+
+    again = MemoryBackend(scores, [], stored=first.candidates)
+    replay = Search(apo, again, PromptTemplate("A {q}"), ["t1", "t2"], ["t1", "t2"], progress=False).run()
+    assert again.asked == 0 and replay.best == result.best and replay.rollouts == result.rollouts
