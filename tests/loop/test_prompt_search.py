@@ -54,7 +54,9 @@ class Behaviour:
         if body["model"] == "agent":
             city = CAPITALS[re.search(r"capital of (\w+)", text).group(1)]
             return city if EXACT in text else f"I think it is {city}."
-        current = re.search(r"<prompt>\n(.*?)\n</prompt>", body["messages"][-1]["content"], re.S).group(1)
+        current = re.search(r"<prompt>\n(.*?)\n</prompt>", body["messages"][-1]["content"], re.DOTALL).group(
+            1
+        )
         self.proposals += 1
         if "reward 0" in text and "I think it is" in text:
             if self.proposals == 1:
@@ -70,9 +72,13 @@ def fake():
 
 
 def _trainer(tmp_path, fake, run, optimizer_url=None, **apo):
-    settings = dict(
-        rollout_budget=40, optimizer_budget=3, minibatch=2, optimizer_retries=1, optimizer_backoff=0.05
-    )
+    settings = {
+        "rollout_budget": 40,
+        "optimizer_budget": 3,
+        "minibatch": 2,
+        "optimizer_retries": 1,
+        "optimizer_backoff": 0.05,
+    }
     return lightspan.Trainer(
         algorithm=APO(optimizer=LLM(optimizer_url or fake.base_url, "optimizer"), **{**settings, **apo}),
         initial_resources={"system_prompt": PromptTemplate(SEED)},
