@@ -12,7 +12,9 @@ Two selections, at the same budgets:
   the optimizer for a rewrite from those rollouts, runs the rewrite on the same minibatch, and
   only a rewrite that does better there is scored on the validation tasks and joins the pool.
   With `merge=True`, every `merge_every`-th proposal instead asks the optimizer to combine two
-  non-dominated candidates that win different tasks.
+  non-dominated candidates that win different tasks. `selection="best"` runs the same loop with
+  the best candidate by mean as the parent every time (GEPA's `CurrentBestCandidateSelector`, the
+  ablation that isolates what Pareto selection adds).
 - `selection="beam"` (Agent Lightning's APO, `agentlightning/algorithm/apo`): each round, every
   prompt of the beam gets `branch_factor` rewrites, each from its own minibatch of training
   rollouts; parents and children are scored on a validation batch and the best `beam_width` kept.
@@ -54,7 +56,7 @@ class APO:
 
     optimizer: LLM
     resource: str | None = None
-    selection: Literal["pareto", "beam"] = "pareto"
+    selection: Literal["pareto", "beam", "best"] = "pareto"
     rollout_budget: int = 400
     optimizer_budget: int = 100
     minibatch: int = 4
@@ -72,8 +74,8 @@ class APO:
     name: str = field(default="apo", init=False)
 
     def validate(self) -> None:
-        if self.selection not in ("pareto", "beam"):
-            raise InvalidInput(f"APO selection must be 'pareto' or 'beam', not {self.selection!r}")
+        if self.selection not in ("pareto", "beam", "best"):
+            raise InvalidInput(f"APO selection must be 'pareto', 'beam' or 'best', not {self.selection!r}")
         counts = {
             "rollout_budget": self.rollout_budget,
             "optimizer_budget": self.optimizer_budget,
@@ -277,7 +279,7 @@ class Search:
         seed = self._candidate("seed", self.seed_prompt.template, (), "seed", None)
         try:
             self._validate(seed, self._val_batch(0) if self.apo.selection == "beam" else None)
-            if self.apo.selection == "pareto":
+            if self.apo.selection in ("pareto", "best"):
                 self._pareto()
             else:
                 self._beam()
@@ -292,7 +294,10 @@ class Search:
             rng = self._rng("pareto", step)
             if self.apo.merge and step % self.apo.merge_every == 0 and self._merge(step, rng):
                 continue
-            parent = self._by_id(prompts.sample_parent(self.val_matrix, self.val, rng))
+            if self.apo.selection == "best":
+                parent = self._by_id(prompts.best(self.val_matrix, self.val))
+            else:
+                parent = self._by_id(prompts.sample_parent(self.val_matrix, self.val, rng))
             batch = rng.sample(self.train, min(self.apo.minibatch, len(self.train)))
             child = self._reflect(f"pareto/{step}", parent, batch)
             if child is None:
