@@ -209,8 +209,8 @@ class Trainer:
             return self.run_loop(loop, agent, train, val, on_iteration)
 
     def trainer_config(self, tasks_per_iteration: int) -> dict[str, Any]:
-        sections = self.algorithm.sections()
         assert self.model is not None and not isinstance(self.algorithm, APO)  # checked in __init__
+        sections = self.algorithm.sections()
         config: dict[str, Any] = {
             "run": self.run,
             "model": {"path": str(self.model.resolve())},

@@ -87,8 +87,8 @@ class Optimizer:
                 try:
                     reply = self._client.chat.completions.create(
                         model=self.llm.model,
-                        messages=messages,
-                        temperature=self.temperature,  # type: ignore[arg-type]
+                        messages=messages,  # type: ignore[arg-type]  # plain role/content dicts
+                        temperature=self.temperature,
                     )
                     text = reply.choices[0].message.content or ""
                     span.set_attribute(

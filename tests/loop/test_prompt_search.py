@@ -204,3 +204,34 @@ def test_the_driver_replays_stored_candidates_without_asking_again():
     again = MemoryBackend(scores, [], stored=first.candidates)
     replay = Search(apo, again, PromptTemplate("A {q}"), ["t1", "t2"], ["t1", "t2"], progress=False).run()
     assert again.asked == 0 and replay.best == result.best and replay.rollouts == result.rollouts
+
+
+def test_an_optimizer_that_answers_junk_is_retried_then_named():
+    from lightspan.loop.prompt_backend import Optimizer
+
+    with FakeOpenAI(responder=lambda body: "<html>502 Bad Gateway</html>") as junk:
+        optimizer = Optimizer(LLM(junk.base_url, "opt"), retries=2, backoff=0.01, timeout=5, temperature=1.0)
+        with pytest.raises(
+            LightspanError,
+            match=rf"optimizer LLM at {re.escape(junk.base_url)} \(model 'opt'\) "
+            r"failed 3 times; last: InvalidInput: .*no <prompt>",
+        ):
+            optimizer.ask([{"role": "user", "content": "improve"}])
+        assert len(junk.requests) == 3
+
+
+def test_merge_proposes_from_two_candidates_that_win_different_tasks():
+    scores = {
+        "A {q}": {"t1": 0, "t2": 0},
+        "B {q}": {"t1": 1, "t2": 0},
+        "C {q}": {"t1": 0.6, "t2": 0.6},
+        "B C {q}": {"t1": 1, "t2": 1},
+    }
+    apo = APO(optimizer=LLM("http://x", "m"), optimizer_budget=3, minibatch=2, merge=True, merge_every=3)
+    backend = MemoryBackend(scores, ["B {q}", "C {q}", "B C {q}"])
+    # Steps 1 and 2 reflect (A -> B, then B -> C, better on the minibatch: 1.2 > 1), both join
+    # the pool; B wins t1, C wins t2, so step 3 asks for a merge of the two.
+    result = Search(apo, backend, PromptTemplate("A {q}"), ["t1", "t2"], ["t1", "t2"], progress=False).run()
+    merged = backend.candidates[-1]
+    assert (merged.origin, merged.key, merged.parents) == ("merge", "merge/3", (2, 3))
+    assert result.best == merged and result.val_score == 1.0
