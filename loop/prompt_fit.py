@@ -10,17 +10,22 @@ resource's next version with its scores and its parent (the version the search s
 
 from __future__ import annotations
 
+import json
+import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
+from lightspan import semconv
+from lightspan.algorithms import prompts
 from lightspan.algorithms.prompts import Example
 from lightspan.errors import InvalidInput
 from lightspan.loop.prompt_backend import SEARCH_SERVICE, Optimizer, StoreBackend
 from lightspan.loop.prompt_search import APO, Search, SearchResult
 from lightspan.loop.runner import RunnerPool, failed_rollout_recorder, resource_arguments, task_id_of
 from lightspan.loop.supervisor import ClosedLoop
-from lightspan.types import PromptTemplate, Resource
+from lightspan.types import PromptTemplate, Resource, SpanTree
 
 if TYPE_CHECKING:
     from lightspan.loop.api import Trainer
@@ -166,3 +171,53 @@ def search_prompts(
     return PromptFitResult(
         trainer.run, name, result.best.template, result.val_score, result.seed_val_score, published, result
     )
+
+
+def recorded_task(tree: SpanTree) -> Any:
+    """The task an app recorded in the rollout (`emit_observation("task", task)`), or None."""
+    for span in tree.spans:
+        if (
+            span.name == semconv.OBSERVATION_SPAN
+            and span.attr(semconv.OBSERVATION_NAME) == semconv.TASK_OBSERVATION
+        ):
+            payload = span.attr(semconv.PAYLOAD)
+            try:
+                return json.loads(payload) if payload is not None else None
+            except ValueError:
+                return payload
+    return None
+
+
+def production_inputs(
+    store: Any, service: str, since: datetime, *, limit: int, reflect: int, seed: int
+) -> tuple[list[Example], list[Any], list[Any]]:
+    """From a service's stored rollouts since `since`: the examples that seed reflection
+    (`reflect` of them, the lowest and the highest rewards alternately, so the optimizer sees
+    failures and successes), and the recorded tasks split into training and validation halves."""
+    rollouts = store.rollouts(service=service, since=since, landed=True, limit=limit)
+    if not rollouts:
+        raise InvalidInput(
+            f"no finished rollouts of service {service!r} since {since:%Y-%m-%d %H:%M} in {store.url}"
+        )
+    trees = store.span_trees([r.rollout_id for r in rollouts])
+    examples, tasks = [], {}
+    for r in rollouts:
+        tree = trees.get(r.rollout_id)
+        if tree is None:
+            continue
+        task = recorded_task(tree)
+        examples.append(prompts.example_from_tree(tree, task))
+        if isinstance(task, dict) and r.task_id not in tasks:
+            tasks[r.task_id] = {**task, "id": r.task_id}
+    if len(tasks) < 2:
+        raise InvalidInput(
+            f"{len(tasks)} of the {len(rollouts)} rollouts of {service!r} recorded their task; replaying needs "
+            f"at least 2: record it in the app with lightspan.emit_observation({semconv.TASK_OBSERVATION!r}, task) "
+            "(a JSON object)"
+        )
+    ranked = sorted(examples, key=lambda e: e.reward if e.reward is not None else 0.0)
+    shown = [ranked[i // 2] if i % 2 == 0 else ranked[-1 - i // 2] for i in range(min(reflect, len(ranked)))]
+    replay = list(tasks.values())
+    random.Random(seed).shuffle(replay)
+    half = max(1, len(replay) // 2)
+    return shown, replay[half:], replay[:half]

@@ -347,7 +347,11 @@ def test_capital_cities_apo_mode_improves_the_prompt_against_the_endpoints_in_th
             system, user = body["messages"][0]["content"], body["messages"][-1]["content"]
             return answers[user] if "city only" in system else f"The capital is {answers[user]}."
         shown = body["messages"][-1]["content"]
-        fix = "Answer with the name of the city only." if "reward 0" in shown else "You are a helpful assistant."
+        fix = (
+            "Answer with the name of the city only."
+            if "reward 0" in shown
+            else "You are a helpful assistant."
+        )
         return f"<prompt>{fix}</prompt>"
 
     with FakeOpenAI(responder=respond) as fake:
@@ -364,6 +368,7 @@ def test_capital_cities_apo_mode_improves_the_prompt_against_the_endpoints_in_th
             capture_output=True,
             text=True,
             timeout=400,
+            check=False,
             env=env,
             cwd=tmp_path,
         )

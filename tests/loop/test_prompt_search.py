@@ -235,3 +235,148 @@ def test_merge_proposes_from_two_candidates_that_win_different_tasks():
     merged = backend.candidates[-1]
     assert (merged.origin, merged.key, merged.parents) == ("merge", "merge/3", (2, 3))
     assert result.best == merged and result.val_score == 1.0
+
+
+def _production(store_url: str, *, record_task: bool = True) -> None:
+    """A 'production' service's traced rollouts: the app recorded each task, the model chatted
+    ("I think it is Paris, I guess."), the user gave reward 0; and the prompt it ran, version 1."""
+    import json as _json
+    import time
+
+    from lightspan import semconv
+    from lightspan.types import Span
+
+    spans, now = [], time.time_ns()
+    for i, task in enumerate(TASKS[:4]):
+        trace, rid, t = f"{i + 1:032x}", f"prod-{i}", now + i * 1000
+        ids = {semconv.ROLLOUT_ID: rid, semconv.TASK_ID: task["id"]}
+        spans.append(
+            Span(trace, f"{i:015x}a", "", semconv.ROLLOUT_SPAN, t, t + 900, ids, service_name="prod")
+        )
+        if record_task:
+            payload = _json.dumps({"question": task["question"], "answer": task["answer"]})
+            observation = {**ids, semconv.OBSERVATION_NAME: "task", semconv.PAYLOAD: payload}
+            spans.append(
+                Span(
+                    trace,
+                    f"{i:015x}b",
+                    f"{i:015x}a",
+                    semconv.OBSERVATION_SPAN,
+                    t + 1,
+                    t + 2,
+                    observation,
+                    service_name="prod",
+                )
+            )
+        call = {
+            **ids,
+            semconv.GEN_AI_OPERATION_NAME: "chat",
+            semconv.GEN_AI_INPUT_MESSAGES: _json.dumps(
+                [{"role": "user", "content": SEED.format(question=task["question"])}]
+            ),
+            semconv.GEN_AI_OUTPUT_MESSAGES: _json.dumps(
+                [{"role": "assistant", "content": f"I think it is {task['answer']}, I guess."}]
+            ),
+        }
+        spans.append(
+            Span(trace, f"{i:015x}c", f"{i:015x}a", "chat", t + 3, t + 500, call, service_name="prod")
+        )
+        reward = {**ids, semconv.REWARD_VALUE: "0.0", semconv.REWARD_FINAL: "true"}
+        spans.append(
+            Span(
+                trace,
+                f"{i:015x}d",
+                f"{i:015x}a",
+                semconv.REWARD_SPAN,
+                t + 600,
+                t + 601,
+                reward,
+                service_name="prod",
+            )
+        )
+    with Store.connect(store_url) as store:
+        store.insert_spans(spans)
+        store.publish_resource("system_prompt", "prompt", content=SEED)
+
+
+@pytest.mark.slow
+def test_optimize_prompt_seeds_reflection_from_production_and_replays_its_tasks(tmp_path, fake):
+    from tests.helpers.processes import run_cli
+
+    url = f"chdb://{tmp_path / 'prod'}"
+    _production(url)
+    done = run_cli(
+        "optimize-prompt",
+        "--store",
+        url,
+        "--service",
+        "prod",
+        "--resource",
+        "system_prompt",
+        "--since",
+        "1d",
+        "--agent",
+        "tests.helpers.fit_agents:prompted_capital_agent",
+        "--llm-base-url",
+        fake.base_url,
+        "--llm-model",
+        "agent",
+        "--optimizer-model",
+        "optimizer",
+        "--rollout-budget",
+        "20",
+        "--optimizer-budget",
+        "3",
+        "--runners",
+        "1",
+        "--workdir",
+        str(tmp_path / "work"),
+        "--run",
+        "prod1",
+        timeout=400,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (
+        "4 stored rollouts of 'prod' seed reflection; replaying 2 training and 2 validation tasks"
+        in done.stderr
+    )
+    assert "validation score 0.000 -> 1.000" in done.stdout and "published: system_prompt:2" in done.stdout
+    first = next(r for r in fake.requests if r["model"] == "optimizer")
+    assert "I guess" in first["messages"][-1]["content"]  # the stored production rollouts, not fresh ones
+    # Replayed: the agent ran the recorded tasks with the candidates.
+    asked = {r["messages"][0]["content"] for r in fake.requests if r["model"] == "agent"}
+    assert any(EXACT in a for a in asked) and len(asked) >= 2
+    with Store.connect(url) as store:
+        assert store.latest_resource("system_prompt").metadata["parent"] == "system_prompt:1"
+
+
+@pytest.mark.parametrize(
+    "record_task, service, message",
+    [
+        (True, "nothing-here", "no finished rollouts of service 'nothing-here'"),
+        (False, "prod", "0 of the 4 rollouts of 'prod' recorded their task"),
+    ],
+)
+def test_optimize_prompt_without_replayable_rollouts_says_why(tmp_path, record_task, service, message):
+    from tests.helpers.processes import run_cli
+
+    url = f"chdb://{tmp_path / 'prod'}"
+    _production(url, record_task=record_task)
+    done = run_cli(
+        "optimize-prompt",
+        "--store",
+        url,
+        "--service",
+        service,
+        "--resource",
+        "system_prompt",
+        "--agent",
+        "tests.helpers.fit_agents:prompted_capital_agent",
+        "--llm-base-url",
+        "http://127.0.0.1:9/v1",
+        "--llm-model",
+        "agent",
+        "--optimizer-model",
+        "optimizer",
+    )
+    assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr
