@@ -110,7 +110,7 @@ def _agent(spec: str) -> Callable[..., object]:
         raise InvalidInput(f"cannot import the agent {spec!r}: {error}") from None
     if not callable(agent):
         raise InvalidInput(f"--agent {spec!r} is not a function")
-    return agent  # type: ignore[no-any-return]
+    return agent
 
 
 def _optimize_prompt(args: argparse.Namespace) -> int:
