@@ -72,6 +72,10 @@ def fake():
 
 
 def _trainer(tmp_path, fake, run, optimizer_url=None, **apo):
+    return _trainer_at(tmp_path, fake.base_url, run, optimizer_url, **apo)
+
+
+def _trainer_at(tmp_path, base_url, run, optimizer_url=None, **apo):
     settings = {
         "rollout_budget": 40,
         "optimizer_budget": 3,
@@ -80,9 +84,9 @@ def _trainer(tmp_path, fake, run, optimizer_url=None, **apo):
         "optimizer_backoff": 0.05,
     }
     return lightspan.Trainer(
-        algorithm=APO(optimizer=LLM(optimizer_url or fake.base_url, "optimizer"), **{**settings, **apo}),
+        algorithm=APO(optimizer=LLM(optimizer_url or base_url, "optimizer"), **{**settings, **apo}),
         initial_resources={"system_prompt": PromptTemplate(SEED)},
-        llm=LLM(fake.base_url, "agent"),
+        llm=LLM(base_url, "agent"),
         n_runners=1,
         runner_concurrency=4,
         workdir=tmp_path / "search",
@@ -128,18 +132,81 @@ def test_the_search_publishes_a_better_prompt_with_versions_and_scores_in_sql(tm
 
 
 @pytest.mark.slow
-def test_a_search_whose_optimizer_is_down_keeps_its_state_and_resumes(tmp_path, fake):
+def test_a_search_whose_optimizer_is_down_stops_with_its_name_and_keeps_its_state(tmp_path, fake):
     with pytest.raises(LightspanError, match=r"optimizer LLM at http://127\.0\.0\.1:9/v1 .* failed 2 times"):
         _trainer(tmp_path, fake, "s2", optimizer_url="http://127.0.0.1:9/v1").fit(
             prompted_capital_agent, TRAIN, VAL
         )
-    ran_before = _agent_calls(fake)
-    assert ran_before == 6  # the seed on the 4 validation tasks, then on a minibatch of 2
+    assert _agent_calls(fake) == 6  # the seed on the 4 validation tasks, then on a minibatch of 2
+    with Store.connect(f"chdb://{tmp_path / 'search' / 'store'}") as store:
+        assert store.sql(_STORED_ROLLOUTS, {"prefix": "s2/"}).scalar() == 6
+        assert [r.content for r in store.resources("system_prompt@s2")] == [SEED]  # the seed candidate
 
-    result = _trainer(tmp_path, fake, "s2").fit(prompted_capital_agent, TRAIN, VAL)
+
+_STORED_ROLLOUTS = (
+    "SELECT uniqExact(RolloutId) FROM rollout_spans FINAL "
+    "WHERE startsWith(RolloutId, {prefix:String}) AND ParentSpanId = ''"
+)
+
+KILLED_SEARCH = """
+import sys
+from pathlib import Path
+from tests.helpers.fit_agents import prompted_capital_agent
+from tests.loop.test_prompt_search import TRAIN, VAL, _trainer_at
+
+if __name__ == "__main__":
+    _trainer_at(Path(sys.argv[1]), sys.argv[2], "k1").fit(prompted_capital_agent, TRAIN, VAL)
+"""
+
+
+@pytest.mark.slow
+def test_a_killed_search_resumes_where_it_stopped(tmp_path, fake):
+    """kill -9 of the whole search (driver, collector, runners) while it waits for the optimizer;
+    started again with the same run id, it reads back what the store holds and runs only the rest."""
+    import contextlib
+    import os
+    import signal
+    import subprocess
+    import sys
+    import threading
+    import time
+
+    from tests.helpers import ROOT
+
+    behaviour, release = fake.responder, threading.Event()
+
+    def hang_for_the_optimizer(body):
+        if body["model"] == "optimizer":
+            release.wait(120)  # the search is killed while it waits here
+        return behaviour(body)
+
+    fake.responder = hang_for_the_optimizer
+    script = tmp_path / "killed_search.py"
+    script.write_text(KILLED_SEARCH)
+    child = subprocess.Popen(
+        [sys.executable, str(script), str(tmp_path), fake.base_url],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 240
+        while not any(r["model"] == "optimizer" for r in fake.requests):
+            assert child.poll() is None and time.monotonic() < deadline, "the search ended before asking"
+            time.sleep(0.2)
+        with Store.connect(f"chdb://{tmp_path / 'search' / 'store'}") as store:  # via the collector's SQL
+            assert store.sql(_STORED_ROLLOUTS, {"prefix": "k1/"}).scalar() == 6
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(child.pid, signal.SIGKILL)
+        child.wait()
+        release.set()
+    ran_before = _agent_calls(fake)
+    fake.responder = behaviour
+
+    result = _trainer(tmp_path, fake, "k1").fit(prompted_capital_agent, TRAIN, VAL)
     assert result.val_score == 1.0 and result.resources_id == "system_prompt:2"
-    # Resumed: the 6 stored rollouts were read back, not run again.
-    assert _agent_calls(fake) == result.search.rollouts
+    # The 6 rollouts stored before the kill were read back, not run again.
     assert _agent_calls(fake) - ran_before == result.search.rollouts - 6
 
 
