@@ -129,6 +129,10 @@ def test_the_search_publishes_a_better_prompt_with_versions_and_scores_in_sql(tm
         # Best and Pareto validation score against rollouts, for `lightspan report`.
         series = store.metrics("s1/search")
         assert series["best_val_score"][0] == (4, 0.0) and series["best_val_score"][-1][1] == 1.0
+        from lightspan.trainer.report import write_report
+
+        plots = {p.name for p in write_report(store, "s1/search", tmp_path / "report")}
+        assert {"best_val_score.png", "pareto_val_score.png"} <= plots
 
 
 @pytest.mark.slow
