@@ -314,9 +314,7 @@ class Trainer:
     ) -> list[Outcome]:
         from tqdm import tqdm
 
-        jobs: list[Job] = jobs_for(
-            tasks, samples, version.id, f"{self.run}/{version.id}/{kind}", self.initial_resources
-        )
+        jobs = self.jobs(tasks, samples, version, kind)
         outcomes = []
         with tqdm(
             total=len(jobs),
@@ -332,6 +330,10 @@ class Trainer:
                 bar.update(1)
                 bar.set_postfix(reward=f"{self._mean_reward(outcomes):.2f}", refresh=False)
         return outcomes
+
+    def jobs(self, tasks: Sequence[Any], samples: int, version: Resource, kind: str) -> list[Job]:
+        """The rollouts of one round: `samples` per task, run by `version`, with the resources."""
+        return jobs_for(tasks, samples, version.id, f"{self.run}/{version.id}/{kind}", self.initial_resources)
 
     @staticmethod
     def _mean_reward(outcomes: Sequence[Outcome]) -> float:

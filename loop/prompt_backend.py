@@ -260,8 +260,3 @@ class StoreBackend:
         if rollouts not in self._logged:  # a resumed search replays steps it already logged
             self.store.log_metrics(self.metrics_run, rollouts, metrics)
             self._logged.add(rollouts)
-
-    def matrix(self) -> list[tuple[str, str, float, int]]:
-        """The candidate × task matrix of this search (`MATRIX_SQL`)."""
-        rows = self.store.sql(MATRIX_SQL, {"prefix": f"{self.run}/"}).rows
-        return [(r[0], r[1], float(r[2]), int(r[3])) for r in rows]

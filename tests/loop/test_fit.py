@@ -112,7 +112,7 @@ def test_agents_get_the_resources_their_signature_names():
     """fit's part of #18: initial_resources reach an agent as the keyword arguments it names
     (or all of them through **kwargs), and an agent that names none is called as (task, llm)."""
     from lightspan.loop.runner import _run_job, resource_arguments
-    from lightspan.types import PromptTemplate
+    from lightspan.types import PromptTemplate, Resource
 
     llm = LLM("http://127.0.0.1:9/v1", "none")
     greeting, other = PromptTemplate("hello {name}"), PromptTemplate("unused")
@@ -128,6 +128,10 @@ def test_agents_get_the_resources_their_signature_names():
         for agent in (resource_echo_agent, plain_agent)
     }
     assert rewards == {"resource_echo_agent": (1.0, None), "plain_agent": (0.25, None)}
+    # fit (GRPO) gives every job its initial_resources, a plain string made a template.
+    trainer = Trainer(model="unused", initial_resources={"greeting": "hello {name}"}, run="r")
+    (job,) = trainer.jobs([{"id": "t"}], 1, Resource("policy", 3, "checkpoint"), "train")
+    assert (job.resources_id, job.resources) == ("policy:3", (("greeting", greeting),))
 
 
 FIT_SCRIPT = """

@@ -221,7 +221,7 @@ def test_bad_settings_are_named_before_anything_starts(tmp_path, fake):
         lightspan.Trainer(algorithm=APO(optimizer=LLM("http://x", "m")))
     with pytest.raises(InvalidInput, match="selection must be"):
         lightspan.Trainer(
-            algorithm=APO(optimizer=LLM("http://x", "m"), selection="best"), llm=LLM("http://x", "m")
+            algorithm=APO(optimizer=LLM("http://x", "m"), selection="greedy"), llm=LLM("http://x", "m")
         )
     with pytest.raises(InvalidInput, match="grpo trains a model"):
         lightspan.Trainer()
