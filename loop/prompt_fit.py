@@ -102,6 +102,7 @@ def search_prompts(
     val = list(val) or list(train)  # GEPA's default: validate on the training set
     train_ids, val_ids = _ids(train, "training"), _ids(val, "validation")
     tasks = {task_id_of(t): t for t in [*train, *val]}
+    Search.check(apo, train_ids, val_ids)
     with ClosedLoop(workdir=trainer.workdir, store_url=trainer.store, resource=name) as loop:
         versions = {n: _published(loop.store, n, t) for n, t in trainer.initial_resources.items()}
         done = next((r for r in loop.store.resources(name) if r.metadata.get("search") == trainer.run), None)

@@ -28,6 +28,7 @@ without running or asking anything twice.
 
 from __future__ import annotations
 
+import itertools
 import random
 import sys
 from collections.abc import Sequence
@@ -173,9 +174,7 @@ class Search:
         seed: int = 0,
         progress: bool = True,
     ):
-        apo.validate()
-        if not train_ids or not val_ids:
-            raise InvalidInput("a prompt search needs training and validation tasks")
+        self.check(apo, train_ids, val_ids)
         self.apo, self.backend, self.seed = apo, backend, seed
         self.train, self.val = list(train_ids), list(val_ids)
         self.seed_prompt = seed_prompt
@@ -187,6 +186,19 @@ class Search:
         self._stored = {c.key: c for c in backend.stored_candidates()}
         self._made: list[Candidate] = []
         self._bar = self._progress_bar(progress)
+
+    @staticmethod
+    def check(apo: APO, train_ids: Sequence[str], val_ids: Sequence[str]) -> None:
+        """Settings that cannot work with these tasks, named before anything runs."""
+        apo.validate()
+        if not train_ids or not val_ids:
+            raise InvalidInput("a prompt search needs training and validation tasks")
+        first = min(len(val_ids), apo.val_batch or len(val_ids)) if apo.selection == "beam" else len(val_ids)
+        if apo.rollout_budget < first * apo.samples:
+            raise InvalidInput(
+                f"rollout_budget={apo.rollout_budget} does not cover scoring the starting prompt "
+                f"({first} validation tasks x {apo.samples} samples)"
+            )
 
     def _progress_bar(self, enabled: bool) -> Any:
         from tqdm import tqdm
@@ -290,7 +302,7 @@ class Search:
         return self._result(seed)
 
     def _pareto(self) -> None:
-        for step in range(1, 1_000_000):
+        for step in itertools.count(1):  # until a budget ends it (every step asks the optimizer)
             rng = self._rng("pareto", step)
             if self.apo.merge and step % self.apo.merge_every == 0 and self._merge(step, rng):
                 continue

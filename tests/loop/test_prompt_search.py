@@ -223,6 +223,8 @@ def test_bad_settings_are_named_before_anything_starts(tmp_path, fake):
         lightspan.Trainer(
             algorithm=APO(optimizer=LLM("http://x", "m"), selection="greedy"), llm=LLM("http://x", "m")
         )
+    with pytest.raises(InvalidInput, match=r"rollout_budget=3 does not cover .* \(4 validation tasks x 1"):
+        _trainer(tmp_path, fake, "x", rollout_budget=3).fit(prompted_capital_agent, TRAIN, VAL)
     with pytest.raises(InvalidInput, match="grpo trains a model"):
         lightspan.Trainer()
     assert not (tmp_path / "search").exists()
