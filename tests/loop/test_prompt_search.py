@@ -453,3 +453,46 @@ def test_optimize_prompt_without_replayable_rollouts_says_why(tmp_path, record_t
         "optimizer",
     )
     assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr
+
+
+def test_beam_mode_branches_every_beam_prompt_and_keeps_the_best_by_mean():
+    """Agent Lightning's APO: each round, `branch_factor` rewrites of every beam prompt; parents
+    and children scored on the validation batch; the best `beam_width` go on."""
+    scores = {
+        p: {"t1": s1, "t2": s2}
+        for p, s1, s2 in [
+            ("A {q}", 0, 0),
+            ("B {q}", 1, 0),
+            ("C {q}", 0, 0.5),
+            ("D {q}", 1, 1),
+            ("E {q}", 0, 0),
+            ("F {q}", 0, 0),
+            ("G {q}", 0, 0),
+            ("H {q}", 0, 0),
+        ]
+    }
+    apo = APO(
+        optimizer=LLM("http://x", "m"),
+        selection="beam",
+        beam_width=2,
+        branch_factor=2,
+        rounds=2,
+        minibatch=1,
+        val_batch=None,
+    )
+    backend = MemoryBackend(scores, ["B {q}", "C {q}", "D {q}", "E {q}", "F {q}", "G {q}"])
+    result = Search(apo, backend, PromptTemplate("A {q}"), ["t1", "t2"], ["t1", "t2"], progress=False).run()
+    keys = [c.key for c in backend.candidates]
+    # Round 1: the seed (id 1) branches twice (B, C); the beam keeps B and C (0.5, 0.25 > A's 0).
+    # Round 2: B (2) and C (3) branch twice each (D, E from B; F, G from C).
+    assert keys == [
+        "seed",
+        "beam/1/1/0",
+        "beam/1/1/1",
+        "beam/2/2/0",
+        "beam/2/2/1",
+        "beam/2/3/0",
+        "beam/2/3/1",
+    ]
+    assert result.best.text == "D {q}" and result.optimizer_calls == 6
+    assert [c.parents for c in backend.candidates[3:]] == [(2,), (2,), (3,), (3,)]
