@@ -86,7 +86,13 @@ EXTRAS: dict[str, Extra] = {
     # The loop starts the collector, `python -m lightspan.trainer` and `lightspan serve`.
     "loop": Extra(
         ("lightspan.loop", "lightspan.collector", "lightspan.trainer", "lightspan.serving"),
-        (("demo", "--help"), ("collector", "--help"), ("train", "--help"), ("serve", "--help")),
+        (
+            ("demo", "--help"),
+            ("optimize-prompt", "--help"),
+            ("collector", "--help"),
+            ("train", "--help"),
+            ("serve", "--help"),
+        ),
     ),
     # One per framework instrumentor, as the registry names its extra.
     **{

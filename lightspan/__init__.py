@@ -26,12 +26,16 @@ _EXPORTS: dict[str, str] = {
     "GRPO": "lightspan.loop.api",
     "SFT": "lightspan.loop.api",
     "PromptTemplate": "lightspan.types",
+    "LLM": "lightspan.types",
+    "APO": "lightspan.loop.prompt_search",
 }
 
 # Spelled out, not computed, so editors and type checkers see the API (tests/test_cli.py keeps the
 # two in step).
 __all__ = [
+    "APO",
     "GRPO",
+    "LLM",
     "SFT",
     "PromptTemplate",
     "Store",

@@ -159,3 +159,8 @@ OBSERVATION_NAME = "lightspan.observation.name"
 # "true" makes the zero-code instrumentor (opentelemetry-instrument) ask an OpenAI-compatible server
 # for token ids and logprobs, as instrument(request_token_ids=True) does.
 ENV_REQUEST_TOKEN_IDS = "LIGHTSPAN_REQUEST_TOKEN_IDS"
+
+# --- Prompt search from production traces ------------------------------------------------------
+# An app that records its task input as `lightspan.emit_observation("task", task)` (payload JSON)
+# lets `lightspan optimize-prompt` replay the task through the agent function to score candidates.
+TASK_OBSERVATION = "task"

@@ -2,7 +2,10 @@
 
 An agent is a function `(task, llm) -> float | None`, usually decorated with
 `@lightspan.rollout`; `llm` carries `base_url`, `model` and `api_key` for the OpenAI SDK or any
-framework on top of it. `fit` runs the loop: the collector lands the runners' spans in the store,
+framework on top of it. An agent whose signature names a resource of `initial_resources`
+(`def agent(task, llm, system_prompt)`) gets it as that keyword argument, a `PromptTemplate`.
+With `algorithm=APO(...)`, `fit` searches that prompt instead of training a model (see
+`lightspan.loop.prompt_fit`). `fit` runs the loop: the collector lands the runners' spans in the store,
 the trainer (follow mode) waits for complete groups of the serving version, trains and publishes
 a checkpoint, the server reloads it, and the next iteration's rollouts carry the new version.
 Validation and training reward are measured before the first update and after each one (the
@@ -19,12 +22,16 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lightspan.errors import InvalidInput
+from lightspan.loop.prompt_search import APO
 from lightspan.loop.runner import Job, Outcome, RunnerPool, failed_rollout_recorder, jobs_for
 from lightspan.loop.supervisor import TRAIN_SERVICE, VALIDATION_SERVICE, ClosedLoop
-from lightspan.types import LLM, Resource
+from lightspan.types import LLM, PromptTemplate, Resource
+
+if TYPE_CHECKING:
+    from lightspan.loop.prompt_fit import PromptFitResult
 
 
 @dataclass
@@ -121,9 +128,11 @@ class Trainer:
 
     def __init__(
         self,
-        model: str | Path,
-        algorithm: GRPO | SFT | None = None,
+        model: str | Path | None = None,
+        algorithm: GRPO | SFT | APO | None = None,
         *,
+        initial_resources: Mapping[str, PromptTemplate | str] | None = None,
+        llm: LLM | None = None,
         n_runners: int = 4,
         runner_concurrency: int = 1,
         group_size: int = 8,
@@ -151,8 +160,23 @@ class Trainer:
             raise InvalidInput(
                 "n_runners, group_size and iterations must be >= 1, max_retries >= 0, rollout_timeout > 0"
             )
-        self.model = Path(model)
         self.algorithm = algorithm or GRPO()
+        if model is None and not isinstance(self.algorithm, APO):
+            raise InvalidInput(
+                f"{self.algorithm.name} trains a model: pass model=DIR (a Hugging Face folder)"
+            )
+        if isinstance(self.algorithm, APO):
+            self.algorithm.validate()
+            if llm is None:
+                raise InvalidInput(
+                    "a prompt search runs the agent against its own LLM: pass llm=lightspan.LLM(...)"
+                )
+        self.model = Path(model) if model is not None else None
+        self.llm = llm
+        self.initial_resources = {
+            name: value if isinstance(value, PromptTemplate) else PromptTemplate(value)
+            for name, value in (initial_resources or {}).items()
+        }
         self.n_runners, self.runner_concurrency = n_runners, runner_concurrency
         self.group_size, self.iterations = group_size, iterations
         self.tasks_per_iteration = tasks_per_iteration
@@ -160,7 +184,8 @@ class Trainer:
         self.rollout_timeout, self.max_retries, self.num_gpus = rollout_timeout, max_retries, num_gpus
         self.extra_config = dict(trainer_config or {})
         self.seed, self.progress = seed, progress
-        self.run = run or f"{resource}-fit-{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}"
+        kind = "prompt-search" if isinstance(self.algorithm, APO) else f"{resource}-fit"
+        self.run = run or f"{kind}-{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}"
 
     # --- the loop -----------------------------------------------------------------------------
     def fit(
@@ -170,15 +195,21 @@ class Trainer:
         val_dataset: Iterable[Any] | None = None,
         *,
         on_iteration: Callable[[Iteration], None] | None = None,
-    ) -> FitResult:
-        """Run `iterations` rounds of rollouts → training → publish → reload; see the module doc."""
+    ) -> FitResult | PromptFitResult:
+        """Run `iterations` rounds of rollouts → training → publish → reload, or with `APO` the
+        prompt search (a `PromptFitResult`); see the module doc."""
         train, val = list(train_dataset), list(val_dataset or [])
         if not train:
             raise InvalidInput("fit needs at least one training task")
+        if isinstance(self.algorithm, APO):
+            from lightspan.loop.prompt_fit import search_prompts
+
+            return search_prompts(self, agent, train, val)
         with ClosedLoop(workdir=self.workdir, store_url=self.store, resource=self.resource) as loop:
             return self.run_loop(loop, agent, train, val, on_iteration)
 
     def trainer_config(self, tasks_per_iteration: int) -> dict[str, Any]:
+        assert self.model is not None and not isinstance(self.algorithm, APO)  # checked in __init__
         sections = self.algorithm.sections()
         config: dict[str, Any] = {
             "run": self.run,
@@ -207,6 +238,7 @@ class Trainer:
     ) -> FitResult:
         """`fit` on a loop the caller started (and may have prepared: `lightspan demo` lands and
         trains its warm-up in it first)."""
+        assert self.model is not None  # checked in __init__
         per_iteration = min(self.tasks_per_iteration or len(train), len(train))
         loop.start_trainer(self.trainer_config(per_iteration), self.num_gpus)
         version = loop.wait_for_version(0, timeout=600)  # the trainer publishes the base model first
@@ -282,7 +314,7 @@ class Trainer:
     ) -> list[Outcome]:
         from tqdm import tqdm
 
-        jobs: list[Job] = jobs_for(tasks, samples, version.id, f"{self.run}/{version.id}/{kind}")
+        jobs = self.jobs(tasks, samples, version, kind)
         outcomes = []
         with tqdm(
             total=len(jobs),
@@ -298,6 +330,10 @@ class Trainer:
                 bar.update(1)
                 bar.set_postfix(reward=f"{self._mean_reward(outcomes):.2f}", refresh=False)
         return outcomes
+
+    def jobs(self, tasks: Sequence[Any], samples: int, version: Resource, kind: str) -> list[Job]:
+        """The rollouts of one round: `samples` per task, run by `version`, with the resources."""
+        return jobs_for(tasks, samples, version.id, f"{self.run}/{version.id}/{kind}", self.initial_resources)
 
     @staticmethod
     def _mean_reward(outcomes: Sequence[Outcome]) -> float:

@@ -21,7 +21,7 @@ import numbers
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from multiprocessing.connection import Connection, wait
@@ -40,6 +40,8 @@ class Job:
     """One rollout to run: the task, its identity, and the model version serving it.
 
     `attempt` counts retries of the same sample after a timeout or a dead runner (0 first).
+    `resources` are the named resources (prompt templates) this rollout runs with: the agent
+    receives those its signature names as keyword arguments (`def agent(task, llm, system_prompt)`).
     """
 
     task: Any
@@ -47,6 +49,7 @@ class Job:
     rollout_id: str
     attempt: int
     resources_id: str
+    resources: tuple[tuple[str, Any], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,19 +71,35 @@ def task_id_of(task: Any) -> str:
     return episodes.task_id_of(task)
 
 
-def jobs_for(tasks: Iterable[Any], samples: int, resources_id: str, tag: str) -> list[Job]:
+def jobs_for(
+    tasks: Iterable[Any],
+    samples: int,
+    resources_id: str,
+    tag: str,
+    resources: Mapping[str, Any] | None = None,
+) -> list[Job]:
     """`samples` rollouts of each task: ids `tag/task/k`, so a run with a fixed tag (and an
     agent that seeds its sampling from the rollout id) is reproducible; `tag` must make them
     unique in the store (the loop uses run id and version)."""
+    named = tuple(sorted((resources or {}).items()))
     return [
-        Job(task, task_id_of(task), f"{tag}/{task_id_of(task)}/{k}", 0, resources_id)
+        Job(task, task_id_of(task), f"{tag}/{task_id_of(task)}/{k}", 0, resources_id, named)
         for task in tasks
         for k in range(samples)
     ]
 
 
-def _run_agent(agent: Agent, task: Any, llm: LLM) -> Any:
-    result = agent(task, llm)
+def resource_arguments(agent: Callable[..., Any], resources: Mapping[str, Any]) -> dict[str, Any]:
+    """The resources `agent` takes by name: those its signature names, or all of them when it
+    takes `**kwargs`. Read through `@lightspan.rollout`, which keeps the wrapped signature."""
+    parameters = inspect.signature(agent).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        return dict(resources)
+    return {name: value for name, value in resources.items() if name in parameters}
+
+
+def _run_agent(agent: Agent, task: Any, llm: LLM, resources: Mapping[str, Any]) -> Any:
+    result = agent(task, llm, **resource_arguments(agent, resources)) if resources else agent(task, llm)
     if not inspect.isawaitable(result):
         return result
 
@@ -99,7 +118,7 @@ def _run_job(agent: Agent, job: Job, llm: LLM) -> tuple[float | None, str | None
         with lightspan.rollout(
             job.task_id, rollout_id=job.rollout_id, attempt=job.attempt, resources_id=job.resources_id
         ):
-            result = _run_agent(agent, job.task, llm)
+            result = _run_agent(agent, job.task, llm, dict(job.resources))
             if isinstance(result, numbers.Real) and not isinstance(result, bool):
                 reward = float(result)
                 if not getattr(agent, "__lightspan_rollout__", False):  # a decorated agent emits its own

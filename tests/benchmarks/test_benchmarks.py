@@ -227,3 +227,15 @@ def test_credit_benchmark_runs_every_setting_it_is_given():
         ), output
     assert re.search(r"best step-level: \S+, updates to target", output), output
     assert re.search(r"ratio \d+\.\d\d \(target <= 0\.70\), spreads (do not )?overlap", output), output
+
+
+def test_prompt_search_benchmark_compares_selections_at_equal_budgets():
+    output = run_benchmark("prompt_search.py", "--seeds", 0, 1, "--budget", 120)
+    assert output.startswith("SIMULATED LLMs")
+    for selection in ("beam", "best", "pareto"):
+        assert re.search(rf"{selection}: best validation score {NUMBER} \+- {NUMBER}, expected", output), (
+            output
+        )
+    assert re.search(
+        rf"ratio pareto / beam: expected score {NUMBER}x; rollouts to target beam / pareto", output
+    )

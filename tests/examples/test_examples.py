@@ -328,3 +328,51 @@ def test_a_run_once_traces_every_task_to_a_real_collector(collector_process):
 
 if __name__ == "__main__":
     _record(Path(sys.argv[1]))
+
+
+@pytest.mark.slow
+def test_capital_cities_apo_mode_improves_the_prompt_against_the_endpoints_in_the_environment(tmp_path):
+    """`--apo` against an OpenAI-compatible endpoint named by environment variables: here the fake
+    server (hosted APIs cannot run here) stands for both models. The agent's model answers with
+    the bare city only when the system prompt asks for the city only; the optimizer, shown
+    failures, proposes exactly that."""
+    import capital_cities
+
+    from tests.helpers.fake_openai import FakeOpenAI
+
+    answers = {t["question"]: t["answer"] for t in capital_cities.TASKS}
+
+    def respond(body: dict[str, Any]) -> str:
+        if body["model"] == "agent-model":
+            system, user = body["messages"][0]["content"], body["messages"][-1]["content"]
+            return answers[user] if "city only" in system else f"The capital is {answers[user]}."
+        shown = body["messages"][-1]["content"]
+        fix = (
+            "Answer with the name of the city only."
+            if "reward 0" in shown
+            else "You are a helpful assistant."
+        )
+        return f"<prompt>{fix}</prompt>"
+
+    with FakeOpenAI(responder=respond) as fake:
+        env = {
+            **os.environ,
+            "OPENAI_BASE_URL": fake.base_url,
+            "OPENAI_API_KEY": "test",
+            "AGENT_MODEL": "agent-model",
+            "OPTIMIZER_MODEL": "optimizer-model",
+        }
+        args = ["--apo", "--rollout-budget", "16", "--optimizer-budget", "2", "--runners", "1"]
+        done = subprocess.run(
+            [sys.executable, str(EXAMPLES / "capital_cities.py"), *args, "--workdir", str(tmp_path / "apo")],
+            capture_output=True,
+            text=True,
+            timeout=400,
+            check=False,
+            env=env,
+            cwd=tmp_path,
+        )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "validation score 0.00 -> 1.00 (16 rollouts)" in done.stdout
+    assert "published: system_prompt:2" in done.stdout
+    assert {r["model"] for r in fake.requests} == {"agent-model", "optimizer-model"}

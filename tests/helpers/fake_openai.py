@@ -10,7 +10,8 @@ chunk with the finish reason, a usage chunk when `stream_options.include_usage` 
 
 Replies are scripted: `FakeOpenAI(script=[...])` takes strings (assistant text) and
 `ToolCall(name, arguments)` items (a tool call), consumed one per request; when the script runs
-out every reply is `default_reply`. Token ids are a deterministic function of the text (a crc32 of
+out every reply is `default_reply`. Or `responder(body)` computes each reply from the request (an LLM
+whose behaviour is a function of its prompt). Token ids are a deterministic function of the text (a crc32 of
 each whitespace-separated word), so tests can recompute them. Every request body is kept in
 `requests` for assertions.
 """
@@ -21,6 +22,7 @@ import json
 import threading
 import time
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING, Any
@@ -57,12 +59,22 @@ def logprob_of(token: int) -> float:
     return -((token % 97) + 1) / 100.0
 
 
+class _Server(ThreadingHTTPServer):
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A client that went away mid-reply (a killed agent) is not the server's error."""
+        import sys
+
+        if not isinstance(sys.exc_info()[1], ConnectionError):
+            super().handle_error(request, client_address)
+
+
 @dataclass
 class FakeOpenAI:
     script: list[str | ToolCall] = field(default_factory=list)
     default_reply: str = "The answer is 4."
     always_token_ids: bool = False
     requests: list[dict[str, Any]] = field(default_factory=list)
+    responder: Callable[[dict[str, Any]], str | ToolCall] | None = None
 
     def __post_init__(self) -> None:
         self._lock = threading.Lock()
@@ -112,7 +124,7 @@ class FakeOpenAI:
                 self.end_headers()
                 self.wfile.write(data)
 
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server = _Server(("127.0.0.1", 0), Handler)
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
         self._thread.start()
         return self
@@ -137,7 +149,7 @@ class FakeOpenAI:
         with self._lock:
             self.requests.append(body)
             index = len(self.requests)
-        reply = self._next_reply()
+        reply = self.responder(body) if self.responder is not None else self._next_reply()
         messages = body.get("messages") or []
         prompt_ids = tokenize(prompt_text(messages))
         if isinstance(reply, ToolCall):

@@ -31,3 +31,27 @@ def crashing_agent(task, llm):
 
         time.sleep(3600)
     return 0.5
+
+
+@lightspan.rollout
+def prompted_capital_agent(task, llm, system_prompt):
+    """The prompt search's agent: the candidate template (a keyword argument, named in the
+    signature) filled with the question is the one message; reward 1 for the exact city."""
+    client = openai.OpenAI(base_url=llm.base_url, api_key=llm.api_key)
+    reply = client.chat.completions.create(
+        model=llm.model,
+        messages=[{"role": "user", "content": system_prompt.format(question=task["question"])}],
+        max_tokens=16,
+    )
+    return 1.0 if (reply.choices[0].message.content or "").strip() == task["answer"] else 0.0
+
+
+def resource_echo_agent(task, llm, **resources):
+    """Returns 1.0 when it was given a `greeting` resource that is a prompt template (undecorated)."""
+    template = resources.get("greeting")
+    return 1.0 if template is not None and template.format(name="x") == "hello x" else 0.0
+
+
+def plain_agent(task, llm):
+    """Takes no resource: `fit` passes it none."""
+    return 0.25

@@ -11,7 +11,13 @@ from lightspan.loop.runner import RunnerPool, jobs_for
 from lightspan.store import Store
 from lightspan.types import LLM
 from tests.helpers import ROOT
-from tests.helpers.fit_agents import crashing_agent, short_answer_agent
+from tests.helpers.fit_agents import (
+    crashing_agent,
+    plain_agent,
+    prompted_capital_agent,
+    resource_echo_agent,
+    short_answer_agent,
+)
 
 
 @pytest.mark.slow
@@ -100,6 +106,32 @@ def test_runner_pool_records_crashes_and_timeouts_and_never_hangs(tmp_path):
         assert rows["ok"].last_reward == 0.5  # an undecorated agent's return value is the final reward
         assert ("x-boom", 0, 1) in errors  # the agent's exception marks its rollout span
         assert ("y-hang", 0, 1) in errors and ("y-hang", 1, 1) in errors  # both timed-out attempts recorded
+
+
+def test_agents_get_the_resources_their_signature_names():
+    """fit's part of #18: initial_resources reach an agent as the keyword arguments it names
+    (or all of them through **kwargs), and an agent that names none is called as (task, llm)."""
+    from lightspan.loop.runner import _run_job, resource_arguments
+    from lightspan.types import PromptTemplate, Resource
+
+    llm = LLM("http://127.0.0.1:9/v1", "none")
+    greeting, other = PromptTemplate("hello {name}"), PromptTemplate("unused")
+    resources = {"greeting": greeting, "system_prompt": other}
+    assert resource_arguments(prompted_capital_agent, resources) == {
+        "system_prompt": other
+    }  # through the decorator
+    assert resource_arguments(resource_echo_agent, resources) == resources
+    assert resource_arguments(plain_agent, resources) == {}
+    # What each runner process runs for a job (the prompt search's test runs them in processes).
+    rewards = {
+        agent.__name__: _run_job(agent, jobs_for([{"id": "t"}], 1, "policy:1", "r", resources)[0], llm)
+        for agent in (resource_echo_agent, plain_agent)
+    }
+    assert rewards == {"resource_echo_agent": (1.0, None), "plain_agent": (0.25, None)}
+    # fit (GRPO) gives every job its initial_resources, a plain string made a template.
+    trainer = Trainer(model="unused", initial_resources={"greeting": "hello {name}"}, run="r")
+    (job,) = trainer.jobs([{"id": "t"}], 1, Resource("policy", 3, "checkpoint"), "train")
+    assert (job.resources_id, job.resources) == ("policy:3", (("greeting", greeting),))
 
 
 FIT_SCRIPT = """
