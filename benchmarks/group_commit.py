@@ -149,8 +149,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rate", type=float, default=10_000, help="spans/s the SDK app offers")
     parser.add_argument("--seconds", type=float, default=10, help="how long the SDK app offers them")
-    parser.add_argument("--lone", type=int, default=30, help="lone 512-span exports timed")
-    parser.add_argument("--http-seconds", type=float, default=6, help="duration of the sequential HTTP load")
+    parser.add_argument("--lone", type=int, default=20, help="lone 512-span exports timed")
+    parser.add_argument("--http-seconds", type=float, default=5, help="duration of the sequential HTTP load")
     parser.add_argument(
         "--in-flight-requests", type=int, default=240, help="requests of the 64-in-flight load"
     )

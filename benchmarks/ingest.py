@@ -179,7 +179,10 @@ def _family(pid: int) -> list[int]:
     """A process and its live children (the collector's decoder processes)."""
     children = []
     for task in Path(f"/proc/{pid}/task").iterdir():
-        children += [int(c) for c in (task / "children").read_text().split()]
+        try:
+            children += [int(c) for c in (task / "children").read_text().split()]
+        except FileNotFoundError:  # a thread that ended meanwhile
+            continue
     return [pid, *children]
 
 

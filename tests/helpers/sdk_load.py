@@ -137,7 +137,7 @@ def offer(
             if emitted >= due:
                 time.sleep(min(0.002, (emitted + 1) / rate - elapsed))
                 continue
-            for _ in range(due - emitted):
+            for _ in range(min(due - emitted, 64)):  # a starved app still stops on time
                 tracer.start_span(
                     SPAN_NAME, kind=trace.SpanKind.CLIENT, attributes=pool[emitted % len(pool)]
                 ).end()
