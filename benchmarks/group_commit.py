@@ -6,7 +6,8 @@ one batches what arrives while the previous commit runs. `--linger-ms 200` is th
 so each load below runs against `lightspan collector` twice, with its defaults and with
 `--linger-ms 200`, each time on a fresh embedded store, one after the other:
 
-- a lone 512-span export (as the OpenTelemetry SDK sends them) on an idle collector: ack latency;
+- a lone 512-span export (as the OpenTelemetry SDK sends them) on an idle collector: ack latency
+  (here the two collectors run side by side, and the exports alternate between them);
 - one app with the SDK's default `BatchSpanProcessor` (2,048-span queue, 512-span exports, one
   at a time) ending LLM-sized spans at `--rate` for `--seconds`, over gRPC and over HTTP/protobuf:
   the spans its queue dropped (offered minus stored);
@@ -21,6 +22,7 @@ its views feed): small commits make many parts, which ClickHouse then merges.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import http.client
 import json
 import os
@@ -54,25 +56,34 @@ EXPORT = "/opentelemetry.proto.collector.trace.v1.TraceService/Export"
 BATCH_REQUESTS = CollectorConfig.standalone().batch_spans // 1000
 
 
-def lone_exports(collector: CollectorProcess, body: bytes, count: int) -> dict[str, float]:
-    """Ack latency of `count` exports sent one at a time (each alone in the collector)."""
+def lone_exports(tmp: str, body: bytes, count: int) -> dict[str, dict[str, float]]:
+    """Ack latency of `count` exports per config, sent one at a time. The two collectors run side
+    by side and the exports alternate between them (each collector idle while the other answers),
+    so both see the same moments of a shared machine."""
     import grpc
 
-    with grpc.insecure_channel(f"127.0.0.1:{collector.grpc_port}") as channel:
-        call = channel.unary_unary(EXPORT)
-        for _ in range(3):  # warm-up: the first inserts, the channel
-            call(body, timeout=30)
-        started = time.perf_counter()
-        latencies = []
+    latencies: dict[str, list[float]] = {config: [] for config in CONFIGS}
+    with contextlib.ExitStack() as stack:
+        calls = {}
+        for config, flags in CONFIGS.items():
+            collector = stack.enter_context(
+                CollectorProcess(f"chdb://{tmp}/lone-{config}", *flags, ports=(0, 0, -1))
+            )
+            channel = stack.enter_context(grpc.insecure_channel(f"127.0.0.1:{collector.grpc_port}"))
+            calls[config] = channel.unary_unary(EXPORT)
+            for _ in range(3):  # warm-up: the first inserts, the channel
+                calls[config](body, timeout=30)
         for _ in range(count):
-            sent = time.perf_counter()
-            call(body, timeout=30)
-            latencies.append(time.perf_counter() - sent)
-    ordered = sorted(latencies)
+            for config, call in calls.items():
+                sent = time.perf_counter()
+                call(body, timeout=30)
+                latencies[config].append(time.perf_counter() - sent)
     return {
-        "p50_ms": statistics.median(latencies) * 1000,
-        "p90_ms": ordered[int(0.9 * (len(ordered) - 1))] * 1000,
-        "seconds": time.perf_counter() - started,
+        config: {
+            "p50_ms": statistics.median(values) * 1000,
+            "p90_ms": sorted(values)[int(0.9 * (len(values) - 1))] * 1000,
+        }
+        for config, values in latencies.items()
     }
 
 
@@ -177,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
             return results[name]
 
         if "lone" in loads:
-            r = each("lone", lambda c: lone_exports(c, export512, args.lone))
+            r = lone_exports(tmp, export512, args.lone)
             for config in CONFIGS:
                 print(
                     f"lone 512-span export   {LABELS[config]:<22} ack p50 {r[config]['p50_ms']:6.1f} ms, "
