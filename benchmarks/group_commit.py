@@ -208,7 +208,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(
                     f"SDK exporter {protocol:<4}      {LABELS[config]:<22} offered {x['offered']:,} "
                     f"({x['offered_rate']:,.0f}/s for {x['seconds']:.1f} s), stored {x['stored']:,}, "
-                    f"dropped {dropped:,} ({dropped / x['offered']:.0%}); {x['parts_per_s']:.1f} parts/s"
+                    f"dropped {dropped:,} ({dropped / x['offered']:.0%}); {x['parts_per_s']:.1f} parts/s, "
+                    f"{x['active_parts']} active at the end"
                 )
         if "http4" in loads:
             r = each("http4", lambda c: sequential_http(c, requests, 4, args.http_seconds))
@@ -219,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(
                     f"4 sequential HTTP      {LABELS[config]:<22} {rates[config]:>9,.0f} spans/s "
                     f"({x['requests']} requests of 1,000 spans in {x['seconds']:.1f} s); "
-                    f"{x['parts_per_s']:.1f} parts/s"
+                    f"{x['parts_per_s']:.1f} parts/s, {x['active_parts']} active at the end"
                 )
             print(f"  -> {_ratio(rates['adaptive'], rates['timer'])} the timer's rate (target: >= 3x)")
         if "inflight64" in loads:
@@ -238,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
                     f"64 in flight (gRPC)    {LABELS[config]:<22} {x['spans_per_s']:>9,.0f} spans/s, "
                     f"raw insert limit {limit:,.0f} just before: ratio {x['spans_per_s'] / limit:.2f}; "
                     f"ack p50 {x['p50_ms']:.0f} ms; mean batch {x['mean_batch']:,.0f} spans; "
-                    f"{x['parts_per_s']:.1f} parts/s"
+                    f"{x['parts_per_s']:.1f} parts/s, {x['active_parts']} active at the end"
                 )
             print("  (targets: >= 50,000 spans/s and ratio >= 0.5)")
     return 0

@@ -3,12 +3,12 @@
 Receivers decode a request into a block (a Native block of its spans) and `submit` it; a
 committer thread takes what is queued (at most `batch_spans` spans and `batch_bytes` bytes),
 hands the blocks to `commit` as one batch (one store insert), and only then completes each
-request's future. An idle store commits a request at once; while a commit runs, what arrives
-queues up and becomes the next batch (the classic group commit), so batches grow with the load
-and no timer delays an exporter that waits for its acknowledgement. A failed commit fails every request of the batch with
-`StoreUnavailable`, so nothing is acknowledged that is not stored and clients retry (duplicates
-collapse in `rollout_spans`). A request is never split across batches, so it is stored whole or
-not at all.
+request's future. An idle collector commits a request at once; while a commit runs, what
+arrives queues up and becomes the next batch (the classic group commit), so batches grow with
+the load and no timer delays an exporter that waits for its acknowledgement. A failed commit
+fails every request of the batch with `StoreUnavailable`, so nothing is acknowledged that is not
+stored and clients retry (duplicates collapse in `rollout_spans`). A request is never split
+across batches, so it is stored whole or not at all.
 
 Memory is bounded twice: `admit` caps the request bytes in flight (reading, decoding, queued,
 committing) before any work is done on them, and `submit` caps the queued spans. Past either
