@@ -59,7 +59,7 @@ def test_an_idle_committer_answers_without_a_timer_and_linger_waits_for_company(
     assert _lone_ack_seconds(GroupCommitter(lambda blocks: None)) < 0.1
     assert _lone_ack_seconds(GroupCommitter(lambda blocks: None, linger_ms=150)) >= 0.15
     batches: list[list[bytes]] = []
-    committer = GroupCommitter(batches.append, linger_ms=300)
+    committer = GroupCommitter(batches.append, linger_ms=500)
     futures = [committer.submit(_block(i), 1) for i in range(3)]
     assert [f.result(5) for f in futures] == [1, 1, 1]
     assert batches == [[b"0", b"1", b"2"]]  # lingering, a lone request waited for the next two
