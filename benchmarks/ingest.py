@@ -13,7 +13,6 @@ are compared.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 import statistics
@@ -32,7 +31,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, f
 
 from lightspan.collector.config import CollectorConfig
 from lightspan.store import Store
+from lightspan.store.schema import ROLLOUT_SPANS, TRACE_ID_TS, TRACES
 from tests.helpers.processes import CollectorProcess
+from tests.helpers.sdk_load import llm_attributes
 
 
 def _kv(key: str, value: object) -> KeyValue:
@@ -47,45 +48,6 @@ def _kv(key: str, value: object) -> KeyValue:
             key=key, value=AnyValue(array_value=ArrayValue(values=[AnyValue(int_value=v) for v in value]))
         )
     return KeyValue(key=key, value=AnyValue(string_value=str(value)))
-
-
-def _llm_attributes(rng: random.Random, rollout: str, task: str, step: int) -> list[KeyValue]:
-    question = " ".join(
-        rng.choice(("compute", "the", "sum", "of", "list", "rows", "table", "where")) for _ in range(30)
-    )
-    messages = [
-        {
-            "role": "system",
-            "parts": [{"type": "text", "content": "You are a careful SQL agent. Answer with one query."}],
-        },
-        {"role": "user", "parts": [{"type": "text", "content": question}]},
-    ]
-    output = [
-        {
-            "role": "assistant",
-            "finish_reason": "stop",
-            "parts": [
-                {"type": "text", "content": f"SELECT sum(x) FROM t{step} WHERE y > {rng.randint(0, 99)}"}
-            ],
-        }
-    ]
-    return [
-        _kv("gen_ai.operation.name", "chat"),
-        _kv("gen_ai.provider.name", "openai"),
-        _kv("gen_ai.request.model", "Qwen/Qwen2.5-0.5B-Instruct"),
-        _kv("gen_ai.response.model", "Qwen/Qwen2.5-0.5B-Instruct"),
-        _kv("gen_ai.request.temperature", 0.7),
-        _kv("gen_ai.usage.input_tokens", rng.randint(100, 400)),
-        _kv("gen_ai.usage.output_tokens", rng.randint(10, 80)),
-        _kv("gen_ai.input.messages", json.dumps(messages)),
-        _kv("gen_ai.output.messages", json.dumps(output)),
-        _kv("lightspan.rollout.id", rollout),
-        _kv("lightspan.task.id", task),
-        _kv("lightspan.attempt", 0),
-        _kv("lightspan.agent.name", "sql-writer"),
-        _kv("lightspan.llm.prompt_token_ids", [rng.randint(0, 151_000) for _ in range(96)]),
-        _kv("lightspan.llm.response_token_ids", [rng.randint(0, 151_000) for _ in range(24)]),
-    ]
 
 
 def make_request(n_spans: int = 1000, seed: int = 0) -> ExportTraceServiceRequest:
@@ -126,7 +88,7 @@ def make_request(n_spans: int = 1000, seed: int = 0) -> ExportTraceServiceReques
                     kind=Span.SPAN_KIND_CLIENT,
                     start_time_unix_nano=t,
                     end_time_unix_nano=t + 900_000_000,
-                    attributes=_llm_attributes(rng, rollout, task, step),
+                    attributes=[_kv(k, v) for k, v in llm_attributes(rng, rollout, task, step).items()],
                 )
             )
             spans.append(
@@ -217,7 +179,10 @@ def _family(pid: int) -> list[int]:
     """A process and its live children (the collector's decoder processes)."""
     children = []
     for task in Path(f"/proc/{pid}/task").iterdir():
-        children += [int(c) for c in (task / "children").read_text().split()]
+        try:
+            children += [int(c) for c in (task / "children").read_text().split()]
+        except FileNotFoundError:  # a thread that ended meanwhile
+            continue
     return [pid, *children]
 
 
@@ -266,6 +231,21 @@ def _commits(metrics_url: str) -> int:
         for line in text.splitlines()
         if line.startswith('lightspan_collector_commits_total{outcome="ok"}')
     )
+
+
+def insert_parts(store_url: str) -> tuple[int, int]:
+    """(parts the inserts into otel_traces created, in it and the tables its views feed; parts
+    active now). Every insert takes the next block number of each table it writes, and a merged
+    part spans the block numbers of the parts it replaced, so the highest block number of the
+    active parts counts the inserts, whatever was merged since. Read after the collector exits."""
+    with Store.connect(store_url) as store:
+        created, active = store.sql(
+            "SELECT sum(last), sum(parts) FROM (SELECT max(max_block_number) AS last, count() AS parts "
+            "FROM system.parts WHERE database = currentDatabase() AND active AND table IN {tables:Array(String)} "
+            "GROUP BY table)",
+            {"tables": [TRACES, TRACE_ID_TS, ROLLOUT_SPANS]},
+        ).rows[0]
+    return int(created), int(active)
 
 
 def ingest(
@@ -322,6 +302,8 @@ def ingest(
             threading.Thread(target=worker, args=(calls[i % channels],))
             for i in range(channels * per_channel)
         ]
+        metrics_url = f"{collector.http_endpoint}/metrics"
+        commits_before = _commits(metrics_url)
         started, cpu = time.perf_counter(), _family_cpu_seconds(collector.pid)
         for w in workers:
             w.start()
@@ -330,10 +312,11 @@ def ingest(
         elapsed = time.perf_counter() - started
         cpu = _family_cpu_seconds(collector.pid) - cpu
         peak_rss = _family_peak_rss_mib(collector.pid)
-        commits = _commits(f"{collector.http_endpoint}/metrics")
+        commits = _commits(metrics_url)
         for c in channel_list:
             c.close()
         collector.terminate()
+        parts, active_parts = insert_parts(store_url)
         return {
             "spans_per_s": len(latencies) * spans_per_request / elapsed,
             "p50_ms": _percentile(latencies, 0.5) * 1000,
@@ -344,6 +327,10 @@ def ingest(
             "elapsed_s": elapsed,
             "cpu_per_span": cpu / max(1, len(latencies) * spans_per_request),
             "mean_batch": (len(latencies) + 1) * spans_per_request / max(1, commits),
+            # Parts per commit measured in the store (the warm-up's commit included), times the
+            # commits of the timed run.
+            "parts_per_s": parts / max(1, commits) * (commits - commits_before) / elapsed,
+            "active_parts": active_parts,
         }
     finally:
         collector.close()
@@ -363,7 +350,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     collector = CollectorConfig.standalone()  # `lightspan collector`'s defaults
     parser.add_argument("--batch-spans", type=int, default=collector.batch_spans)
-    parser.add_argument("--batch-ms", type=float, default=collector.batch_ms)
+    parser.add_argument(
+        "--linger-ms",
+        type=float,
+        default=collector.linger_ms,
+        help="collector linger (200 ms is the batch timer before adaptive group commit)",
+    )
     parser.add_argument(
         "--decoders", type=int, default=collector.decoders, help="collector decoder processes"
     )
@@ -406,8 +398,8 @@ def main(argv: list[str] | None = None) -> int:
                 [
                     "--batch-spans",
                     str(args.batch_spans),
-                    "--batch-ms",
-                    str(args.batch_ms),
+                    "--linger-ms",
+                    str(args.linger_ms),
                     "--decoders",
                     str(args.decoders),
                 ],
@@ -427,7 +419,8 @@ def main(argv: list[str] | None = None) -> int:
             print(
                 f"       ack latency p50 {result['p50_ms']:.0f} ms, p99 {result['p99_ms']:.0f} ms; collector peak RSS "
                 f"{result['peak_rss_mib']:.0f} MiB (decoders included); rows stored {result['stored']:,}; "
-                f"mean batch {result['mean_batch']:,.0f} spans"
+                f"mean batch {result['mean_batch']:,.0f} spans; {result['parts_per_s']:.1f} parts created/s "
+                f"({result['active_parts']} active at the end)"
             )
             print(
                 f"cpu    collector {result['cpu_per_span'] * 1e6:.0f} us/span vs raw insert {insert_cpu * 1e6:.0f} "

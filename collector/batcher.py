@@ -1,12 +1,14 @@
 """Group commit: many export requests, one store insert, acknowledged only once committed.
 
 Receivers decode a request into a block (a Native block of its spans) and `submit` it; a
-committer thread takes what is queued, up to `batch_spans` spans or after `batch_ms`
-milliseconds (later while another batch is being inserted), hands the blocks to `commit` as one batch (one store insert), and only then
-completes each request's future. A failed commit fails every request of the batch with
-`StoreUnavailable`, so nothing is acknowledged that is not stored and clients retry (duplicates
-collapse in `rollout_spans`). A request is never split across batches, so it is stored whole or
-not at all.
+committer thread takes what is queued (at most `batch_spans` spans and `batch_bytes` bytes),
+hands the blocks to `commit` as one batch (one store insert), and only then completes each
+request's future. An idle collector commits a request at once; while a commit runs, what
+arrives queues up and becomes the next batch (the classic group commit), so batches grow with
+the load and no timer delays an exporter that waits for its acknowledgement. A failed commit
+fails every request of the batch with `StoreUnavailable`, so nothing is acknowledged that is not
+stored and clients retry (duplicates collapse in `rollout_spans`). A request is never split
+across batches, so it is stored whole or not at all.
 
 Memory is bounded twice: `admit` caps the request bytes in flight (reading, decoding, queued,
 committing) before any work is done on them, and `submit` caps the queued spans. Past either
@@ -47,6 +49,7 @@ class ShuttingDown(StoreUnavailable):
 class _Pending:
     block: bytes
     spans: int
+    arrived: float = field(default_factory=time.monotonic)
     future: Future = field(default_factory=Future)
 
 
@@ -54,12 +57,14 @@ class GroupCommitter:
     """The queue between receivers and the store, with one committer thread per `commit`.
 
     Each `commit(blocks)` is one store insert of the batch's blocks on its own connection; it
-    must return only after the batch is durable. A batch is taken when it is full, or when its
-    oldest request has waited `batch_ms` and no other batch is being inserted: under load the
-    queue keeps filling while the store works, so batches grow with the load instead of being
-    cut by the timer (the store's CPU per span at 8,192 spans a batch is more than twice that at
-    32,768). Two committers still let a full batch go in while the other's insert runs in
-    ClickHouse (native code, GIL released). `on_commit(spans, seconds, error)` reports each
+    must return only after the batch is durable. A batch is taken when no other batch is being
+    inserted and its oldest request has waited `linger_ms` (0 by default: at once), or when it
+    is full. Under load the queue keeps filling while the store works, so batches grow with the
+    load (the store's CPU per span at 8,192 spans a batch is more than twice that at 32,768) and
+    a lone exporter is answered in the time of its own insert. Two committers still let a full
+    batch go in while the other's insert runs in ClickHouse (native code, GIL released).
+    `linger_ms` trades latency for fewer, larger inserts (Kafka's `linger.ms`): the collector
+    before this design was `linger_ms=200`. `on_commit(spans, seconds, error)` reports each
     attempt (metrics).
     """
 
@@ -68,7 +73,8 @@ class GroupCommitter:
         commit: Callable[[list[bytes]], Any] | Sequence[Callable[[list[bytes]], Any]],
         *,
         batch_spans: int = CollectorConfig.batch_spans,
-        batch_ms: float = CollectorConfig.batch_ms,
+        batch_bytes: int = CollectorConfig.batch_bytes,
+        linger_ms: float = CollectorConfig.linger_ms,
         queue_spans: int = CollectorConfig.queue_spans,
         queue_bytes: int = CollectorConfig.queue_bytes,
         retry_after: float = CollectorConfig.retry_after,
@@ -76,16 +82,17 @@ class GroupCommitter:
     ):
         commits = list(commit) if isinstance(commit, (list, tuple)) else [commit]
         self.batch_spans = max(1, batch_spans)
-        self.batch_seconds = max(0.0, batch_ms / 1000)
+        self.batch_bytes = max(1, batch_bytes)
+        self.linger = max(0.0, linger_ms / 1000)
         self.queue_spans = max(1, queue_spans)
         self.queue_bytes = max(1, queue_bytes)
         self.retry_after = retry_after
         self._on_commit = on_commit
         self._cond = threading.Condition()
         self._queue: deque[_Pending] = deque()
-        self._first_at = 0.0  # when the oldest queued request arrived
         self._spans = 0  # queued or being committed
-        self._waiting = 0  # queued, not yet taken by the committer
+        self._waiting = 0  # spans queued, not yet taken by a committer
+        self._waiting_bytes = 0  # their blocks' bytes
         self._bytes = 0  # admitted and not yet answered
         self._committing = 0  # batches being inserted right now
         self._closing = False
@@ -135,11 +142,10 @@ class GroupCommitter:
                     f"collector queue full: {self._spans} spans waiting for the store (bound {self.queue_spans}); retry",
                     self.retry_after,
                 )
-            if not self._queue:
-                self._first_at = time.monotonic()
             self._queue.append(pending)
             self._spans += spans
             self._waiting += spans
+            self._waiting_bytes += len(block)
             self._cond.notify_all()
         return pending.future
 
@@ -154,7 +160,7 @@ class GroupCommitter:
 
     # --- committer ------------------------------------------------------------------------------
     def _take(self) -> list[_Pending] | None:
-        """Wait for a full batch or the oldest request's deadline; None when closed and drained."""
+        """Wait for a batch to be due (see the class); None when closed and drained."""
         with self._cond:
             while True:
                 if not self._queue:
@@ -162,25 +168,32 @@ class GroupCommitter:
                         return None
                     self._cond.wait()
                     continue
-                remaining = self._first_at + self.batch_seconds - time.monotonic()
-                # A due batch that is not full waits for a running commit to end: it keeps
-                # growing meanwhile, and one insert of many spans costs the store far less
-                # (parts, merges) than two small ones side by side.
+                remaining = self._queue[0].arrived + self.linger - time.monotonic()
+                # A batch that is not full waits for a running commit to end: it keeps growing
+                # meanwhile, and one insert of many spans costs the store far less (parts,
+                # merges) than two small ones side by side.
                 due = remaining <= 0 and not self._committing
-                if self._closing or self._waiting >= self.batch_spans or due:
+                full = self._waiting >= self.batch_spans or self._waiting_bytes >= self.batch_bytes
+                if self._closing or full or due:
                     break
                 # Another committer may take the queue meanwhile: re-check everything on wake-up.
-                self._cond.wait(remaining if remaining > 0 else None)
+                self._cond.wait(remaining if remaining > 0 and not self._committing else None)
             batch: list[_Pending] = []
-            spans = 0
-            while self._queue and (not batch or spans + self._queue[0].spans <= self.batch_spans):
+            spans = nbytes = 0
+            while self._queue and (
+                not batch
+                or (
+                    spans + self._queue[0].spans <= self.batch_spans
+                    and nbytes + len(self._queue[0].block) <= self.batch_bytes
+                )
+            ):
                 pending = self._queue.popleft()
                 batch.append(pending)
                 spans += pending.spans
+                nbytes += len(pending.block)
             self._waiting -= spans
+            self._waiting_bytes -= nbytes
             self._committing += 1
-            if self._queue:
-                self._first_at = time.monotonic()
             return batch
 
     def _run(self, commit: Callable[[list[bytes]], Any]) -> None:

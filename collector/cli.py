@@ -74,13 +74,20 @@ def _add_flags(parser: argparse.ArgumentParser) -> None:
         "--batch-spans",
         type=int,
         default=defaults.batch_spans,
-        help="commit when this many spans are queued (default %(default)s)",
+        help="most spans in one commit (default %(default)s)",
     )
     parser.add_argument(
-        "--batch-ms",
+        "--batch-mib",
         type=float,
-        default=defaults.batch_ms,
-        help="or when the oldest queued request is this old (default %(default)g ms)",
+        default=defaults.batch_bytes / MIB,
+        help="most decoded bytes in one commit, in MiB (default %(default)g)",
+    )
+    parser.add_argument(
+        "--linger-ms",
+        type=float,
+        default=defaults.linger_ms,
+        help="how long an idle collector waits for more requests before committing "
+        "(default %(default)g ms: at once; a busy one batches what arrives during a commit)",
     )
     parser.add_argument(
         "--retry-after",
@@ -124,7 +131,8 @@ def config_from_args(args: argparse.Namespace) -> CollectorConfig:
         tls_key=args.tls_key,
         max_request_bytes=round(args.max_request_mib * MIB),
         batch_spans=args.batch_spans,
-        batch_ms=args.batch_ms,
+        batch_bytes=round(args.batch_mib * MIB),
+        linger_ms=args.linger_ms,
         queue_spans=args.queue_spans,
         queue_bytes=round(args.queue_mib * MIB),
         retry_after=args.retry_after,

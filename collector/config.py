@@ -6,10 +6,13 @@ start from `CollectorConfig`. Its shape follows the OpenTelemetry Collector's Cl
 exporter `Config`: a plain record of fields with their defaults, and a `validate()` that reports
 every problem at once, before anything listens or opens the store.
 
-Batches are large because every commit becomes a part in each table of the store, and parts are
-later merged: at 8,192 spans a batch, background merges cost the embedded store nearly as much
-CPU as the inserts themselves. Under light load the timer commits sooner, so a lone request waits
-at most `batch_ms` for company.
+The commit is adaptive (see collector.batcher): an idle collector commits a request at once, so
+an exporter that waits for its acknowledgement is never held back by a timer; a busy one batches
+whatever arrives while the previous commit runs, up to `batch_spans` spans and `batch_bytes`
+bytes. Large batches matter because every commit becomes a part in each table of the store, and
+parts are later merged: at 8,192 spans a batch, background merges cost the embedded store nearly
+as much CPU as the inserts themselves. `linger_ms` makes an idle collector wait for company
+(fewer, larger parts under light load, for that much more latency).
 
 This module imports only the standard library (the store's URL parser is imported when
 validating), so the CLI can build its flags from it without slowing `lightspan --help`.
@@ -55,10 +58,12 @@ class CollectorConfig:
     tls_key: str | None = None
     # Larger requests are refused (RESOURCE_EXHAUSTED / 413).
     max_request_bytes: int = 64 * MIB
-    # A batch is committed when it holds `batch_spans` spans, or once its oldest request has
-    # waited `batch_ms` milliseconds (see collector.batcher).
+    # A batch holds at most `batch_spans` spans and `batch_bytes` bytes of Native blocks (a
+    # larger request goes alone). It is committed when no other batch is being inserted and its
+    # oldest request has waited `linger_ms` milliseconds, or as soon as it is full.
     batch_spans: int = 32768
-    batch_ms: float = 200.0
+    batch_bytes: int = 64 * MIB
+    linger_ms: float = 0.0
     # Memory bounds: past either, clients are told to retry after `retry_after` seconds.
     queue_spans: int = 131072
     queue_bytes: int = 512 * MIB
@@ -102,15 +107,22 @@ class CollectorConfig:
         if bool(self.tls_cert) != bool(self.tls_key):
             given, missing = ("tls_cert", "tls_key") if self.tls_cert else ("tls_key", "tls_cert")
             problems.append(f"TLS needs both tls_cert and tls_key: {given} is set, {missing} is not")
-        for name in ("max_request_bytes", "batch_spans", "queue_spans", "queue_bytes", "committers"):
+        for name in (
+            "max_request_bytes",
+            "batch_spans",
+            "batch_bytes",
+            "queue_spans",
+            "queue_bytes",
+            "committers",
+        ):
             if not _int_in(getattr(self, name), 1):
                 problems.append(f"{name} must be a positive integer, got {getattr(self, name)!r}")
         if not _int_in(self.decoders, 0):
             problems.append(
                 f"decoders must be 0 (decode in the receiving threads) or more, got {self.decoders!r}"
             )
-        if not _number_in(self.batch_ms, 0):
-            problems.append(f"batch_ms must be a finite number of milliseconds >= 0, got {self.batch_ms!r}")
+        if not _number_in(self.linger_ms, 0):
+            problems.append(f"linger_ms must be a finite number of milliseconds >= 0, got {self.linger_ms!r}")
         if not (_number_in(self.retry_after, 0) and self.retry_after > 0):
             problems.append(f"retry_after must be a finite number of seconds > 0, got {self.retry_after!r}")
         if (

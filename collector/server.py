@@ -93,7 +93,8 @@ class Collector:
         self._committer = committer = GroupCommitter(
             commits,
             batch_spans=config.batch_spans,
-            batch_ms=config.batch_ms,
+            batch_bytes=config.batch_bytes,
+            linger_ms=config.linger_ms,
             queue_spans=config.queue_spans,
             queue_bytes=config.queue_bytes,
             retry_after=config.retry_after,

@@ -82,11 +82,7 @@ class ClosedLoop:
         workdir.mkdir(parents=True, exist_ok=True)
         url = store_url or f"chdb://{workdir / 'store'}"
         embedded = parse_store_url(url).embedded
-        # A loop's few episodes at a time never fill a batch: a short timer lands them (and lets the
-        # follower see complete groups) sooner than the standalone collector's throughput default.
-        self.collector = Collector(
-            url, grpc_port=0, http_port=0, sql_port=0 if embedded else None, batch_ms=50
-        )
+        self.collector = Collector(url, grpc_port=0, http_port=0, sql_port=0 if embedded else None)
         self.collector.start()
         try:
             # Children reach an embedded store through the collector; a server store directly.

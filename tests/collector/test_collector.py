@@ -35,7 +35,7 @@ TOKEN = "s3cret-token"
 
 @pytest.fixture
 def collector(tmp_path: Path) -> Iterator[Collector]:
-    with Collector(f"chdb://{tmp_path / 'data'}", grpc_port=0, http_port=0, sql_port=0, batch_ms=5) as c:
+    with Collector(f"chdb://{tmp_path / 'data'}", grpc_port=0, http_port=0, sql_port=0) as c:
         yield c
 
 
@@ -201,7 +201,6 @@ def guarded(tmp_path: Path) -> Iterator[Collector]:
         grpc_port=0,
         http_port=0,
         sql_port=0,
-        batch_ms=5,
         max_request_bytes=20_000,
         auth_token=TOKEN,
     ) as c:
@@ -403,7 +402,6 @@ def test_tls_on_grpc_http_and_sql(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
         grpc_port=0,
         http_port=0,
         sql_port=0,
-        batch_ms=5,
         tls_cert=str(cert),
         tls_key=str(key),
     ) as c:

@@ -29,12 +29,13 @@ INVALID = [
     ({"auth_token": 123}, "auth_token must be a string or None"),
     ({"max_request_bytes": 0}, "max_request_bytes must be a positive integer"),
     ({"batch_spans": 0}, "batch_spans must be a positive integer"),
+    ({"batch_bytes": 0}, "batch_bytes must be a positive integer"),
     ({"queue_spans": -5}, "queue_spans must be a positive integer"),
     ({"queue_bytes": 1.5}, "queue_bytes must be a positive integer"),
     ({"committers": 0}, "committers must be a positive integer"),
     ({"decoders": -1}, "decoders must be 0"),
-    ({"batch_ms": -1}, "batch_ms must be a finite number of milliseconds >= 0"),
-    ({"batch_ms": float("nan")}, "batch_ms must be a finite number"),
+    ({"linger_ms": -1}, "linger_ms must be a finite number of milliseconds >= 0"),
+    ({"linger_ms": float("nan")}, "linger_ms must be a finite number"),
     ({"retry_after": 0}, "retry_after must be a finite number of seconds > 0"),
     ({"batch_spans": 2000, "queue_spans": 1000}, "batch_spans (2000) is larger than queue_spans (1000)"),
 ]
@@ -58,13 +59,13 @@ def test_an_invalid_setting_is_named_in_one_line(settings: dict, message: str):
 
 
 def test_every_problem_is_reported_at_once():
-    config = CollectorConfig(store_url="chdb:///tmp/x", grpc_port=-1, tls_key="k.pem", batch_ms=-2)
+    config = CollectorConfig(store_url="chdb:///tmp/x", grpc_port=-1, tls_key="k.pem", linger_ms=-2)
     with pytest.raises(InvalidInput) as error:
         config.validate()
-    assert re.findall(r"grpc_port|tls_cert and tls_key|batch_ms", str(error.value)) == [
+    assert re.findall(r"grpc_port|tls_cert and tls_key|linger_ms", str(error.value)) == [
         "grpc_port",
         "tls_cert and tls_key",
-        "batch_ms",
+        "linger_ms",
     ]
 
 
@@ -75,8 +76,8 @@ def test_the_config_is_frozen():
 
 def test_collector_keywords_map_onto_the_config(tmp_path: Path):
     url = f"chdb://{tmp_path / 'data'}"
-    collector = Collector(url, grpc_port=0, sql_port=None, batch_ms=5, decoders=0)
-    assert collector.config == CollectorConfig(store_url=url, grpc_port=0, sql_port=None, batch_ms=5)
+    collector = Collector(url, grpc_port=0, sql_port=None, linger_ms=5, decoders=0)
+    assert collector.config == CollectorConfig(store_url=url, grpc_port=0, sql_port=None, linger_ms=5)
     base = CollectorConfig(store_url=url, http_port=0)
     assert Collector(base).config == base
     assert Collector(base, batch_spans=10).config == dataclasses.replace(base, batch_spans=10)
@@ -117,7 +118,8 @@ def test_the_cli_maps_flags_onto_fields(monkeypatch: pytest.MonkeyPatch):
         "--tls-key=k.pem",
         "--max-request-mib=1.5",
         "--batch-spans=10",
-        "--batch-ms=7",
+        "--batch-mib=3",
+        "--linger-ms=7",
         "--decoders=3",
         "--queue-spans=20",
         "--queue-mib=2",
@@ -135,7 +137,8 @@ def test_the_cli_maps_flags_onto_fields(monkeypatch: pytest.MonkeyPatch):
         tls_key="k.pem",
         max_request_bytes=3 * MIB // 2,
         batch_spans=10,
-        batch_ms=7.0,
+        batch_bytes=3 * MIB,
+        linger_ms=7.0,
         decoders=3,
         queue_spans=20,
         queue_bytes=2 * MIB,
@@ -152,8 +155,9 @@ def test_help_shows_the_true_defaults():
         f"(default {defaults.http_port}, 0 = any)",
         f"(default {defaults.sql_port}, 0 = any, -1 = off)",
         f"largest accepted request, in MiB (default {defaults.max_request_bytes // MIB})",
-        f"commit when this many spans are queued (default {defaults.batch_spans})",
-        f"is this old (default {defaults.batch_ms:g} ms)",
+        f"most spans in one commit (default {defaults.batch_spans})",
+        f"in one commit, in MiB (default {defaults.batch_bytes // MIB})",
+        f"before committing (default {defaults.linger_ms:g} ms: at once;",
         f"one per CPU, here {defaults.decoders};",
         f"(memory bound, default {defaults.queue_spans})",
         f"(memory bound, default {defaults.queue_bytes // MIB})",

@@ -44,8 +44,8 @@ def _stored(store_url: str) -> tuple[set[str], list[tuple[str, int]]]:
 
 def test_sigterm_commits_queued_spans_and_exits_zero(tmp_path: Path):
     store = f"chdb://{tmp_path / 'data'}"
-    # A long batch window: the spans are still queued when SIGTERM arrives.
-    collector = CollectorProcess(store, "--batch-ms", "5000", log=tmp_path / "log").start()
+    # A long linger: the spans are still queued when SIGTERM arrives.
+    collector = CollectorProcess(store, "--linger-ms", "5000", log=tmp_path / "log").start()
     try:
         spans = make_spans(children=5)
         result: list[SpanExportResult] = []
@@ -70,7 +70,7 @@ def test_sigterm_commits_queued_spans_and_exits_zero(tmp_path: Path):
 @pytest.mark.slow
 def test_kill_9_loses_nothing_acknowledged(tmp_path: Path):
     store = f"chdb://{tmp_path / 'data'}"
-    collector = CollectorProcess(store, "--batch-ms", "20", log=tmp_path / "log").start()
+    collector = CollectorProcess(store, log=tmp_path / "log").start()
     ports = collector.ports
     acked: set[str] = set()
     sent = 0
@@ -97,7 +97,7 @@ def test_kill_9_loses_nothing_acknowledged(tmp_path: Path):
         before_kill = len(acked)
         collector.kill()  # mid-stream: requests are in flight and queued
         time.sleep(1)
-        collector = CollectorProcess(store, "--batch-ms", "20", ports=ports, log=tmp_path / "log").start()
+        collector = CollectorProcess(store, ports=ports, log=tmp_path / "log").start()
         deadline = time.monotonic() + 30
         while len(acked) < before_kill + 200 and time.monotonic() < deadline:
             time.sleep(0.05)
@@ -122,7 +122,7 @@ def test_store_down_then_back_every_span_lands(tmp_path: Path):
     assert a.sql_url is not None
     # The SDK exporter gives up after 6 tries, each after the delay the collector advises: 3 s
     # each outlasts A's restart on a busy machine.
-    b = CollectorProcess(a.sql_url, "--batch-ms", "20", "--retry-after", "3", log=tmp_path / "b.log").start()
+    b = CollectorProcess(a.sql_url, "--retry-after", "3", log=tmp_path / "b.log").start()
     results: list[SpanExportResult] = []
     all_ids: set[str] = set()
     try:
@@ -162,7 +162,7 @@ def test_memory_stays_bounded_when_clients_outpace_the_store(tmp_path: Path):
     store = f"chdb://{tmp_path / 'data'}"
     # A tiny queue: clients are much faster than the store.
     collector = CollectorProcess(
-        store, "--queue-spans", "1000", "--batch-spans", "1000", "--batch-ms", "400", log=tmp_path / "log"
+        store, "--queue-spans", "1000", "--batch-spans", "1000", "--linger-ms", "400", log=tmp_path / "log"
     ).start()
     bodies = [encode_spans(make_spans(rollout=f"r{i}", children=199)).SerializeToString() for i in range(40)]
     outcomes: dict[str, int] = {"ok": 0, "unavailable": 0}
