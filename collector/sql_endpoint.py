@@ -36,7 +36,16 @@ from urllib.parse import parse_qsl, urlsplit
 import chdb
 
 from lightspan.collector.httpd import BadBody, BodyTooLarge, Handler, Server
-from lightspan.collector.sql_policy import Limits, Refused, Statement, check, parse_ast, prepare
+from lightspan.collector.sql_policy import (
+    ACCESS_DENIED,
+    WRITABLE_TABLES,
+    Limits,
+    Refused,
+    Statement,
+    check,
+    parse_ast,
+    prepare,
+)
 
 # URL parameters that steer the HTTP layer rather than being ClickHouse settings.
 TRANSPORT_PARAMS = frozenset(
@@ -115,6 +124,7 @@ _BAD_REQUEST_CODES = frozenset(
         73,
         75,
         107,
+        108,  # NO_DATA_TO_INSERT
         115,
         117,
         130,
@@ -351,6 +361,13 @@ class SQLHandler(Handler):
             run = self._runner(handles[0])
             statement = self._check(run, text, database, settings, bind)
             insert = statement.insert_table is not None and data is not None
+            if data is not None and not insert:
+                raise ClickHouseError(
+                    ACCESS_DENIED,
+                    "the SQL endpoint takes rows (FORMAT <name> or VALUES) into "
+                    f"{', '.join(sorted(WRITABLE_TABLES))} only, with no SETTINGS clause",
+                    "ACCESS_DENIED",
+                )
             if insert and statement.canonical.rsplit(" FORMAT ", 1)[-1] != fmt:
                 raise ClickHouseError(
                     62, "the INSERT's rows must follow FORMAT <name> or VALUES", "SYNTAX_ERROR"
@@ -360,14 +377,14 @@ class SQLHandler(Handler):
                 handles.append(chdb.connect(self.app.path))
                 run = self._runner(handles[1])
                 prepare(run, database, settings, self.app.limits, readonly=False, quote=_quote)
-                if insert:
-                    assert data is not None
-                    with tempfile.NamedTemporaryFile(
-                        prefix="lightspan-sql-", suffix=".data", delete=False
-                    ) as handle:
-                        handle.write(data)
-                        infile = handle.name
-                    sql = f"{sql.rsplit(' FORMAT ', 1)[0]} FROM INFILE {_quote(infile)} FORMAT {fmt}"
+            if insert:  # a reader's runs on the guard handle, where ClickHouse refuses it
+                assert data is not None
+                with tempfile.NamedTemporaryFile(
+                    prefix="lightspan-sql-", suffix=".data", delete=False
+                ) as handle:
+                    handle.write(data)
+                    infile = handle.name
+                sql = f"{sql.rsplit(' FORMAT ', 1)[0]} FROM INFILE {_quote(infile)} FORMAT {fmt}"
             result = run(sql, default_format, bind)
         finally:
             for connection in handles:

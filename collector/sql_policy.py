@@ -83,6 +83,9 @@ _SETTING_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 # Statements a writer runs outside readonly mode when they pass the checks (see the docstring).
 _PLAIN_READS = frozenset({"SelectWithUnionQuery", "SelectIntersectExceptQuery", "DescribeQuery"})
 ACCESS_DENIED = 497
+# Statements whose condition is a child of the root (DELETE FROM t WHERE 1): a literal there is
+# not a file name. (Neither is a query with output, so none has INTO OUTFILE.)
+_WHERE_AT_TOP = frozenset({"DeleteQuery", "UpdateQuery"})
 
 
 @dataclass(frozen=True)
@@ -178,7 +181,7 @@ def check(nodes: list[Node], canonical: str) -> Statement:
                 raise Refused(
                     f"function {node.name}() reads the host's files; the SQL endpoint serves the store"
                 )
-        elif node.kind == "Literal" and node.depth == 1:
+        elif node.kind == "Literal" and node.depth == 1 and root not in _WHERE_AT_TOP:
             # A query's only literal children are its INTO OUTFILE (and COMPRESSION) or an
             # INSERT's FROM INFILE: both name the host's files.
             raise Refused(

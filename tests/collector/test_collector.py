@@ -364,6 +364,23 @@ def test_sql_endpoint_plain_http(collector: Collector):
     )
 
 
+def test_sql_endpoint_without_tokens_takes_lightspan_s_writes_and_refuses_the_host(collector, tmp_path):
+    # No token configured (the default): any local client is the writer, and still only that.
+    secret = tmp_path / "secret.txt"
+    secret.write_text("the collector user's secret")
+    base = f"http://127.0.0.1:{collector.sql_port}/"
+    insert = b"INSERT INTO train_metrics (Run, Step, Name, Value) VALUES ('r', 1, 'x', 1)"
+    assert _post(base, insert, "text/plain")[0] == 200
+    status, body, _ = _post(base, f"SELECT file('{secret}')".encode(), "text/plain")
+    assert (
+        status == 403 and body.startswith(b"Code: 497.") and b"secret" not in body.split(b"(ACCESS")[0][-40:]
+    )
+    assert b"the collector user's secret" not in body
+    status, body, _ = _post(base, b"DROP TABLE train_metrics", "text/plain")
+    assert status == 403 and body.startswith(b"Code: 164.")
+    assert _sql(collector).command("SELECT count() FROM train_metrics") == 1
+
+
 def test_sql_endpoint_is_advertised_while_running(tmp_path: Path):
     data = tmp_path / "data"
     with Collector(f"chdb://{data}", grpc_port=0, http_port=0, sql_port=0) as c:
