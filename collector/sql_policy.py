@@ -45,8 +45,6 @@ TABLE_FUNCTIONS = frozenset(
     {
         "numbers",
         "numbers_mt",
-        "zeros",
-        "zeros_mt",
         "generate_series",
         "generateSeries",
         "generateRandom",

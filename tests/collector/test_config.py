@@ -184,6 +184,13 @@ def test_the_cli_maps_flags_onto_fields(monkeypatch: pytest.MonkeyPatch):
     )
 
 
+def test_the_read_token_may_come_from_the_environment(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("LIGHTSPAN_AUTH_TOKEN", "writer")
+    monkeypatch.setenv("LIGHTSPAN_SQL_READ_TOKEN", "reader")
+    config = config_from_args(_parse())
+    assert (config.auth_token, config.sql_read_token) == ("writer", "reader")
+
+
 def test_help_shows_the_true_defaults():
     text = " ".join(run_cli("collector", "--help").stdout.split())
     defaults = CollectorConfig.standalone()

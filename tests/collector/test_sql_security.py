@@ -25,6 +25,7 @@ from lightspan.collector.server import Collector
 from lightspan.collector.sql_policy import WRITABLE_TABLES
 from lightspan.errors import InvalidInput
 from lightspan.store import Store
+from tests.helpers.synthetic import arithmetic_rollouts
 
 WRITER, READER = "writer-token", "reader-token"
 SECRET = "the-collector-user's-secret"
@@ -117,6 +118,7 @@ REFUSED = [
     ("SELECT * FROM merge('system', '^one$')", ACCESS_DENIED),
     ("SELECT * FROM input('a UInt8')", ACCESS_DENIED),
     ("SELECT * FROM format(CSV, '1')", ACCESS_DENIED),
+    ("SELECT count() FROM zeros(3)", ACCESS_DENIED),
     ("KILL QUERY WHERE 1", ACCESS_DENIED),
     # more than one statement (chDB would run them all)
     ("SELECT 1; SELECT file('{secret}')", SYNTAX_ERROR),
@@ -247,8 +249,14 @@ def test_readers_read_the_store_and_the_engine_s_own_tables(secured):
         "SELECT name, type FROM system.columns WHERE table = 'otel_traces'",
         "SELECT name, value, readonly FROM system.settings LIMIT 10",
         "SELECT name FROM system.databases",
+        "SELECT count() FROM information_schema.tables",
         "SELECT sum(number) FROM numbers(10)",
+        "SELECT sum(number) FROM numbers_mt(10)",
+        "SELECT * FROM generate_series(1, 3)",
+        "SELECT * FROM generateSeries(1, 3)",
         "SELECT * FROM generateRandom('a UInt8', 1) LIMIT 1",
+        "SELECT * FROM values('a UInt8', 1, 2)",
+        "SELECT count() FROM null('a UInt8')",
         "SELECT * FROM view(SELECT 1)",
         "SHOW TABLES",
         "DESCRIBE TABLE resources",
@@ -294,6 +302,9 @@ def test_the_reader_only_reads_and_the_writer_writes_lightspan_s_tables(secured)
             store.publish_resource("prompt", "prompt", content="x")
     with Store.connect(base.replace("//", f"//default:{WRITER}@", 1)) as store:
         assert store.publish_resource("sec-prompt", "prompt", content="x").version == 1
+        spans = arithmetic_rollouts(tasks=1, samples=1, start_ns=time.time_ns(), seed=7)
+        assert store.insert_spans(spans) == len(spans)  # spans, as a collector writing through another
+        assert reader.command("SELECT count() FROM otel_traces") >= len(spans)
     # Without a token, or with a wrong one: nothing.
     for token in (None, "wrong"):
         status, body, _ = _post(c, "SELECT 1", token)
