@@ -43,6 +43,7 @@ from lightspan.collector.sql_policy import (
     Refused,
     Statement,
     check,
+    check_text,
     parse_ast,
     prepare,
 )
@@ -403,6 +404,7 @@ class SQLHandler(Handler):
                 canonical = run(f"SELECT formatQuerySingleLine({_quote(text)})", "RawBLOB").bytes().decode()
             except ClickHouseError as error:
                 raise ClickHouseError(error.code, "", text=_IN_SCOPE.sub("", str(error))) from None
+            check_text(canonical)
             tree = run(f"EXPLAIN AST {canonical}", "TabSeparated", bind).bytes().decode()
             return check(parse_ast(tree.split("\n")), canonical)
         except Refused as refusal:

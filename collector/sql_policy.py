@@ -9,7 +9,10 @@ checked before it runs, with ClickHouse's own tools rather than a SQL parser of 
    is ClickHouse's SYNTAX_ERROR. What runs afterwards is this canonical text, never the client's,
    so what was checked is what runs (chDB would run every statement of a multi-statement text,
    and the data after an INSERT's `VALUES` is not SQL to run).
-2. `EXPLAIN AST` of the canonical text gives the statement's tree. Table functions outside
+2. A canonical text that names `OUTFILE` or `INFILE` anywhere is refused before anything else
+   runs: the client part of chDB acts on these clauses, even where one binds to an `EXPLAIN`
+   wrapped around the statement (`EXPLAIN AST INSERT ... SELECT 1 INTO OUTFILE 'f'` writes f).
+   `EXPLAIN AST` of the canonical text then gives the statement's tree. Table functions outside
    `TABLE_FUNCTIONS`, the `file()` function, `INTO OUTFILE`, `FROM INFILE` and `KILL` are refused
    here, as ClickHouse's ACCESS_DENIED: ClickHouse's readonly mode lets `file()`, `INTO OUTFILE`,
    `DESCRIBE url(...)` (whose schema inference fetches the URL) and `KILL QUERY` through.
@@ -156,6 +159,18 @@ class Statement:
     @property
     def plain_read(self) -> bool:
         return self.kind in _PLAIN_READS and not self.has_settings
+
+
+_FILE_CLAUSE = re.compile(r"\b(?:INTO\s+OUTFILE|FROM\s+INFILE|OUTFILE|INFILE)\b", re.IGNORECASE)
+
+
+def check_text(canonical: str) -> None:
+    """Refuse a statement whose text names a file clause (a string that merely contains the word
+    is refused too: nothing runs, not even EXPLAIN, on a text that might write a file)."""
+    if _FILE_CLAUSE.search(canonical):
+        raise Refused(
+            "INTO OUTFILE and FROM INFILE reach the host's files; the SQL endpoint serves the store"
+        )
 
 
 def check(nodes: list[Node], canonical: str) -> Statement:

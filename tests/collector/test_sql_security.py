@@ -87,6 +87,13 @@ REFUSED = [
     ("WITH s AS (SELECT * FROM file('{secret}', 'LineAsString')) SELECT * FROM s", ACCESS_DENIED),
     ("SELECT 1 INTO OUTFILE '{out}'", ACCESS_DENIED),
     ("SELECT 1 INTO OUTFILE '{out}' TRUNCATE", ACCESS_DENIED),
+    ("SHOW TABLES INTO OUTFILE '{out}'", ACCESS_DENIED),
+    ("DESCRIBE TABLE resources INTO OUTFILE '{out}' APPEND", ACCESS_DENIED),
+    ("EXPLAIN SELECT 1 INTO OUTFILE '{out}'", ACCESS_DENIED),
+    ("EXPLAIN AST SELECT 1 INTO OUTFILE '{out}'", ACCESS_DENIED),
+    # ClickHouse's parser refuses these; within an EXPLAIN the INTO OUTFILE would bind to the EXPLAIN.
+    ("INSERT INTO train_metrics (Run) SELECT 'x' INTO OUTFILE '{out}'", SYNTAX_ERROR),
+    ("insert into train_metrics (Run) select 'x' into   outfile '{out}'", SYNTAX_ERROR),
     ("INSERT INTO FUNCTION file('{out}', 'CSV', 'a UInt8') VALUES (1)", ACCESS_DENIED),
     ("INSERT INTO FUNCTION file('{out}', 'CSV', 'a UInt8') SELECT 1", ACCESS_DENIED),
     ("INSERT INTO train_metrics FROM INFILE '{secret}' FORMAT CSV", ACCESS_DENIED),
