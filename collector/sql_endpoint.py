@@ -330,9 +330,8 @@ class SQLHandler(Handler):
                 if self.headers.get("Content-Type", "").startswith("multipart/form-data"):
                     params.update(_form_fields(self.headers["Content-Type"], body))
                     body = b""
-            self._execute(
-                params, body, role if post else READ, query_id=query_id
-            )  # GET reads, as on ClickHouse
+            # GET requests only read, as on ClickHouse.
+            self._execute(params, body, role if post else READ, query_id=query_id)
         except ClickHouseError as error:
             self._error(error, query_id=query_id)
 
