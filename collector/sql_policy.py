@@ -13,9 +13,11 @@ checked before it runs, with ClickHouse's own tools rather than a SQL parser of 
    runs: the client part of chDB acts on these clauses, even where one binds to an `EXPLAIN`
    wrapped around the statement (`EXPLAIN AST INSERT ... SELECT 1 INTO OUTFILE 'f'` writes f).
    `EXPLAIN AST` of the canonical text then gives the statement's tree. Table functions outside
-   `TABLE_FUNCTIONS`, the `file()` function, `INTO OUTFILE`, `FROM INFILE` and `KILL` are refused
-   here, as ClickHouse's ACCESS_DENIED: ClickHouse's readonly mode lets `file()`, `INTO OUTFILE`,
-   `DESCRIBE url(...)` (whose schema inference fetches the URL) and `KILL QUERY` through.
+   `TABLE_FUNCTIONS`, the `file()` function, `INTO OUTFILE`, `FROM INFILE`, `BACKUP`, `RESTORE`
+   and `KILL` are refused here, as ClickHouse's ACCESS_DENIED: ClickHouse's readonly mode lets
+   `file()`, `INTO OUTFILE`, `DESCRIBE url(...)` (whose schema inference fetches the URL),
+   `merge()` and `KILL QUERY` through. So are rows sent for a table outside `WRITABLE_TABLES`
+   (the endpoint, sql_endpoint, refuses them before they run).
 3. Everything else runs in ClickHouse's readonly mode (`readonly=1`): DDL, `ALTER`, `SYSTEM`,
    `SET`, `SETTINGS` clauses that change a setting and writes are refused by ClickHouse itself,
    with its own message (READONLY). The exceptions run without readonly, for the writer only:
