@@ -61,6 +61,31 @@ def _add_flags(parser: argparse.ArgumentParser) -> None:
         help="require 'Authorization: Bearer TOKEN' (default $LIGHTSPAN_AUTH_TOKEN, else none)",
     )
     parser.add_argument(
+        "--sql-read-token",
+        default=os.environ.get("LIGHTSPAN_SQL_READ_TOKEN", defaults.sql_read_token),
+        help="a second token for the SQL endpoint that only reads, for dashboards such as Grafana "
+        "(needs --auth-token; default $LIGHTSPAN_SQL_READ_TOKEN, else none)",
+    )
+    parser.add_argument(
+        "--sql-max-seconds",
+        type=float,
+        default=defaults.sql_max_seconds,
+        help="time limit of one SQL endpoint query, in seconds (default %(default)g)",
+    )
+    parser.add_argument(
+        "--sql-max-memory-mib",
+        type=float,
+        default=defaults.sql_max_memory_bytes / MIB,
+        help="memory limit of one SQL endpoint query, in MiB (default %(default)g)",
+    )
+    parser.add_argument(
+        "--insecure",
+        action="store_true",
+        default=defaults.insecure,
+        help="listen beyond loopback (--host, --sql-host) without --auth-token: anyone who reaches "
+        "the ports can send spans and use the SQL endpoint",
+    )
+    parser.add_argument(
         "--tls-cert", default=defaults.tls_cert, help="PEM certificate: serve OTLP and SQL over TLS"
     )
     parser.add_argument("--tls-key", default=defaults.tls_key, help="PEM private key for --tls-cert")
@@ -127,6 +152,10 @@ def config_from_args(args: argparse.Namespace) -> CollectorConfig:
         sql_host=args.sql_host,
         sql_port=None if args.sql_port == SQL_OFF else args.sql_port,
         auth_token=args.auth_token,
+        sql_read_token=args.sql_read_token,
+        sql_max_seconds=args.sql_max_seconds,
+        sql_max_memory_bytes=round(args.sql_max_memory_mib * MIB),
+        insecure=args.insecure,
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,
         max_request_bytes=round(args.max_request_mib * MIB),

@@ -20,6 +20,7 @@ validating), so the CLI can build its flags from it without slowing `lightspan -
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import os
 from dataclasses import dataclass
@@ -51,8 +52,17 @@ class CollectorConfig:
     # Address and port of the embedded store's SQL endpoint (ClickHouse HTTP interface).
     sql_host: str = "127.0.0.1"
     sql_port: int | None = 8123
-    # When set, every request must carry `Authorization: Bearer <auth_token>`.
+    # When set, every request must carry `Authorization: Bearer <auth_token>`. On the SQL
+    # endpoint it reads and writes what Lightspan's components write (spans, resources, metrics).
     auth_token: str | None = None
+    # A second token for the SQL endpoint that only reads (dashboards such as Grafana); needs
+    # auth_token, or every request without a token could still write.
+    sql_read_token: str | None = None
+    # Per-query limits on the SQL endpoint (ClickHouse's max_execution_time, max_memory_usage).
+    sql_max_seconds: float = 300.0
+    sql_max_memory_bytes: int = 4096 * MIB
+    # Listening beyond loopback without auth_token is refused unless this says it is meant.
+    insecure: bool = False
     # PEM files: both or neither; with them OTLP and SQL are served over TLS.
     tls_cert: str | None = None
     tls_key: str | None = None
@@ -88,8 +98,9 @@ class CollectorConfig:
         from lightspan.store import parse_store_url  # the store package imports its client library
 
         problems: list[str] = []
+        embedded = True
         try:
-            parse_store_url(self.store_url)
+            embedded = parse_store_url(self.store_url).embedded
         except InvalidInput as error:
             problems.append(str(error))
         for name in ("host", "sql_host"):
@@ -100,13 +111,28 @@ class CollectorConfig:
             if not (name == "sql_port" and value is None) and not _int_in(value, 0, _MAX_PORT):
                 off = " or None (no SQL endpoint)" if name == "sql_port" else ""
                 problems.append(f"{name} must be 0-{_MAX_PORT} (0 = any free port){off}, got {value!r}")
-        for name in ("auth_token", "tls_cert", "tls_key"):
+        for name in ("auth_token", "sql_read_token", "tls_cert", "tls_key"):
             value = getattr(self, name)
             if value is not None and not isinstance(value, str):
                 problems.append(f"{name} must be a string or None, got {value!r}")
         if bool(self.tls_cert) != bool(self.tls_key):
             given, missing = ("tls_cert", "tls_key") if self.tls_cert else ("tls_key", "tls_cert")
             problems.append(f"TLS needs both tls_cert and tls_key: {given} is set, {missing} is not")
+        if self.sql_read_token and not self.auth_token:
+            problems.append("sql_read_token needs auth_token too (without it any request could write)")
+        elif self.sql_read_token and self.sql_read_token == self.auth_token:
+            problems.append("sql_read_token must differ from auth_token")
+        exposed = self.exposed(embedded)
+        if exposed and not self.auth_token and not self.insecure:
+            problems.append(
+                f"refusing to listen on {', '.join(exposed)} without an auth token: anyone who reaches it could "
+                "send spans and read and write the store; set auth_token (--auth-token), bind 127.0.0.1, "
+                "or pass --insecure if that is meant"
+            )
+        if not (_number_in(self.sql_max_seconds, 0) and self.sql_max_seconds > 0):
+            problems.append(
+                f"sql_max_seconds must be a finite number of seconds > 0, got {self.sql_max_seconds!r}"
+            )
         for name in (
             "max_request_bytes",
             "batch_spans",
@@ -114,6 +140,7 @@ class CollectorConfig:
             "queue_spans",
             "queue_bytes",
             "committers",
+            "sql_max_memory_bytes",
         ):
             if not _int_in(getattr(self, name), 1):
                 problems.append(f"{name} must be a positive integer, got {getattr(self, name)!r}")
@@ -137,6 +164,23 @@ class CollectorConfig:
         if problems:
             raise InvalidInput("invalid collector settings: " + "; ".join(problems))
         return self
+
+    def exposed(self, embedded: bool) -> list[str]:
+        """The addresses beyond loopback that the receivers and the SQL endpoint would listen on
+        (the SQL endpoint runs for an embedded store when sql_port is set)."""
+        hosts = [self.host] + ([self.sql_host] if embedded and self.sql_port is not None else [])
+        return sorted({h for h in hosts if isinstance(h, str) and not _loopback(h)})
+
+
+def _loopback(host: str) -> bool:
+    """Whether `host` is this machine only: localhost or a loopback address (a name that is not
+    localhost may resolve anywhere, so it counts as beyond loopback)."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 def _int_in(value: object, low: int, high: int | None = None) -> bool:

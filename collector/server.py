@@ -129,8 +129,15 @@ class Collector:
             self._http = Server(config.host, config.http_port, OTLPHandler, app, ssl_context)
             if data_dir is not None and config.sql_port is not None:
                 from lightspan.collector.sql_endpoint import SQLApp, SQLHandler
+                from lightspan.collector.sql_policy import Limits
 
-                sql_app = SQLApp(os.path.realpath(data_dir), self.auth_token, SQL_MAX_BODY_BYTES)
+                sql_app = SQLApp(
+                    os.path.realpath(data_dir),
+                    self.auth_token,
+                    SQL_MAX_BODY_BYTES,
+                    Limits(config.sql_max_seconds, config.sql_max_memory_bytes),
+                    read_token=config.sql_read_token or None,
+                )
                 self._sql = Server(config.sql_host, config.sql_port, SQLHandler, sql_app, ssl_context)
         except OSError as error:
             raise StoreUnavailable(

@@ -7,7 +7,9 @@ parameter and/or the POST body, `param_<name>` query parameters, settings as URL
 `database`, `default_format`, `/ping`, compressed request bodies (gzip, deflate, br, zstd,
 lz4), inserts whose data follows `FORMAT <name>` in the body, and ClickHouse's error shape
 (`Code: N. DB::Exception: ...` with `X-ClickHouse-Exception-Code`), so clients raise their usual
-errors. GET requests run read-only, as on ClickHouse.
+errors. What a request may do is `collector.sql_policy`'s: read the store (GET requests, and
+the read-only token, only read), write the tables Lightspan writes, reach nothing else, within
+per-query time and memory limits.
 
 Each request runs on its own chDB connection handle to the same engine (cheap, and isolated:
 per-request settings cannot leak into the next request). There are no server-side sessions,
@@ -34,6 +36,17 @@ from urllib.parse import parse_qsl, urlsplit
 import chdb
 
 from lightspan.collector.httpd import BadBody, BodyTooLarge, Handler, Server
+from lightspan.collector.sql_policy import (
+    ACCESS_DENIED,
+    WRITABLE_TABLES,
+    Limits,
+    Refused,
+    Statement,
+    check,
+    check_text,
+    parse_ast,
+    prepare,
+)
 
 # URL parameters that steer the HTTP layer rather than being ClickHouse settings.
 TRANSPORT_PARAMS = frozenset(
@@ -74,11 +87,13 @@ _CONTENT_TYPES = {
 _RESULT_KEYWORDS = frozenset(
     {"SELECT", "WITH", "SHOW", "DESCRIBE", "DESC", "EXISTS", "EXPLAIN", "CHECK", "VALUES"}
 )
-_COMMENTS = re.compile(r"\A(?:\s+|--[^\n]*(?:\n|\Z)|/\*.*?\*/)*", re.DOTALL)
+_COMMENTS = re.compile(r"\A(?:\s+|(?:--|#)[^\n]*(?:\n|\Z)|/\*.*?\*/)*", re.DOTALL)
 _FIRST_WORD = re.compile(r"\(*\s*([A-Za-z]+)")
 _TRAILING_FORMAT = re.compile(r"\bFORMAT\s+(\w+)\s*;?\s*\Z", re.IGNORECASE)
-# An INSERT's data starts after `FORMAT <name>` and one line break (or whitespace).
-_INSERT_FORMAT = re.compile(rb"\bFORMAT\s+(\w+)[ \t]*(?:\r?\n|\s)?", re.IGNORECASE)
+# An INSERT's data starts after `FORMAT <name>` and one line break (or whitespace), or after VALUES.
+_INSERT_DATA = re.compile(rb"\b(?:FORMAT\s+(\w+)[ \t]*(?:\r?\n|\s)?|VALUES\b)", re.IGNORECASE)
+# formatQuerySingleLine's error messages name the call; the client sent only its own text.
+_IN_SCOPE = re.compile(r": In scope SELECT formatQuerySingleLine\(.*\)\.(?= \(\w+\)\s*\Z)", re.DOTALL)
 _CODE = re.compile(r"Code: (\d+)\.")
 
 _BAD_REQUEST_CODES = frozenset(
@@ -110,12 +125,14 @@ _BAD_REQUEST_CODES = frozenset(
         73,
         75,
         107,
+        108,  # NO_DATA_TO_INSERT
         115,
         117,
         130,
         131,
         179,
         190,
+        344,  # SUPPORT_IS_DISABLED: e.g. an expression in an INSERT's VALUES rows
         215,
         352,
         386,
@@ -127,9 +144,13 @@ _BAD_REQUEST_CODES = frozenset(
         473,
     }
 )
-_HTTP_STATUS = {60: 404, 81: 404, 164: 403, 497: 403, 516: 403, 192: 403, 202: 429, 159: 504, 209: 504}
+# As ClickHouse answers them (HTTP/exceptionCodeToHTTPStatus.cpp), except that refusals (164
+# READONLY, 497 ACCESS_DENIED) are 403 rather than ClickHouse's 500.
+_HTTP_STATUS = {60: 404, 81: 404, 164: 403, 497: 403, 516: 403, 192: 403, 202: 429, 159: 408, 209: 504}
+MEMORY_LIMIT_EXCEEDED = 241
 
 AUTH_FAILED = 516
+READ, WRITE = "read", "write"
 
 
 class ClickHouseError(Exception):
@@ -145,8 +166,10 @@ class SQLApp:
     """The store the endpoint serves and how it authenticates."""
 
     path: str  # the engine path, exactly as the store's own client opened it
-    auth_token: str | None
+    auth_token: str | None  # reads and writes (Lightspan's own components)
     max_body_bytes: int
+    limits: Limits
+    read_token: str | None = None  # reads only (dashboards)
     version: str = ""
     timezone: str = "UTC"
 
@@ -160,11 +183,12 @@ class SQLApp:
             connection.close()
         self.version, self.timezone = version, timezone
 
-    def authorized(self, headers: Any, params: dict[str, str]) -> bool:
-        """The token may come as a bearer token, a Basic password (clickhouse-connect's
-        `password=`), an `X-ClickHouse-Key` header or a `password` URL parameter."""
-        if not self.auth_token:
-            return True
+    def role(self, headers: Any, params: dict[str, str]) -> str | None:
+        """WRITE, READ or None (refused) for the token the request carries: as a bearer token, a
+        Basic password (clickhouse-connect's `password=`), an `X-ClickHouse-Key` header or a
+        `password` URL parameter. Without any token configured every request is a writer."""
+        if not self.auth_token and not self.read_token:
+            return WRITE
         candidates = [headers.get("X-ClickHouse-Key"), params.get("password")]
         scheme, _, credentials = (headers.get("Authorization") or "").partition(" ")
         if scheme.lower() == "bearer":
@@ -174,8 +198,12 @@ class SQLApp:
                 candidates.append(base64.b64decode(credentials.strip()).decode().partition(":")[2])
             except ValueError:
                 pass
-        token = self.auth_token.encode()
-        return any(c is not None and hmac.compare_digest(c.encode(), token) for c in candidates)
+        for role, token in ((WRITE, self.auth_token), (READ, self.read_token)):
+            if token and any(
+                c is not None and hmac.compare_digest(c.encode(), token.encode()) for c in candidates
+            ):
+                return role
+        return None
 
 
 def _first_keyword(sql: str) -> str:
@@ -272,7 +300,8 @@ class SQLHandler(Handler):
             return
         query_id = params.get("query_id") or str(uuid.uuid4())
         try:
-            if not self.app.authorized(self.headers, params):
+            role = self.app.role(self.headers, params)
+            if role is None:
                 self.close_connection = True  # the unread body must not be taken for the next request
                 raise ClickHouseError(
                     AUTH_FAILED,
@@ -301,54 +330,84 @@ class SQLHandler(Handler):
                 if self.headers.get("Content-Type", "").startswith("multipart/form-data"):
                     params.update(_form_fields(self.headers["Content-Type"], body))
                     body = b""
-            self._execute(params, body, readonly=not post, query_id=query_id)
+            # GET requests only read, as on ClickHouse.
+            self._execute(params, body, role if post else READ, query_id=query_id)
         except ClickHouseError as error:
             self._error(error, query_id=query_id)
 
-    def _execute(self, params: dict[str, str], body: bytes, readonly: bool, query_id: str) -> None:
+    def _execute(self, params: dict[str, str], body: bytes, role: str, query_id: str) -> None:
         query = params.get("query", "")
         data: bytes | None = None
         fmt: str | None = None
         if _first_keyword(query or body[:4096].decode("utf-8", "replace")) == "INSERT":
-            statement, fmt, data = self._split_insert(query, body)
+            text, fmt, data = self._split_insert(query, body)
         else:
             try:
-                statement = f"{query}\n{body.decode()}" if query and body else (query or body.decode())
+                text = f"{query}\n{body.decode()}" if query and body else (query or body.decode())
             except UnicodeDecodeError:
                 raise ClickHouseError(62, "query is not valid UTF-8", "SYNTAX_ERROR") from None
-        if not statement.strip():
+        if not text.strip():
             raise ClickHouseError(62, "Empty query", "SYNTAX_ERROR")
         default_format = params.get("default_format", "TabSeparated")
         bind = {k[6:]: v for k, v in params.items() if k.startswith("param_")}
         settings = {
             k: v for k, v in params.items() if k not in TRANSPORT_PARAMS and not k.startswith("param_")
         }
-        connection = chdb.connect(self.app.path)
+        database = params.get("database")
+        handles = [chdb.connect(self.app.path)]
         infile = None
         try:
-            run = self._runner(connection)
-            database = params.get("database")
-            if database:
-                run(f"USE `{database.replace('`', '')}`")
-            for name, value in settings.items():
-                if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
-                    raise ClickHouseError(115, f"Unknown setting '{name}'", "UNKNOWN_SETTING")
-                run(f"SET {name} = {_quote(value)}")
-            if readonly:  # as ClickHouse does for GET
-                run("SET readonly = 2")
-            if data is not None:
+            # The guard handle: readonly mode, where ClickHouse judges what the checks let through.
+            run = self._runner(handles[0])
+            statement = self._check(run, text, database, settings, bind)
+            insert = statement.insert_table is not None and data is not None
+            if data is not None and not insert:
+                raise ClickHouseError(
+                    ACCESS_DENIED,
+                    "the SQL endpoint takes rows (FORMAT <name> or VALUES) into "
+                    f"{', '.join(sorted(WRITABLE_TABLES))} only, with no SETTINGS clause",
+                    "ACCESS_DENIED",
+                )
+            if insert and statement.canonical.rsplit(" FORMAT ", 1)[-1] != fmt:
+                raise ClickHouseError(
+                    62, "the INSERT's rows must follow FORMAT <name> or VALUES", "SYNTAX_ERROR"
+                )
+            sql = statement.canonical
+            if role == WRITE and (insert or statement.plain_read):
+                handles.append(chdb.connect(self.app.path))
+                run = self._runner(handles[1])
+                prepare(run, database, settings, self.app.limits, readonly=False, quote=_quote)
+            if insert:  # a reader's runs on the guard handle, where ClickHouse refuses it
+                assert data is not None
                 with tempfile.NamedTemporaryFile(
                     prefix="lightspan-sql-", suffix=".data", delete=False
                 ) as handle:
                     handle.write(data)
                     infile = handle.name
-                statement = f"{statement} FROM INFILE {_quote(infile)} FORMAT {fmt}"
-            result = run(statement, default_format, bind)
+                sql = f"{sql.rsplit(' FORMAT ', 1)[0]} FROM INFILE {_quote(infile)} FORMAT {fmt}"
+            result = run(sql, default_format, bind)
         finally:
-            connection.close()
+            for connection in handles:
+                connection.close()
             if infile:
                 os.unlink(infile)
-        self._answer(statement, data is not None, result, default_format, query_id)
+        self._answer(statement.canonical, insert and role == WRITE, result, default_format, query_id)
+
+    def _check(
+        self, run: Any, text: str, database: str | None, settings: dict[str, str], bind: dict[str, str]
+    ) -> Statement:
+        """Set up the guard handle and check the statement there (see collector.sql_policy)."""
+        try:
+            prepare(run, database, settings, self.app.limits, readonly=True, quote=_quote)
+            try:
+                canonical = run(f"SELECT formatQuerySingleLine({_quote(text)})", "RawBLOB").bytes().decode()
+            except ClickHouseError as error:
+                raise ClickHouseError(error.code, "", text=_IN_SCOPE.sub("", str(error))) from None
+            check_text(canonical)
+            tree = run(f"EXPLAIN AST {canonical}", "TabSeparated", bind).bytes().decode()
+            return check(parse_ast(tree.split("\n")), canonical)
+        except Refused as refusal:
+            raise ClickHouseError(refusal.code, str(refusal), refusal.name) from None
 
     @staticmethod
     def _runner(connection: Any) -> Any:
@@ -368,25 +427,24 @@ class SQLHandler(Handler):
 
     @staticmethod
     def _split_insert(query: str, body: bytes) -> tuple[str, str | None, bytes | None]:
-        """(statement without FORMAT, format, data) for an INSERT; (sql, None, None) without FORMAT."""
-        if query:
-            match = _TRAILING_FORMAT.search(query)
-            if match:
-                return query[: match.start()].rstrip(), match.group(1), body
-            try:
-                return (f"{query}\n{body.decode()}" if body else query), None, None
-            except UnicodeDecodeError:
-                raise ClickHouseError(62, "inline INSERT data is not valid UTF-8", "SYNTAX_ERROR") from None
-        data_match = _INSERT_FORMAT.search(body, 0, 65536)
-        if data_match is None:
-            try:
-                return body.decode(), None, None
-            except UnicodeDecodeError:
-                raise ClickHouseError(
-                    62, "INSERT without FORMAT is not valid UTF-8", "SYNTAX_ERROR"
-                ) from None
-        start, end = data_match.span()
-        return body[:start].decode().rstrip(), data_match.group(1).decode(), body[end:]
+        """(statement ending `FORMAT <name>`, format, rows) for an INSERT whose rows follow
+        `FORMAT <name>` or `VALUES` (rows after VALUES are the Values format); (text, None, None)
+        for one without rows. The rows never run as SQL."""
+        head = query.encode()
+        match = _INSERT_DATA.search(head) if query else None
+        if match is not None and not head[match.end() :].strip():
+            start, rows = match.start(), body  # the usual split: statement in the URL, rows in the body
+        else:
+            head = head + b"\n" + body if query and body else (head or body)
+            match = _INSERT_DATA.search(head, 0, 65536)
+            start, rows = (match.start(), head[match.end() :]) if match else (0, b"")
+        try:
+            if match is None:
+                return head.decode(), None, None
+            fmt = match.group(1).decode() if match.group(1) else "Values"
+            return f"{head[:start].decode().rstrip()} FORMAT {fmt}", fmt, rows
+        except UnicodeDecodeError:
+            raise ClickHouseError(62, "the INSERT statement is not valid UTF-8", "SYNTAX_ERROR") from None
 
     def _answer(
         self, statement: str, was_insert: bool, result: Any, default_format: str, query_id: str
@@ -419,9 +477,11 @@ class SQLHandler(Handler):
 
     def _error(self, error: ClickHouseError, status: int | None = None, query_id: str = "") -> None:
         code = error.code
+        text = str(error)
         if status is None:
             status = _HTTP_STATUS.get(code, 400 if code in _BAD_REQUEST_CODES else 500)
-        text = str(error)
+            if code == MEMORY_LIMIT_EXCEEDED and "Query memory limit exceeded" in text:
+                status = 400  # this query's own limit, not the engine running short
         if "(version" not in text:
             text = f"{text} (version {self.app.version} (lightspan))"
         headers = {"X-ClickHouse-Exception-Code": str(code)}

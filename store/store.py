@@ -232,7 +232,10 @@ class Store:
 
     # --- schema ---------------------------------------------------------------------------------
     def schema_version(self) -> int:
-        self.command(schema_version_ddl(self.options))
+        # Created only when missing, so a client that may not run DDL (through a collector's
+        # SQL endpoint, or a read-only user) can open a migrated store.
+        if not self.sql(f"EXISTS TABLE {SCHEMA_VERSION}").scalar():
+            self.command(schema_version_ddl(self.options))
         return int(self.sql(f"SELECT max(Version) FROM {SCHEMA_VERSION} FINAL").scalar() or 0)
 
     def migrate(self) -> list[int]:

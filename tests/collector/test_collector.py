@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 import subprocess
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
+import chdb
 import clickhouse_connect
 import grpc
 import pytest
@@ -296,17 +298,23 @@ def test_sql_endpoint_with_clickhouse_connect(collector: Collector):
     assert client.query(
         "SELECT {x:UInt32} + 1 AS y, {s:String} AS s", parameters={"x": 41, "s": "it's"}
     ).result_rows == [(42, "it's")]
-    client.command(
-        "CREATE TABLE kv (k String, v Map(String, String), n Array(UInt32)) ENGINE = MergeTree ORDER BY k"
+    # Lightspan's own tables take inserts (clickhouse-connect sends Native rows after FORMAT).
+    client.insert(
+        "train_metrics",
+        [["run-a", 1, "loss", 0.5], ["run-a", 2, "loss", 0.25]],
+        ["Run", "Step", "Name", "Value"],
     )
-    client.insert("kv", [["a", {"x": "1"}, [1, 2]], ["b", {}, []]], column_names=["k", "v", "n"])
-    assert client.query("SELECT * FROM kv ORDER BY k").result_rows == [
-        ("a", {"x": "1"}, [1, 2]),
-        ("b", {}, []),
+    assert client.query(
+        "SELECT Step, Value FROM train_metrics WHERE Run = 'run-a' ORDER BY Step"
+    ).result_rows == [
+        (1, 0.5),
+        (2, 0.25),
     ]
-    client.command("INSERT INTO kv (k) VALUES ({k:String})", parameters={"k": "c"})
-    assert client.command("SELECT count() FROM kv WHERE k = {k:String}", parameters={"k": "c"}) == 1
-    assert client.query_df("SELECT k FROM kv ORDER BY k")["k"].tolist() == ["a", "b", "c"]
+    assert (
+        client.command("SELECT count() FROM train_metrics WHERE Run = {r:String}", parameters={"r": "run-a"})
+        == 2
+    )
+    assert client.query_df("SELECT Step FROM train_metrics ORDER BY Step")["Step"].tolist() == [1, 2]
     with pytest.raises(DatabaseError, match="UNKNOWN_TABLE") as error:
         client.query("SELECT * FROM no_such_table")
     assert "Code: 60" in str(error.value)
@@ -316,6 +324,10 @@ def test_sql_endpoint_with_clickhouse_connect(collector: Collector):
     with Store.connect(collector.sql_url) as remote:
         assert remote.schema_version() == remote.latest_schema_version
         assert remote.sql("SELECT count() FROM otel_traces").scalar() == 0
+        assert remote.publish_resource("prompt", "prompt", content="Be brief.").version == 1
+        remote.log_metrics("run-b", 3, {"reward": 0.75})
+        assert remote.metrics("run-b") == {"reward": [(3, 0.75)]}
+        assert remote.latest_resource("prompt").content == "Be brief."
 
 
 def test_sql_endpoint_takes_large_parameters_as_form_fields(collector: Collector):
@@ -349,6 +361,23 @@ def test_sql_endpoint_plain_http(collector: Collector):
         and body.startswith(b"Code: 46. DB::Exception:")
         and headers["X-ClickHouse-Exception-Code"] == "46"
     )
+
+
+def test_sql_endpoint_without_tokens_takes_lightspan_s_writes_and_refuses_the_host(collector, tmp_path):
+    # No token configured (the default): any local client is the writer, and still only that.
+    secret = tmp_path / "secret.txt"
+    secret.write_text("the collector user's secret")
+    base = f"http://127.0.0.1:{collector.sql_port}/"
+    insert = b"INSERT INTO train_metrics (Run, Step, Name, Value) VALUES ('r', 1, 'x', 1)"
+    assert _post(base, insert, "text/plain")[0] == 200
+    status, body, _ = _post(base, f"SELECT file('{secret}')".encode(), "text/plain")
+    assert (
+        status == 403 and body.startswith(b"Code: 497.") and b"secret" not in body.split(b"(ACCESS")[0][-40:]
+    )
+    assert b"the collector user's secret" not in body
+    status, body, _ = _post(base, b"DROP TABLE train_metrics", "text/plain")
+    assert status == 403 and body.startswith(b"Code: 164.")
+    assert _sql(collector).command("SELECT count() FROM train_metrics") == 1
 
 
 def test_sql_endpoint_is_advertised_while_running(tmp_path: Path):
@@ -441,9 +470,12 @@ def test_a_store_refusing_for_now_answers_unavailable_and_the_retried_spans_land
     """ClickHouse refusing an insert for want of headroom (here: too many parts) is not the
     client's fault: gRPC UNAVAILABLE / HTTP 503, so exporters retry, and nothing is lost."""
     assert EXPORTERS["grpc"](collector).export(make_spans(rollout="before")) == SpanExportResult.SUCCESS
-    sql = _sql(collector)
-    sql.command("SYSTEM STOP MERGES otel_traces")
-    sql.command("ALTER TABLE otel_traces MODIFY SETTING parts_to_throw_insert = 1, parts_to_delay_insert = 0")
+    # The store's engine is in this process: the test steers it directly (the SQL endpoint refuses).
+    engine = chdb.connect(os.path.realpath(collector.url.path))
+    engine.query("SYSTEM STOP MERGES otel_traces")
+    engine.query(
+        "ALTER TABLE otel_traces MODIFY SETTING parts_to_throw_insert = 1, parts_to_delay_insert = 0"
+    )
     refused = make_spans(rollout="refused")
     body = encode_spans(refused).SerializeToString()
     with pytest.raises(grpc.RpcError) as error:
@@ -452,7 +484,8 @@ def test_a_store_refusing_for_now_answers_unavailable_and_the_retried_spans_land
     status, _, headers = _post(f"{collector.http_endpoint}/v1/traces", body)
     assert status == 503 and "Retry-After" in headers
     before = _count(collector)
-    sql.command("ALTER TABLE otel_traces MODIFY SETTING parts_to_throw_insert = 3000")
-    sql.command("SYSTEM START MERGES otel_traces")
+    engine.query("ALTER TABLE otel_traces MODIFY SETTING parts_to_throw_insert = 3000")
+    engine.query("SYSTEM START MERGES otel_traces")
+    engine.close()
     assert EXPORTERS["http"](collector).export(refused) == SpanExportResult.SUCCESS
     assert _count(collector) == before + len(refused)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -38,6 +39,13 @@ INVALID = [
     ({"linger_ms": float("nan")}, "linger_ms must be a finite number"),
     ({"retry_after": 0}, "retry_after must be a finite number of seconds > 0"),
     ({"batch_spans": 2000, "queue_spans": 1000}, "batch_spans (2000) is larger than queue_spans (1000)"),
+    ({"sql_read_token": "r"}, "sql_read_token needs auth_token too"),
+    ({"sql_read_token": "same", "auth_token": "same"}, "sql_read_token must differ from auth_token"),
+    ({"sql_max_seconds": 0}, "sql_max_seconds must be a finite number of seconds > 0"),
+    ({"sql_max_memory_bytes": 0}, "sql_max_memory_bytes must be a positive integer"),
+    ({"host": "0.0.0.0"}, "refusing to listen on 0.0.0.0 without an auth token"),
+    ({"sql_host": "::"}, "refusing to listen on :: without an auth token"),
+    ({"host": "10.1.2.3"}, "refusing to listen on 10.1.2.3 without an auth token"),
 ]
 
 
@@ -56,6 +64,31 @@ def test_an_invalid_setting_is_named_in_one_line(settings: dict, message: str):
     text = str(error.value)
     assert message in text and "\n" not in text
     assert text.startswith("invalid collector settings: ")
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"host": "0.0.0.0", "insecure": True},  # beyond loopback on purpose
+        {"host": "0.0.0.0", "sql_host": "::", "auth_token": "t"},  # beyond loopback with a token
+        {"host": "localhost", "sql_host": "::1"},
+        {"host": "127.0.0.2"},
+        {"sql_host": "0.0.0.0", "sql_port": None},  # no SQL endpoint listens
+        {"sql_host": "0.0.0.0", "store_url": "http://clickhouse:8123/db"},  # a server store: no SQL endpoint
+    ],
+)
+def test_listening_beyond_loopback_needs_a_token_or_insecure(settings: dict):
+    config = CollectorConfig(**{"store_url": "chdb:///tmp/x", **settings})
+    assert config.validate() == config
+
+
+def test_an_insecure_collector_listens_on_every_address(tmp_path: Path):
+    with Collector(
+        f"chdb://{tmp_path / 'data'}", host="0.0.0.0", grpc_port=0, http_port=0, sql_port=None, insecure=True
+    ) as collector:
+        with urllib.request.urlopen(f"http://127.0.0.1:{collector.http_port}/health", timeout=10) as answer:
+            assert answer.status == 200
+        assert collector._http is not None and collector._http.server_address[0] == "0.0.0.0"
 
 
 def test_every_problem_is_reported_at_once():
@@ -124,6 +157,10 @@ def test_the_cli_maps_flags_onto_fields(monkeypatch: pytest.MonkeyPatch):
         "--queue-spans=20",
         "--queue-mib=2",
         "--retry-after=2.5",
+        "--sql-read-token=reader",
+        "--sql-max-seconds=12.5",
+        "--sql-max-memory-mib=256",
+        "--insecure",
     )
     assert config_from_args(args) == CollectorConfig(
         store_url="chdb:///tmp/x",
@@ -143,7 +180,18 @@ def test_the_cli_maps_flags_onto_fields(monkeypatch: pytest.MonkeyPatch):
         queue_spans=20,
         queue_bytes=2 * MIB,
         retry_after=2.5,
+        sql_read_token="reader",
+        sql_max_seconds=12.5,
+        sql_max_memory_bytes=256 * MIB,
+        insecure=True,
     )
+
+
+def test_the_read_token_may_come_from_the_environment(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("LIGHTSPAN_AUTH_TOKEN", "writer")
+    monkeypatch.setenv("LIGHTSPAN_SQL_READ_TOKEN", "reader")
+    config = config_from_args(_parse())
+    assert (config.auth_token, config.sql_read_token) == ("writer", "reader")
 
 
 def test_help_shows_the_true_defaults():
@@ -162,6 +210,8 @@ def test_help_shows_the_true_defaults():
         f"(memory bound, default {defaults.queue_spans})",
         f"(memory bound, default {defaults.queue_bytes // MIB})",
         f"is asked to wait (default {defaults.retry_after:g})",
+        f"time limit of one SQL endpoint query, in seconds (default {defaults.sql_max_seconds:g})",
+        f"memory limit of one SQL endpoint query, in MiB (default {defaults.sql_max_memory_bytes // MIB})",
     ):
         assert phrase in text, phrase
 
@@ -175,6 +225,9 @@ def test_help_shows_the_true_defaults():
         (["--tls-cert", "cert.pem"], "TLS needs both tls_cert and tls_key"),
         (["--queue-mib", "0"], "queue_bytes must be a positive integer"),
         (["--store", "ftp://x"], "unknown store URL scheme"),
+        (["--host", "0.0.0.0"], "refusing to listen on 0.0.0.0 without an auth token"),
+        (["--sql-host", "0.0.0.0"], "pass --insecure if that is meant"),
+        (["--sql-read-token", "r"], "sql_read_token needs auth_token too"),
     ],
 )
 def test_the_cli_refuses_invalid_values_in_one_line_with_exit_code_2(tmp_path: Path, argv, message):
