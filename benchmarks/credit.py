@@ -79,6 +79,8 @@ from lightspan.types import Transition
 
 CREDITS = ("identical", "discounted", "step")
 GROUPINGS = ("task", "task_step", "state")
+# GiGPO (`advantages.gigpo`): the episode term grouped by task plus the anchor-state step term
+GIGPO = tuple(f"{c}/task/gigpo" for c in CREDITS)
 BASELINE = "identical/task"  # Agent Lightning: every call gets the final reward, grouped by task
 CALLS = 3  # LLM calls per episode: tool, tool, answer
 
@@ -98,7 +100,7 @@ class Config:
     """The benchmark's budget and hyperparameters, identical for every setting."""
 
     seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
-    settings: tuple[str, ...] = tuple(f"{c}/{g}" for c in CREDITS for g in GROUPINGS)
+    settings: tuple[str, ...] = (*(f"{c}/{g}" for c in CREDITS for g in GROUPINGS), "step/task/gigpo")
     # tiny model
     vocab_size: int = 512
     hidden_size: int = 64
@@ -119,6 +121,7 @@ class Config:
     kl_coef: float = 0.05
     clip: float = 0.2
     gamma: float = 0.9  # discounted and step credit
+    step_weight: float = 1.0  # gigpo's omega (the paper's default)
     target: float = 0.4  # success an update's rollouts must reach
 
     @property
@@ -145,7 +148,14 @@ QUICK = Config(
 
 # --- trainer pieces ----------------------------------------------------------------------------------
 def train_config(
-    config: Config, model: Path, out: Path, *, sft: bool, credit_name: str, group_by: str
+    config: Config,
+    model: Path,
+    out: Path,
+    *,
+    sft: bool,
+    credit_name: str,
+    group_by: str,
+    estimator: str = "grpo",
 ) -> Any:
     """The trainer config the loop would pass (`trainer.config.from_dict`), validated for one rank."""
     batch = config.sft_batch if sft else config.rl_batch
@@ -154,12 +164,13 @@ def train_config(
         "store": f"chdb://{out / 'store'}",
         "model": {"path": str(model), "max_length": 256},
         "algorithm": {
-            "name": "sft" if sft else "grpo",
+            "name": "sft" if sft else estimator,
             "reference": None if sft else str(model),  # KL to the warm-up checkpoint
             "credit": credit_name,
             "gamma": config.gamma,
             "group_by": group_by,
             "scale": "group",
+            "step_weight": config.step_weight,
             "kl_coef": 0.0 if sft else config.kl_coef,
             "clip_low": config.clip,
             "clip_high": config.clip,
@@ -300,10 +311,16 @@ def warm_up(config: Config, seed: int, work: Path) -> Path:
 # --- one setting -------------------------------------------------------------------------------------
 def run_setting(config: Config, setting: str, seed: int, warm: Path, work: Path, bar: Any) -> list[Stats]:
     """The stats of the batch before each update and after the last (updates + 1 of them)."""
-    credit_name, group_by = setting.split("/")
+    credit_name, group_by, estimator = parse_setting(setting)
     torch.manual_seed(seed)
     train = train_config(
-        config, warm, work / setting.replace("/", "-"), sft=False, credit_name=credit_name, group_by=group_by
+        config,
+        warm,
+        work / setting.replace("/", "-"),
+        sft=False,
+        credit_name=credit_name,
+        group_by=group_by,
+        estimator=estimator,
     )
     step = TrainStep(build(train, Distributed.setup()))
     view = policy_view(step, warm, max_length=256)
@@ -322,13 +339,19 @@ def run_setting(config: Config, setting: str, seed: int, warm: Path, work: Path,
         for t in transitions:
             by_rollout.setdefault(t.rollout_id, []).append(t)
         credit.assign(by_rollout, a.credit, a.gamma)
-        advantages.compute(transitions, "grpo", a.group_by, a.scale)
+        advantages.compute(transitions, a.name, a.group_by, a.scale, step_weight=a.step_weight)
         samples, _ = step.tokenize(transitions)
         for batch in step_batches(samples, config.rl_batch, seed, update):
             step.run(batch)
         bar.set_postfix_str(f"{setting} seed {seed}: {stats.success:.2f}", refresh=False)
         bar.update(1)
     return curve
+
+
+def parse_setting(setting: str) -> tuple[str, str, str]:
+    """'CREDIT/GROUP_BY' (GRPO) or 'CREDIT/GROUP_BY/gigpo' → (credit, group_by, estimator)."""
+    credit_name, group_by, *rest = setting.split("/")
+    return credit_name, group_by, rest[0] if rest else "grpo"
 
 
 # --- summary -----------------------------------------------------------------------------------------
@@ -385,13 +408,14 @@ def plot(config: Config, curves: dict[str, list[list[float]]], path: Path) -> No
     )
     for ax, grouping in zip(axes[0], groupings):
         for setting, runs in curves.items():
-            credit_name, group_by = setting.split("/")
+            credit_name, group_by, estimator = parse_setting(setting)
             if group_by != grouping:
                 continue
             mean = [statistics.fmean(v) for v in zip(*runs)]
             sd = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in zip(*runs)]
             x = range(len(mean))
-            (line,) = ax.plot(x, mean, label=f"{credit_name} credit")
+            label = f"{credit_name} credit" + (", GiGPO" if estimator == "gigpo" else "")
+            (line,) = ax.plot(x, mean, label=label)
             ax.fill_between(
                 x,
                 [m - s for m, s in zip(mean, sd)],
@@ -444,10 +468,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.seeds:
         config = dataclasses.replace(config, seeds=tuple(args.seeds))
     if args.settings:
-        known = {f"{c}/{g}" for c in CREDITS for g in GROUPINGS}
+        known = {f"{c}/{g}" for c in CREDITS for g in GROUPINGS} | set(GIGPO)
         unknown = [s for s in args.settings if s not in known]
         if unknown:
-            raise SystemExit(f"unknown settings {unknown}; use CREDIT/GROUP_BY with {CREDITS} x {GROUPINGS}")
+            raise SystemExit(
+                f"unknown settings {unknown}; use CREDIT/GROUP_BY with {CREDITS} x {GROUPINGS}, "
+                f"or one of {GIGPO}"
+            )
         config = dataclasses.replace(config, settings=tuple(args.settings))
     curves: dict[str, list[list[float]]] = {}
     if args.merge:
@@ -508,8 +535,8 @@ def report(
     print(f"\nsuccess per update, mean over {seeds} seeds (update 0: after the warm-up)")
     names = list(curves)
     short = {"identical": "ident", "discounted": "disc", "task_step": "t*step"}
-    print("credit " + "".join(f"{short.get(n.split('/')[0], n.split('/')[0]):>8}" for n in names))
-    print("group  " + "".join(f"{short.get(n.split('/')[1], n.split('/')[1]):>8}" for n in names))
+    for row, part in (("credit ", 0), ("group  ", 1), ("adv.   ", 2)):
+        print(row + "".join(f"{short.get(p, p):>8}" for p in (parse_setting(n)[part] for n in names)))
     means = [[statistics.fmean(v) for v in zip(*curves[n])] for n in names]
     for update in range(config.updates + 1):
         print(f"{update:>6} " + "".join(f"{m[update]:8.2f}" for m in means))

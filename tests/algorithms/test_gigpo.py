@@ -9,10 +9,11 @@ from collections import defaultdict
 import numpy as np
 import pytest
 
-from lightspan.algorithms import advantages, credit
+from lightspan.algorithms import advantages, credit, prepare
 from lightspan.errors import InvalidInput
 from lightspan.trainer.config import from_dict
-from lightspan.types import Transition
+from lightspan.types import Span, Transition
+from tests.helpers.spans import chat, reward, span
 
 # (rollout, task, [(prompt, intermediate rewards), ...], final reward): rollouts r1 and r2 share
 # their first two states, r3 only the first; task u's two rollouts share both of theirs.
@@ -156,6 +157,33 @@ def test_gigpo_gives_an_episode_group_of_one_zero_and_batch_groups_traffic() -> 
     assert [t.advantage for t in transitions] == [0.0] * len(transitions)
     advantages.compute(transitions, "gigpo", "batch", scale="none")
     assert [t.advantage for t in transitions] == pytest.approx([0.8] * 3 + [-0.2] * 3 + [-0.6] * 2)
+
+
+def spans(rollout: str, second: str, turn_reward: float, final: float) -> list[Span]:
+    """Two calls: the same first prompt in every rollout, then `second`; a reward after each."""
+    return [
+        span(f"{rollout}-root", "", 0, 1000, lightspan__rollout__id=rollout, lightspan__task__id="t"),
+        chat(f"{rollout}-a", f"{rollout}-root", 10, 20, text="start"),
+        reward(f"{rollout}-r1", f"{rollout}-root", 30, turn_reward),
+        chat(f"{rollout}-b", f"{rollout}-root", 40, 50, text=second),
+        reward(f"{rollout}-r2", f"{rollout}-root", 60, final),
+    ]
+
+
+def test_prepare_runs_gigpo_from_spans() -> None:
+    """Episode returns x 1.5, y 0.0, z 0.5 (mean 2/3); first calls share a state (step returns
+    1.5, 0.0, 0.5 with gamma 1); x and y's second calls share one (1.0, 0.0), z's is alone."""
+    rollouts = {
+        "x": spans("x", "door", 0.5, 1.0),
+        "y": spans("y", "door", 0.0, 0.0),
+        "z": spans("z", "window", 0.5, 0.0),
+    }
+    for weight in (0.0, 2.0):
+        batch = prepare(rollouts, credit="step", estimator="gigpo", scale="none", step_weight=weight)
+        episode = {"x": 1.5 - 2 / 3, "y": -2 / 3, "z": 0.5 - 2 / 3}
+        steps = [episode["x"], 0.5, episode["y"], -0.5, episode["z"], 0.0]
+        expected = [episode[r] + weight * s for r, s in zip("xxyyzz", steps)]
+        assert [t.advantage for t in batch] == pytest.approx(expected)
 
 
 def test_gigpo_rejects_bad_input() -> None:
