@@ -227,3 +227,9 @@ def test_credit_benchmark_runs_every_setting_it_is_given():
         ), output
     assert re.search(r"best step-level: \S+, updates to target", output), output
     assert re.search(r"ratio \d+\.\d\d \(target <= 0\.70\), spreads (do not )?overlap", output), output
+    for setting in settings[1:]:
+        assert re.search(
+            rf"^  {setting} +mean success over the updates [+-]\d\.\d{{3}} \+- \d\.\d{{3}}, higher on [01]/1 seeds$",
+            output,
+            re.MULTILINE,
+        ), output
