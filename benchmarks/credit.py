@@ -62,21 +62,25 @@ for GiGPO and step/state against > 26.2 +- 9.2 (4/5 seeds each): ratio 0.82, spr
 final success 0.44 +- 0.16 GiGPO, 0.38 +- 0.10 step/state, 0.47 +- 0.16 identical/task; paired
 gain over the 40 updates +0.025 +- 0.026 (4/5 seeds) for GiGPO, +0.005 +- 0.026 (3/5) step/state.
 
-Why step-level credit cannot reach 0.7x here (from `--diagnose`, means over the 5 seeds):
-success is about P(first tool right) x P(second right | first right) x P(answer copies the
-value), and step-level credit speeds up the first factor only. First tool right at update 8:
-0.55 GiGPO, 0.56 step/state, 0.40 identical; but it stops at 0.79 from update 20 on (the
-intermediate reward cannot tell `weather` from `clock` on a city), where identical credit
-reaches 0.73 by update 36. The second factor, learnt from the final reward alone, moves at the same pace or
-slower under step-level credit (0.62 GiGPO, 0.61 step/state, 0.70 identical at update 20; 0.72,
-0.68, 0.80 at update 40), likely because within a GRPO group normalised to unit spread the 0.2
-a working tool earns takes part of the advantage that should separate the right working tool
-from the wrong one (a reading, not measured). Copying (0.5 after warm-up, 0.7-0.8 at update 40) moves at the same pace for all. The
-first factor is where step-level credit helps and where the baseline catches up; the updates
-to 0.40 are set by the other two, so the ratio stays near 0.8-0.85 for each of the three
-step-level estimators measured (GiGPO's episode term is identical credit's signal, its step term adds the per-state
-comparison). Making it pass would mean changing the task (e.g. an intermediate reward that
-names the right tool), which is tuning the task to the hoped-for number: not done.
+Why step-level credit cannot reach 0.7x here (from `--diagnose`, means over the 5 seeds): success
+is about P(first tool right) x P(second right | first right) x P(answer copies the value), and
+step-level credit speeds up the first factor only. First tool right at update 8: 0.55 GiGPO, 0.56
+step/state, 0.40 identical; but it stops at 0.79 from update 20 on (the intermediate reward cannot
+tell `weather` from `clock` on a city), where identical credit reaches 0.73 by update 36. The
+second factor, learnt from the final reward alone, moves at the same pace or slower under step-
+level credit (0.62 GiGPO, 0.61 step/state, 0.70 identical at update 20; 0.72, 0.68, 0.80 at update
+40): within a GRPO group normalised to unit spread the 0.2 a working tool earns takes part of the
+advantage that should separate the right working tool from the wrong one. `discounted/task/gigpo`
+(the step term without intermediate rewards; same seeds, 20 updates, compared with the runs above,
+which are deterministic per seed) shows the trade: the second factor at identical credit's pace
+(0.69 at update 20) but the first slower (0.49 at update 8), and the same result: > 17.6 +- 3.2
+updates (4/5), ratio 0.86, paired gain +0.033 +- 0.005 (5/5 seeds). Copying (0.5 after warm-up,
+0.7-0.8 at update 40) moves at the same pace for all. The first factor is where step-level credit
+helps and where the baseline catches up; the updates to 0.40 are set by the other two, so the
+ratio stays at 0.85-0.86 for the best step-level settings at 20 updates (0.82 at 40; GiGPO's
+episode term is identical credit's signal, its step term adds the per-state comparison). Making it
+pass would mean changing the task (e.g. an intermediate reward that names the right tool), which
+is tuning the task to the hoped-for number: not done.
 """
 
 from __future__ import annotations
