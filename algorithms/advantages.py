@@ -20,6 +20,24 @@ so GRPO numbers match theirs.
 * `batch`: one group for the whole batch: the return minus the batch mean, whitened (GRPO with
   the batch std). Right for production traffic, where tasks never repeat and every task group
   would hold one element (advantage 0: nothing would train).
+
+The `gigpo` estimator (GiGPO, Feng et al. 2025, arXiv:2505.10978, Eq. 8) adds two GRPO terms:
+A = A_episode + step_weight * A_step. A_episode compares each episode's total reward (every
+intermediate reward plus the final one, undiscounted: the paper's R(tau)) with the other
+episodes of its group (`group_by`: `task`, or `batch` for traffic whose tasks never repeat), one
+value per rollout given to each of its calls. A_step compares each call's credited return
+(`credit="step"` with gamma gives the paper's discounted step return) with the calls of other
+rollouts of the task that saw the identical prompt (its anchor state); a state only one rollout
+reached gets A_step = 0 rather than a fallback group, so its call trains on A_episode alone.
+Use it for multi-step tasks played several times whose episodes pass through shared states:
+the episode term says how the whole episode went, the step term which action did better than
+the others taken in the same situation. It is `group_by="state"` done the paper's way: that
+grouping alone gives a state reached once only the task group's comparison of returns from
+different steps. `scale` applies to both terms (`group`: the paper's mean_std_norm, `none`:
+mean_norm). Two departures from verl-agent's `compute_gigpo_outcome_advantage`: an episode group
+of one gets A_episode = 0 (verl-agent: the raw return), as every estimator here; and an anchor
+state counts only when two rollouts reached it (verl-agent also groups one rollout's repeated
+visits of a state).
 """
 
 from __future__ import annotations
@@ -38,8 +56,9 @@ from lightspan.types import Transition
 Scale = Literal["group", "batch", "none"]
 GroupBy = Literal["task", "task_step", "state", "batch"]
 GROUP_BY: tuple[str, ...] = ("task", "task_step", "state", "batch")
-Estimator = Literal["grpo", "rloo", "reinforce_pp"]
-ESTIMATORS: tuple[str, ...] = ("grpo", "rloo", "reinforce_pp")
+Estimator = Literal["grpo", "rloo", "reinforce_pp", "gigpo"]
+ESTIMATORS: tuple[str, ...] = ("grpo", "rloo", "reinforce_pp", "gigpo")
+EPISODE_GROUP_BY: tuple[str, ...] = ("task", "batch")  # the groups GiGPO's episode term accepts
 EPS = 1e-6
 
 
@@ -125,6 +144,42 @@ def reinforce_pp(
     return np.where(centred == 0.0, 0.0, advantage)
 
 
+def gigpo(
+    episode_returns: Sequence[float] | np.ndarray,
+    episode_groups: Sequence[Hashable] | np.ndarray,
+    rollouts: Sequence[Hashable] | np.ndarray,
+    step_returns: Sequence[float] | np.ndarray,
+    state_groups: Sequence[Hashable] | np.ndarray,
+    step_weight: float = 1.0,
+    scale: Scale = "group",
+    eps: float = EPS,
+) -> np.ndarray:
+    """GRPO over episodes plus `step_weight` x GRPO over anchor states, per element (one per call).
+
+    `episode_returns` and `episode_groups` are read from each rollout's first element (a
+    rollout is one sample of the episode comparison however many calls it made); `state_groups`
+    should give a state that only one rollout reached a group of its own (A_step = 0).
+    """
+    lengths = {len(x) for x in (episode_returns, episode_groups, rollouts, step_returns, state_groups)}
+    if len(lengths) > 1:
+        raise InvalidInput(
+            "episode_returns, episode_groups, rollouts, step_returns and state_groups differ in length: "
+            f"{len(episode_returns)}, {len(episode_groups)}, {len(rollouts)}, {len(step_returns)}, "
+            f"{len(state_groups)}"
+        )
+    if not (np.isfinite(step_weight) and step_weight >= 0):
+        raise InvalidInput(f"step_weight must be >= 0, got {step_weight}")
+    totals = np.array(episode_returns, dtype=np.float64).reshape(-1)
+    first: dict[Hashable, int] = {}
+    episode = np.fromiter(
+        (first.setdefault(r, len(first)) for r in _hashable(rollouts)), dtype=np.int64, count=totals.size
+    )
+    firsts = np.unique(episode, return_index=True)[1]
+    labels = _hashable(episode_groups)
+    per_episode = grpo(totals[firsts], [labels[i] for i in firsts.tolist()], scale=scale, eps=eps)
+    return per_episode[episode] + step_weight * grpo(step_returns, state_groups, scale=scale, eps=eps)
+
+
 def group_keys(transitions: Sequence[Transition], group_by: GroupBy = "task") -> list[tuple[str, ...]]:
     """One group id per transition (see the module docstring for which grouping fits)."""
     if group_by == "task":
@@ -134,12 +189,29 @@ def group_keys(transitions: Sequence[Transition], group_by: GroupBy = "task") ->
     if group_by == "batch":
         return [("batch",)] * len(transitions)
     if group_by == "state":
-        states = [("state", t.task_id, t.agent_name, state_digest(t)) for t in transitions]
-        rollouts: dict[tuple[str, ...], set[str]] = {}
-        for key, t in zip(states, transitions):
-            rollouts.setdefault(key, set()).add(t.rollout_id)
-        return [key if len(rollouts[key]) > 1 else (t.task_id,) for key, t in zip(states, transitions)]
+        return [key or (t.task_id,) for key, t in zip(anchor_states(transitions), transitions)]
     raise InvalidInput(f"group_by must be one of {', '.join(GROUP_BY)}, got {group_by!r}")
+
+
+def anchor_states(transitions: Sequence[Transition]) -> list[tuple[str, ...] | None]:
+    """Each call's anchor state (task, agent, prompt digest), or None where no other rollout
+    reached the same state (one rollout reaching a state twice is no comparison)."""
+    states = [("state", t.task_id, t.agent_name, state_digest(t)) for t in transitions]
+    rollouts: dict[tuple[str, ...], set[str]] = {}
+    for key, t in zip(states, transitions):
+        rollouts.setdefault(key, set()).add(t.rollout_id)
+    return [key if len(rollouts[key]) > 1 else None for key in states]
+
+
+def episode_returns(transitions: Sequence[Transition]) -> list[float]:
+    """Each call's episode return: its rollout's intermediate rewards plus the final reward of the
+    rollout's last call (in the order given, as `credit.assign` reads it), undiscounted."""
+    totals: dict[str, float] = {}
+    last: dict[str, Transition] = {}
+    for t in transitions:
+        totals[t.rollout_id] = totals.get(t.rollout_id, 0.0) + sum(t.rewards)
+        last[t.rollout_id] = t
+    return [totals[t.rollout_id] + (last[t.rollout_id].final_reward or 0.0) for t in transitions]
 
 
 def state_digest(transition: Transition) -> str:
@@ -168,10 +240,12 @@ def compute(
     group_by: GroupBy = "task",
     scale: Scale = "group",
     eps: float = EPS,
+    step_weight: float = 1.0,
 ) -> Sequence[Transition]:
     """Fill `advantage` from `credited_return` (see `credit.assign`), in place; returns its argument.
 
-    `scale` applies to GRPO only; RLOO leaves out the whole rollout of each transition.
+    `scale` applies to GRPO and GiGPO only; RLOO leaves out the whole rollout of each transition.
+    `step_weight` is GiGPO's omega (the weight of its step term; the paper's default 1).
     """
     missing = [t.span_id for t in transitions if t.credited_return is None]
     if missing:
@@ -179,8 +253,20 @@ def compute(
             f"{len(missing)} transitions have no credited_return (run credit.assign first), e.g. {missing[0]}"
         )
     returns = np.array([t.credited_return for t in transitions], dtype=np.float64)
+    if estimator == "gigpo" and group_by not in EPISODE_GROUP_BY:
+        raise InvalidInput(
+            f"gigpo groups episodes by {' or '.join(EPISODE_GROUP_BY)} (and calls by anchor state "
+            f"itself), got group_by={group_by!r}"
+        )
     groups = group_keys(transitions, group_by)
-    if estimator == "grpo":
+    if estimator == "gigpo":
+        # a state no other rollout reached is a group of its own: A_step = 0
+        states = [key or ("alone", str(i)) for i, key in enumerate(anchor_states(transitions))]
+        rollouts = [t.rollout_id for t in transitions]
+        values = gigpo(
+            episode_returns(transitions), groups, rollouts, returns, states, step_weight, scale, eps
+        )
+    elif estimator == "grpo":
         values = grpo(returns, groups, scale=scale, eps=eps)
     elif estimator == "rloo":
         values = rloo(returns, groups, [t.rollout_id for t in transitions])

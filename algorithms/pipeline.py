@@ -28,6 +28,7 @@ def prepare(
     group_by: advantage_estimators.GroupBy = "task",
     scale: advantage_estimators.Scale = "group",
     eps: float = advantage_estimators.EPS,
+    step_weight: float = 1.0,
 ) -> list[Transition]:
     """Transitions of every rollout with `credited_return` and `advantage` filled.
 
@@ -48,5 +49,5 @@ def prepare(
             by_rollout.setdefault(extracted[0].rollout_id, []).extend(extracted)
     credit_strategies.assign(by_rollout, credit, gamma)
     batch = [t for transitions in by_rollout.values() for t in transitions]
-    advantage_estimators.compute(batch, estimator, group_by, scale, eps)
+    advantage_estimators.compute(batch, estimator, group_by, scale, eps, step_weight)
     return batch

@@ -14,11 +14,12 @@ run. Everything that learns is the loop's own code, in one process on CPU:
 - transitions with the exact token ids and logprobs sampled, one per LLM call, each tool call
   carrying the environment's intermediate reward as `from_spans` would credit a reward span
   emitted after it (to the call that ended before it), the answer call the final reward;
-- `lightspan.algorithms.credit.assign` and `advantages.compute` (GRPO, group std), and one
-  `TrainStep` (PPO-clip, KL to the warm-up checkpoint) per mini-batch, as the loop runs them.
+- `lightspan.algorithms.credit.assign` and `advantages.compute` (GRPO, group std; or GiGPO:
+  settings `CREDIT/task/gigpo`, `step/task/gigpo` being the paper's), and one `TrainStep`
+  (PPO-clip, KL to the warm-up checkpoint) per mini-batch, as the loop runs them.
 Each call is its own sequence in the trainer, so each call is trained on its own advantage.
 
-    python benchmarks/credit.py                     # the full grid: 9 settings x 5 seeds
+    python benchmarks/credit.py                     # the full grid: 9 settings + GiGPO x 5 seeds
     python benchmarks/credit.py --quick             # a smoke run (CI): 2 updates, 1 seed
     python benchmarks/credit.py --settings identical/task step/state --seeds 0 1
 
@@ -27,6 +28,9 @@ temperature 1 before it), updates to reach the target, final success (after the 
 each as mean +- sd over seeds, and the ratio of updates-to-target of each setting and of the best
 step-level one (discounted or step credit) to identical credit grouped by task. A seed that never
 reaches the target counts as updates + 1, so those means and ratios are bounds (marked '>').
+Then, seed by seed, each setting's mean success over the updates minus the baseline's: seeds
+differ more from each other than settings within a seed, so this paired difference shows what
+the spread over seeds hides.
 
 Measured with the defaults (12 tasks x 16 samples x 3 calls per update, 20 updates, seeds 0-4;
 the shared 2-core machine, one torch thread per process; the seeds split over three processes
@@ -44,6 +48,39 @@ and all schemes learn it from the same final reward at the same pace (both tools
 answers) caps success for all. Discounted credit equals identical credit under task_step and
 state groups: GRPO divides by the group's std, and a group of one step scales every return by the
 same gamma power (advantages equal to 1e-6).
+
+GiGPO (`step/task/gigpo`: GRPO over the episode's total reward by task + GRPO over the step
+return by anchor state, omega 1, gamma 0.9 as every setting here), measured later against
+identical/task and step/state in one run (5 seeds, the default budget, two processes on the
+shared machine, 22 minutes; the two older settings gave the same numbers as in the grid, every
+run being deterministic per seed): the target is NOT met either. Updates to 0.40: > 17.4 +- 3.6
+(4/5 seeds) against > 20.4 +- 1.3 (1/5) for identical/task: ratio 0.85, spreads overlap. Final
+success 0.37 +- 0.14 against 0.35 +- 0.12. Paired by seed, GiGPO's mean success over the 20
+updates is higher on 5 of 5 seeds, by +0.033 +- 0.007 (step/state: +0.036 +- 0.027, 5/5). With
+a longer budget for all three (`--set updates=40`, 31 minutes): updates to 0.40 > 21.4 +- 11.3
+for GiGPO and step/state against > 26.2 +- 9.2 (4/5 seeds each): ratio 0.82, spreads overlap;
+final success 0.44 +- 0.16 GiGPO, 0.38 +- 0.10 step/state, 0.47 +- 0.16 identical/task; paired
+gain over the 40 updates +0.025 +- 0.026 (4/5 seeds) for GiGPO, +0.005 +- 0.026 (3/5) step/state.
+
+Why step-level credit cannot reach 0.7x here (from `--diagnose`, means over the 5 seeds): success
+is about P(first tool right) x P(second right | first right) x P(answer copies the value), and
+step-level credit speeds up the first factor only. First tool right at update 8: 0.55 GiGPO, 0.56
+step/state, 0.40 identical; but it stops at 0.79 from update 20 on (the intermediate reward cannot
+tell `weather` from `clock` on a city), where identical credit reaches 0.73 by update 36. The
+second factor, learnt from the final reward alone, moves at the same pace or slower under step-
+level credit (0.62 GiGPO, 0.61 step/state, 0.70 identical at update 20; 0.72, 0.68, 0.80 at update
+40): within a GRPO group normalised to unit spread the 0.2 a working tool earns takes part of the
+advantage that should separate the right working tool from the wrong one. `discounted/task/gigpo`
+(the step term without intermediate rewards; same seeds, 20 updates, compared with the runs above,
+which are deterministic per seed) shows the trade: the second factor at identical credit's pace
+(0.69 at update 20) but the first slower (0.49 at update 8), and the same result: > 17.6 +- 3.2
+updates (4/5), ratio 0.86, paired gain +0.033 +- 0.005 (5/5 seeds). Copying (0.5 after warm-up,
+0.7-0.8 at update 40) moves at the same pace for all. The first factor is where step-level credit
+helps and where the baseline catches up; the updates to 0.40 are set by the other two, so the
+ratio stays at 0.85-0.86 for the best step-level settings at 20 updates (0.82 at 40; GiGPO's
+episode term is identical credit's signal, its step term adds the per-state comparison). Making it
+pass would mean changing the task (e.g. an intermediate reward that names the right tool), which
+is tuning the task to the hoped-for number: not done.
 """
 
 from __future__ import annotations
@@ -79,6 +116,8 @@ from lightspan.types import Transition
 
 CREDITS = ("identical", "discounted", "step")
 GROUPINGS = ("task", "task_step", "state")
+# GiGPO (`advantages.gigpo`): the episode term grouped by task plus the anchor-state step term
+GIGPO = tuple(f"{c}/task/gigpo" for c in CREDITS)
 BASELINE = "identical/task"  # Agent Lightning: every call gets the final reward, grouped by task
 CALLS = 3  # LLM calls per episode: tool, tool, answer
 
@@ -98,7 +137,7 @@ class Config:
     """The benchmark's budget and hyperparameters, identical for every setting."""
 
     seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
-    settings: tuple[str, ...] = tuple(f"{c}/{g}" for c in CREDITS for g in GROUPINGS)
+    settings: tuple[str, ...] = (*(f"{c}/{g}" for c in CREDITS for g in GROUPINGS), "step/task/gigpo")
     # tiny model
     vocab_size: int = 512
     hidden_size: int = 64
@@ -119,6 +158,7 @@ class Config:
     kl_coef: float = 0.05
     clip: float = 0.2
     gamma: float = 0.9  # discounted and step credit
+    step_weight: float = 1.0  # gigpo's omega (the paper's default)
     target: float = 0.4  # success an update's rollouts must reach
 
     @property
@@ -145,7 +185,14 @@ QUICK = Config(
 
 # --- trainer pieces ----------------------------------------------------------------------------------
 def train_config(
-    config: Config, model: Path, out: Path, *, sft: bool, credit_name: str, group_by: str
+    config: Config,
+    model: Path,
+    out: Path,
+    *,
+    sft: bool,
+    credit_name: str,
+    group_by: str,
+    estimator: str = "grpo",
 ) -> Any:
     """The trainer config the loop would pass (`trainer.config.from_dict`), validated for one rank."""
     batch = config.sft_batch if sft else config.rl_batch
@@ -154,12 +201,13 @@ def train_config(
         "store": f"chdb://{out / 'store'}",
         "model": {"path": str(model), "max_length": 256},
         "algorithm": {
-            "name": "sft" if sft else "grpo",
+            "name": "sft" if sft else estimator,
             "reference": None if sft else str(model),  # KL to the warm-up checkpoint
             "credit": credit_name,
             "gamma": config.gamma,
             "group_by": group_by,
             "scale": "group",
+            "step_weight": config.step_weight,
             "kl_coef": 0.0 if sft else config.kl_coef,
             "clip_low": config.clip,
             "clip_high": config.clip,
@@ -300,10 +348,16 @@ def warm_up(config: Config, seed: int, work: Path) -> Path:
 # --- one setting -------------------------------------------------------------------------------------
 def run_setting(config: Config, setting: str, seed: int, warm: Path, work: Path, bar: Any) -> list[Stats]:
     """The stats of the batch before each update and after the last (updates + 1 of them)."""
-    credit_name, group_by = setting.split("/")
+    credit_name, group_by, estimator = parse_setting(setting)
     torch.manual_seed(seed)
     train = train_config(
-        config, warm, work / setting.replace("/", "-"), sft=False, credit_name=credit_name, group_by=group_by
+        config,
+        warm,
+        work / setting.replace("/", "-"),
+        sft=False,
+        credit_name=credit_name,
+        group_by=group_by,
+        estimator=estimator,
     )
     step = TrainStep(build(train, Distributed.setup()))
     view = policy_view(step, warm, max_length=256)
@@ -322,13 +376,19 @@ def run_setting(config: Config, setting: str, seed: int, warm: Path, work: Path,
         for t in transitions:
             by_rollout.setdefault(t.rollout_id, []).append(t)
         credit.assign(by_rollout, a.credit, a.gamma)
-        advantages.compute(transitions, "grpo", a.group_by, a.scale)
+        advantages.compute(transitions, a.name, a.group_by, a.scale, step_weight=a.step_weight)
         samples, _ = step.tokenize(transitions)
         for batch in step_batches(samples, config.rl_batch, seed, update):
             step.run(batch)
         bar.set_postfix_str(f"{setting} seed {seed}: {stats.success:.2f}", refresh=False)
         bar.update(1)
     return curve
+
+
+def parse_setting(setting: str) -> tuple[str, str, str]:
+    """'CREDIT/GROUP_BY' (GRPO) or 'CREDIT/GROUP_BY/gigpo' → (credit, group_by, estimator)."""
+    credit_name, group_by, *rest = setting.split("/")
+    return credit_name, group_by, rest[0] if rest else "grpo"
 
 
 # --- summary -----------------------------------------------------------------------------------------
@@ -370,6 +430,33 @@ def summarise(config: Config, curves: dict[str, list[list[float]]]) -> list[str]
             f"  vs {im:.1f} +- {isd:.1f} for {BASELINE}: ratio {bm / im:.2f} (target <= 0.70), "
             f"spreads {'do not overlap' if bm + bs < im - isd else 'overlap'}"
         )
+    if BASELINE in curves:
+        lines.append(f"paired with {BASELINE} seed by seed (same warm-up, same first batch):")
+        lines.extend(f"  {line}" for line in paired(curves, BASELINE))
+    return lines
+
+
+def paired(curves: dict[str, list[list[float]]], baseline: str) -> list[str]:
+    """Each setting's mean success over the updates (1..N) minus the baseline's, seed by seed.
+
+    Seeds differ more from each other (the warm-up, the worlds) than settings do within a seed,
+    so the spread over seeds hides a difference that every seed shows; this says how many do.
+    """
+
+    def mean_success(curve: Sequence[float]) -> float:
+        return statistics.fmean(curve[1:]) if len(curve) > 1 else curve[0]
+
+    lines = []
+    for setting, runs in curves.items():
+        if setting == baseline:
+            continue
+        gains = [mean_success(c) - mean_success(b) for c, b in zip(runs, curves[baseline])]
+        mean, sd = spread(gains)
+        better = sum(g > 0 for g in gains)
+        lines.append(
+            f"{setting:<20} mean success over the updates {mean:+.3f} +- {sd:.3f}, "
+            f"higher on {better}/{len(gains)} seeds"
+        )
     return lines
 
 
@@ -385,13 +472,14 @@ def plot(config: Config, curves: dict[str, list[list[float]]], path: Path) -> No
     )
     for ax, grouping in zip(axes[0], groupings):
         for setting, runs in curves.items():
-            credit_name, group_by = setting.split("/")
+            credit_name, group_by, estimator = parse_setting(setting)
             if group_by != grouping:
                 continue
             mean = [statistics.fmean(v) for v in zip(*runs)]
             sd = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in zip(*runs)]
             x = range(len(mean))
-            (line,) = ax.plot(x, mean, label=f"{credit_name} credit")
+            label = f"{credit_name} credit" + (", GiGPO" if estimator == "gigpo" else "")
+            (line,) = ax.plot(x, mean, label=label)
             ax.fill_between(
                 x,
                 [m - s for m, s in zip(mean, sd)],
@@ -444,10 +532,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.seeds:
         config = dataclasses.replace(config, seeds=tuple(args.seeds))
     if args.settings:
-        known = {f"{c}/{g}" for c in CREDITS for g in GROUPINGS}
+        known = {f"{c}/{g}" for c in CREDITS for g in GROUPINGS} | set(GIGPO)
         unknown = [s for s in args.settings if s not in known]
         if unknown:
-            raise SystemExit(f"unknown settings {unknown}; use CREDIT/GROUP_BY with {CREDITS} x {GROUPINGS}")
+            raise SystemExit(
+                f"unknown settings {unknown}; use CREDIT/GROUP_BY with {CREDITS} x {GROUPINGS}, "
+                f"or one of {GIGPO}"
+            )
         config = dataclasses.replace(config, settings=tuple(args.settings))
     curves: dict[str, list[list[float]]] = {}
     if args.merge:
@@ -508,8 +599,8 @@ def report(
     print(f"\nsuccess per update, mean over {seeds} seeds (update 0: after the warm-up)")
     names = list(curves)
     short = {"identical": "ident", "discounted": "disc", "task_step": "t*step"}
-    print("credit " + "".join(f"{short.get(n.split('/')[0], n.split('/')[0]):>8}" for n in names))
-    print("group  " + "".join(f"{short.get(n.split('/')[1], n.split('/')[1]):>8}" for n in names))
+    for row, part in (("credit ", 0), ("group  ", 1), ("adv.   ", 2)):
+        print(row + "".join(f"{short.get(p, p):>8}" for p in (parse_setting(n)[part] for n in names)))
     means = [[statistics.fmean(v) for v in zip(*curves[n])] for n in names]
     for update in range(config.updates + 1):
         print(f"{update:>6} " + "".join(f"{m[update]:8.2f}" for m in means))

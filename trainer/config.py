@@ -29,9 +29,10 @@ from typing import Any, Literal, get_args, get_origin
 
 import yaml
 
+from lightspan.algorithms.advantages import EPISODE_GROUP_BY
 from lightspan.errors import InvalidInput
 
-Algorithm = Literal["grpo", "rloo", "reinforce_pp", "sft"]
+Algorithm = Literal["grpo", "rloo", "reinforce_pp", "gigpo", "sft"]
 
 
 @dataclass
@@ -79,7 +80,8 @@ class AlgorithmConfig:
     credit: Literal["identical", "discounted", "step"] = "step"
     gamma: float = 1.0
     group_by: Literal["task", "task_step", "state", "batch"] = "task"
-    scale: Literal["group", "batch", "none"] = "group"  # GRPO advantage scaling
+    scale: Literal["group", "batch", "none"] = "group"  # GRPO and GiGPO advantage scaling
+    step_weight: float = 1.0  # gigpo: omega, the weight of the anchor-state step term
     clip_low: float = 0.2
     clip_high: float = 0.2
     dual_clip: float | None = None  # verl's clip_ratio_c (e.g. 3): bounds the loss of negative advantages
@@ -224,6 +226,13 @@ class TrainConfig:
             raise InvalidInput("output.save_every must be >= 0 and output.keep_optimizer_state >= 1")
         if not 0.0 <= a.gamma <= 1.0:
             raise InvalidInput(f"algorithm.gamma must be in [0, 1], got {a.gamma}")
+        if a.step_weight < 0:
+            raise InvalidInput(f"algorithm.step_weight must be >= 0, got {a.step_weight}")
+        if a.name == "gigpo" and a.group_by not in EPISODE_GROUP_BY:
+            raise InvalidInput(
+                f"algorithm.group_by must be {' or '.join(EPISODE_GROUP_BY)} with gigpo (its episode "
+                f"groups; calls are grouped by anchor state), got {a.group_by!r}"
+            )
         if a.clip_low < 0 or a.clip_high < 0 or a.kl_coef < 0 or a.temperature <= 0:
             raise InvalidInput("algorithm.clip_low/clip_high/kl_coef must be >= 0 and temperature > 0")
         if a.dual_clip is not None and a.dual_clip <= 1.0:

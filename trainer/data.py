@@ -86,6 +86,7 @@ def load_transitions(store: Any, summaries: Sequence[Any], config: TrainConfig) 
         estimator="grpo" if a.name == "sft" else a.name,
         group_by=a.group_by,
         scale=a.scale,
+        step_weight=a.step_weight,
     )
     if a.name == "sft":
         transitions = [t for t in transitions if (t.credited_return or 0.0) > a.sft_min_return]

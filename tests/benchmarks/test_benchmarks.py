@@ -212,7 +212,7 @@ def test_demo_learning_benchmark_runs_the_recipe_at_toy_size():
 
 def test_credit_benchmark_runs_every_setting_it_is_given():
     updates = 2
-    settings = ("identical/task", "discounted/task_step", "step/state")
+    settings = ("identical/task", "discounted/task_step", "step/state", "step/task/gigpo")
     output = run_benchmark("credit.py", "--quick", "--settings", *settings, timeout=300)
     # Success per update: one row per update plus the one after the last, a column per setting.
     rows = re.findall(r"^ +(\d+)((?: +\d\.\d\d)+)$", output, re.MULTILINE)
@@ -227,6 +227,12 @@ def test_credit_benchmark_runs_every_setting_it_is_given():
         ), output
     assert re.search(r"best step-level: \S+, updates to target", output), output
     assert re.search(r"ratio \d+\.\d\d \(target <= 0\.70\), spreads (do not )?overlap", output), output
+    for setting in settings[1:]:
+        assert re.search(
+            rf"^  {setting} +mean success over the updates [+-]\d\.\d{{3}} \+- \d\.\d{{3}}, higher on [01]/1 seeds$",
+            output,
+            re.MULTILINE,
+        ), output
 
 
 def test_prompt_search_benchmark_compares_selections_at_equal_budgets():
