@@ -26,6 +26,7 @@ from lightspan.store.schema import (
     MIGRATIONS,
     RESOURCES,
     ROLLOUT_SPANS,
+    ROLLOUT_TRACES,
     SCHEMA_VERSION,
     TRACES,
     TRAIN_METRICS,
@@ -74,6 +75,26 @@ class RolloutSummary:
     end: datetime
     errors: int
     roots: int  # spans without a parent: a root ends last, so > 0 means the episode has landed
+
+
+def _traces_naming_one_rollout(where: str = "") -> str:
+    """Traces whose spans name exactly one rollout, and that rollout (`MappedTrace`, `MappedRollout`)."""
+    return (
+        f"SELECT TraceId AS MappedTrace, min(FirstRollout) AS MappedRollout FROM {ROLLOUT_TRACES} {where}"
+        " GROUP BY TraceId HAVING MappedRollout = max(LastRollout)"
+    )
+
+
+def _resolved_spans(select: str, where: str = "") -> str:
+    """`rollout_spans` rows with `Rollout`, each span's rollout per `semconv`'s rollout rule.
+
+    A span that names no rollout is stored under its trace's id (`RolloutId = TraceId`), since the
+    span naming the rollout may land later (schema migration 7 says why); it is resolved here to
+    the one rollout its trace names, from `rollout_traces` (`traces` in the WITH clause, which the
+    caller defines). A span that names a rollout keeps it.
+    """
+    return f"""SELECT if(RolloutId = TraceId AND MappedRollout != '', MappedRollout, RolloutId) AS Rollout, {select}
+            FROM {ROLLOUT_SPANS} FINAL LEFT ANY JOIN traces ON TraceId = MappedTrace {where}"""
 
 
 def _clickhouse_message(error: Exception) -> str:
@@ -287,17 +308,35 @@ class Store:
         """Insert `Span` objects (tests, tools, synthetic data sets)."""
         return self.insert_columns(spans_to_columns(spans))
 
-    def span_trees(self, rollout_ids: Iterable[str]) -> dict[str, SpanTree]:
-        """Span trees of several rollouts in one query; retried duplicates appear once."""
+    def span_rows(self, rollout_ids: Iterable[str], select: str) -> list[tuple]:
+        """`(rollout id, *select)` of every span of these rollouts, in one query.
+
+        The spans of a rollout are those that name it and the spans of its traces that name no
+        rollout (`semconv`'s rollout rule), found by primary key: the rollouts' traces, then the
+        spans stored under those traces' ids. Retried duplicates appear once.
+        """
         ids = list(dict.fromkeys(rollout_ids))
         if not ids:
-            return {}
+            return []
+        traces = _traces_naming_one_rollout(
+            f"WHERE TraceId IN (SELECT TraceId FROM {ROLLOUT_SPANS} WHERE RolloutId IN {{ids:Array(String)}})"
+        )
         rows = self.sql(
-            f"SELECT RolloutId, {SPAN_SELECT} FROM {ROLLOUT_SPANS} FINAL WHERE RolloutId IN {{ids:Array(String)}}",
+            f"WITH traces AS ({traces}) "
+            + _resolved_spans(
+                select,
+                "WHERE RolloutId IN {ids:Array(String)} OR RolloutId IN (SELECT MappedTrace FROM traces)",
+            ),
             {"ids": ids},
         ).rows
+        wanted = set(ids)
+        return [row for row in rows if row[0] in wanted]
+
+    def span_trees(self, rollout_ids: Iterable[str]) -> dict[str, SpanTree]:
+        """Span trees of several rollouts in one query (see `span_rows` for which spans)."""
+        ids = list(dict.fromkeys(rollout_ids))
         grouped: dict[str, list[Span]] = {}
-        for row in rows:
+        for row in self.span_rows(ids, SPAN_SELECT):
             grouped.setdefault(row[0], []).append(row_to_span(row[1:]))
         return {rid: SpanTree(rid, grouped[rid]) for rid in ids if rid in grouped}
 
@@ -348,8 +387,13 @@ class Store:
             rank, world = shard
             having.append("cityHash64(task) % {world:UInt32} = {rank:UInt32}")
             params.update(rank=rank, world=world)
+        spans = _resolved_spans(
+            "TaskId, Attempt, ServiceName, ResourcesId, AgentName, IsLLMCall, RewardCount, Reward, RewardFinal,"
+            " RewardTime, SpanId, Timestamp, Duration, StatusCode, ParentSpanId"
+        )
         query = f"""
-            SELECT RolloutId, anyIf(TaskId, TaskId != '') AS task, max(Attempt) AS attempt,
+            WITH traces AS ({_traces_naming_one_rollout()})
+            SELECT Rollout, anyIf(TaskId, TaskId != '') AS task, max(Attempt) AS attempt,
                    any(ServiceName) AS service, anyIf(ResourcesId, ResourcesId != '') AS resources,
                    arraySort(groupUniqArrayIf(AgentName, AgentName != '')) AS agents,
                    count() AS spans, countIf(IsLLMCall) AS llm_calls,
@@ -358,10 +402,10 @@ class Store:
                    argMaxIf(Reward, (RewardTime, SpanId), Reward IS NOT NULL) AS last_reward,
                    min(Timestamp) AS start, max(Timestamp + toIntervalNanosecond(Duration)) AS end,
                    countIf(StatusCode = 'Error') AS errors, countIf(ParentSpanId = '') AS roots
-            FROM {ROLLOUT_SPANS} FINAL
-            GROUP BY RolloutId
+            FROM ({spans})
+            GROUP BY Rollout
             HAVING {" AND ".join(having)}
-            ORDER BY start DESC, RolloutId
+            ORDER BY start DESC, Rollout
             {"LIMIT {limit:UInt64}" if limit is not None else ""}"""
         if limit is not None:
             params["limit"] = limit
