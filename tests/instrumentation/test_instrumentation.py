@@ -185,7 +185,7 @@ def test_a_downstream_service_joins_the_rollout_through_w3c_baggage(spans):
     received: list[str] = []
 
     class Tool(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802 - the http.server API
+        def do_GET(self) -> None:
             received.append(self.headers.get("baggage", ""))
             token = otel_context.attach(propagate.extract(self.headers))
             try:
