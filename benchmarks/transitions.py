@@ -9,6 +9,11 @@ same run:
 
 Extraction should cost less than the read, so the algorithms never bound the trainer's input.
 
+Then the same rollouts with their ids on the root span only (what an agent in another language
+sends: the store resolves the other spans' rollout through `rollout_traces` when it reads), in the
+same store after emptying it, against the data where every span carries its ids: the same
+`span_trees` read and the trainer's listing (`store.rollouts(limit=None)`), each timed on both.
+
     python benchmarks/transitions.py [--rollouts 10000] [--store chdb:///tmp/x]
 """
 
@@ -25,7 +30,7 @@ from typing import TypeVar
 from lightspan import semconv
 from lightspan.algorithms import prepare
 from lightspan.store import Store
-from lightspan.types import Span
+from lightspan.types import Span, SpanTree
 
 T = TypeVar("T")
 CALLS = 5
@@ -33,19 +38,21 @@ TOOLS = 5
 STEPS = 8  # root + calls + tools + steps + reward = 20 spans
 
 
-def rollout(index: int, rng: random.Random) -> list[Span]:
-    """One synthetic episode in the current GenAI dialect, as an instrumented agent records it."""
+def rollout(index: int, rng: random.Random, root_only: bool = False) -> list[Span]:
+    """One synthetic episode in the current GenAI dialect, as an instrumented agent records it;
+    `root_only`: the ids on the root span only, as an agent in another language may set them."""
     trace = f"{rng.getrandbits(128):032x}"
     ids = iter(f"{rng.getrandbits(64):016x}" for _ in range(32))
-    common = {
+    identity = {
         semconv.ROLLOUT_ID: f"rollout-{index}",
         semconv.TASK_ID: f"task-{index // 8}",
         semconv.ATTEMPT: "0",
     }
+    common = {} if root_only else identity
     root = next(ids)
     start = 1_700_000_000_000_000_000 + index * 1_000_000_000
     spans = [
-        Span(trace, root, "", "agent.run", start, start + 900_000_000, dict(common), service_name="bench")
+        Span(trace, root, "", "agent.run", start, start + 900_000_000, dict(identity), service_name="bench")
     ]
     messages: list[dict[str, object]] = [
         {"role": "system", "content": "Solve the task."},
@@ -127,17 +134,30 @@ def main() -> None:
     rng = random.Random(0)
     rollouts = [rollout(i, rng) for i in range(args.rollouts)]
     spans = [s for r in rollouts for s in r]
+    rng = random.Random(0)  # the same rollouts, ids on the root only
+    root_only = [s for i in range(args.rollouts) for s in rollout(i, rng, root_only=True)]
     ids = [f"rollout-{i}" for i in range(args.rollouts)]
     with tempfile.TemporaryDirectory() as tmp:
         store = Store.connect(args.store or f"chdb://{tmp}/store")
         try:
             began = time.perf_counter()
-            for chunk in range(0, len(spans), 50_000):
-                store.insert_spans(spans[chunk : chunk + 50_000])
+            insert(store, spans)
             insert_s = time.perf_counter() - began
             read_s, trees = best_of(args.repeat, lambda: store.span_trees(ids))
+            list_s, listed = best_of(args.repeat, lambda: store.rollouts(limit=None))
+            for table in ("otel_traces", "rollout_spans", "rollout_traces"):
+                store.command(f"TRUNCATE TABLE {table}")
+            insert(store, root_only)
+            root_read_s, root_trees = best_of(args.repeat, lambda: store.span_trees(ids))
+            root_list_s, root_listed = best_of(args.repeat, lambda: store.rollouts(limit=None))
         finally:
             store.close()
+
+    def shape(found: dict[str, SpanTree]) -> dict[str, list[str]]:
+        return {rid: sorted(s.span_id for s in tree.spans) for rid, tree in found.items()}
+
+    if shape(root_trees) != shape(trees) or root_listed != listed:
+        raise SystemExit("the root-only ids read back different rollouts from the all-ids ones")
     if len(trees) != args.rollouts or any(len(t) != len(rollouts[0]) for t in trees.values()):
         raise SystemExit(f"store returned {len(trees)} trees, not {args.rollouts} complete ones")
     extract_s, batch = best_of(args.repeat, lambda: prepare(trees, credit="step", gamma=0.95))
@@ -152,6 +172,20 @@ def main() -> None:
     print(
         f"  extract / read time ratio:    {extract_s / read_s:8.2f}  (< 1: extraction is cheaper than the read)"
     )
+    print("  the same rollouts with ids on the root only (resolved through rollout_traces), same reads:")
+    for label, base, resolved in (
+        ("store.span_trees(ids)", read_s, root_read_s),
+        ("store.rollouts(limit=None)", list_s, root_list_s),
+    ):
+        print(
+            f"    {label:27} every span's ids {base:7.2f} s   root only {resolved:7.2f} s   "
+            f"ratio {resolved / base:5.2f}"
+        )
+
+
+def insert(store: Store, spans: list[Span]) -> None:
+    for chunk in range(0, len(spans), 50_000):
+        store.insert_spans(spans[chunk : chunk + 50_000])
 
 
 def best_of(repeat: int, run: Callable[[], T]) -> tuple[float, T]:
