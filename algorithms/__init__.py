@@ -14,9 +14,9 @@ from types import ModuleType
 
 from lightspan.algorithms import advantages, credit
 from lightspan.algorithms.pipeline import prepare
-from lightspan.algorithms.transitions import from_spans
+from lightspan.algorithms.transitions import from_spans, group_rollouts
 
-__all__ = ["advantages", "credit", "from_spans", "losses", "prepare"]
+__all__ = ["advantages", "credit", "from_spans", "group_rollouts", "losses", "prepare"]
 
 
 def __getattr__(name: str) -> ModuleType:

@@ -12,7 +12,8 @@ Rules, in the order they apply:
   order; `step` counts each agent's calls from 0.
 * **Agent.** `lightspan.agent.name`, `gen_ai.agent.name` or OpenInference `agent.name` on the
   span, else the nearest ancestor that names one, else "".
-* **Rewards.** Each `lightspan.reward` span (at its start) and each `gen_ai.evaluation.result`
+* **Rewards.** Each reward span (`lightspan.reward`, or Agent Lightning's `agentlightning.annotation`
+  with a primary reward; at its start) and each `gen_ai.evaluation.result`
   event with a numeric score (at its time) goes to the most recent call of the same agent that
   ended before it; an evaluation event on an LLM span itself scores that call. A reward that
   names no agent goes to the most recent call of any agent. A reward with no such call is
@@ -111,6 +112,30 @@ def from_spans(
     return transitions
 
 
+def group_rollouts(spans: Iterable[Span]) -> dict[str, list[Span]]:
+    """Spans by rollout, per the rollout rule in `lightspan.semconv`, in the order given.
+
+    A span's own id (`semconv.own_rollout_id`) decides; a span without one joins the rollout the
+    spans of its trace name, when they name exactly one; else its trace is its rollout. The
+    store applies the same rule when it reads (`Store.span_trees`, `Store.rollouts`), so spans
+    grouped here and spans read back from the store fall into the same rollouts, whatever order
+    they arrived in.
+    """
+    spans = list(spans)
+    own = [semconv.own_rollout_id(s.attributes, s.resource_attributes) for s in spans]
+    named: dict[str, set[str]] = {}
+    for s, rollout in zip(spans, own):
+        if rollout:
+            named.setdefault(s.trace_id, set()).add(rollout)
+    grouped: dict[str, list[Span]] = {}
+    for s, rollout in zip(spans, own):
+        if not rollout:
+            in_trace = named.get(s.trace_id, set())
+            rollout = next(iter(in_trace)) if len(in_trace) == 1 else s.trace_id
+        grouped.setdefault(rollout, []).append(s)
+    return grouped
+
+
 def recorded_rewards(spans: Sequence[Span] | SpanTree) -> list[tuple[tuple[bool, int, str, int], float]]:
     """Every reward the spans record, in time order: its `semconv.reward_order` key and value.
 
@@ -146,7 +171,7 @@ def _scan(tree: SpanTree) -> tuple[list[_Call], list[_Reward]]:
         if llm:
             llm_ancestor[span.span_id] = enclosing_llm
             candidates.append((span, depth, order, agent))
-        if span.name == semconv.REWARD_SPAN:
+        if semconv.reward_value_key(span.name, span.attributes) is not None:
             reward_spans.append((span, agent))
         below = span if llm else enclosing_llm
         stack.extend((child, depth + 1, agent, below) for child in reversed(tree.children(span)))
@@ -296,7 +321,15 @@ class _RolloutIdentity:
                 f"rollout {tree.rollout_id}: {semconv.ATTEMPT} is not a number: {attempt!r}"
             ) from None
         return cls(
-            rollout_id=rollout_id or tree.rollout_id or first(semconv.ROLLOUT_ID) or tree.roots[0].trace_id,
+            rollout_id=rollout_id
+            or tree.rollout_id
+            or next(
+                filter(
+                    None, (semconv.own_rollout_id(s.attributes, s.resource_attributes) for s in tree.spans)
+                ),
+                "",
+            )
+            or tree.roots[0].trace_id,
             task_id=first(semconv.TASK_ID),
             attempt=attempt_number,
             resources_id=first(semconv.RESOURCES_ID),
@@ -359,10 +392,12 @@ def _agent_matcher(agents: AgentSelector) -> Callable[[str], bool]:
 
 
 def _reward_value(span: Span) -> float:
-    raw = span.attributes.get(semconv.REWARD_VALUE)
+    key = semconv.reward_value_key(span.name, span.attributes)
+    assert key is not None  # only reward spans get here
+    raw = span.attributes.get(key)
     if raw is None:
-        raise InvalidInput(f"span {span.span_id}: a {semconv.REWARD_SPAN} span has no {semconv.REWARD_VALUE}")
-    return _float(raw, span, semconv.REWARD_VALUE)
+        raise InvalidInput(f"span {span.span_id}: a {span.name} span has no {key}")
+    return _float(raw, span, key)
 
 
 def _float(raw: str, span: Span, key: str) -> float:

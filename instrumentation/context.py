@@ -12,7 +12,11 @@ wins:
 2. the parent span's own stamped attributes: instrumentors such as OpenInference's build a fresh
    context holding only the parent span, which drops our context keys but not the parent's ids;
 3. the current context, when an explicit context was given and lacked the keys;
-4. the process-wide environment (`LIGHTSPAN_ROLLOUT_ID`, `LIGHTSPAN_TASK_ID`, `LIGHTSPAN_ATTEMPT`,
+4. W3C baggage (`lightspan.rollout.id`, `lightspan.task.id`, `lightspan.attempt`,
+   `lightspan.resources.id`) in the span's context, then in the current one: `lightspan.rollout`
+   puts the ids there, the propagators send them with every instrumented request, so a downstream
+   service (a tool server, another agent) traced with `lightspan.instrument()` joins the rollout;
+5. the process-wide environment (`LIGHTSPAN_ROLLOUT_ID`, `LIGHTSPAN_TASK_ID`, `LIGHTSPAN_ATTEMPT`,
    `LIGHTSPAN_RESOURCES_ID`), read when the processor is created: a runner process that runs one
    rollout sets them and needs no code in the agent.
 
@@ -33,8 +37,8 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
+from opentelemetry import baggage, trace
 from opentelemetry import context as otel_context
-from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor
 
@@ -203,7 +207,8 @@ def new_rollout_info(
 
 
 def enter_rollout(info: RolloutInfo) -> object:
-    """Make `info` the active rollout; returns the token for `exit_rollout`.
+    """Make `info` the active rollout, in this process's context and in the W3C baggage that
+    propagators send downstream (`semconv.BAGGAGE_KEYS`); returns the token for `exit_rollout`.
 
     Raises NestedRolloutError when a rollout is already active in this context.
     """
@@ -214,7 +219,10 @@ def enter_rollout(info: RolloutInfo) -> object:
             f"(task {outer.task_id!r}): rollouts cannot nest. End the outer rollout first, or mark "
             f"the inner part with lightspan.agent(name) instead."
         )
-    return otel_context.attach(otel_context.set_value(_ROLLOUT_KEY, info))
+    ctx = otel_context.set_value(_ROLLOUT_KEY, info)
+    for key, value in info.attributes.items():
+        ctx = baggage.set_baggage(key, str(value), ctx)
+    return otel_context.attach(ctx)
 
 
 def exit_rollout(token: object) -> None:
@@ -231,6 +239,7 @@ class RolloutStampingProcessor(SpanProcessor):
     def __init__(self) -> None:
         self._env = env_rollout()
         self._cache: dict[tuple[RolloutInfo | None, str], Mapping[str, Any]] = {}
+        self._baggage_cache: dict[tuple[object, ...], RolloutInfo] = {}
 
     def on_start(self, span: Span, parent_context: Context | None = None) -> None:
         rollout = current_rollout(parent_context)
@@ -248,6 +257,10 @@ class RolloutStampingProcessor(SpanProcessor):
                 if agent_name is None:
                     agent_name = current_agent()
             if rollout is None:
+                rollout = self._from_baggage(parent_context)
+                if rollout is None and parent_context is not None:
+                    rollout = self._from_baggage(None)
+            if rollout is None:
                 rollout = self._env
         if rollout is not None:
             rollout = ledger.stamped(rollout)
@@ -256,6 +269,25 @@ class RolloutStampingProcessor(SpanProcessor):
                 span.set_attributes(rollout.attributes)
         else:
             span.set_attributes(self._with_agent(rollout, agent_name))
+
+    def _from_baggage(self, ctx: Context | None) -> RolloutInfo | None:
+        """The rollout the W3C baggage of `ctx` names (an upstream `lightspan.rollout`), or None."""
+        entries = baggage.get_all(ctx)
+        if not entries:
+            return None
+        key = tuple(entries.get(name) for name in semconv.BAGGAGE_KEYS)
+        if not key[0] and not key[1]:  # neither a rollout nor a task id
+            return None
+        cached = self._baggage_cache.get(key)
+        if cached is None:
+            rollout_id, task_id, attempt, resources_id = (str(v) if v is not None else "" for v in key)
+            cached = RolloutInfo(
+                rollout_id, task_id, int(attempt) if attempt.isdigit() else 0, resources_id or None
+            )
+            if len(self._baggage_cache) > 256:
+                self._baggage_cache.clear()
+            self._baggage_cache[key] = cached
+        return cached
 
     def _with_agent(self, rollout: RolloutInfo | None, agent_name: str) -> Mapping[str, Any]:
         """Rollout attributes plus the agent name, cached: one set_attributes call per span."""

@@ -31,6 +31,12 @@ EXCEPTION_SPAN = "lightspan.exception"
 ROLLOUT_SPAN = "lightspan.rollout"
 PAYLOAD = "lightspan.payload"
 
+# The rollout identity also travels as W3C baggage under the same names: `lightspan.rollout(...)`
+# puts ROLLOUT_ID, TASK_ID, ATTEMPT and RESOURCES_ID in the baggage, so the services an agent
+# calls (any language) receive them; Lightspan's span processor reads them back in a downstream
+# Python service, and the stock BaggageSpanProcessor of any SDK copies them onto span attributes.
+BAGGAGE_KEYS = (ROLLOUT_ID, TASK_ID, ATTEMPT, RESOURCES_ID)
+
 LLM_PROMPT_TOKEN_IDS = "lightspan.llm.prompt_token_ids"
 LLM_RESPONSE_TOKEN_IDS = "lightspan.llm.response_token_ids"
 LLM_RESPONSE_LOGPROBS = "lightspan.llm.response_logprobs"
@@ -79,6 +85,16 @@ OI_AGENT_NAME = "agent.name"
 # llm.input_messages.{i}.message.role|content|...
 OI_MESSAGE_KEY = re.compile(r"^llm\.(input|output)_messages\.(\d+)\.message\.(.+)$")
 
+# --- Agent Lightning (microsoft/agent-lightning), so an app instrumented for it trains unchanged ---
+# Rewards are annotation spans whose `agentlightning.reward.{i}.name|value` attributes list named
+# rewards; index 0 is the primary reward, the one Lightspan reads. The rollout and attempt ids are
+# resource attributes of the tracer that ran the attempt.
+AGL_ANNOTATION_SPAN = "agentlightning.annotation"
+AGL_PRIMARY_REWARD_VALUE = "agentlightning.reward.0.value"
+AGL_PRIMARY_REWARD_NAME = "agentlightning.reward.0.name"
+AGL_ROLLOUT_ID = "agentlightning.rollout_id"
+AGL_ATTEMPT_ID = "agentlightning.attempt_id"
+
 # --- Rules, as data: `algorithms` evaluates them in Python, `store` renders them as SQL -------------
 # Each rule below is written once. `is_llm_call` is the Python reading; store/schema.py generates the
 # `rollout_spans` columns (`IsLLMCall`, `AgentName`, `Reward`...) from the same tuples, and
@@ -123,17 +139,70 @@ def is_llm_call(attributes: Mapping[str, str]) -> bool:
     return any(value and key.startswith(LLM_CALL_KEY_PREFIXES) for key, value in attributes.items())
 
 
+# The rollout rule. A span's own rollout id is `lightspan.rollout.id` (a span attribute, set by
+# Lightspan's processor or copied from baggage by a BaggageSpanProcessor), else Agent Lightning's
+# `agentlightning.rollout_id` resource attribute, followed by "/" and `agentlightning.attempt_id`
+# when that is set (one Lightspan rollout is one episode: Agent Lightning retries a rollout as new
+# attempts of the same rollout id). A span without one belongs to the rollout named on the spans of
+# its trace, when they name exactly one (an agent in another language sets the ids on its root
+# only); else (no span of the trace names one, or several do) to the trace itself, by its id.
+# `own_rollout_id` is the first step in Python; store/schema.py renders it as SQL, and the store
+# resolves the second step at read time from the `rollout_traces` table (see store/store.py).
+ROLLOUT_ATTEMPT_SEPARATOR = "/"
+
+
+def own_rollout_id(attributes: Mapping[str, str], resource_attributes: Mapping[str, str]) -> str:
+    """The rollout a span names itself (see the rollout rule above), or "" when it names none."""
+    explicit = attributes.get(ROLLOUT_ID)
+    if explicit:
+        return explicit
+    agl = resource_attributes.get(AGL_ROLLOUT_ID)
+    if not agl:
+        return ""
+    attempt = resource_attributes.get(AGL_ATTEMPT_ID)
+    return f"{agl}{ROLLOUT_ATTEMPT_SEPARATOR}{attempt}" if attempt else agl
+
+
 # A span's own agent: the first of these that is set (children without one inherit their parent's).
 AGENT_KEYS = (AGENT_NAME, GEN_AI_AGENT_NAME, OI_AGENT_NAME)
 
-# The reward rule. A span records a reward when it is named REWARD_SPAN (value REWARD_VALUE, at the
-# span's start) and once per GEN_AI_EVALUATION_EVENT event that has a GEN_AI_EVALUATION_SCORE (at
+# The reward rule. A span records a reward when it is one of REWARD_SPANS (a reward span: named
+# REWARD_SPAN with its value in REWARD_VALUE, or Agent Lightning's annotation span with a primary
+# reward value; at the span's start) and once per GEN_AI_EVALUATION_EVENT event that has a GEN_AI_EVALUATION_SCORE (at
 # the event's time); either is marked final by REWARD_FINAL = REWARD_FINAL_TRUE (on the span, or on
 # the event). Rewards are ordered by (time, span id, position), the reward span's own value before
 # its events. The rollout's final reward is the last one marked final, else the last one: the one an
 # evaluator records after the output it judges, and the one `@lightspan.rollout` marks from the
 # agent's return value.
 REWARD_FINAL_TRUE = "true"
+
+
+@dataclass(frozen=True)
+class RewardSpan:
+    """A span name that records a reward, and the attribute holding its value.
+
+    `required`: the span is a reward span even without the value (a Lightspan reward span without
+    one is malformed); otherwise (an Agent Lightning annotation may carry only tags or links) it
+    records a reward only when the value is set.
+    """
+
+    name: str
+    value_key: str
+    required: bool
+
+
+REWARD_SPANS = (
+    RewardSpan(REWARD_SPAN, REWARD_VALUE, required=True),
+    RewardSpan(AGL_ANNOTATION_SPAN, AGL_PRIMARY_REWARD_VALUE, required=False),
+)
+
+
+def reward_value_key(name: str, attributes: Mapping[str, str]) -> str | None:
+    """The attribute holding the value of the reward a span of this name records, or None."""
+    for reward_span in REWARD_SPANS:
+        if name == reward_span.name and (reward_span.required or attributes.get(reward_span.value_key)):
+            return reward_span.value_key
+    return None
 
 
 def reward_order(final: bool, time_ns: int, span_id: str, position: int) -> tuple[bool, int, str, int]:

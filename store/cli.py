@@ -157,12 +157,9 @@ def _cmd_show(args: argparse.Namespace) -> int:
 
     with _open(args) as store:
         tree = store.span_tree(args.rollout_id)
-        marks = store.sql(
-            "SELECT SpanId, IsLLMCall, Reward FROM rollout_spans FINAL WHERE RolloutId = {rid:String}",
-            {"rid": args.rollout_id},
-        ).rows
-    llm_calls = {span_id for span_id, is_llm, _ in marks if is_llm}
-    rewards = {span_id: reward for span_id, _, reward in marks if reward is not None}
+        marks = store.span_rows([args.rollout_id], "SpanId, IsLLMCall, Reward")
+    llm_calls = {span_id for _, span_id, is_llm, _ in marks if is_llm}
+    rewards = {span_id: reward for _, span_id, _, reward in marks if reward is not None}
     Console().print(render_tree(tree, llm_calls, rewards))
     return 0
 

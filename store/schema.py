@@ -22,6 +22,7 @@ from lightspan import semconv
 TRACES = "otel_traces"
 TRACE_ID_TS = "otel_traces_trace_id_ts"
 ROLLOUT_SPANS = "rollout_spans"
+ROLLOUT_TRACES = "rollout_traces"
 RESOURCES = "resources"
 RESOURCE_ROUTES = "resource_routes"
 TRAIN_METRICS = "train_metrics"
@@ -40,8 +41,25 @@ def _attr(key: str) -> str:
     return f"SpanAttributes['{key}']"
 
 
-# Rollout identity: the explicit attribute when present, else the trace.
+# Rollout identity: the explicit attribute when present, else the trace. Migrations 1, 2, 4 and 6
+# shipped this expression; migration 7 writes `_OWN_ROLLOUT_ID`, `semconv`'s rule.
 _ROLLOUT_ID = f"if({_attr(semconv.ROLLOUT_ID)} != '', {_attr(semconv.ROLLOUT_ID)}, TraceId)"
+
+
+def _resource_attr(key: str) -> str:
+    return f"ResourceAttributes['{key}']"
+
+
+# `semconv.own_rollout_id` as SQL: the rollout a span names itself, else ''.
+_AGL_ROLLOUT = _resource_attr(semconv.AGL_ROLLOUT_ID)
+_AGL_ATTEMPT = _resource_attr(semconv.AGL_ATTEMPT_ID)
+_OWN_ROLLOUT_ID = (
+    f"multiIf({_attr(semconv.ROLLOUT_ID)} != '', {_attr(semconv.ROLLOUT_ID)},"
+    f" {_AGL_ROLLOUT} != '' AND {_AGL_ATTEMPT} != '',"
+    f" concat({_AGL_ROLLOUT}, '{semconv.ROLLOUT_ATTEMPT_SEPARATOR}', {_AGL_ATTEMPT}), {_AGL_ROLLOUT})"
+)
+# A span's stored RolloutId: its own, else its trace's id (the read resolves it to the trace's rollout).
+_STORED_ROLLOUT_ID = f"if(({_OWN_ROLLOUT_ID}) AS _own != '', _own, TraceId)"
 # Migrations 2 and 4 shipped these two expressions; they stay as they were (migrations are never
 # edited), and migration 6 replaces them with the ones generated from `semconv`'s rules below.
 _SHIPPED_AGENT = (
@@ -90,14 +108,17 @@ def _llm_call_sql() -> str:
     return f"multiIf({kinds}{fallback})"
 
 
-def _reward_records_sql() -> str:
+def _reward_records_sql(reward_spans: tuple[semconv.RewardSpan, ...] = semconv.REWARD_SPANS) -> str:
     """The span's reward records, `(value, final, time, position)`, per `semconv`'s reward rule.
 
-    Position 0 is a reward span's own value, i its i-th event; records without a number are left out.
+    Position 0 is a reward span's own value, i its i-th event; records without a number are left out
+    (so a span whose value is optional and unset records none, as `semconv.reward_value_key` says).
     """
     final = f"'{semconv.REWARD_FINAL_TRUE}'"
+    names = _quoted(tuple(r.name for r in reward_spans))
+    values = "".join(f"SpanName = '{r.name}', toFloat64OrNull({_attr(r.value_key)}), " for r in reward_spans)
     own = (
-        f"arrayFilter(r -> SpanName = '{semconv.REWARD_SPAN}', [(toFloat64OrNull({_attr(semconv.REWARD_VALUE)}),"
+        f"arrayFilter(r -> SpanName IN ({names}), [(multiIf({values}NULL),"
         f" {_attr(semconv.REWARD_FINAL)} = {final}, Timestamp, toUInt32(0))])"
     )
     events = (
@@ -135,10 +156,17 @@ class _Rules:
 _SHIPPED_RULES = _Rules(_SHIPPED_AGENT, _SHIPPED_IS_LLM_CALL, (("Reward", _SHIPPED_REWARD),))
 
 
-def _rules(*, inline: bool = False) -> _Rules:
+# Migration 6 shipped the reward rule with Lightspan's reward span only; migration 7 adds Agent
+# Lightning's annotation span.
+_SHIPPED_REWARD_SPANS = semconv.REWARD_SPANS[:1]
+
+
+def _rules(
+    *, inline: bool = False, reward_spans: tuple[semconv.RewardSpan, ...] = semconv.REWARD_SPANS
+) -> _Rules:
     """`semconv`'s rules as SQL. The view names the reward records and their greatest once in a
     WITH clause (`_rewards`, `_best_reward`); an UPDATE has no WITH, so `inline` spells them out."""
-    records = _reward_records_sql() if inline else "_rewards"
+    records = _reward_records_sql(reward_spans) if inline else "_rewards"
     best = _BEST_REWARD.format(records=records) if inline else "_best_reward"
     return _Rules(
         _first_set(semconv.AGENT_KEYS),
@@ -146,7 +174,8 @@ def _rules(*, inline: bool = False) -> _Rules:
         tuple((name, expr.format(records=records, best=best)) for name, _, expr in _REWARD_COLUMNS),
         ""
         if inline
-        else f"WITH {_reward_records_sql()} AS _rewards, {_BEST_REWARD.format(records='_rewards')} AS _best_reward\n",
+        else f"WITH {_reward_records_sql(reward_spans)} AS _rewards,"
+        f" {_BEST_REWARD.format(records='_rewards')} AS _best_reward\n",
     )
 
 
@@ -313,7 +342,10 @@ def _token_expression(type_: str, key: str) -> str:
 
 
 def _rollout_select(
-    d: _DDL, token_columns: tuple[tuple[str, str, str], ...] = (), rules: _Rules = _SHIPPED_RULES
+    d: _DDL,
+    token_columns: tuple[tuple[str, str, str], ...] = (),
+    rules: _Rules = _SHIPPED_RULES,
+    rollout_id: str = _ROLLOUT_ID,
 ) -> str:
     """The view's SELECT: typed columns (`token_columns` among them when they are stored), then the span."""
     tokens = "".join(
@@ -321,7 +353,7 @@ def _rollout_select(
     )
     rewards = "".join(f"\n    {expr} AS {name}," for name, expr in rules.rewards)
     return f"""{rules.with_}SELECT
-    {_ROLLOUT_ID} AS RolloutId,
+    {rollout_id} AS RolloutId,
     {_attr(semconv.TASK_ID)} AS TaskId,
     toUInt32OrZero({_attr(semconv.ATTEMPT)}) AS Attempt,
     {rules.agent} AS AgentName,
@@ -430,14 +462,82 @@ def _rules_from_semconv(d: _DDL) -> list[str]:
             adds.append(f"ADD COLUMN IF NOT EXISTS {name} {type_} AFTER {after}")
             after = name
         statements.append(f"ALTER TABLE {target}{d.on_cluster} {', '.join(adds)}")
+    shipped = _SHIPPED_REWARD_SPANS
     statements.append(
-        f"ALTER TABLE {table}_mv{d.on_cluster} MODIFY QUERY {_rollout_select(d, rules=_rules())}"
+        f"ALTER TABLE {table}_mv{d.on_cluster} MODIFY QUERY {_rollout_select(d, rules=_rules(reward_spans=shipped))}"
     )
-    inline = _rules(inline=True)
+    inline = _rules(inline=True, reward_spans=shipped)
     updates = [("AgentName", inline.agent), ("IsLLMCall", inline.is_llm_call), *inline.rewards]
     assignments = ", ".join(f"{name} = {expr}" for name, expr in updates)
     statements.append(
         f"ALTER TABLE {table}{d.on_cluster} UPDATE {assignments} WHERE 1 SETTINGS mutations_sync = 2"
+    )
+    return statements
+
+
+def _rollouts_from_traces(d: _DDL) -> list[str]:
+    """A rollout is its traces: a span without rollout ids joins the rollout its trace names.
+
+    An agent in another language sets the ids on its root span only (or an SDK stamps them from
+    baggage on some services and not others), and spans arrive in any order, children usually
+    before their root, in separate requests. So the view cannot know, when a span lands, which
+    rollout it belongs to; it stores such a span under its trace id, and reads resolve it:
+    `rollout_traces` holds, per trace, the least and greatest rollout id its spans name (an
+    AggregatingMergeTree fed by a view on `otel_traces`, so a late root updates it, and duplicates
+    change nothing); a trace that names exactly one rollout lends it to its id-less spans
+    (`Store.span_trees`, `Store.rollouts`). Resolving when reading is right whatever the arrival
+    order, and rewrites no stored row when a root lands; the cost is a join of one row per trace,
+    measured in benchmarks/transitions.py.
+
+    The view also reads `semconv`'s rollout rule (Agent Lightning's rollout and attempt resource
+    attributes) and reward rule (Agent Lightning's annotation spans). Stored spans that name an
+    Agent Lightning rollout are keyed by it again, `rollout_traces` is backfilled from
+    `otel_traces`, and stored annotation spans get their reward columns rewritten.
+    """
+    traces = d.local(ROLLOUT_TRACES)
+    own = _OWN_ROLLOUT_ID
+    mapped = f"SELECT TraceId, min({own}) AS FirstRollout, max({own}) AS LastRollout"
+    source = f"WHERE TraceId != '' AND ({own}) != '' GROUP BY TraceId"
+    statements = [
+        f"""CREATE TABLE IF NOT EXISTS {traces}{d.on_cluster} (
+    TraceId String CODEC(ZSTD(1)),
+    FirstRollout SimpleAggregateFunction(min, String) CODEC(ZSTD(1)),
+    LastRollout SimpleAggregateFunction(max, String) CODEC(ZSTD(1))
+) ENGINE = {d.engine(ROLLOUT_TRACES, "AggregatingMergeTree")}
+ORDER BY TraceId""",
+        *d.distributed(ROLLOUT_TRACES, "cityHash64(TraceId)"),
+        (
+            f"CREATE MATERIALIZED VIEW IF NOT EXISTS {traces}_mv{d.on_cluster}\nTO {traces}\n"
+            f"AS {mapped}\nFROM {d.local(TRACES)}\n{source}"
+        ),
+        # The stored spans, once (min and max: running it again, or beside the view, changes nothing).
+        f"INSERT INTO {ROLLOUT_TRACES} {mapped}\nFROM {TRACES}\n{source}",
+    ]
+    table = d.local(ROLLOUT_SPANS)
+    statements.append(
+        f"ALTER TABLE {table}_mv{d.on_cluster} MODIFY QUERY "
+        f"{_rollout_select(d, rules=_rules(), rollout_id=_STORED_ROLLOUT_ID)}"
+    )
+    # Stored spans that name an Agent Lightning rollout and were keyed by their trace are keyed
+    # again (a sorting key cannot be updated: the rows are deleted and selected anew from
+    # otel_traces), so every rollout has rows under its own id and reads find its traces by key.
+    # Deleted first: run again, the delete finds nothing and the insert's copies collapse.
+    legacy = f"{_attr(semconv.ROLLOUT_ID)} = '' AND {_AGL_ROLLOUT} != ''"
+    statements.append(
+        f"ALTER TABLE {table}{d.on_cluster} DELETE WHERE RolloutId = TraceId AND {legacy}"
+        " SETTINGS mutations_sync = 2"
+    )
+    plain = _DDL(SchemaOptions())  # through the Distributed tables when clustered
+    statements.append(
+        f"INSERT INTO {ROLLOUT_SPANS} {_rollout_select(plain, rules=_rules(), rollout_id=_STORED_ROLLOUT_ID)}"
+        f"\nWHERE {legacy}"
+    )
+    inline = _rules(inline=True)
+    assignments = ", ".join(f"{name} = {expr}" for name, expr in inline.rewards)
+    names = _quoted(tuple(r.name for r in semconv.REWARD_SPANS[len(_SHIPPED_REWARD_SPANS) :]))
+    statements.append(
+        f"ALTER TABLE {table}{d.on_cluster} UPDATE {assignments} WHERE SpanName IN ({names})"
+        " SETTINGS mutations_sync = 2"
     )
     return statements
 
@@ -472,6 +572,7 @@ MIGRATIONS = (
     (4, "rollout_spans token ids and logprobs computed on read", _token_ids_on_read),
     (5, "span tables write Compact parts up to 128 MiB", _compact_parts),
     (6, "rollout_spans IsLLMCall, AgentName and rewards follow semconv's rules", _rules_from_semconv),
+    (7, "a rollout is its traces: rollout_traces; Agent Lightning ids and rewards", _rollouts_from_traces),
     (8, "resource_routes: canaries, splits, promotions and rollbacks", _resource_routes),
 )
 

@@ -28,6 +28,7 @@ from lightspan.store.schema import (
     RESOURCE_ROUTES,
     RESOURCES,
     ROLLOUT_SPANS,
+    ROLLOUT_TRACES,
     SCHEMA_VERSION,
     TRACES,
     TRAIN_METRICS,
@@ -76,6 +77,40 @@ class RolloutSummary:
     end: datetime
     errors: int
     roots: int  # spans without a parent: a root ends last, so > 0 means the episode has landed
+
+
+def _traces_naming_one_rollout(where: str = "") -> str:
+    """Traces whose spans name exactly one rollout, and that rollout (`MappedTrace`, `MappedRollout`)."""
+    return (
+        f"SELECT TraceId AS MappedTrace, min(FirstRollout) AS MappedRollout FROM {ROLLOUT_TRACES} {where}"
+        " GROUP BY TraceId HAVING MappedRollout = max(LastRollout)"
+    )
+
+
+# `rollouts()` per stored key, then per rollout. A span that names no rollout is stored under its
+# trace's id (schema migration 7 says why), so the spans are first summarised per stored
+# `RolloutId` (and whether that is the trace's own id), as fast as before traces were resolved;
+# only those summaries, one per rollout or trace, are joined to `rollout_traces` and merged into
+# the rollout the trace names. Aggregates that do not simply add up travel as -State and -Merge.
+_PER_KEY = """SELECT RolloutId, RolloutId = TraceId AS Keyed,
+                   anyIfState(TaskId, TaskId != '') AS task, max(Attempt) AS attempt,
+                   anyState(ServiceName) AS service, argMaxState(ResourcesId, length(ResourcesId)) AS resources,
+                   groupUniqArrayIfState(AgentName, AgentName != '') AS agents,
+                   count() AS spans, countIf(IsLLMCall) AS llm_calls, sum(RewardCount) AS rewards,
+                   argMaxIfState(Reward, (RewardFinal, RewardTime, SpanId), Reward IS NOT NULL) AS final_reward,
+                   argMaxIfState(Reward, (RewardTime, SpanId), Reward IS NOT NULL) AS last_reward,
+                   min(Timestamp) AS start, max(Timestamp + toIntervalNanosecond(Duration)) AS end,
+                   countIf(StatusCode = 'Error') AS errors, countIf(ParentSpanId = '') AS roots
+            FROM {table} FINAL
+            GROUP BY RolloutId, Keyed"""
+_PER_ROLLOUT = """SELECT if(Keyed AND MappedRollout != '', MappedRollout, RolloutId) AS Rollout,
+                   anyIfMerge(task) AS task, max(attempt) AS attempt, anyMerge(service) AS service,
+                   argMaxMerge(resources) AS resources, arraySort(groupUniqArrayIfMerge(agents)) AS agents,
+                   sum(spans) AS spans, sum(llm_calls) AS llm_calls, sum(rewards) AS rewards,
+                   argMaxIfMerge(final_reward) AS final_reward, argMaxIfMerge(last_reward) AS last_reward,
+                   min(start) AS start, max(end) AS end, sum(errors) AS errors, sum(roots) AS roots
+            FROM ({per_key}) AS keys LEFT ANY JOIN traces ON Keyed AND RolloutId = MappedTrace
+            GROUP BY Rollout"""
 
 
 def _clickhouse_message(error: Exception) -> str:
@@ -292,17 +327,44 @@ class Store:
         """Insert `Span` objects (tests, tools, synthetic data sets)."""
         return self.insert_columns(spans_to_columns(spans))
 
-    def span_trees(self, rollout_ids: Iterable[str]) -> dict[str, SpanTree]:
-        """Span trees of several rollouts in one query; retried duplicates appear once."""
+    def span_rows(self, rollout_ids: Iterable[str], select: str) -> list[tuple]:
+        """`(rollout id, *select)` of every span of these rollouts.
+
+        The spans of a rollout are those that name it and the spans of its traces that name no
+        rollout (`semconv`'s rollout rule; those are stored under their trace's id). Both are
+        found by primary key: the traces these rollouts name first, from `rollout_traces`, then
+        the spans stored under the rollouts' ids or those traces' ids. Retried duplicates appear once.
+        """
         ids = list(dict.fromkeys(rollout_ids))
         if not ids:
-            return {}
+            return []
+        traces = dict(
+            self.sql(
+                _traces_naming_one_rollout(
+                    f"WHERE TraceId IN (SELECT TraceId FROM {ROLLOUT_SPANS} WHERE RolloutId IN {{ids:Array(String)}})"
+                ),
+                {"ids": ids},
+            ).rows
+        )
         rows = self.sql(
-            f"SELECT RolloutId, {SPAN_SELECT} FROM {ROLLOUT_SPANS} FINAL WHERE RolloutId IN {{ids:Array(String)}}",
-            {"ids": ids},
+            f"SELECT RolloutId, TraceId, {select} FROM {ROLLOUT_SPANS} FINAL"
+            " WHERE RolloutId IN {ids:Array(String)} OR RolloutId IN {traces:Array(String)}",
+            {"ids": ids, "traces": list(traces)},
         ).rows
-        grouped: dict[str, list[Span]] = {}
+        wanted = set(ids)
+        resolved = []
         for row in rows:
+            stored, trace = row[0], row[1]
+            rollout = traces.get(stored, stored) if stored == trace else stored
+            if rollout in wanted:
+                resolved.append((rollout, *row[2:]))
+        return resolved
+
+    def span_trees(self, rollout_ids: Iterable[str]) -> dict[str, SpanTree]:
+        """Span trees of several rollouts in one query (see `span_rows` for which spans)."""
+        ids = list(dict.fromkeys(rollout_ids))
+        grouped: dict[str, list[Span]] = {}
+        for row in self.span_rows(ids, SPAN_SELECT):
             grouped.setdefault(row[0], []).append(row_to_span(row[1:]))
         return {rid: SpanTree(rid, grouped[rid]) for rid in ids if rid in grouped}
 
@@ -336,10 +398,10 @@ class Store:
         "policy:7" selects a rollout of "policy:7,system_prompt:3". `llm_calls`, `rewards` and `final_reward` follow
         the rules in `lightspan.semconv`, as training reads them (`final_reward` is the reward
         `algorithms.from_spans` gives the rollout before its failure policy)."""
-        having = ["rewards >= {min_rewards:UInt32}"]
+        conditions = ["rewards >= {min_rewards:UInt32}"]
         params: dict[str, Any] = {"min_rewards": min_rewards}
         if landed:
-            having.append("roots > 0")
+            conditions.append("roots > 0")
         filters = {
             "service = {service:String}": ("service", service),
             "has(agents, {agent:String})": ("agent", agent),
@@ -354,26 +416,17 @@ class Store:
         }
         for clause, (name, value) in filters.items():
             if value is not None:
-                having.append(clause)
+                conditions.append(clause)
                 params[name] = value
         if shard is not None:
             rank, world = shard
-            having.append("cityHash64(task) % {world:UInt32} = {rank:UInt32}")
+            conditions.append("cityHash64(task) % {world:UInt32} = {rank:UInt32}")
             params.update(rank=rank, world=world)
         query = f"""
-            SELECT RolloutId, anyIf(TaskId, TaskId != '') AS task, max(Attempt) AS attempt,
-                   any(ServiceName) AS service, argMax(ResourcesId, length(ResourcesId)) AS resources,
-                   arraySort(groupUniqArrayIf(AgentName, AgentName != '')) AS agents,
-                   count() AS spans, countIf(IsLLMCall) AS llm_calls,
-                   sum(RewardCount) AS rewards,
-                   argMaxIf(Reward, (RewardFinal, RewardTime, SpanId), Reward IS NOT NULL) AS final_reward,
-                   argMaxIf(Reward, (RewardTime, SpanId), Reward IS NOT NULL) AS last_reward,
-                   min(Timestamp) AS start, max(Timestamp + toIntervalNanosecond(Duration)) AS end,
-                   countIf(StatusCode = 'Error') AS errors, countIf(ParentSpanId = '') AS roots
-            FROM {ROLLOUT_SPANS} FINAL
-            GROUP BY RolloutId
-            HAVING {" AND ".join(having)}
-            ORDER BY start DESC, RolloutId
+            WITH traces AS ({_traces_naming_one_rollout()})
+            SELECT * FROM ({_PER_ROLLOUT.format(per_key=_PER_KEY.format(table=ROLLOUT_SPANS))})
+            WHERE {" AND ".join(conditions)}
+            ORDER BY start DESC, Rollout
             {"LIMIT {limit:UInt64}" if limit is not None else ""}"""
         if limit is not None:
             params["limit"] = limit

@@ -90,6 +90,12 @@ def test_transitions_benchmark_reads_and_extracts_every_rollout():
     assert re.search(rf"read    store\.span_trees:\s+{NUMBER} s\s+{NUMBER} rollouts/s", output), output
     assert re.search(rf"extract algorithms\.prepare:\s+{NUMBER} s\s+{NUMBER} rollouts/s", output), output
     assert re.search(r"extract / read time ratio:\s+\d+\.\d\d", output), output
+    # The same reads on the same rollouts with ids on the root only (the script checks both read
+    # the same rollouts), each against its all-ids baseline.
+    for read in (r"store\.span_trees\(ids\)", r"store\.rollouts\(limit=None\)"):
+        assert re.search(
+            rf"{read}\s+every span's ids\s+{NUMBER} s\s+root only\s+{NUMBER} s\s+ratio\s+\d+\.\d\d", output
+        ), output
 
 
 def test_train_step_benchmark_compares_both_sides():

@@ -129,7 +129,25 @@ def _disagreements() -> dict[str, list[Span]]:
             reward("r1", "root", 50, 1.0),
         ],
         "no-rewards": [span("root", "", 0, 100), chat("a", "root", 1, 2)],
+        "agent-lightning-annotations": [
+            span("root", "", 0, 1000),
+            chat("a", "root", 10, 20),
+            _annotation("r1", "root", 30, {"0": ("correct", 0.25), "1": ("cost", -3.0)}),
+            span("tag", "root", 40, 41, name=semconv.AGL_ANNOTATION_SPAN, agentlightning__tag="checked"),
+            chat("b", "root", 50, 60),
+            _annotation("r2", "root", 70, {"0": ("correct", 0.75)}),
+            _annotation("r3", "root", 80, {"1": ("cost", 9.0)}),  # no primary reward: not a reward
+        ],
     }
+
+
+def _annotation(span_id: str, parent: str, at: int, rewards: dict[str, tuple[str, float]]) -> Span:
+    """Agent Lightning's reward: an annotation span listing named rewards (index 0 the primary)."""
+    attributes: dict[str, object] = {}
+    for index, (name, value) in rewards.items():
+        attributes[f"agentlightning__reward__{index}__name"] = name
+        attributes[f"agentlightning__reward__{index}__value"] = str(value)
+    return span(span_id, parent, at, at + 1, name=semconv.AGL_ANNOTATION_SPAN, **attributes)
 
 
 def _trees() -> dict[str, list[Span]]:
@@ -157,6 +175,62 @@ def _trees() -> dict[str, list[Span]]:
 
 DISAGREEMENTS = _disagreements()
 TREES = _trees()
+
+
+def _in_trace(trace: str, spans: list[Span], **resource: str) -> list[Span]:
+    return [dataclasses.replace(s, trace_id=trace, resource_attributes=dict(resource)) for s in spans]
+
+
+def _identity_cases() -> dict[str, list[Span]]:
+    """Traces whose spans name their rollout in each way the rollout rule reads (see semconv).
+
+    Span ids are unique across cases, so the cases can share a store and be told apart by span.
+    """
+    ids = {semconv.ROLLOUT_ID: "node-7", semconv.TASK_ID: "t-node", semconv.ATTEMPT: "2"}
+    agl = {semconv.AGL_ROLLOUT_ID: "ro-1", semconv.AGL_ATTEMPT_ID: "at-1"}
+    return {
+        # A non-Python agent: the ids on the root only; an LLM call (with a child) and a reward below it.
+        "ids-on-the-root-only": _in_trace(
+            "a" * 32,
+            [
+                span("n-root", "", 0, 1000, name="agent.run", **ids),
+                chat("n-call", "n-root", 10, 20),
+                span("n-http", "n-call", 11, 19, name="POST /v1/chat/completions"),
+                reward("n-reward", "n-root", 30, 1.0),
+            ],
+        ),
+        # Agent Lightning: rollout and attempt as resource attributes, rewards as annotations.
+        "agent-lightning-resource": _in_trace(
+            "b" * 32,
+            [
+                span("al-root", "", 0, 1000, name="agentlightning.virtual"),
+                chat("al-call", "al-root", 10, 20),
+                _annotation("al-reward", "al-root", 30, {"0": ("correct", 0.5)}),
+            ],
+            **agl,
+        ),
+        "agent-lightning-rollout-only": _in_trace(
+            "c" * 32,
+            [span("alr-root", "", 0, 100), chat("alr-call", "alr-root", 10, 20)],
+            **{semconv.AGL_ROLLOUT_ID: "ro-2"},
+        ),
+        # One trace, two rollouts (an app serving several episodes under one request span): the
+        # span outside both names none and stays its trace's.
+        "two-rollouts-in-one-trace": _in_trace(
+            "d" * 32,
+            [
+                span("s-server", "", 0, 1000, name="POST /episodes"),
+                span("s-a", "s-server", 10, 400, **{semconv.ROLLOUT_ID: "r-a", semconv.TASK_ID: "t"}),
+                chat("s-a-call", "s-a", 20, 30, **{semconv.ROLLOUT_ID: "r-a"}),
+                span("s-b", "s-server", 500, 900, **{semconv.ROLLOUT_ID: "r-b", semconv.TASK_ID: "t"}),
+                chat("s-b-call", "s-b", 510, 520, **{semconv.ROLLOUT_ID: "r-b"}),
+            ],
+        ),
+        "no-ids-at-all": _in_trace("e" * 32, [span("x-root", "", 0, 100), chat("x-call", "x-root", 10, 20)]),
+    }
+
+
+IDENTITY_CASES = _identity_cases()
 
 
 def stored_columns(store: Store) -> dict[tuple[str, str], tuple[Any, ...]]:

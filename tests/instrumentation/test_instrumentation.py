@@ -172,6 +172,56 @@ def test_span_started_with_explicit_parent_context_inherits_ids(spans):
     assert child.attributes[semconv.AGENT_NAME] == "a1"
 
 
+def test_a_downstream_service_joins_the_rollout_through_w3c_baggage(spans):
+    """`lightspan.rollout` puts the ids in the baggage; the stock propagators send it over real HTTP,
+    and a service that extracts it (as its server instrumentor does) stamps its spans from it, in a
+    thread that holds no rollout context of its own."""
+    import urllib.request
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from opentelemetry import context as otel_context
+    from opentelemetry import propagate
+
+    received: list[str] = []
+
+    class Tool(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            received.append(self.headers.get("baggage", ""))
+            token = otel_context.attach(propagate.extract(self.headers))
+            try:
+                with tracer.start_as_current_span("tool.serve", kind=trace.SpanKind.SERVER):
+                    tracer.start_span("tool.work").end()
+            finally:
+                otel_context.detach(token)
+            self.send_response(204)
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Tool)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+
+    def call() -> None:
+        headers: dict[str, str] = {}
+        propagate.inject(headers)
+        url = f"http://127.0.0.1:{server.server_address[1]}/"
+        urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=10).close()
+
+    try:
+        with lightspan.rollout("task-b", attempt=3, resources_id="policy:2") as r:
+            call()
+        call()  # after the rollout: no baggage, no ids
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert f"{semconv.ROLLOUT_ID}={r.rollout_id}" in received[0] and received[1] == ""
+    served, after = spans("tool.serve")
+    (work, _) = spans("tool.work")
+    assert _ids(served) == _ids(work) == (r.rollout_id, "task-b", 3, "policy:2")
+    assert semconv.ROLLOUT_ID not in after.attributes
+
+
 def test_nested_rollouts_are_rejected_and_outer_continues(spans):
     with lightspan.rollout("outer") as outer:
         with pytest.raises(NestedRolloutError, match=r"cannot nest.*") as info, lightspan.rollout("inner"):

@@ -13,10 +13,16 @@ from collections.abc import Iterator
 
 import pytest
 
+from lightspan import semconv
 from lightspan.algorithms.dialects import is_llm_call
-from lightspan.algorithms.transitions import from_spans, recorded_final_reward, recorded_rewards
+from lightspan.algorithms.transitions import (
+    from_spans,
+    group_rollouts,
+    recorded_final_reward,
+    recorded_rewards,
+)
 from lightspan.store import Store
-from tests.helpers.rule_cases import DISAGREEMENTS, TREES, expected_columns, stored_columns
+from tests.helpers.rule_cases import DISAGREEMENTS, IDENTITY_CASES, TREES, expected_columns, stored_columns
 
 
 @pytest.fixture(scope="module")
@@ -67,3 +73,63 @@ def test_the_disagreements_are_decided() -> None:
     assert recorded_final_reward(TREES["episode-level-reward-first"]) == 16.0
     assert recorded_final_reward(TREES["rewards-at-the-same-time"]) == 2.0  # span id r2 > r1
     assert recorded_final_reward(TREES["no-rewards"]) is None
+    # Agent Lightning: the primary reward (index 0) of each annotation; one without it is none.
+    assert recorded_rewards(TREES["agent-lightning-annotations"])[0][1] == 0.25
+    assert len(recorded_rewards(TREES["agent-lightning-annotations"])) == 2
+    assert recorded_final_reward(TREES["agent-lightning-annotations"]) == 0.75
+
+
+def _summary(store: Store, rollout_id: str) -> tuple:
+    (r,) = [r for r in store.rollouts(limit=None) if r.rollout_id == rollout_id]
+    return r.task_id, r.attempt, r.spans, r.llm_calls, r.rewards, r.final_reward, r.roots
+
+
+def test_a_rollout_is_its_traces_whatever_the_arrival_order(landed: Store) -> None:
+    """The store groups spans into rollouts as `algorithms.group_rollouts` does, span by span, in
+    `span_trees`, `rollouts` and `lightspan show`'s rows, whether a trace's root lands before or
+    after the spans that name no rollout."""
+    spans = [s for case in IDENTITY_CASES.values() for s in case]
+    expected = group_rollouts(spans)
+    assert {k: sorted(s.span_id for s in v) for k, v in expected.items()} == {
+        "node-7": ["n-call", "n-http", "n-reward", "n-root"],
+        "ro-1/at-1": ["al-call", "al-reward", "al-root"],
+        "ro-2": ["alr-call", "alr-root"],
+        "r-a": ["s-a", "s-a-call"],
+        "r-b": ["s-b", "s-b-call"],
+        "d" * 32: ["s-server"],
+        "e" * 32: ["x-call", "x-root"],
+    }
+    named = [s for s in spans if semconv.own_rollout_id(s.attributes, s.resource_attributes)]
+    unnamed = [s for s in spans if s not in named]
+    # The store is shared with the other rule tests: span ids and trace ids differ from theirs.
+    store = landed
+    store.insert_spans(unnamed)  # children first, in a request of their own
+    early = {r.rollout_id: r for r in store.rollouts(limit=None)}
+    assert early["a" * 32].task_id == "" and early["a" * 32].roots == 0  # not landed: no root
+    store.insert_spans(named)
+    trees = store.span_trees(expected)
+    assert {k: sorted(s.span_id for s in t.spans) for k, t in trees.items()} == {
+        k: sorted(s.span_id for s in v) for k, v in expected.items()
+    }
+    listed = {r.rollout_id for r in store.rollouts(limit=None)}
+    assert set(expected) <= listed and not {"a" * 32, "b" * 32, "c" * 32} & listed
+    for rollout_id, group in expected.items():
+        transitions = from_spans(group, failed_reward=None, rollout_id=rollout_id)
+        assert from_spans(trees[rollout_id], failed_reward=None) == transitions
+        assert _summary(store, rollout_id) == (
+            next((s.attributes[semconv.TASK_ID] for s in group if semconv.TASK_ID in s.attributes), ""),
+            int(next((s.attributes[semconv.ATTEMPT] for s in group if semconv.ATTEMPT in s.attributes), 0)),
+            len(group),
+            sum(map(is_llm_call, group)),
+            len(recorded_rewards(group)),
+            recorded_final_reward(group),
+            sum(1 for s in group if not s.parent_span_id),
+        )
+        marks = store.span_rows([rollout_id], "SpanId")
+        assert sorted(m[1] for m in marks) == sorted(s.span_id for s in group)
+    # What the issue saw: the reward and the call of the Node agent are one rollout, with a task.
+    (call,) = from_spans(trees["node-7"])
+    assert (call.rollout_id, call.task_id, call.attempt, call.final_reward) == ("node-7", "t-node", 2, 1.0)
+    (al_call,) = from_spans(trees["ro-1/at-1"])
+    assert al_call.final_reward == 0.5
+    assert store.rollouts(task="t-node", landed=True, limit=None)[0].rollout_id == "node-7"

@@ -120,11 +120,11 @@ def test_migrations_are_idempotent(store_url):
         "SELECT name, create_table_query FROM system.tables WHERE database = currentDatabase() ORDER BY name"
     )
     with Store.connect(store_url, migrate=False) as s:
-        assert s.migrate() == [1, 2, 3, 4, 5, 6, 8]
+        assert s.migrate() == [1, 2, 3, 4, 5, 6, 7, 8]
         before = s.sql(tables).rows
         assert s.migrate() == []
         assert s.sql(tables).rows == before
-        assert s.sql("SELECT count() FROM schema_version FINAL").scalar() == 7
+        assert s.sql("SELECT count() FROM schema_version FINAL").scalar() == 8
     with Store.connect(store_url) as s:  # a second open migrates nothing either
         assert s.schema_version() == s.latest_schema_version == 8
         assert s.sql(tables).rows == before
@@ -453,3 +453,69 @@ def test_migration_6_rewrites_the_rows_of_an_older_store(
         for statement in migration_statements(6, SchemaOptions()):
             s.command(statement)
         assert stored_columns(s) == before
+
+
+def test_migration_7_resolves_the_rows_of_an_older_store(
+    store_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A store at version 6 keyed Agent Lightning's spans and the children of a root-only rollout by
+    their trace, and read no annotation reward; migrated, its stored rows read as the rollout rule
+    says (through the backfilled `rollout_traces`), and so do spans landed afterwards."""
+    import lightspan.store.store as store_module
+    from lightspan.algorithms.transitions import group_rollouts, recorded_final_reward
+    from tests.helpers.rule_cases import IDENTITY_CASES, TREES
+
+    old_spans = IDENTITY_CASES["agent-lightning-resource"] + IDENTITY_CASES["ids-on-the-root-only"][1:]
+    with monkeypatch.context() as patch:
+        patch.setattr(store_module, "MIGRATIONS", store_module.MIGRATIONS[:6])
+        with Store.connect(store_url) as old:
+            old.insert_spans(old_spans + TREES["agent-lightning-annotations"])
+            annotations = "SELECT countIf(Reward IS NOT NULL) FROM rollout_spans WHERE SpanName = 'agentlightning.annotation'"
+            assert old.sql(annotations).scalar() == 0
+    with Store.connect(store_url) as s:
+        assert s.schema_version() == s.latest_schema_version
+        s.insert_spans(IDENTITY_CASES["ids-on-the-root-only"][:1])  # the root lands after the migration
+        expected = group_rollouts(old_spans + IDENTITY_CASES["ids-on-the-root-only"][:1])
+        assert set(expected) == {"ro-1/at-1", "node-7"}
+        trees = s.span_trees(expected)
+        for rollout_id, group in expected.items():
+            assert sorted(x.span_id for x in trees[rollout_id].spans) == sorted(x.span_id for x in group)
+        finals = {r.rollout_id: r.final_reward for r in s.rollouts(limit=None)}
+        assert finals["ro-1/at-1"] == 0.5 and finals["node-7"] == 1.0
+        assert finals["agent-lightning-annotations"] == recorded_final_reward(
+            TREES["agent-lightning-annotations"]
+        )
+        stored = {k: v for k, v in stored_columns(s).items() if k[0] == "agent-lightning-annotations"}
+        assert stored == expected_columns("agent-lightning-annotations", TREES["agent-lightning-annotations"])
+        before = stored_columns(s), s.sql("SELECT * FROM rollout_traces FINAL ORDER BY TraceId").rows
+        for statement in migration_statements(7, SchemaOptions()):  # idempotent
+            s.command(statement)
+        assert (
+            stored_columns(s),
+            s.sql("SELECT * FROM rollout_traces FINAL ORDER BY TraceId").rows,
+        ) == before
+
+
+def test_cluster_ddl_of_migration_7() -> None:
+    statements = migration_statements(7, SchemaOptions(cluster="prod"))
+    assert statements[0].startswith("CREATE TABLE IF NOT EXISTS rollout_traces_local ON CLUSTER prod")
+    assert (
+        "ReplicatedAggregatingMergeTree('/clickhouse/tables/{shard}/{database}/rollout_traces'"
+        in statements[0]
+    )
+    assert (
+        "Distributed('prod', currentDatabase(), rollout_traces_local, cityHash64(TraceId))" in statements[1]
+    )
+    assert "FROM otel_traces_local" in statements[2] and "TO rollout_traces_local" in statements[2]
+    # The backfill is one insert through the Distributed tables, not one per host.
+    assert (
+        statements[3].startswith("INSERT INTO rollout_traces SELECT")
+        and "FROM otel_traces\n" in statements[3]
+    )
+    assert statements[4].startswith("ALTER TABLE rollout_spans_local_mv ON CLUSTER prod MODIFY QUERY WITH")
+    assert statements[5].startswith("ALTER TABLE rollout_spans_local ON CLUSTER prod DELETE WHERE")
+    assert (
+        statements[6].startswith("INSERT INTO rollout_spans WITH")
+        and "FROM otel_traces\nWHERE" in statements[6]
+    )
+    assert statements[7].startswith("ALTER TABLE rollout_spans_local ON CLUSTER prod UPDATE Reward = ")
