@@ -35,7 +35,7 @@ REQUESTS = sorted((JS / "requests").glob("*.binpb"))
 
 @pytest.fixture
 def collector(tmp_path: Path) -> Iterator[Collector]:
-    with Collector(f"chdb://{tmp_path / 'data'}", grpc_port=0, http_port=0, sql_port=0, batch_ms=5) as c:
+    with Collector(f"chdb://{tmp_path / 'data'}", grpc_port=0, http_port=0, sql_port=0, linger_ms=5) as c:
         yield c
 
 
