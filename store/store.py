@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
@@ -74,6 +74,61 @@ class RolloutSummary:
     end: datetime
     errors: int
     roots: int  # spans without a parent: a root ends last, so > 0 means the episode has landed
+
+
+# The columns `rollouts(where=...)` and `lightspan export --where` filter on, one row per rollout.
+ROLLOUT_COLUMNS = (
+    "RolloutId",
+    "TaskId",
+    "Attempt",
+    "ServiceName",
+    "ResourcesId",
+    "AgentNames",
+    "Spans",
+    "LLMCalls",
+    "Rewards",
+    "Reward",
+    "LastReward",
+    "Start",
+    "End",
+    "Errors",
+    "Roots",
+)
+_ROLLOUT_FILTERS = frozenset(
+    {
+        "service",
+        "agent",
+        "task",
+        "since",
+        "until",
+        "resources_id",
+        "min_rewards",
+        "shard",
+        "landed",
+        "ended_after",
+        "ended_before",
+    }
+)
+
+
+def _summary(r: Sequence[Any]) -> RolloutSummary:
+    return RolloutSummary(
+        rollout_id=r[0],
+        task_id=r[1],
+        attempt=int(r[2]),
+        service=r[3],
+        resources_id=r[4],
+        agents=list(r[5]),
+        spans=int(r[6]),
+        llm_calls=int(r[7]),
+        rewards=int(r[8]),
+        final_reward=r[9],
+        last_reward=r[10],
+        start=r[11],
+        end=r[12],
+        errors=int(r[13]),
+        roots=int(r[14]),
+    )
 
 
 def _clickhouse_message(error: Exception) -> str:
@@ -320,71 +375,144 @@ class Store:
         min_rewards: int = 0,
         shard: tuple[int, int] | None = None,
         landed: bool = False,
+        ended_after: datetime | None = None,
+        ended_before: datetime | None = None,
+        where: str | None = None,
         limit: int | None = 100,
     ) -> list[RolloutSummary]:
         """Rollouts, newest first, filtered; `shard=(rank, world)` keeps the tasks whose id
-        hashes to `rank`, so data-parallel ranks split the data by whole task groups.
+        hashes to `rank`, so data-parallel ranks split the data by whole task groups (a rollout
+        without a task id, as production traffic has, is a group of its own and hashes by its id).
         `landed=True` keeps only rollouts whose root span has arrived (it ends, so it is
-        exported, after everything inside it). `llm_calls`, `rewards` and `final_reward` follow
-        the rules in `lightspan.semconv`, as training reads them (`final_reward` is the reward
+        exported, after everything inside it). `ended_after` / `ended_before` bound a rollout's
+        end, its latest span's, late rewards included: follow mode trains a rollout only once it
+        ended a grace period ago, so user feedback sent minutes later still joins it.
+        `where` is a SQL condition over a rollout's columns (`ROLLOUT_COLUMNS`: `Reward` is the
+        final reward, `ServiceName` the service of its first span, ...), ClickHouse's message when
+        it is not valid SQL. `llm_calls`, `rewards` and `final_reward` follow the rules in
+        `lightspan.semconv`, as training reads them (`final_reward` is the reward
         `algorithms.from_spans` gives the rollout before its failure policy)."""
+        query, params = self._rollout_query(
+            filters={
+                "service": service,
+                "agent": agent,
+                "task": task,
+                "since": since,
+                "until": until,
+                "resources_id": resources_id,
+                "min_rewards": min_rewards,
+                "shard": shard,
+                "landed": landed,
+                "ended_after": ended_after,
+                "ended_before": ended_before,
+            },
+            where=where,
+            order="Start DESC, RolloutId",
+            limit=limit,
+        )
+        return [_summary(r) for r in self.sql(query, params).rows]
+
+    def iter_rollouts(
+        self, *, page: int = 1000, limit: int | None = None, **filters: Any
+    ) -> Iterator[RolloutSummary]:
+        """Every rollout `rollouts(**filters)` selects, oldest first, `page` at a time.
+
+        Keyset pagination on (start, rollout id): each page is one bounded query that starts
+        after the last row of the previous one, so a selection of millions of rollouts streams in
+        constant memory and rows arriving meanwhile never shift a page.
+        """
+        where = filters.pop("where", None)
+        after: tuple[int, str] | None = None  # nanoseconds: datetimes would round to microseconds
+        left = limit
+        while left is None or left > 0:
+            size = page if left is None else min(page, left)
+            query, params = self._rollout_query(
+                filters=filters, where=where, order="Start, RolloutId", limit=size, after=after
+            )
+            rows = self.sql(query, params).rows
+            for row in rows:
+                yield _summary(row)
+            if len(rows) < size:
+                return
+            after = (rows[-1][15], rows[-1][0])
+            left = None if left is None else left - len(rows)
+
+    def count_rollouts(self, **filters: Any) -> int:
+        """How many rollouts `iter_rollouts(**filters)` yields (a progress bar's total)."""
+        where = filters.pop("where", None)
+        query, params = self._rollout_query(filters=filters, where=where, order="Start", limit=None)
+        return int(self.sql(f"SELECT count() FROM ({query})", params).scalar() or 0)
+
+    def _rollout_query(
+        self,
+        *,
+        filters: Mapping[str, Any],
+        where: str | None,
+        order: str,
+        limit: int | None,
+        after: tuple[int, str] | None = None,
+    ) -> tuple[str, dict[str, Any]]:
+        """The summary query behind `rollouts` and `iter_rollouts`: one row per rollout."""
+        unknown = set(filters) - _ROLLOUT_FILTERS
+        if unknown:
+            raise TypeError(f"unknown rollout filters: {sorted(unknown)}")
         having = ["rewards >= {min_rewards:UInt32}"]
-        params: dict[str, Any] = {"min_rewards": min_rewards}
-        if landed:
+        params: dict[str, Any] = {"min_rewards": filters.get("min_rewards", 0)}
+        if filters.get("landed"):
             having.append("roots > 0")
-        filters = {
-            "service = {service:String}": ("service", service),
-            "has(agents, {agent:String})": ("agent", agent),
-            "task = {task:String}": ("task", task),
-            "start >= {since:DateTime64(9)}": ("since", since),
-            "start < {until:DateTime64(9)}": ("until", until),
-            "resources = {resources:String}": ("resources", resources_id),
+        clauses = {
+            "service = {service:String}": "service",
+            "has(agents, {agent:String})": "agent",
+            "task = {task:String}": "task",
+            "start >= {since:DateTime64(9)}": "since",
+            "start < {until:DateTime64(9)}": "until",
+            "resources = {resources_id:String}": "resources_id",
+            "end > {ended_after:DateTime64(9)}": "ended_after",
+            "end <= {ended_before:DateTime64(9)}": "ended_before",
         }
-        for clause, (name, value) in filters.items():
-            if value is not None:
+        for clause, name in clauses.items():
+            if filters.get(name) is not None:
                 having.append(clause)
-                params[name] = value
-        if shard is not None:
-            rank, world = shard
-            having.append("cityHash64(task) % {world:UInt32} = {rank:UInt32}")
+                params[name] = filters[name]
+        if filters.get("shard") is not None:
+            rank, world = filters["shard"]
+            having.append("cityHash64(if(task != '', task, RolloutId)) % {world:UInt32} = {rank:UInt32}")
             params.update(rank=rank, world=world)
+        conditions = []
+        if where is not None and where.strip():
+            conditions.append(f"({where})")
+        if after is not None:
+            conditions.append("(StartNs, RolloutId) > ({after_start:Int64}, {after_id:String})")
+            params.update(after_start=after[0], after_id=after[1])
+        # The service of a rollout is its first span's: a late reward sent by another service
+        # (a feedback endpoint) joins the rollout without moving it to that service.
         query = f"""
-            SELECT RolloutId, anyIf(TaskId, TaskId != '') AS task, max(Attempt) AS attempt,
-                   any(ServiceName) AS service, anyIf(ResourcesId, ResourcesId != '') AS resources,
-                   arraySort(groupUniqArrayIf(AgentName, AgentName != '')) AS agents,
-                   count() AS spans, countIf(IsLLMCall) AS llm_calls,
-                   sum(RewardCount) AS rewards,
-                   argMaxIf(Reward, (RewardFinal, RewardTime, SpanId), Reward IS NOT NULL) AS final_reward,
-                   argMaxIf(Reward, (RewardTime, SpanId), Reward IS NOT NULL) AS last_reward,
-                   min(Timestamp) AS start, max(Timestamp + toIntervalNanosecond(Duration)) AS end,
-                   countIf(StatusCode = 'Error') AS errors, countIf(ParentSpanId = '') AS roots
-            FROM {ROLLOUT_SPANS} FINAL
-            GROUP BY RolloutId
-            HAVING {" AND ".join(having)}
-            ORDER BY start DESC, RolloutId
+            SELECT RolloutId, task AS TaskId, attempt AS Attempt, service AS ServiceName,
+                   resources AS ResourcesId, agents AS AgentNames, spans AS Spans, llm_calls AS LLMCalls,
+                   rewards AS Rewards, final_reward AS Reward, last_reward AS LastReward,
+                   start AS Start, end AS End, errors AS Errors, roots AS Roots,
+                   toUnixTimestamp64Nano(start) AS StartNs
+            FROM (
+                SELECT RolloutId, anyIf(TaskId, TaskId != '') AS task, max(Attempt) AS attempt,
+                       argMin(ServiceName, (Timestamp, SpanId)) AS service,
+                       anyIf(ResourcesId, ResourcesId != '') AS resources,
+                       arraySort(groupUniqArrayIf(AgentName, AgentName != '')) AS agents,
+                       count() AS spans, countIf(IsLLMCall) AS llm_calls,
+                       sum(RewardCount) AS rewards,
+                       argMaxIf(Reward, (RewardFinal, RewardTime, SpanId), Reward IS NOT NULL) AS final_reward,
+                       argMaxIf(Reward, (RewardTime, SpanId), Reward IS NOT NULL) AS last_reward,
+                       min(Timestamp) AS start, max(Timestamp + toIntervalNanosecond(Duration)) AS end,
+                       countIf(StatusCode = 'Error') AS errors, countIf(ParentSpanId = '') AS roots
+                FROM {ROLLOUT_SPANS} FINAL
+                GROUP BY RolloutId
+                HAVING {" AND ".join(having)}
+            )
+            {"WHERE " + " AND ".join(conditions) if conditions else ""}
+            ORDER BY {order}
             {"LIMIT {limit:UInt64}" if limit is not None else ""}"""
         if limit is not None:
             params["limit"] = limit
-        return [
-            RolloutSummary(
-                rollout_id=r[0],
-                task_id=r[1],
-                attempt=int(r[2]),
-                service=r[3],
-                resources_id=r[4],
-                agents=list(r[5]),
-                spans=int(r[6]),
-                llm_calls=int(r[7]),
-                rewards=int(r[8]),
-                final_reward=r[9],
-                last_reward=r[10],
-                start=r[11],
-                end=r[12],
-                errors=int(r[13]),
-                roots=int(r[14]),
-            )
-            for r in self.sql(query, params).rows
-        ]
+        return query, params
 
     # --- resources ------------------------------------------------------------------------------
     def publish_resource(

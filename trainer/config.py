@@ -47,6 +47,27 @@ class SelectionConfig:
     failed: Literal["keep", "drop"] = "keep"
     failed_reward: float | None = 0.0  # reward of a failed rollout when kept (None: as recorded)
     limit: int | None = None  # newest N rollouts per rank, None for all
+    # A SQL condition over each rollout's columns (store.ROLLOUT_COLUMNS), e.g. "Reward >= 1":
+    # the same language as `lightspan export --where`.
+    where: str | None = None
+
+    def store_filters(self) -> dict[str, Any]:
+        """The filters of `Store.rollouts` / `iter_rollouts` this selection sets (one agent name is
+        matched in SQL; several, or a regex, are applied by `algorithms` when transitions are built)."""
+        agents = self.agents
+        return {
+            "service": self.service,
+            "since": self.since,
+            "until": self.until,
+            "resources_id": self.resources_id,
+            "agent": agents[0] if agents and len(agents) == 1 and _plain_name(agents[0]) else None,
+            "where": self.where,
+        }
+
+
+def _plain_name(name: str) -> bool:
+    """A name SQL can match exactly (a regex selector is applied by `algorithms` instead)."""
+    return name.replace("_", "").replace("-", "").replace(".", "").isalnum()
 
 
 @dataclass
@@ -142,6 +163,9 @@ class FollowConfig:
     poll_seconds: float = 1.0
     iterations: int | None = None  # versions to publish before exiting (None: until stopped)
     wait_timeout: float | None = None  # seconds to wait for one iteration's data (None: forever)
+    # Seconds a rollout must be quiet (no span newer) before it trains: late rewards, such as user
+    # feedback sent minutes after the answer, join their rollout within this grace period.
+    grace_seconds: float = 0.0
 
 
 @dataclass
@@ -212,9 +236,10 @@ class TrainConfig:
                 f"{s.micro_batch_size}; raise global_batch_size to a multiple of micro_batch_size x ranks"
             )
         f = self.follow
-        if f.min_groups < 1 or f.max_staleness < 0 or f.poll_seconds <= 0:
+        if f.min_groups < 1 or f.max_staleness < 0 or f.poll_seconds <= 0 or f.grace_seconds < 0:
             raise InvalidInput(
-                "follow.min_groups must be >= 1, follow.max_staleness >= 0, follow.poll_seconds > 0"
+                "follow.min_groups must be >= 1, follow.max_staleness >= 0, follow.poll_seconds > 0, "
+                "follow.grace_seconds >= 0"
             )
         if (f.steps_per_iteration is not None and f.steps_per_iteration < 1) or (
             f.iterations is not None and f.iterations < 1

@@ -16,7 +16,7 @@ import os
 import sys
 import time
 from collections.abc import Sequence
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -111,11 +111,13 @@ class Session:
         """This rank's complete task groups, as tokenised samples; writes a per-rank manifest.
 
         Follow mode passes the versions it accepts, the previous iteration's cut-off as `since`
-        and `landed=True`; a plain run takes the configured selection.
+        and `landed=True`; a plain run takes the configured selection. With a grace period the
+        cut-offs bound the rollouts' end instead of their start (see `select_rollouts`).
         """
         selection = self.config.selection
         changes: dict[str, Any] = {"until": selection.until or self.until}
-        if since is not None:
+        ended = (since, self.until) if landed and self.config.follow.grace_seconds else None
+        if since is not None and ended is None:
             changes["since"] = since
         config = dataclasses.replace(self.config, selection=dataclasses.replace(selection, **changes))
         summaries = select_rollouts(
@@ -125,6 +127,7 @@ class Session:
             self.dist.world_size,
             resources_ids=resources_ids,
             landed=landed,
+            ended=ended,
         )
         transitions = load_transitions(self.store, summaries, config)
         samples, skipped = self.step_fn.tokenize(transitions)
@@ -179,18 +182,25 @@ class Session:
         return self.dist.broadcast(ids)
 
     def wait_for_data(self, accepted: Sequence[str], since: datetime | None) -> list[Sample]:
-        """Poll until `follow.min_groups` complete groups of `accepted` versions have landed."""
+        """Poll until `follow.min_groups` complete groups of `accepted` versions have landed (and,
+        with `follow.grace_seconds`, have been quiet that long, so late rewards have joined them)."""
         f = self.config.follow
         deadline = None if f.wait_timeout is None else time.monotonic() + f.wait_timeout
         while True:
-            self.until = self.dist.broadcast(datetime.now(timezone.utc))
+            now = datetime.now(timezone.utc)
+            self.until = self.dist.broadcast(now - timedelta(seconds=f.grace_seconds))
             ready = False
             if self.dist.is_rank_0:
-                selection = dataclasses.replace(self.config.selection, until=self.until, since=since)
+                ended = (since, self.until) if f.grace_seconds else None
+                selection = dataclasses.replace(
+                    self.config.selection, until=self.until, since=None if ended else since
+                )
                 config = dataclasses.replace(self.config, selection=selection)
                 groups = {
                     s.task_id
-                    for s in select_rollouts(self.store, config, 0, 1, resources_ids=accepted, landed=True)
+                    for s in select_rollouts(
+                        self.store, config, 0, 1, resources_ids=accepted, landed=True, ended=ended
+                    )
                 }
                 ready = len(groups) >= f.min_groups
             if self.dist.broadcast(ready):
