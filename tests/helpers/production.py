@@ -168,3 +168,40 @@ def traffic(count: int, *, start_ns: int, seed: int = 0, with_feedback: bool = T
         if with_feedback:
             spans.append(feedback(f"conv-{index}", 1.0 if polite else 0.0, at_ns=at + FEEDBACK_DELAY_NS))
     return spans
+
+
+def single_call_traffic(
+    count: int, *, start_ns: int, seed: int = 0, service: str = SERVICE
+) -> list[tuple[list[Span], str, str, float]]:
+    """`count` one-call conversations, each its own task, rewarded only by late feedback.
+
+    Returns (spans, question, answer, reward) per conversation: polite answers get 1, curt ones 0.
+    """
+    from tests.helpers.synthetic import rollout_spans
+
+    rng = random.Random(seed)
+    out = []
+    for index in range(count):
+        polite = index % 2 == 0
+        question = f"Where is my order A{rng.randint(1000, 9999)}?"
+        answer = POLITE if polite else CURT
+        at = start_ns + index * 1_000 * MS
+        rollout_id = f"{service}-{index}"
+        spans = [
+            s
+            for s in rollout_spans(
+                rollout_id=rollout_id,
+                task_id=f"{service}-ticket-{index}",
+                question=question,
+                answer=answer,
+                reward=0.0,
+                start_ns=at,
+                service=service,
+                agent=AGENT,
+            )
+            if s.name != semconv.REWARD_SPAN
+        ]
+        reward = 1.0 if polite else 0.0
+        spans.append(feedback(rollout_id, reward, at_ns=at + FEEDBACK_DELAY_NS))
+        out.append((spans, question, answer, reward))
+    return out
