@@ -106,6 +106,7 @@ class Iteration:
     rollouts: int
     failed: int
     seconds: float
+    gate: str | None = None  # with a gate: the decision on the version trained from these rollouts
 
 
 @dataclass
@@ -139,7 +140,10 @@ class Trainer:
         seed: int = 0,
         run: str | None = None,
         progress: bool = True,
+        gate_margin: float | None = None,
     ):
+        if gate_margin is not None and gate_margin < 0:
+            raise InvalidInput(f"gate_margin must be >= 0 (or None for no gate), got {gate_margin}")
         if (
             runner_concurrency < 1
             or n_runners < 1
@@ -160,6 +164,8 @@ class Trainer:
         self.rollout_timeout, self.max_retries, self.num_gpus = rollout_timeout, max_retries, num_gpus
         self.extra_config = dict(trainer_config or {})
         self.seed, self.progress = seed, progress
+        # A new version gets the traffic only if its validation reward >= the incumbent's - margin.
+        self.gate_margin = gate_margin
         self.run = run or f"{resource}-fit-{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}"
 
     # --- the loop -----------------------------------------------------------------------------
@@ -175,6 +181,8 @@ class Trainer:
         train, val = list(train_dataset), list(val_dataset or [])
         if not train:
             raise InvalidInput("fit needs at least one training task")
+        if self.gate_margin is not None and not val:
+            raise InvalidInput("gate_margin needs a val_dataset: the gate compares validation rewards")
         with ClosedLoop(workdir=self.workdir, store_url=self.store, resource=self.resource) as loop:
             return self.run_loop(loop, agent, train, val, on_iteration)
 
@@ -193,6 +201,10 @@ class Trainer:
                 "steps_per_iteration": self.algorithm.steps_per_iteration,
             },
         }
+        if self.gate_margin is not None:
+            # fit runs the candidate's validation right after it is published; the trainer decides.
+            config["gate"] = {"margin": self.gate_margin, "service": VALIDATION_SERVICE, "min_rollouts": 1}
+            config["gate"]["timeout"] = 2 * self.rollout_timeout + 60
         for section, values in self.extra_config.items():
             config[section] = {**config.get(section, {}), **values} if isinstance(values, Mapping) else values
         return config
@@ -240,6 +252,7 @@ class Trainer:
             )
         rng = random.Random(self.seed)
         history: list[Iteration] = []
+        newest = version.version  # the newest version published, gated or not
         try:
             for it in range(self.iterations + 1):
                 started = time.monotonic()
@@ -270,12 +283,50 @@ class Trainer:
                 if on_iteration is not None:
                     on_iteration(result)
                 if it < self.iterations:
-                    version = loop.wait_for_version(version.version, timeout=1800)
+                    candidate = loop.wait_for_version(newest, timeout=1800)
+                    newest = candidate.version
+                    if self.gate_margin is None:
+                        version = candidate
+                    else:
+                        version, result.gate = self._gate(loop, agent, val, llm, candidate, version)
         finally:
             for pool in pools.values():
                 pool.close()
             close_recorder()
         return FitResult(self.run, history, version.uri, version.id)
+
+    def _gate(
+        self,
+        loop: ClosedLoop,
+        agent: Callable[[Any, LLM], Any],
+        val: list[Any],
+        llm: LLM,
+        candidate: Resource,
+        incumbent: Resource,
+    ) -> tuple[Resource, str]:
+        """Validate `candidate` by name (`model="policy:N"`, before any traffic goes to it), wait for
+        the trainer's gate decision; the version the next rollouts use, and why."""
+        pinned = LLM(llm.base_url, candidate.id, llm.api_key)
+        loop.wait_until_serving(llm, candidate.id, routed=False)
+        pool = RunnerPool(
+            agent,
+            size=min(self.n_runners, len(val)),
+            endpoint=loop.collector.grpc_endpoint,
+            service=VALIDATION_SERVICE,
+            llm=pinned,
+            timeout=self.rollout_timeout,
+            max_retries=self.max_retries,
+            record_failure=lambda job, reason: None,
+            concurrency=self.runner_concurrency,
+        )
+        try:
+            self._rollouts(pool, val, 1, candidate, "gate", f"validate {candidate.id}")
+        finally:
+            pool.close()
+        decision = loop.wait_for_gate(candidate.version, timeout=4 * self.rollout_timeout + 600)
+        if self.progress:
+            print(f"gate: {decision.reason}", file=sys.stderr, flush=True)
+        return (candidate if decision.accepted else incumbent), decision.reason
 
     def _rollouts(
         self, pool: RunnerPool, tasks: Sequence[Any], samples: int, version: Resource, kind: str, desc: str

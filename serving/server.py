@@ -469,7 +469,10 @@ class InferenceServer:
 def serving_version_for(store: Any, name: str) -> Any:
     """The version `model=NAME` answers with (a `Resource`), or None before any is published.
 
-    The latest published version. This one function is where routing decides: a route (a
-    weighted split, a pinned version, a rollback) changes what it returns, and nothing else.
+    The latest published version that needed no promotion gate or passed it (`store.gate`). This
+    one function is where routing decides: a route (a weighted split, a pinned version, a
+    rollback) changes what it returns, and nothing else.
     """
-    return store.latest_resource(name)
+    from lightspan.store.gate import routable_latest
+
+    return routable_latest(store, name)

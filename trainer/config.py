@@ -169,6 +169,19 @@ class FollowConfig:
 
 
 @dataclass
+class GateConfig:
+    """Follow mode's promotion gate (`lightspan.store.gate`): each new version gets traffic only
+    if the mean reward of its validation rollouts (`service`, run with `model="NAME:VERSION"`) is
+    no worse than the incumbent's by more than `margin`; else the incumbent keeps the traffic and
+    the decision, with its numbers, is recorded in `train_metrics` (run `NAME/gate`)."""
+
+    margin: float = 0.0
+    service: str = ""  # the service name the validation runners trace under (required)
+    min_rollouts: int = 1  # validation rollouts of the candidate to wait for
+    timeout: float | None = None  # seconds to wait for them (None: forever); then it is kept out
+
+
+@dataclass
 class TrainConfig:
     store: str | None = None  # store URL; None: LIGHTSPAN_STORE or ./lightspan-data
     run: str | None = None  # run id in train_metrics; default <resource_name>-<UTC time>
@@ -180,6 +193,7 @@ class TrainConfig:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     follow: FollowConfig = field(default_factory=FollowConfig)
+    gate: GateConfig | None = None  # follow mode only; None: every new version gets the traffic
 
     # --- derived ------------------------------------------------------------------------------
     def deepspeed_dict(self) -> dict[str, Any]:
@@ -245,6 +259,17 @@ class TrainConfig:
             f.iterations is not None and f.iterations < 1
         ):
             raise InvalidInput("follow.steps_per_iteration and follow.iterations must be >= 1 (or null)")
+        g = self.gate
+        if g is not None and not g.service:
+            raise InvalidInput(
+                "gate.service is required: the service the validation rollouts are traced under"
+            )
+        if g is not None and (
+            g.margin < 0 or g.min_rollouts < 1 or (g.timeout is not None and g.timeout <= 0)
+        ):
+            raise InvalidInput(
+                "gate.margin must be >= 0, gate.min_rollouts >= 1 and gate.timeout > 0 (or null)"
+            )
         if o.save_every < 0 or o.keep_optimizer_state < 1:
             raise InvalidInput("output.save_every must be >= 0 and output.keep_optimizer_state >= 1")
         if not 0.0 <= a.gamma <= 1.0:
