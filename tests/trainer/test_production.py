@@ -57,6 +57,32 @@ def test_unique_tasks_train_only_when_grouped_by_batch(store_url: str, traffic: 
         assert (t.advantage or 0) > 0 if t.final_reward == 1.0 else (t.advantage or 0) < 0
 
 
+def test_selection_where_and_the_grace_window_pick_the_rollouts(store_url: str, traffic: list) -> None:
+    from datetime import timedelta
+
+    from lightspan.trainer.config import from_dict
+    from lightspan.trainer.data import select_rollouts
+
+    def selected(selection: dict, **kwargs: object) -> set[str]:
+        config = from_dict({"model": {"path": "unused"}, "selection": selection})
+        with Store.connect(store_url) as store:
+            return {r.rollout_id for r in select_rollouts(store, config, 0, 1, **kwargs)}
+
+    service = {"service": production.SERVICE}
+    rewarded = {f"{production.SERVICE}-{i}" for i in range(0, CONVERSATIONS, 2)}
+    assert selected({**service, "where": "Reward >= 1"}) == rewarded
+    assert len(selected(service)) == CONVERSATIONS
+    # Follow mode's grace window: the feedback came two minutes after each answer, so a rollout
+    # whose feedback is newer than the window's end is not taken yet.
+    assert selected(service, ended=(None, datetime.now(timezone.utc))) == selected(service)
+    with Store.connect(store_url) as store:
+        (last,) = store.rollouts(service=production.SERVICE, limit=1)  # its feedback landed last
+    assert last.end - last.start > timedelta(seconds=110)  # the end is the feedback's, not the answer's
+    window = (None, last.end - timedelta(milliseconds=1))
+    assert selected(service, ended=window) == selected(service) - {last.rollout_id}
+    assert selected(service, ended=(window[1], datetime.now(timezone.utc))) == {last.rollout_id}
+
+
 @pytest.mark.slow
 def test_a_service_window_grouped_by_batch_raises_rewarded_answers_and_lowers_the_rest(
     tmp_path: Path, tiny: Path, store_url: str, traffic: list
