@@ -259,7 +259,7 @@ class Trainer:
                 loop.wait_until_serving(llm, version.id)
                 val_reward = (
                     self._mean_reward(
-                        self._rollouts(pools["val"], val, 1, version, "val", f"validate {version.id}")
+                        self._rollouts(pools["val"], val, 1, version, f"val-{it}", f"validate {version.id}")
                     )
                     if val
                     else None
@@ -267,7 +267,7 @@ class Trainer:
                 # The last round measures the final version on training tasks; nothing trains on it.
                 tasks = rng.sample(train, per_iteration)
                 outcomes = self._rollouts(
-                    pools["train"], tasks, self.group_size, version, "train", f"rollouts {version.id}"
+                    pools["train"], tasks, self.group_size, version, f"train-{it}", f"rollouts {version.id}"
                 )
                 result = Iteration(
                     it,
@@ -333,6 +333,8 @@ class Trainer:
     ) -> list[Outcome]:
         from tqdm import tqdm
 
+        # `kind` names the iteration too: under a gate one version runs several iterations, and a
+        # rollout id that came back would merge new episodes into old ones.
         jobs: list[Job] = jobs_for(tasks, samples, version.id, f"{self.run}/{version.id}/{kind}")
         outcomes = []
         with tqdm(
