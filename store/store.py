@@ -415,26 +415,27 @@ class Store:
     def iter_rollouts(
         self, *, page: int = 1000, limit: int | None = None, **filters: Any
     ) -> Iterator[RolloutSummary]:
-        """Every rollout `rollouts(**filters)` selects, oldest first, `page` at a time.
+        """Every rollout `rollouts(**filters)` selects, in rollout-id order, `page` at a time.
 
-        Keyset pagination on (start, rollout id): each page is one bounded query that starts
-        after the last row of the previous one, so a selection of millions of rollouts streams in
-        constant memory and rows arriving meanwhile never shift a page.
+        Keyset pagination on the rollout id, `rollout_spans`' sort key: each page is one bounded
+        query that starts after the last id of the previous one (the scan skips what came before),
+        so a selection of millions of rollouts streams in constant memory on the client and rows
+        arriving meanwhile never shift a page.
         """
         where = filters.pop("where", None)
-        after: tuple[int, str] | None = None  # nanoseconds: datetimes would round to microseconds
+        after: str | None = None
         left = limit
         while left is None or left > 0:
             size = page if left is None else min(page, left)
             query, params = self._rollout_query(
-                filters=filters, where=where, order="Start, RolloutId", limit=size, after=after
+                filters=filters, where=where, order="RolloutId", limit=size, after=after
             )
             rows = self.sql(query, params).rows
             for row in rows:
                 yield _summary(row)
             if len(rows) < size:
                 return
-            after = (rows[-1][15], rows[-1][0])
+            after = rows[-1][0]
             left = None if left is None else left - len(rows)
 
     def count_rollouts(self, **filters: Any) -> int:
@@ -450,7 +451,7 @@ class Store:
         where: str | None,
         order: str,
         limit: int | None,
-        after: tuple[int, str] | None = None,
+        after: str | None = None,
     ) -> tuple[str, dict[str, Any]]:
         """The summary query behind `rollouts` and `iter_rollouts`: one row per rollout."""
         unknown = set(filters) - _ROLLOUT_FILTERS
@@ -481,17 +482,18 @@ class Store:
         conditions = []
         if where is not None and where.strip():
             conditions.append(f"({where})")
+        # A page starts after the previous page's last rollout id, in the table's sort order: the
+        # scan skips what came before and, read in order, stops once the page is full.
+        scan = "WHERE RolloutId > {after:String}" if after is not None else ""
         if after is not None:
-            conditions.append("(StartNs, RolloutId) > ({after_start:Int64}, {after_id:String})")
-            params.update(after_start=after[0], after_id=after[1])
+            params["after"] = after
         # The service of a rollout is its first span's: a late reward sent by another service
         # (a feedback endpoint) joins the rollout without moving it to that service.
         query = f"""
             SELECT RolloutId, task AS TaskId, attempt AS Attempt, service AS ServiceName,
                    resources AS ResourcesId, agents AS AgentNames, spans AS Spans, llm_calls AS LLMCalls,
                    rewards AS Rewards, final_reward AS Reward, last_reward AS LastReward,
-                   start AS Start, end AS End, errors AS Errors, roots AS Roots,
-                   toUnixTimestamp64Nano(start) AS StartNs
+                   start AS Start, end AS End, errors AS Errors, roots AS Roots
             FROM (
                 SELECT RolloutId, anyIf(TaskId, TaskId != '') AS task, max(Attempt) AS attempt,
                        argMin(ServiceName, (Timestamp, SpanId)) AS service,
@@ -504,12 +506,14 @@ class Store:
                        min(Timestamp) AS start, max(Timestamp + toIntervalNanosecond(Duration)) AS end,
                        countIf(StatusCode = 'Error') AS errors, countIf(ParentSpanId = '') AS roots
                 FROM {ROLLOUT_SPANS} FINAL
+                {scan}
                 GROUP BY RolloutId
                 HAVING {" AND ".join(having)}
             )
             {"WHERE " + " AND ".join(conditions) if conditions else ""}
             ORDER BY {order}
-            {"LIMIT {limit:UInt64}" if limit is not None else ""}"""
+            {"LIMIT {limit:UInt64}" if limit is not None else ""}
+            SETTINGS optimize_aggregation_in_order = 1"""
         if limit is not None:
             params["limit"] = limit
         return query, params

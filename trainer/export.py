@@ -4,7 +4,7 @@ The rows are the trainer's own: rollouts chosen by the `selection:` language (`S
 service, agents, time window, `where`), span trees turned into transitions and credited by
 `lightspan.algorithms.prepare` with the `algorithm:` section's credit settings, so an exported
 reward is the return the trainer would credit to that call. Rollouts stream from the store a page
-at a time (keyset pagination, `Store.iter_rollouts`) into `lightspan.store.export`'s writers, so
+at a time (keyset pages on the rollout id, `Store.iter_rollouts`) into `lightspan.store.export`'s writers, so
 memory stays flat however many rows there are. No torch: this module needs the store, the
 algorithms and, for `--format hf`, the `datasets` library.
 """
@@ -40,7 +40,7 @@ def rows(
     progress: Any = None,
     counts: dict[str, int] | None = None,
 ) -> Iterator[ExportRow]:
-    """The export rows of the selected rollouts, oldest rollout first, calls in time order.
+    """The export rows of the selected rollouts, in rollout-id order, calls in time order.
 
     `progress` (a tqdm bar) advances by one per rollout read; `counts["rollouts"]` counts them.
     """
