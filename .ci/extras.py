@@ -80,7 +80,12 @@ EXTRAS: dict[str, Extra] = {
     ),
     "train": Extra(
         ("lightspan.trainer",),
-        (("train", "--help"), ("report", "--help"), ("python", "-m", "lightspan.trainer", "--help")),
+        (
+            ("train", "--help"),
+            ("report", "--help"),
+            ("export", "--help"),
+            ("python", "-m", "lightspan.trainer", "--help"),
+        ),
     ),
     "serve": Extra(("lightspan.serving",), (("serve", "--help"),)),
     # The loop starts the collector, `python -m lightspan.trainer` and `lightspan serve`.

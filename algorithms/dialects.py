@@ -33,10 +33,18 @@ class LLMCall:
     prompt_token_ids: list[int] | None = None
     response_token_ids: list[int] | None = None
     response_logprobs: list[float] | None = None
+    tools: list[dict[str, Any]] | None = None  # the tools offered, as OpenAI `tools` entries
 
     def fill_from(self, other: LLMCall) -> None:
         """Take from `other` (an enclosing wrapper span of the same call) what this span lacks."""
-        for name in ("messages", "response", "prompt_token_ids", "response_token_ids", "response_logprobs"):
+        for name in (
+            "messages",
+            "response",
+            "prompt_token_ids",
+            "response_token_ids",
+            "response_logprobs",
+            "tools",
+        ):
             if getattr(self, name) is None:
                 setattr(self, name, getattr(other, name))
         if not self.model:
@@ -64,6 +72,7 @@ def parse_call(span: Span) -> LLMCall:
         prompt_token_ids=_int_list(span, semconv.LLM_PROMPT_TOKEN_IDS),
         response_token_ids=_int_list(span, semconv.LLM_RESPONSE_TOKEN_IDS),
         response_logprobs=_float_list(span, semconv.LLM_RESPONSE_LOGPROBS),
+        tools=read_tools(span),
     )
     for reader in (_read_genai, _read_openllmetry, _read_openinference):
         messages, outputs = reader(span)
@@ -74,6 +83,34 @@ def parse_call(span: Span) -> LLMCall:
         if call.messages is not None and call.response is not None:
             break  # the later dialects would only repeat it
     return call
+
+
+def read_tools(span: Span) -> list[dict[str, Any]] | None:
+    """The tools offered to the call, as OpenAI `tools` entries; None when the span records none.
+
+    The GenAI convention's `gen_ai.tool.definitions` is flat (`{"type": "function", "name", ...}`);
+    OpenInference's `llm.tools.{i}.tool.json_schema` holds OpenAI's nested form already.
+    """
+    definitions = _json_attr(span, semconv.GEN_AI_TOOL_DEFINITIONS)
+    if definitions is None:
+        indexed = {}
+        for key in span.attributes:
+            match = semconv.OI_TOOL_KEY.match(key)
+            if match is not None:
+                indexed[int(match.group(1))] = _json_attr(span, key)
+        definitions = _ordered(indexed) if indexed else None
+    if definitions is None:
+        return None
+    if not isinstance(definitions, list) or not all(isinstance(d, dict) for d in definitions):
+        raise InvalidInput(f"span {span.span_id}: the tools offered must be a JSON list of objects")
+    return [_openai_tool(d) for d in definitions]
+
+
+def _openai_tool(definition: dict[str, Any]) -> dict[str, Any]:
+    if isinstance(definition.get("function"), dict):
+        return {"type": definition.get("type") or "function", "function": definition["function"]}
+    function = {k: definition[k] for k in ("name", "description", "parameters", "strict") if k in definition}
+    return {"type": definition.get("type") or "function", "function": function}
 
 
 # --- OTel GenAI (current): JSON messages made of typed parts, or plain OpenAI messages ------------

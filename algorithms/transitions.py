@@ -357,6 +357,7 @@ def _transition(
         prompt_token_ids=parsed.prompt_token_ids,
         response_token_ids=parsed.response_token_ids,
         response_logprobs=parsed.response_logprobs,
+        tools=parsed.tools,
         rewards=[r.value for r in call.rewards],
         final_reward=final,
         failed=failed,

@@ -13,6 +13,7 @@ import math
 import numbers
 from typing import Any
 
+from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.trace import Status, StatusCode
 
@@ -32,23 +33,49 @@ def _reward_value(value: Any) -> float:
     return result
 
 
-def emit_reward(value: float, name: str = "reward", *, final: bool = False, **attrs: Any) -> None:
+def emit_reward(
+    value: float, name: str = "reward", *, final: bool = False, rollout_id: str | None = None, **attrs: Any
+) -> None:
     """Record a reward as a `lightspan.reward` span, child of the current span.
 
     `value` must be a real number (bool, str, None and NaN are refused: TypeError / ValueError
     naming the value). `final=True` marks the rollout's final reward (`lightspan.reward.final`),
     which overrides "last reward wins". Extra keyword attributes are recorded as given.
+
+    `rollout_id` sends a late reward to a rollout that already ended, from any service or
+    process (user feedback minutes after the answer): the span starts a trace of its own and
+    carries only that rollout id, whatever rollout is current here, and the store joins it to
+    that rollout for training, export and comparisons.
     """
     reward = _reward_value(value)
     if not isinstance(name, str) or not name:
         raise TypeError(f"reward name must be a non-empty string, got {name!r}")
-    with _tracer.start_as_current_span(semconv.REWARD_SPAN) as span:
-        span.set_attribute(semconv.REWARD_VALUE, reward)
-        span.set_attribute(semconv.REWARD_NAME, name)
-        if final:
-            span.set_attribute(semconv.REWARD_FINAL, True)
-        if attrs:
-            span.set_attributes(attrs)
+    if rollout_id is not None and (not isinstance(rollout_id, str) or not rollout_id):
+        raise TypeError(f"rollout_id must be a non-empty string, got {rollout_id!r}")
+    if rollout_id is None:
+        with _tracer.start_as_current_span(semconv.REWARD_SPAN) as span:
+            _record(span, reward, name, final, attrs)
+        return
+    # A root started in an empty context: no parent span, and no current rollout to stamp on it.
+    token = otel_context.attach(otel_context.Context())
+    try:
+        span = _tracer.start_span(semconv.REWARD_SPAN, context=otel_context.Context())
+    finally:
+        otel_context.detach(token)
+    try:
+        span.set_attribute(semconv.ROLLOUT_ID, rollout_id)
+        _record(span, reward, name, final, attrs)
+    finally:
+        span.end()
+
+
+def _record(span: trace.Span, reward: float, name: str, final: bool, attrs: dict[str, Any]) -> None:
+    span.set_attribute(semconv.REWARD_VALUE, reward)
+    span.set_attribute(semconv.REWARD_NAME, name)
+    if final:
+        span.set_attribute(semconv.REWARD_FINAL, True)
+    if attrs:
+        span.set_attributes(attrs)
 
 
 def _payload_text(payload: Any) -> str:

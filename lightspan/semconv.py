@@ -65,6 +65,8 @@ GEN_AI_USAGE_OUTPUT_TOKENS = "gen_ai.usage.output_tokens"
 GEN_AI_AGENT_NAME = "gen_ai.agent.name"
 GEN_AI_EVALUATION_EVENT = "gen_ai.evaluation.result"
 GEN_AI_EVALUATION_SCORE = "gen_ai.evaluation.score.value"
+# The tools offered to the call: a JSON list of {"type": "function", "name", "description", "parameters"}.
+GEN_AI_TOOL_DEFINITIONS = "gen_ai.tool.definitions"
 # Operation names that denote one LLM call.
 GEN_AI_LLM_OPERATIONS = ("chat", "text_completion", "generate_content")
 
@@ -84,6 +86,8 @@ OI_OUTPUT_PREFIX = "llm.output_messages."
 OI_AGENT_NAME = "agent.name"
 # llm.input_messages.{i}.message.role|content|...
 OI_MESSAGE_KEY = re.compile(r"^llm\.(input|output)_messages\.(\d+)\.message\.(.+)$")
+# llm.tools.{i}.tool.json_schema: each tool offered, as the OpenAI `tools` entry in JSON.
+OI_TOOL_KEY = re.compile(r"^llm\.tools\.(\d+)\.tool\.json_schema$")
 
 # --- Agent Lightning (microsoft/agent-lightning), so an app instrumented for it trains unchanged ---
 # Rewards are annotation spans whose `agentlightning.reward.{i}.name|value` attributes list named

@@ -185,6 +185,7 @@ class Transition:
     prompt_token_ids: list[int] | None = None
     response_token_ids: list[int] | None = None
     response_logprobs: list[float] | None = None
+    tools: list[dict[str, Any]] | None = None  # the tools offered to the call, as OpenAI `tools` entries
     rewards: list[float] = field(default_factory=list)
     final_reward: float | None = None
     failed: bool = False

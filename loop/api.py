@@ -113,6 +113,7 @@ class Iteration:
     rollouts: int
     failed: int
     seconds: float
+    gate: str | None = None  # with a gate: the decision on the version trained from these rollouts
 
 
 @dataclass
@@ -148,7 +149,10 @@ class Trainer:
         seed: int = 0,
         run: str | None = None,
         progress: bool = True,
+        gate_margin: float | None = None,
     ):
+        if gate_margin is not None and gate_margin < 0:
+            raise InvalidInput(f"gate_margin must be >= 0 (or None for no gate), got {gate_margin}")
         if (
             runner_concurrency < 1
             or n_runners < 1
@@ -184,6 +188,8 @@ class Trainer:
         self.rollout_timeout, self.max_retries, self.num_gpus = rollout_timeout, max_retries, num_gpus
         self.extra_config = dict(trainer_config or {})
         self.seed, self.progress = seed, progress
+        # A new version gets the traffic only if its validation reward >= the incumbent's - margin.
+        self.gate_margin = gate_margin
         kind = "prompt-search" if isinstance(self.algorithm, APO) else f"{resource}-fit"
         self.run = run or f"{kind}-{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}"
 
@@ -205,6 +211,8 @@ class Trainer:
             from lightspan.loop.prompt_fit import search_prompts
 
             return search_prompts(self, agent, train, val)
+        if self.gate_margin is not None and not val:
+            raise InvalidInput("gate_margin needs a val_dataset: the gate compares validation rewards")
         with ClosedLoop(workdir=self.workdir, store_url=self.store, resource=self.resource) as loop:
             return self.run_loop(loop, agent, train, val, on_iteration)
 
@@ -224,6 +232,10 @@ class Trainer:
                 "steps_per_iteration": self.algorithm.steps_per_iteration,
             },
         }
+        if self.gate_margin is not None:
+            # fit runs the candidate's validation right after it is published; the trainer decides.
+            config["gate"] = {"margin": self.gate_margin, "service": VALIDATION_SERVICE, "min_rollouts": 1}
+            config["gate"]["timeout"] = 2 * self.rollout_timeout + 60
         for section, values in self.extra_config.items():
             config[section] = {**config.get(section, {}), **values} if isinstance(values, Mapping) else values
         return config
@@ -272,13 +284,14 @@ class Trainer:
             )
         rng = random.Random(self.seed)
         history: list[Iteration] = []
+        newest = version.version  # the newest version published, gated or not
         try:
             for it in range(self.iterations + 1):
                 started = time.monotonic()
                 loop.wait_until_serving(llm, version.id)
                 val_reward = (
                     self._mean_reward(
-                        self._rollouts(pools["val"], val, 1, version, "val", f"validate {version.id}")
+                        self._rollouts(pools["val"], val, 1, version, f"val-{it}", f"validate {version.id}")
                     )
                     if val
                     else None
@@ -286,7 +299,7 @@ class Trainer:
                 # The last round measures the final version on training tasks; nothing trains on it.
                 tasks = rng.sample(train, per_iteration)
                 outcomes = self._rollouts(
-                    pools["train"], tasks, self.group_size, version, "train", f"rollouts {version.id}"
+                    pools["train"], tasks, self.group_size, version, f"train-{it}", f"rollouts {version.id}"
                 )
                 result = Iteration(
                     it,
@@ -302,18 +315,58 @@ class Trainer:
                 if on_iteration is not None:
                     on_iteration(result)
                 if it < self.iterations:
-                    version = loop.wait_for_version(version.version, timeout=1800)
+                    candidate = loop.wait_for_version(newest, timeout=1800)
+                    newest = candidate.version
+                    if self.gate_margin is None:
+                        version = candidate
+                    else:
+                        version, result.gate = self._gate(loop, agent, val, llm, candidate, version)
         finally:
             for pool in pools.values():
                 pool.close()
             close_recorder()
         return FitResult(self.run, history, version.uri, version.id)
 
+    def _gate(
+        self,
+        loop: ClosedLoop,
+        agent: Callable[[Any, LLM], Any],
+        val: list[Any],
+        llm: LLM,
+        candidate: Resource,
+        incumbent: Resource,
+    ) -> tuple[Resource, str]:
+        """Validate `candidate` by name (`model="policy:N"`, before any traffic goes to it), wait for
+        the trainer's gate decision; the version the next rollouts use, and why."""
+        pinned = LLM(llm.base_url, candidate.id, llm.api_key)
+        loop.wait_until_serving(llm, candidate.id, routed=False)
+        pool = RunnerPool(
+            agent,
+            size=min(self.n_runners, len(val)),
+            endpoint=loop.collector.grpc_endpoint,
+            service=VALIDATION_SERVICE,
+            llm=pinned,
+            timeout=self.rollout_timeout,
+            max_retries=self.max_retries,
+            record_failure=lambda job, reason: None,
+            concurrency=self.runner_concurrency,
+        )
+        try:
+            self._rollouts(pool, val, 1, candidate, "gate", f"validate {candidate.id}")
+        finally:
+            pool.close()
+        decision = loop.wait_for_gate(candidate.version, timeout=4 * self.rollout_timeout + 600)
+        if self.progress:
+            print(f"gate: {decision.reason}", file=sys.stderr, flush=True)
+        return (candidate if decision.accepted else incumbent), decision.reason
+
     def _rollouts(
         self, pool: RunnerPool, tasks: Sequence[Any], samples: int, version: Resource, kind: str, desc: str
     ) -> list[Outcome]:
         from tqdm import tqdm
 
+        # `kind` names the iteration too: under a gate one version runs several iterations, and a
+        # rollout id that came back would merge new episodes into old ones.
         jobs = self.jobs(tasks, samples, version, kind)
         outcomes = []
         with tqdm(

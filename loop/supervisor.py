@@ -24,6 +24,8 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from lightspan.errors import LightspanError
+from lightspan.store import gate
+from lightspan.store.gate import GateDecision
 from lightspan.trainer.distributed import free_port
 from lightspan.types import LLM, Resource
 
@@ -177,12 +179,25 @@ class ClosedLoop:
 
         return self._wait(newer, f"{self.resource} version {after + 1} from the trainer", timeout)
 
-    def wait_until_serving(self, llm: LLM, resource_id: str, timeout: float = 300) -> None:
+    def wait_until_serving(
+        self, llm: LLM, resource_id: str, timeout: float = 300, *, routed: bool = True
+    ) -> None:
+        """Until the server answers `model=RESOURCE` with `resource_id` (the routed version, listed
+        first), or, with `routed=False`, has it loaded for `model="RESOURCE:VERSION"`."""
+
         def serving() -> bool:
-            models = _get_json(f"{llm.base_url}/models")
-            return bool(models) and any(m.get("id") == resource_id for m in models.get("data", []))
+            models = (_get_json(f"{llm.base_url}/models") or {}).get("data") or [{}]
+            return any(m.get("id") == resource_id for m in (models[:1] if routed else models))
 
         self._wait(serving, f"the server to load {resource_id}", timeout)
+
+    def wait_for_gate(self, version: int, timeout: float) -> GateDecision:
+        """The trainer's promotion-gate decision on `version` (see `lightspan.store.gate`)."""
+        return self._wait(
+            lambda: gate.decisions(self.store, self.resource).get(version),
+            f"the gate's decision on {self.resource}:{version}",
+            timeout,
+        )
 
     # --- shutdown -----------------------------------------------------------------------------
     def close(self) -> None:

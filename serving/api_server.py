@@ -58,34 +58,32 @@ async def health(raw: Request) -> dict[str, Any]:
 
 @router.get("/v1/models")
 async def list_models(raw: Request) -> ModelList:
-    return ModelList(data=[_server(raw).model_card()])
+    return ModelList(data=_server(raw).model_cards())
 
 
 @router.get("/v1/models/{model:path}")
 async def retrieve_model(model: str, raw: Request) -> ModelCard:
     server = _server(raw)
-    server.check_model(model)
-    return server.model_card()
+    return server.model_card(server.resolve_model(model))
 
 
 @router.post("/v1/chat/completions", response_model=None)
 async def create_chat_completion(request: ChatCompletionRequest, raw: Request) -> Response:
     server = _server(raw)
-    server.check_model(request.model)
+    generation = chat_generation(request)
+    generation.pinned = server.resolve_model(request.model)
     return await serve(
-        server.scheduler, chat_generation(request), ChatRenderer(request), include_usage=request.include_usage
+        server.scheduler, generation, ChatRenderer(request), include_usage=request.include_usage
     )
 
 
 @router.post("/v1/completions", response_model=None)
 async def create_completion(request: CompletionRequest, raw: Request) -> Response:
     server = _server(raw)
-    server.check_model(request.model)
+    generation = completion_generation(request)
+    generation.pinned = server.resolve_model(request.model)
     return await serve(
-        server.scheduler,
-        completion_generation(request),
-        CompletionRenderer(request),
-        include_usage=request.include_usage,
+        server.scheduler, generation, CompletionRenderer(request), include_usage=request.include_usage
     )
 
 

@@ -52,6 +52,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="most sequences decoded together (default: %(default)s)",
     )
     parser.add_argument(
+        "--keep-versions",
+        type=int,
+        default=2,
+        metavar="K",
+        help='newest published versions kept loaded, each answering model="RESOURCE:VERSION" '
+        '(model="RESOURCE" answers with the routed one) (default: %(default)s)',
+    )
+    parser.add_argument(
         "--allow-reload-path",
         action="store_true",
         help='let POST /v1/reload {"path": DIR} load any model folder this process can read '
@@ -82,6 +90,7 @@ def _run(args: argparse.Namespace) -> int:
         device=args.device,
         dtype=args.dtype,
         allow_reload_path=args.allow_reload_path,
+        keep_versions=args.keep_versions,
     ).start()
     # One line on stdout that scripts (and tests) read to find the port.
     print(f"lightspan serve: serving {server.model.id} on {server.url}", flush=True, file=sys.stdout)

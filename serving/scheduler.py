@@ -46,6 +46,8 @@ class GenerationRequest:
     seed: int | None = None
     stream: bool = False
     prompt_count: int = 1
+    # The version the request named (`model="policy:3"`); None: whichever version `model` serves.
+    pinned: ServedModel | None = None
 
     @property
     def row_count(self) -> int:
@@ -223,13 +225,20 @@ class Scheduler:
             batch = [work for work in self._gather() if not work.cancelled]
             if not batch:
                 continue
-            try:
-                self._run_batch(self._take_model(), batch)
-            except Exception as error:  # a bug or an out-of-memory must still answer every client
-                log.exception("a batch of %d requests failed", len(batch))
-                failure = APIError(f"generation failed: {error}", status=500, type="server_error")
-                for work in batch:
-                    work.finish(failure)
+            current = self._take_model()
+            # Requests that named a version run with it, each version's requests a batch of its own.
+            by_model: dict[int, tuple[ServedModel, list[Work]]] = {}
+            for work in batch:
+                model = work.request.pinned or current
+                by_model.setdefault(id(model), (model, []))[1].append(work)
+            for model, works in by_model.values():
+                try:
+                    self._run_batch(model, works)
+                except Exception as error:  # a bug or an out-of-memory must still answer every client
+                    log.exception("a batch of %d requests failed", len(works))
+                    failure = APIError(f"generation failed: {error}", status=500, type="server_error")
+                    for work in works:
+                        work.finish(failure)
 
     def _prepare(self, model: ServedModel, work: Work) -> tuple[list[list[int]], list[Row], list[int]]:
         """Tokenize with the batch's model and check the prompts fit: (prompts, rows, budgets)."""

@@ -64,6 +64,7 @@ class InferenceServer:
         device: str = "auto",
         dtype: str = "auto",
         allow_reload_path: bool = False,
+        keep_versions: int = 2,
     ):
         if (store is None) != (resource is None):
             raise InvalidInput("--store and --resource go together: the server polls RESOURCE in STORE")
@@ -73,6 +74,8 @@ class InferenceServer:
             raise InvalidInput(f"--poll-seconds must be positive, not {poll_seconds}")
         if max_batch < 1:
             raise InvalidInput(f"--max-batch must be at least 1, not {max_batch}")
+        if keep_versions < 1:
+            raise InvalidInput(f"--keep-versions must be at least 1, not {keep_versions}")
         self._initial_path = Path(model) if model is not None else None
         self._host, self._port = host, port
         self._store_arg, self.resource = store, resource
@@ -82,6 +85,11 @@ class InferenceServer:
         self._reload_lock = threading.Lock()
         self._store_version = 0  # highest resource version loaded so far
         self._failed: set[str] = set()  # resource ids whose checkpoint failed to load
+        # Resource versions loaded and answering `model="NAME:VERSION"`: the newest `keep_versions`,
+        # plus the one `model="NAME"` is routed to.
+        self._versions: dict[int, ServedModel] = {}
+        self._routed_id: str | None = None  # the routing decision last acted on
+        self._keep_versions = keep_versions
         self._poll_seconds = poll_seconds
         self._max_batch, self._batch_wait = max_batch, batch_wait
         self._device, self._dtype = device, dtype
@@ -230,10 +238,15 @@ class InferenceServer:
         with self._store_lock:
             return self._store.latest_resource(self.resource)
 
+    def _routed(self) -> Any:
+        with self._store_lock:
+            return serving_version_for(self._store, self.resource or "")
+
     def _first_model(self) -> ServedModel:
-        latest = self._latest() if self.resource is not None else None
-        if latest is not None:
-            return self._load_resource(latest)
+        routed = self._routed() if self.resource is not None else None
+        if routed is not None:
+            self._routed_id = routed.id
+            return self._load_resource(routed)
         if self._initial_path is None:
             raise InvalidInput(
                 f"no version of resource {self.resource!r} is published yet and no --model was given"
@@ -261,26 +274,51 @@ class InferenceServer:
             dtype=self._dtype,
         )
         self._store_version = max(self._store_version, resource.version)
+        self._versions[resource.version] = loaded
+        self._evict(keep=loaded)
         return loaded
 
-    def poll_store(self) -> bool:
-        """Load the latest resource version if it is newer than any loaded; True if swapped in.
+    def _evict(self, keep: ServedModel) -> None:
+        """Unload versions beyond the newest `keep_versions`, except the serving one and `keep`."""
+        serving = self._scheduler.model if self._scheduler is not None else None
+        newest = sorted(self._versions, reverse=True)[: self._keep_versions]
+        for version in list(self._versions):
+            model = self._versions[version]
+            if version not in newest and model is not serving and model is not keep:
+                del self._versions[version]  # the scheduler holds it until its batch is done
 
-        A version whose checkpoint cannot be loaded is logged once and skipped (the current
+    def poll_store(self) -> bool:
+        """Load what the store published since the last poll; True if the routed version changed.
+
+        Every new version is loaded (so `model="NAME:VERSION"` can ask for it, e.g. to validate it
+        before any traffic is routed there); `model="NAME"` answers with `serving_version_for`'s
+        choice. A version whose checkpoint cannot be loaded is logged once and skipped (the current
         version keeps serving) until a newer one appears or `/v1/reload` asks again.
         """
         with self._reload_lock:
             latest = self._latest()
-            if latest is None or latest.version <= self._store_version or latest.id in self._failed:
+            if latest is not None and latest.version > self._store_version and latest.id not in self._failed:
+                self._load_version(latest)
+            routed = self._routed()
+            # Only a new routing decision swaps: a `/v1/reload` to another version stays until then.
+            if routed is None or routed.id == self._routed_id or routed.id in self._failed:
                 return False
-            try:
-                loaded = self._load_resource(latest)
-            except InvalidInput as error:
-                self._failed.add(latest.id)
-                log.error("not serving %s: %s", latest.id, error)
+            self._routed_id = routed.id
+            if routed.id == self.model.id:
+                return False
+            loaded = self._versions.get(routed.version) or self._load_version(routed)
+            if loaded is None:
                 return False
             self._install(loaded)
             return True
+
+    def _load_version(self, resource: Any) -> ServedModel | None:
+        try:
+            return self._load_resource(resource)
+        except InvalidInput as error:
+            self._failed.add(resource.id)
+            log.error("not serving %s: %s", resource.id, error)
+            return None
 
     def reload(self, path: str | Path | None = None, version: int | None = None) -> dict[str, Any]:
         """Load `path`, or `version` of the resource, else the store's latest (when it is not the
@@ -363,23 +401,57 @@ class InferenceServer:
                 log.exception("polling the store failed")
 
     # --- what the routes ask -------------------------------------------------------------------------
-    def check_model(self, name: str | None) -> None:
-        """Accept the served id, its resource/folder name, or no name at all."""
+    def resolve_model(self, name: str | None) -> ServedModel | None:
+        """The version a request's `model` names; None for the routed one (no name, the resource's
+        name, or the id or name of the version serving now). `NAME:VERSION` answers with that
+        version when it is loaded; anything else is OpenAI's 404 `model_not_found`."""
         current = self.model
         if name is None or name in (current.id, current.name, self.resource):
-            return
+            return None
+        prefix = f"{self.resource}:"
+        if self.resource is not None and name.startswith(prefix) and name[len(prefix) :].isdigit():
+            version = int(name[len(prefix) :])
+            loaded = self._versions.get(version)
+            if loaded is not None:
+                return loaded
+            with self._store_lock:
+                published = {r.version for r in self._store.resources(self.resource)}
+            detail = (
+                f"it is published but not loaded: this server keeps the newest {self._keep_versions} "
+                f"(--keep-versions) and the routed one"
+                if version in published
+                else "no such version is published"
+            )
+            raise APIError(
+                f"The model `{name}` does not exist here: {detail}; loaded: {', '.join(self.loaded_ids())}",
+                status=404,
+                param="model",
+                code="model_not_found",
+            )
         raise APIError(
-            f"The model `{name}` does not exist; this server serves `{current.id}`",
+            f"The model `{name}` does not exist; this server serves `{current.id}`"
+            + (f" as `{self.resource}` and {', '.join(self.loaded_ids())}" if self.resource else ""),
             status=404,
             param="model",
             code="model_not_found",
         )
 
-    def model_card(self) -> ModelCard:
-        current = self.model
+    def loaded_ids(self) -> list[str]:
+        """The versions a request may name, newest first."""
+        return [self._versions[v].id for v in sorted(self._versions, reverse=True)]
+
+    def model_card(self, model: ServedModel | None = None) -> ModelCard:
+        current = model or self.model
         return ModelCard(
             id=current.id, created=current.created, root=str(current.path), max_model_len=current.max_length
         )
+
+    def model_cards(self) -> list[ModelCard]:
+        """The routed version first, then every other loaded one."""
+        current = self.model
+        return [self.model_card()] + [
+            self.model_card(m) for v, m in sorted(self._versions.items(), reverse=True) if m is not current
+        ]
 
     def health(self) -> dict[str, Any]:
         current = self.model
@@ -389,5 +461,17 @@ class InferenceServer:
             "path": str(current.path),
             "version": current.version,
             "resource": self.resource,
+            "loaded": self.loaded_ids(),
             "batching": self.stats(),
         }
+
+
+def serving_version_for(store: Any, name: str) -> Any:
+    """The version `model=NAME` answers with (a `Resource`), or None before any is published.
+
+    The route's main version (`Store.routed`): the latest that the promotion gate let through
+    when no route was set, else the version with the largest share. A canary's share is reached
+    by naming the version (`model="NAME:V"`), as an agent does with the checkpoint
+    `lightspan.resource(NAME)` chose for its rollout.
+    """
+    return store.routed(name)

@@ -99,6 +99,12 @@ def default_route(name: str, versions: Sequence[int]) -> Route:
     return Route(name, ((max(versions), 1.0),))
 
 
+def main_version(route: Route) -> int:
+    """The version of `route` with the largest share, the newest on a tie: what a request that
+    names no rollout gets (`lightspan serve`'s `model="NAME"`)."""
+    return max(route.split, key=lambda share: (share[1], share[0]))[0]
+
+
 def _check_version(name: str, version: int, versions: Sequence[int]) -> None:
     if version not in versions:
         known = ", ".join(map(str, sorted(versions))) or "none"

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
@@ -20,7 +20,7 @@ import clickhouse_connect
 from clickhouse_connect.driver.exceptions import DatabaseError, OperationalError
 
 from lightspan.errors import InvalidInput, LightspanError, NotFound, StoreLocked, StoreUnavailable
-from lightspan.store import lock, routing
+from lightspan.store import gate, lock, routing
 from lightspan.store.compare import VersionComparison, compare_versions
 from lightspan.store.schema import (
     LATEST_VERSION,
@@ -94,7 +94,8 @@ def _traces_naming_one_rollout(where: str = "") -> str:
 # the rollout the trace names. Aggregates that do not simply add up travel as -State and -Merge.
 _PER_KEY = """SELECT RolloutId, RolloutId = TraceId AS Keyed,
                    anyIfState(TaskId, TaskId != '') AS task, max(Attempt) AS attempt,
-                   anyState(ServiceName) AS service, argMaxState(ResourcesId, length(ResourcesId)) AS resources,
+                   argMinState(ServiceName, (Timestamp, SpanId)) AS service,
+                   argMaxState(ResourcesId, length(ResourcesId)) AS resources,
                    groupUniqArrayIfState(AgentName, AgentName != '') AS agents,
                    count() AS spans, countIf(IsLLMCall) AS llm_calls, sum(RewardCount) AS rewards,
                    argMaxIfState(Reward, (RewardFinal, RewardTime, SpanId), Reward IS NOT NULL) AS final_reward,
@@ -102,15 +103,71 @@ _PER_KEY = """SELECT RolloutId, RolloutId = TraceId AS Keyed,
                    min(Timestamp) AS start, max(Timestamp + toIntervalNanosecond(Duration)) AS end,
                    countIf(StatusCode = 'Error') AS errors, countIf(ParentSpanId = '') AS roots
             FROM {table} FINAL
+            {scan}
             GROUP BY RolloutId, Keyed"""
 _PER_ROLLOUT = """SELECT if(Keyed AND MappedRollout != '', MappedRollout, RolloutId) AS Rollout,
-                   anyIfMerge(task) AS task, max(attempt) AS attempt, anyMerge(service) AS service,
+                   anyIfMerge(task) AS task, max(attempt) AS attempt, argMinMerge(service) AS service,
                    argMaxMerge(resources) AS resources, arraySort(groupUniqArrayIfMerge(agents)) AS agents,
                    sum(spans) AS spans, sum(llm_calls) AS llm_calls, sum(rewards) AS rewards,
                    argMaxIfMerge(final_reward) AS final_reward, argMaxIfMerge(last_reward) AS last_reward,
                    min(start) AS start, max(end) AS end, sum(errors) AS errors, sum(roots) AS roots
             FROM ({per_key}) AS keys LEFT ANY JOIN traces ON Keyed AND RolloutId = MappedTrace
             GROUP BY Rollout"""
+
+
+# The columns `rollouts(where=...)` and `lightspan export --where` filter on, one row per rollout.
+ROLLOUT_COLUMNS = (
+    "RolloutId",
+    "TaskId",
+    "Attempt",
+    "ServiceName",
+    "ResourcesId",
+    "AgentNames",
+    "Spans",
+    "LLMCalls",
+    "Rewards",
+    "Reward",
+    "LastReward",
+    "Start",
+    "End",
+    "Errors",
+    "Roots",
+)
+_ROLLOUT_FILTERS = frozenset(
+    {
+        "service",
+        "agent",
+        "task",
+        "since",
+        "until",
+        "resources_id",
+        "min_rewards",
+        "shard",
+        "landed",
+        "ended_after",
+        "ended_before",
+    }
+)
+
+
+def _summary(r: Sequence[Any]) -> RolloutSummary:
+    return RolloutSummary(
+        rollout_id=r[0],
+        task_id=r[1],
+        attempt=int(r[2]),
+        service=r[3],
+        resources_id=r[4],
+        agents=list(r[5]),
+        spans=int(r[6]),
+        llm_calls=int(r[7]),
+        rewards=int(r[8]),
+        final_reward=r[9],
+        last_reward=r[10],
+        start=r[11],
+        end=r[12],
+        errors=int(r[13]),
+        roots=int(r[14]),
+    )
 
 
 def _clickhouse_message(error: Exception) -> str:
@@ -387,69 +444,140 @@ class Store:
         min_rewards: int = 0,
         shard: tuple[int, int] | None = None,
         landed: bool = False,
+        ended_after: datetime | None = None,
+        ended_before: datetime | None = None,
+        where: str | None = None,
         limit: int | None = 100,
     ) -> list[RolloutSummary]:
         """Rollouts, newest first, filtered; `shard=(rank, world)` keeps the tasks whose id
-        hashes to `rank`, so data-parallel ranks split the data by whole task groups.
+        hashes to `rank`, so data-parallel ranks split the data by whole task groups (a rollout
+        without a task id, as production traffic has, is a group of its own and hashes by its id).
         `landed=True` keeps only rollouts whose root span has arrived (it ends, so it is
-        exported, after everything inside it). A rollout's `resources_id` is the longest its
-        spans record (spans started before a `lightspan.resource(...)` call lack that version),
-        and `resources_id=` keeps the rollouts that record every version it names, among others:
-        "policy:7" selects a rollout of "policy:7,system_prompt:3". `llm_calls`, `rewards` and `final_reward` follow
-        the rules in `lightspan.semconv`, as training reads them (`final_reward` is the reward
+        exported, after everything inside it). `ended_after` / `ended_before` bound a rollout's
+        end, its latest span's, late rewards included: follow mode trains a rollout only once it
+        ended a grace period ago, so user feedback sent minutes later still joins it.
+        `where` is a SQL condition over a rollout's columns (`ROLLOUT_COLUMNS`: `Reward` is the
+        final reward, `ServiceName` the service of its first span, ...), ClickHouse's message when
+        it is not valid SQL. `llm_calls`, `rewards` and `final_reward` follow the rules in
+        `lightspan.semconv`, as training reads them (`final_reward` is the reward
         `algorithms.from_spans` gives the rollout before its failure policy)."""
-        conditions = ["rewards >= {min_rewards:UInt32}"]
-        params: dict[str, Any] = {"min_rewards": min_rewards}
-        if landed:
-            conditions.append("roots > 0")
-        filters = {
-            "service = {service:String}": ("service", service),
-            "has(agents, {agent:String})": ("agent", agent),
-            "task = {task:String}": ("task", task),
-            "start >= {since:DateTime64(9)}": ("since", since),
-            "start < {until:DateTime64(9)}": ("until", until),
+        query, params = self._rollout_query(
+            filters={
+                "service": service,
+                "agent": agent,
+                "task": task,
+                "since": since,
+                "until": until,
+                "resources_id": resources_id,
+                "min_rewards": min_rewards,
+                "shard": shard,
+                "landed": landed,
+                "ended_after": ended_after,
+                "ended_before": ended_before,
+            },
+            where=where,
+            order="Start DESC, RolloutId",
+            limit=limit,
+        )
+        return [_summary(r) for r in self.sql(query, params).rows]
+
+    def iter_rollouts(
+        self, *, page: int = 1000, limit: int | None = None, **filters: Any
+    ) -> Iterator[RolloutSummary]:
+        """Every rollout `rollouts(**filters)` selects, in rollout-id order, `page` at a time.
+
+        Keyset pagination on the rollout id, `rollout_spans`' sort key: each page is one bounded
+        query that starts after the last id of the previous one (the scan skips what came before),
+        so a selection of millions of rollouts streams in constant memory on the client and rows
+        arriving meanwhile never shift a page.
+        """
+        where = filters.pop("where", None)
+        after: str | None = None
+        left = limit
+        while left is None or left > 0:
+            size = page if left is None else min(page, left)
+            query, params = self._rollout_query(
+                filters=filters, where=where, order="RolloutId", limit=size, after=after
+            )
+            rows = self.sql(query, params).rows
+            for row in rows:
+                yield _summary(row)
+            if len(rows) < size:
+                return
+            after = rows[-1][0]
+            left = None if left is None else left - len(rows)
+
+    def count_rollouts(self, **filters: Any) -> int:
+        """How many rollouts `iter_rollouts(**filters)` yields (a progress bar's total)."""
+        where = filters.pop("where", None)
+        query, params = self._rollout_query(filters=filters, where=where, order="Start", limit=None)
+        return int(self.sql(f"SELECT count() FROM ({query})", params).scalar() or 0)
+
+    def _rollout_query(
+        self,
+        *,
+        filters: Mapping[str, Any],
+        where: str | None,
+        order: str,
+        limit: int | None,
+        after: str | None = None,
+    ) -> tuple[str, dict[str, Any]]:
+        """The summary query behind `rollouts` and `iter_rollouts`: one row per rollout."""
+        unknown = set(filters) - _ROLLOUT_FILTERS
+        if unknown:
+            raise TypeError(f"unknown rollout filters: {sorted(unknown)}")
+        having = ["rewards >= {min_rewards:UInt32}"]
+        params: dict[str, Any] = {"min_rewards": filters.get("min_rewards", 0)}
+        if filters.get("landed"):
+            having.append("roots > 0")
+        clauses = {
+            "service = {service:String}": "service",
+            "has(agents, {agent:String})": "agent",
+            "task = {task:String}": "task",
+            "start >= {since:DateTime64(9)}": "since",
+            "start < {until:DateTime64(9)}": "until",
             # every version the filter names ("policy:7"), among others the rollout may record
-            "hasAll(splitByChar(',', resources), splitByChar(',', {resources:String}))": (
-                "resources",
-                resources_id,
-            ),
+            "hasAll(splitByChar(',', resources), splitByChar(',', {resources_id:String}))": "resources_id",
+            "end > {ended_after:DateTime64(9)}": "ended_after",
+            "end <= {ended_before:DateTime64(9)}": "ended_before",
         }
-        for clause, (name, value) in filters.items():
-            if value is not None:
-                conditions.append(clause)
-                params[name] = value
-        if shard is not None:
-            rank, world = shard
-            conditions.append("cityHash64(task) % {world:UInt32} = {rank:UInt32}")
+        for clause, name in clauses.items():
+            if filters.get(name) is not None:
+                having.append(clause)
+                params[name] = filters[name]
+        if filters.get("shard") is not None:
+            rank, world = filters["shard"]
+            having.append("cityHash64(if(task != '', task, Rollout)) % {world:UInt32} = {rank:UInt32}")
             params.update(rank=rank, world=world)
+        conditions = []
+        if where is not None and where.strip():
+            conditions.append(f"({where})")
+        # A page starts after the previous page's last rollout id, in the table's sort order: the
+        # scan skips what came before and, read in order, stops once the page is full. Spans kept
+        # under their trace's id are read whatever their key, as their trace may name a rollout
+        # of this page.
+        scan = ""
+        if after is not None:
+            scan = "WHERE RolloutId > {after:String} OR RolloutId = TraceId"
+            having.append("Rollout > {after:String}")
+            params["after"] = after
+        # The service of a rollout is its first span's: a late reward sent by another service
+        # (a feedback endpoint) joins the rollout without moving it to that service.
         query = f"""
             WITH traces AS ({_traces_naming_one_rollout()})
-            SELECT * FROM ({_PER_ROLLOUT.format(per_key=_PER_KEY.format(table=ROLLOUT_SPANS))})
-            WHERE {" AND ".join(conditions)}
-            ORDER BY start DESC, Rollout
-            {"LIMIT {limit:UInt64}" if limit is not None else ""}"""
+            SELECT Rollout AS RolloutId, task AS TaskId, attempt AS Attempt, service AS ServiceName,
+                   resources AS ResourcesId, agents AS AgentNames, spans AS Spans, llm_calls AS LLMCalls,
+                   rewards AS Rewards, final_reward AS Reward, last_reward AS LastReward,
+                   start AS Start, end AS End, errors AS Errors, roots AS Roots
+            FROM ({_PER_ROLLOUT.format(per_key=_PER_KEY.format(table=ROLLOUT_SPANS, scan=scan))})
+            WHERE {" AND ".join(having)}
+            {"AND " + " AND ".join(conditions) if conditions else ""}
+            ORDER BY {order}
+            {"LIMIT {limit:UInt64}" if limit is not None else ""}
+            SETTINGS optimize_aggregation_in_order = 1"""
         if limit is not None:
             params["limit"] = limit
-        return [
-            RolloutSummary(
-                rollout_id=r[0],
-                task_id=r[1],
-                attempt=int(r[2]),
-                service=r[3],
-                resources_id=r[4],
-                agents=list(r[5]),
-                spans=int(r[6]),
-                llm_calls=int(r[7]),
-                rewards=int(r[8]),
-                final_reward=r[9],
-                last_reward=r[10],
-                start=r[11],
-                end=r[12],
-                errors=int(r[13]),
-                roots=int(r[14]),
-            )
-            for r in self.sql(query, params).rows
-        ]
+        return query, params
 
     # --- resources ------------------------------------------------------------------------------
     def publish_resource(
@@ -532,7 +660,10 @@ class Store:
             {"name": name},
         ).rows
         if not rows:
-            return routing.default_route(name, versions)
+            # The latest version the promotion gate lets through: a candidate that awaits the
+            # gate, or failed it, gets no traffic (`store.gate`).
+            latest = gate.routable_latest(self, name)
+            return routing.default_route(name, [latest.version] if latest else versions[:1])
         seq, action, split_versions, weights, promoted, created = rows[0]
         split = tuple((int(v), float(w)) for v, w in zip(split_versions, weights))
         return routing.Route(name, split, action, int(seq), tuple(int(v) for v in promoted), created)
@@ -587,6 +718,15 @@ class Store:
             column_names=["Name", "Seq", "Action", "Versions", "Weights", "Promoted"],
         )
         return route
+
+    def routed(self, name: str) -> Resource | None:
+        """The version a request that names no rollout gets (`routing.main_version`), None before
+        any version of `name` was published."""
+        try:
+            route = self.route(name)
+        except NotFound:
+            return None
+        return self.resource(name, routing.main_version(route))
 
     def resource_for(self, name: str, rollout_id: str) -> Resource:
         """The version of `name` that rollout `rollout_id` uses under the current route."""

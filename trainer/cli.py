@@ -47,6 +47,42 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     report.set_defaults(func=_report)
 
+    export = subparsers.add_parser(
+        "export",
+        help="write the transitions training would see as a dataset (OpenAI JSONL, Hugging Face)",
+        description="One row per trained transition of the selected rollouts: the messages in OpenAI chat "
+        "format (tool calls included), the tools offered, the credited reward, and the trace, span, rollout "
+        "and resources ids it came from. The selection is the trainer's `selection:` language.",
+    )
+    export.add_argument(
+        "--store", default=None, help="store URL (default LIGHTSPAN_STORE or ./lightspan-data)"
+    )
+    export.add_argument("--service", default=None, help="the service whose rollouts to export")
+    export.add_argument(
+        "--agent", action="append", default=None, help="a trained agent (name or regex; repeat for several)"
+    )
+    export.add_argument("--since", default=None, help="rollouts started at or after this ISO time")
+    export.add_argument("--until", default=None, help="rollouts started before this ISO time")
+    export.add_argument(
+        "--where",
+        default=None,
+        metavar="SQL",
+        help='a SQL condition over each rollout, e.g. "Reward >= 1" (columns: RolloutId, TaskId, Attempt, '
+        "ServiceName, ResourcesId, AgentNames, Spans, LLMCalls, Rewards, Reward (the final reward), "
+        "LastReward, Start, End, Errors)",
+    )
+    export.add_argument(
+        "--credit", default="step", choices=("identical", "discounted", "step"), help="credit assignment"
+    )
+    export.add_argument("--format", required=True, choices=("openai-jsonl", "hf"), dest="fmt")
+    export.add_argument(
+        "--out", required=True, help="a .jsonl file (openai-jsonl, plus PATH.links.jsonl) or a folder (hf)"
+    )
+    export.add_argument("--limit", type=int, default=None, help="write at most N rows")
+    export.add_argument("--force", action="store_true", help="overwrite an existing output")
+    export.add_argument("--no-progress", action="store_true", help="no progress bar")
+    export.set_defaults(func=_export)
+
 
 def launcher_command(args: argparse.Namespace) -> list[str]:
     """The deepspeed launcher invocation for these arguments."""
@@ -96,4 +132,31 @@ def _report(args: argparse.Namespace) -> int:
         paths = write_report(store, args.run, args.out or f"report-{args.run}")
     for path in paths:
         print(path)
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from lightspan.errors import InvalidInput
+    from lightspan.store import Store
+    from lightspan.trainer.config import AlgorithmConfig, from_dict
+    from lightspan.trainer.export import export
+
+    if args.limit is not None and args.limit < 1:
+        raise InvalidInput("--limit must be at least 1")
+    # The flags are the trainer's `selection:` section, checked by the same code.
+    raw = {"service": args.service, "agents": args.agent, "since": args.since, "until": args.until}
+    raw["where"] = args.where
+    selection = from_dict({"selection": {k: v for k, v in raw.items() if v is not None}}).selection
+    with Store.connect(args.store) as store:
+        result = export(
+            store,
+            selection,
+            args.fmt,
+            args.out,
+            algorithm=AlgorithmConfig(credit=args.credit),
+            limit=args.limit,
+            force=args.force,
+            progress=not args.no_progress,
+        )
+    print(f"wrote {result.rows} rows from {result.rollouts} rollouts to {result.out}")
     return 0

@@ -48,6 +48,27 @@ class SelectionConfig:
     failed: Literal["keep", "drop"] = "keep"
     failed_reward: float | None = 0.0  # reward of a failed rollout when kept (None: as recorded)
     limit: int | None = None  # newest N rollouts per rank, None for all
+    # A SQL condition over each rollout's columns (store.ROLLOUT_COLUMNS), e.g. "Reward >= 1":
+    # the same language as `lightspan export --where`.
+    where: str | None = None
+
+    def store_filters(self) -> dict[str, Any]:
+        """The filters of `Store.rollouts` / `iter_rollouts` this selection sets (one agent name is
+        matched in SQL; several, or a regex, are applied by `algorithms` when transitions are built)."""
+        agents = self.agents
+        return {
+            "service": self.service,
+            "since": self.since,
+            "until": self.until,
+            "resources_id": self.resources_id,
+            "agent": agents[0] if agents and len(agents) == 1 and _plain_name(agents[0]) else None,
+            "where": self.where,
+        }
+
+
+def _plain_name(name: str) -> bool:
+    """A name SQL can match exactly (a regex selector is applied by `algorithms` instead)."""
+    return name.replace("_", "").replace("-", "").replace(".", "").isalnum()
 
 
 @dataclass
@@ -144,6 +165,22 @@ class FollowConfig:
     poll_seconds: float = 1.0
     iterations: int | None = None  # versions to publish before exiting (None: until stopped)
     wait_timeout: float | None = None  # seconds to wait for one iteration's data (None: forever)
+    # Seconds a rollout must be quiet (no span newer) before it trains: late rewards, such as user
+    # feedback sent minutes after the answer, join their rollout within this grace period.
+    grace_seconds: float = 0.0
+
+
+@dataclass
+class GateConfig:
+    """Follow mode's promotion gate (`lightspan.store.gate`): each new version gets traffic only
+    if the mean reward of its validation rollouts (`service`, run with `model="NAME:VERSION"`) is
+    no worse than the incumbent's by more than `margin`; else the incumbent keeps the traffic and
+    the decision, with its numbers, is recorded in `train_metrics` (run `NAME/gate`)."""
+
+    margin: float = 0.0
+    service: str = ""  # the service name the validation runners trace under (required)
+    min_rollouts: int = 1  # validation rollouts of the candidate to wait for
+    timeout: float | None = None  # seconds to wait for them (None: forever); then it is kept out
 
 
 @dataclass
@@ -158,6 +195,7 @@ class TrainConfig:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     follow: FollowConfig = field(default_factory=FollowConfig)
+    gate: GateConfig | None = None  # follow mode only; None: every new version gets the traffic
 
     # --- derived ------------------------------------------------------------------------------
     def deepspeed_dict(self) -> dict[str, Any]:
@@ -214,14 +252,26 @@ class TrainConfig:
                 f"{s.micro_batch_size}; raise global_batch_size to a multiple of micro_batch_size x ranks"
             )
         f = self.follow
-        if f.min_groups < 1 or f.max_staleness < 0 or f.poll_seconds <= 0:
+        if f.min_groups < 1 or f.max_staleness < 0 or f.poll_seconds <= 0 or f.grace_seconds < 0:
             raise InvalidInput(
-                "follow.min_groups must be >= 1, follow.max_staleness >= 0, follow.poll_seconds > 0"
+                "follow.min_groups must be >= 1, follow.max_staleness >= 0, follow.poll_seconds > 0, "
+                "follow.grace_seconds >= 0"
             )
         if (f.steps_per_iteration is not None and f.steps_per_iteration < 1) or (
             f.iterations is not None and f.iterations < 1
         ):
             raise InvalidInput("follow.steps_per_iteration and follow.iterations must be >= 1 (or null)")
+        g = self.gate
+        if g is not None and not g.service:
+            raise InvalidInput(
+                "gate.service is required: the service the validation rollouts are traced under"
+            )
+        if g is not None and (
+            g.margin < 0 or g.min_rollouts < 1 or (g.timeout is not None and g.timeout <= 0)
+        ):
+            raise InvalidInput(
+                "gate.margin must be >= 0, gate.min_rollouts >= 1 and gate.timeout > 0 (or null)"
+            )
         if o.save_every < 0 or o.keep_optimizer_state < 1:
             raise InvalidInput("output.save_every must be >= 0 and output.keep_optimizer_state >= 1")
         if not 0.0 <= a.gamma <= 1.0:

@@ -13,6 +13,7 @@ import random
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 import torch
@@ -33,32 +34,30 @@ def select_rollouts(
     *,
     resources_ids: Sequence[str] | None = None,
     landed: bool = False,
+    ended: tuple[datetime | None, datetime] | None = None,
 ) -> list:
     """This rank's rollouts (`RolloutSummary`), complete task groups only, oldest first.
 
     The follow mode of the closed loop passes the versions it accepts as `resources_ids` (else
     `selection.resources_id` applies) and `landed=True`, so a group counts only once every
-    episode in it has arrived whole; `min_group_size` is what makes it wait for whole groups.
+    episode in it has arrived whole; with a grace period it passes `ended=(after, before)`, a
+    window on the rollouts' end (late rewards included) instead of their start, so a rollout
+    trains once it has been quiet for the grace period. `min_group_size` is what makes it wait
+    for whole groups.
     """
     s = config.selection
+    filters = s.store_filters()
     summaries = []
     for resources_id in resources_ids if resources_ids is not None else [s.resources_id]:
         summaries += store.rollouts(
-            service=s.service,
-            since=s.since,
-            until=s.until,
-            resources_id=resources_id,
+            **{**filters, "resources_id": resources_id},
             shard=(rank, world_size),
             limit=s.limit,
             landed=landed,
-            agent=s.agents[0] if s.agents and len(s.agents) == 1 and _plain_name(s.agents[0]) else None,
+            ended_after=ended[0] if ended else None,
+            ended_before=ended[1] if ended else None,
         )
     return complete_groups(sorted(summaries, key=lambda r: (r.start, r.rollout_id)), s.min_group_size)
-
-
-def _plain_name(name: str) -> bool:
-    """A name SQL can match exactly (a regex selector is applied by `algorithms` instead)."""
-    return name.replace("_", "").replace("-", "").replace(".", "").isalnum()
 
 
 def complete_groups(summaries: Sequence[Any], min_group_size: int) -> list:

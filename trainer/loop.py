@@ -16,13 +16,14 @@ import os
 import sys
 import time
 from collections.abc import Sequence
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from lightspan.errors import InvalidInput, LightspanError
+from lightspan.store import gate
 from lightspan.trainer import checkpoint
 from lightspan.trainer.config import TrainConfig, to_dict
 from lightspan.trainer.data import Sample, load_transitions, select_rollouts, step_batches
@@ -85,6 +86,7 @@ class Session:
         if resume_from:
             self.step = int(checkpoint.load(self.engines, resume_from)["step"])
         self.last_metrics: dict[str, float] = {}
+        self.following = False  # follow mode sets it: only its checkpoints pass the gate
 
     def _resume_path(self, resume: str | Path | bool | None) -> Path | None:
         if not resume:
@@ -111,11 +113,13 @@ class Session:
         """This rank's complete task groups, as tokenised samples; writes a per-rank manifest.
 
         Follow mode passes the versions it accepts, the previous iteration's cut-off as `since`
-        and `landed=True`; a plain run takes the configured selection.
+        and `landed=True`; a plain run takes the configured selection. With a grace period the
+        cut-offs bound the rollouts' end instead of their start (see `select_rollouts`).
         """
         selection = self.config.selection
         changes: dict[str, Any] = {"until": selection.until or self.until}
-        if since is not None:
+        ended = (since, self.until) if landed and self.config.follow.grace_seconds else None
+        if since is not None and ended is None:
             changes["since"] = since
         config = dataclasses.replace(self.config, selection=dataclasses.replace(selection, **changes))
         summaries = select_rollouts(
@@ -125,6 +129,7 @@ class Session:
             self.dist.world_size,
             resources_ids=resources_ids,
             landed=landed,
+            ended=ended,
         )
         transitions = load_transitions(self.store, summaries, config)
         samples, skipped = self.step_fn.tokenize(transitions)
@@ -171,26 +176,66 @@ class Session:
         return published
 
     def accepted_versions(self, max_staleness: int) -> list[str]:
-        """The latest version and up to `max_staleness` before it, newest first."""
+        """The latest version and up to `max_staleness` before it, newest first. With a gate, the
+        latest that traffic goes to: a version the gate kept out produces no rollouts."""
         ids: list[str] = []  # rank 0's list replaces it on the other ranks
         if self.dist.is_rank_0:
-            versions = self.store.resources(self.config.output.resource_name)
+            name = self.config.output.resource_name
+            versions = self.store.resources(name)
+            if self.config.gate is not None:
+                routed = self.store.routed(name)
+                versions = [r for r in versions if routed is None or r.version <= routed.version]
             ids = [r.id for r in reversed(versions[-(max_staleness + 1) :])]
         return self.dist.broadcast(ids)
 
+    def gate(self) -> bool:
+        """Wait for the validation rollouts of the version just published, compare it with the
+        incumbent (`lightspan.store.gate`), record the decision; True if it gets the traffic."""
+        g = self.config.gate
+        assert g is not None
+        accepted = False
+        if self.dist.is_rank_0:
+            name = self.config.output.resource_name
+            candidate = self.store.latest_resource(name)
+            incumbent = self.store.routed(name)
+            deadline = None if g.timeout is None else time.monotonic() + g.timeout
+            while gate.validation_reward(self.store, g.service, candidate.id)[1] < g.min_rollouts:
+                if deadline is not None and time.monotonic() > deadline:
+                    break
+                time.sleep(self.config.follow.poll_seconds)
+            decision = gate.decide(
+                self.store,
+                name,
+                candidate.version,
+                incumbent.version if incumbent is not None else None,
+                service=g.service,
+                margin=g.margin,
+            )
+            gate.record(self.store, decision)
+            print(f"gate: {decision.reason}", file=sys.stderr, flush=True)
+            accepted = decision.accepted
+        return bool(self.dist.broadcast(accepted))
+
     def wait_for_data(self, accepted: Sequence[str], since: datetime | None) -> list[Sample]:
-        """Poll until `follow.min_groups` complete groups of `accepted` versions have landed."""
+        """Poll until `follow.min_groups` complete groups of `accepted` versions have landed (and,
+        with `follow.grace_seconds`, have been quiet that long, so late rewards have joined them)."""
         f = self.config.follow
         deadline = None if f.wait_timeout is None else time.monotonic() + f.wait_timeout
         while True:
-            self.until = self.dist.broadcast(datetime.now(timezone.utc))
+            now = datetime.now(timezone.utc)
+            self.until = self.dist.broadcast(now - timedelta(seconds=f.grace_seconds))
             ready = False
             if self.dist.is_rank_0:
-                selection = dataclasses.replace(self.config.selection, until=self.until, since=since)
+                ended = (since, self.until) if f.grace_seconds else None
+                selection = dataclasses.replace(
+                    self.config.selection, until=self.until, since=None if ended else since
+                )
                 config = dataclasses.replace(self.config, selection=selection)
                 groups = {
                     s.task_id
-                    for s in select_rollouts(self.store, config, 0, 1, resources_ids=accepted, landed=True)
+                    for s in select_rollouts(
+                        self.store, config, 0, 1, resources_ids=accepted, landed=True, ended=ended
+                    )
                 }
                 ready = len(groups) >= f.min_groups
             if self.dist.broadcast(ready):
@@ -272,6 +317,7 @@ class Session:
                     "parent": self.parent,
                     "metrics": self.last_metrics,
                     "base_model": self.config.model.path,
+                    **self._gate_metadata(),
                 },
             )
             resource_id = resource.id
@@ -283,6 +329,13 @@ class Session:
             checkpoint.prune_optimizer_state(self.out_dir, self.config.output.keep_optimizer_state)
         self.parent = self.dist.broadcast(resource_id)
         return path
+
+    def _gate_metadata(self) -> dict[str, Any]:
+        """A follow-mode checkpoint under a gate says so: it gets no traffic until it passes."""
+        g = self.config.gate
+        if g is None or not self.following:
+            return {}
+        return {gate.GATE_KEY: {"margin": g.margin, "service": g.service}}
 
     def close(self) -> None:
         """Close the store and leave the process group."""
@@ -298,6 +351,7 @@ def follow(config: TrainConfig, *, resume: str | Path | bool | None = None) -> P
     stopped when that is None.
     """
     session = Session(config, resume=resume)
+    session.following = True
     f = config.follow
     last: Path | None = None
     try:
@@ -312,6 +366,8 @@ def follow(config: TrainConfig, *, resume: str | Path | bool | None = None) -> P
             steps = f.steps_per_iteration or per_epoch * config.schedule.epochs
             session.train(samples, session.step + steps, per_epoch)  # saves and publishes at the end
             last = session.out_dir / checkpoint.name(session.step)
+            if config.gate is not None:
+                session.gate()  # a version kept out leaves the traffic (and the next data) to the incumbent
             published += 1
         return last
     finally:

@@ -55,3 +55,14 @@ def resource_echo_agent(task, llm, **resources):
 def plain_agent(task, llm):
     """Takes no resource: `fit` passes it none."""
     return 0.25
+
+
+@lightspan.rollout
+def first_version_agent(task, llm):
+    """Reward 1 when the version that answered (the response's `model`) is policy:1, else 0: every
+    later version validates worse, so a promotion gate keeps each of them out."""
+    client = openai.OpenAI(base_url=llm.base_url, api_key=llm.api_key)
+    reply = client.chat.completions.create(
+        model=llm.model, messages=[{"role": "user", "content": task["question"]}], max_tokens=2
+    )
+    return 1.0 if reply.model == "policy:1" else 0.0

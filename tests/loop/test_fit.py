@@ -13,6 +13,7 @@ from lightspan.types import LLM
 from tests.helpers import ROOT
 from tests.helpers.fit_agents import (
     crashing_agent,
+    first_version_agent,
     plain_agent,
     prompted_capital_agent,
     resource_echo_agent,
@@ -67,6 +68,46 @@ def test_two_iterations_land_spans_publish_reload_and_validate(tmp_path, tiny):
         loop_metrics = store.metrics(f"{result.run}/loop")
         assert [step for step, _ in loop_metrics["val_reward"]] == [0, 1, 2]
         assert store.metrics(result.run)["loss"], "the trainer logged its steps"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1200)  # three iterations and two validations of candidates, on a shared 2-core CI
+def test_a_gate_validates_each_new_version_by_name_and_keeps_a_worse_one_out(tmp_path, tiny):
+    from lightspan.store import gate
+
+    tasks = [{"id": f"t{i}", "question": f"Say something about {w}."} for i, w in enumerate(["cats", "rain"])]
+    trainer = Trainer(
+        model=tiny,
+        algorithm=GRPO(lr=1e-3, micro_batch_size=2, global_batch_size=4),
+        n_runners=2,
+        group_size=2,
+        iterations=2,
+        workdir=tmp_path / "fit",
+        rollout_timeout=120,
+        progress=False,
+        gate_margin=0.1,
+    )
+    result = trainer.fit(first_version_agent, tasks, val_dataset=[{"id": "v0", "question": "Say hi."}])
+
+    # policy:2 and policy:3 were published and validated, but the traffic never left policy:1.
+    assert [i.resources_id for i in result.iterations] == ["policy:1", "policy:1", "policy:1"]
+    assert [i.val_reward for i in result.iterations] == [1.0, 1.0, 1.0]
+    assert (
+        "policy:2 kept out: validation reward 0 over 1 rollouts < policy:1's 1" in result.iterations[0].gate
+    )
+    assert "policy:3 kept out" in result.iterations[1].gate and result.iterations[2].gate is None
+    with Store.connect(f"chdb://{tmp_path / 'fit' / 'store'}") as store:
+        assert [r.version for r in store.resources("policy")] == [1, 2, 3]
+        decisions = gate.decisions(store, "policy")
+        assert sorted(decisions) == [2, 3] and not any(d.accepted for d in decisions.values())
+        # The candidates answered their validation by name, before any traffic was routed to them.
+        validated = dict(
+            store.sql(
+                "SELECT ResourcesId, uniqExact(RolloutId) FROM rollout_spans FINAL "
+                "WHERE ServiceName = 'lightspan-fit-validation' GROUP BY ResourcesId ORDER BY 1"
+            ).rows
+        )
+        assert validated == {"policy:1": 3, "policy:2": 1, "policy:3": 1}
 
 
 def test_runner_pool_records_crashes_and_timeouts_and_never_hangs(tmp_path):

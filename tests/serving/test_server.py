@@ -428,7 +428,7 @@ def test_reload_under_load_drops_nothing(
         assert sequence[0] == "policy:1" and sequence[-1] == "policy:2"
         switch = sequence.index("policy:2")
         assert set(sequence[switch:]) == {"policy:2"}  # never back to the old version
-    assert [m.id for m in models_listed] == ["policy:2"]
+    assert [m.id for m in models_listed] == ["policy:2", "policy:1"]  # the routed one first
 
 
 def test_store_url_fallback_folder_and_broken_checkpoint(tmp_path: Path, models: dict[str, Path]) -> None:
@@ -554,3 +554,61 @@ def test_cli_rejects_a_missing_model(tmp_path: Path) -> None:
     usage = run_cli("serve", "--help").stdout
     usage = " ".join(usage.split())  # argparse wraps to the terminal's width
     assert "--allow-reload-path" in usage and '({"version": N})' in usage
+
+
+def test_requests_name_a_loaded_version_and_every_answer_names_its_version(
+    tmp_path: Path, models: dict[str, Path], reference: dict[str, Any]
+) -> None:
+    """`model="policy:N"` answers with version N while `model="policy"` answers with the routed one;
+    the newest `keep_versions` stay loaded, and an older or unknown version is a 404."""
+    from lightspan.store import Store
+
+    _, tokenizer = reference["m1"]
+    prompt = chat_ids(tokenizer, MESSAGES)
+    with torch.no_grad():
+        first_step = {
+            name: reference[name][0](torch.tensor([prompt])).logits[0, -1].log_softmax(-1) for name in models
+        }
+
+    def ask(client: openai.OpenAI, model: str) -> tuple[str, str]:
+        """(the version the response names, the reference model whose distribution produced it)."""
+        response = client.chat.completions.create(
+            model=model, messages=MESSAGES, max_tokens=1, logprobs=True, extra_body={"return_token_ids": True}
+        )
+        token, logprob = response.choices[0].token_ids[0], response.choices[0].logprobs.content[0].logprob
+        (source,) = [n for n, dist in first_step.items() if abs(dist[token].item() - logprob) < 1e-4]
+        return response.model, source
+
+    with Store.connect(f"chdb://{tmp_path / 'store'}") as store:
+        for name in ("m1", "m2"):
+            store.publish_resource("policy", "checkpoint", uri=str(models[name]))
+        with InferenceServer(
+            store=store, resource="policy", port=0, poll_seconds=0.1, keep_versions=2
+        ) as server:
+            client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+            assert ask(client, "policy") == ("policy:2", "m2")
+            store.publish_resource("policy", "checkpoint", uri=str(models["m1"]))
+            deadline = time.monotonic() + 30
+            while server.model.id != "policy:3" and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert ask(client, "policy") == ("policy:3", "m1")
+            assert ask(client, "policy:2") == ("policy:2", "m2")  # side by side with the routed one
+            assert ask(client, "policy:3") == ("policy:3", "m1")
+            assert [m.id for m in client.models.list().data] == ["policy:3", "policy:2"]
+            assert client.models.retrieve("policy:2").id == "policy:2"
+            completion = client.completions.create(model="policy:2", prompt="hi", max_tokens=1)
+            assert completion.model == "policy:2"
+            for missing, why in (("policy:1", "published but not loaded"), ("policy:9", "no such version")):
+                with pytest.raises(openai.NotFoundError) as caught:
+                    ask(client, missing)
+                error = caught.value.body
+                assert error["code"] == "model_not_found" and error["param"] == "model", error
+                assert why in error["message"] and "loaded: policy:3, policy:2" in error["message"]
+            assert server.health()["loaded"] == ["policy:3", "policy:2"]
+
+
+def test_keep_versions_must_be_positive(models: dict[str, Path]) -> None:
+    from lightspan.errors import InvalidInput
+
+    with pytest.raises(InvalidInput, match="--keep-versions must be at least 1"):
+        InferenceServer(models["m1"], keep_versions=0)

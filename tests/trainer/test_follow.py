@@ -93,3 +93,129 @@ def test_follow_trains_each_version_on_its_own_groups_only(tmp_path, tiny):
         assert manifest["tasks"] == ["task-4-0", "task-4-1"] and manifest["rollouts"] == 8
     weights = [load_weights(r.uri) for r in versions]  # each version loads as a Hugging Face model
     assert all(changed_tensors(parent, child) for parent, child in pairwise(weights))
+
+
+@pytest.mark.slow
+def test_follow_with_a_gate_keeps_the_incumbent_when_the_new_version_validates_worse(tmp_path, tiny):
+    """Each new version waits for its validation rollouts; one worse than the incumbent by more than
+    the margin gets no traffic, so the next iteration trains on the incumbent's rollouts."""
+    from lightspan.serving.server import serving_version_for
+    from lightspan.store import gate
+    from tests.store.test_gate import validate
+
+    out = tmp_path / "ckpt"
+    with (
+        Collector(f"chdb://{tmp_path / 'store'}", grpc_port=0, http_port=0, sql_port=0) as collector,
+        Store.connect(f"chdb://{tmp_path / 'store'}") as store,
+    ):
+        config = tmp_path / "follow.yaml"
+        config.write_text(
+            f"store: {collector.sql_url}\n"
+            f"model: {{path: {tiny}}}\n"
+            "selection: {min_group_size: 4, service: synthetic-agent}\n"
+            "algorithm: {name: grpo}\n"
+            "optim: {lr: 0.001}\n"
+            "schedule: {micro_batch_size: 4, global_batch_size: 8}\n"
+            f"output: {{dir: {out}, resource_name: policy}}\n"
+            "follow: {min_groups: 2, iterations: 2, poll_seconds: 0.2, steps_per_iteration: 1}\n"
+            "gate: {margin: 0.1, service: validation, min_rollouts: 4}\n"
+        )
+        trainer = subprocess.Popen(
+            [sys.executable, "-m", "lightspan.trainer", "--follow", "--config", str(config)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            wait_for_version(store, 1, trainer)
+            validate(store, "policy:1", [1.0, 1.0, 0.0, 1.0])  # the incumbent: 0.75
+            store.insert_spans(
+                arithmetic_rollouts(
+                    tasks=2, samples=4, start_ns=time.time_ns(), seed=2, resources_id="policy:1"
+                )
+            )
+            wait_for_version(store, 2, trainer)
+            assert store.latest_resource("policy").metadata["gate"] == {
+                "margin": 0.1,
+                "service": "validation",
+            }
+            assert serving_version_for(store, "policy").id == "policy:1"  # no traffic before the gate
+            validate(store, "policy:2", [1.0, 0.0, 0.0, 1.0])  # 0.5 < 0.75 - 0.1: kept out
+            deadline = time.monotonic() + 120
+            while 2 not in gate.decisions(store, "policy") and time.monotonic() < deadline:
+                time.sleep(0.2)
+            assert not gate.decisions(store, "policy")[2].accepted
+            assert serving_version_for(store, "policy").id == "policy:1"
+            # Traffic stayed on policy:1, so its rollouts are the next iteration's data.
+            store.insert_spans(
+                arithmetic_rollouts(
+                    tasks=2, samples=4, start_ns=time.time_ns(), seed=5, resources_id="policy:1"
+                )
+            )
+            wait_for_version(store, 3, trainer)
+            validate(store, "policy:3", [1.0, 1.0, 1.0, 0.0])  # 0.75 >= 0.65: promoted
+            assert trainer.wait(timeout=120) == 0, trainer.stderr.read()
+            stderr = trainer.stderr.read()
+        finally:
+            if trainer.poll() is None:
+                trainer.kill()
+        decisions = gate.decisions(store, "policy")
+        assert [decisions[v].accepted for v in (2, 3)] == [False, True]
+        assert serving_version_for(store, "policy").id == "policy:3"
+        assert f"gate: {decisions[2].reason}" in stderr and f"gate: {decisions[3].reason}" in stderr
+        manifest = json.loads((out / "data" / "rank-0-of-1.json").read_text())
+        assert manifest["resources_ids"] == ["policy:1"] and manifest["tasks"] == ["task-5-0", "task-5-1"]
+
+
+@pytest.mark.slow
+def test_follow_waits_the_grace_period_so_late_rewards_train_with_their_rollouts(tmp_path, tiny):
+    """The episodes land without rewards; the users' verdicts follow a moment later as feedback spans
+    of another service. With `follow.grace_seconds` the trainer waits until the rollouts have been
+    quiet that long, so it trains on the verdicts (reward mean 0.5), not on rewardless episodes."""
+    from tests.helpers.production import feedback
+
+    out = tmp_path / "ckpt"
+    with (
+        Collector(f"chdb://{tmp_path / 'store'}", grpc_port=0, http_port=0, sql_port=0) as collector,
+        Store.connect(f"chdb://{tmp_path / 'store'}") as store,
+    ):
+        config = tmp_path / "follow.yaml"
+        config.write_text(
+            f"store: {collector.sql_url}\n"
+            f"model: {{path: {tiny}}}\n"
+            "selection: {min_group_size: 4}\n"
+            "algorithm: {name: grpo}\n"
+            "optim: {lr: 0.001}\n"
+            "schedule: {micro_batch_size: 4, global_batch_size: 8}\n"
+            f"output: {{dir: {out}, resource_name: policy}}\n"
+            "follow: {min_groups: 2, iterations: 1, poll_seconds: 0.2, steps_per_iteration: 1, grace_seconds: 5}\n"
+        )
+        trainer = subprocess.Popen(
+            [sys.executable, "-m", "lightspan.trainer", "--follow", "--config", str(config)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            wait_for_version(store, 1, trainer)
+            spans = arithmetic_rollouts(
+                tasks=2, samples=4, start_ns=time.time_ns(), seed=6, resources_id="policy:1"
+            )
+            verdicts = {
+                s.attributes["lightspan.rollout.id"]: float(s.attributes["lightspan.reward.value"])
+                for s in spans
+                if s.name == "lightspan.reward"
+            }
+            store.insert_spans([s for s in spans if s.name != "lightspan.reward"])
+            time.sleep(1)  # the users take a moment
+            store.insert_spans(
+                [feedback(rid, value, at_ns=time.time_ns()) for rid, value in verdicts.items()]
+            )
+            wait_for_version(store, 2, trainer)
+            assert trainer.wait(timeout=120) == 0, trainer.stderr.read()
+        finally:
+            if trainer.poll() is None:
+                trainer.kill()
+        run = store.latest_resource("policy").metadata["run"]
+        assert store.metrics(run)["reward_mean"] == [(1, pytest.approx(0.5))]
+        assert sorted(verdicts.values()) == [0.0] * 4 + [1.0] * 4
