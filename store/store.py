@@ -573,8 +573,7 @@ class Store:
             WHERE {" AND ".join(having)}
             {"AND " + " AND ".join(conditions) if conditions else ""}
             ORDER BY {order}
-            {"LIMIT {limit:UInt64}" if limit is not None else ""}
-            SETTINGS optimize_aggregation_in_order = 1"""
+            {"LIMIT {limit:UInt64}" if limit is not None else ""}"""
         if limit is not None:
             params["limit"] = limit
         return query, params
