@@ -177,6 +177,7 @@ class Trainer:
                 )
         self.model = Path(model) if model is not None else None
         self.llm = llm
+        self.resource_versions: dict[str, Resource] = {}  # of initial_resources, once fit publishes them
         self.initial_resources = {
             name: value if isinstance(value, PromptTemplate) else PromptTemplate(value)
             for name, value in (initial_resources or {}).items()
@@ -251,6 +252,14 @@ class Trainer:
         """`fit` on a loop the caller started (and may have prepared: `lightspan demo` lands and
         trains its warm-up in it first)."""
         assert self.model is not None  # checked in __init__
+        from lightspan.loop.prompt_fit import published_version
+
+        # The prompts the agent is given are versions in the store too, so each rollout records
+        # them beside the model's (`policy:3,system_prompt:1`) and SQL groups rewards by both.
+        self.resource_versions = {
+            name: published_version(loop.store, name, template)
+            for name, template in self.initial_resources.items()
+        }
         per_iteration = min(self.tasks_per_iteration or len(train), len(train))
         loop.start_trainer(self.trainer_config(per_iteration), self.num_gpus)
         version = loop.wait_for_version(0, timeout=600)  # the trainer publishes the base model first
@@ -386,7 +395,10 @@ class Trainer:
 
     def jobs(self, tasks: Sequence[Any], samples: int, version: Resource, kind: str) -> list[Job]:
         """The rollouts of one round: `samples` per task, run by `version`, with the resources."""
-        return jobs_for(tasks, samples, version.id, f"{self.run}/{version.id}/{kind}", self.initial_resources)
+        resources_id = ",".join([version.id, *(r.id for r in self.resource_versions.values())])
+        return jobs_for(
+            tasks, samples, resources_id, f"{self.run}/{version.id}/{kind}", self.initial_resources
+        )
 
     @staticmethod
     def _mean_reward(outcomes: Sequence[Outcome]) -> float:

@@ -76,7 +76,7 @@ def _ids(tasks: Sequence[Any], what: str) -> list[str]:
     return ids
 
 
-def _published(store: Any, name: str, template: PromptTemplate) -> Resource:
+def published_version(store: Any, name: str, template: PromptTemplate) -> Resource:
     """The stored version holding `template`, published now when none does."""
     for version in reversed(store.resources(name)):
         if version.content == template.template:
@@ -104,7 +104,7 @@ def search_prompts(
     tasks = {task_id_of(t): t for t in [*train, *val]}
     Search.check(apo, train_ids, val_ids)
     with ClosedLoop(workdir=trainer.workdir, store_url=trainer.store, resource=name) as loop:
-        versions = {n: _published(loop.store, n, t) for n, t in trainer.initial_resources.items()}
+        versions = {n: published_version(loop.store, n, t) for n, t in trainer.initial_resources.items()}
         done = next((r for r in loop.store.resources(name) if r.metadata.get("search") == trainer.run), None)
         grpc = loop.collector.grpc_endpoint
         record, close_recorder = failed_rollout_recorder(grpc, SEARCH_SERVICE)

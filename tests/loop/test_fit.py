@@ -149,7 +149,7 @@ def test_runner_pool_records_crashes_and_timeouts_and_never_hangs(tmp_path):
         assert ("y-hang", 0, 1) in errors and ("y-hang", 1, 1) in errors  # both timed-out attempts recorded
 
 
-def test_agents_get_the_resources_their_signature_names():
+def test_agents_get_the_resources_their_signature_names(tmp_path):
     """fit's part of #18: initial_resources reach an agent as the keyword arguments it names
     (or all of them through **kwargs), and an agent that names none is called as (task, llm)."""
     from lightspan.loop.runner import _run_job, resource_arguments
@@ -173,6 +173,14 @@ def test_agents_get_the_resources_their_signature_names():
     trainer = Trainer(model="unused", initial_resources={"greeting": "hello {name}"}, run="r")
     (job,) = trainer.jobs([{"id": "t"}], 1, Resource("policy", 3, "checkpoint"), "train")
     assert (job.resources_id, job.resources) == ("policy:3", (("greeting", greeting),))
+    # fit publishes them first (once per template), and each rollout records their versions too.
+    from lightspan.loop.prompt_fit import published_version
+
+    with Store.connect(f"chdb://{tmp_path / 'store'}") as store:
+        trainer.resource_versions = {"greeting": published_version(store, "greeting", greeting)}
+        assert published_version(store, "greeting", greeting).version == 1
+    (job,) = trainer.jobs([{"id": "t"}], 1, Resource("policy", 3, "checkpoint"), "train")
+    assert job.resources_id == "policy:3,greeting:1"
 
 
 FIT_SCRIPT = """
