@@ -54,6 +54,9 @@ OPTIONAL = {
     "lightspan.instrumentation.tokens": {
         "openai": "runs only after the app itself imported openai (a post-import hook)",
     },
+    "lightspan.store.export": {
+        "datasets": "only `lightspan export --format hf`, a command of [train], which brings it",
+    },
 }
 STORE_COMMANDS = (
     ("store", "--help"),
