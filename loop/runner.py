@@ -32,6 +32,8 @@ from lightspan.errors import LightspanError
 from lightspan.instrumentation import episodes
 from lightspan.types import LLM
 
+STOP_TIMEOUT = 30.0  # seconds runners have to finish their rollouts in flight once asked to stop
+
 Agent = Callable[[Any, LLM], Any]
 
 
@@ -183,12 +185,17 @@ class _Runner:
         self.process.join(5)
         self.conn.close()
 
-    def stop(self) -> None:
+    def request_stop(self) -> None:
+        """Ask the runner to finish its rollouts in flight and exit, without waiting."""
         try:
             self.conn.send(None)
         except OSError:
             pass
-        self.process.join(30)
+
+    def stop(self, timeout: float = STOP_TIMEOUT) -> None:
+        """Ask, then kill the runner if it has not exited within `timeout` seconds."""
+        self.request_stop()
+        self.process.join(timeout)
         if self.process.is_alive():
             self.kill()
 
@@ -275,8 +282,13 @@ class RunnerPool:
                 yield Outcome(job, None, reason)
 
     def close(self) -> None:
+        # All runners are asked at once and waited for against one deadline (Ctrl-C waits for the
+        # slowest runner's rollouts in flight, not for each runner's in turn).
         for runner in self._runners:
-            runner.stop()
+            runner.request_stop()
+        deadline = time.monotonic() + STOP_TIMEOUT
+        for runner in self._runners:
+            runner.stop(max(0.0, deadline - time.monotonic()))
 
 
 def failed_rollout_recorder(

@@ -34,6 +34,7 @@ if TYPE_CHECKING:
 
 TRAIN_SERVICE = "lightspan-fit"
 VALIDATION_SERVICE = "lightspan-fit-validation"
+STOP_GRACE = 20.0  # seconds a child has to exit after SIGTERM before SIGKILL
 
 
 class Child:
@@ -57,14 +58,19 @@ class Child:
             tail = "".join(self.log.read_text(errors="replace").splitlines(keepends=True)[-25:])
             raise LightspanError(f"{self.name} exited with code {code}; last lines of {self.log}:\n{tail}")
 
-    def stop(self, grace: float = 20.0) -> None:
+    def terminate(self) -> None:
+        """Ask the child's process group to stop (SIGTERM), without waiting."""
         if self.process.poll() is None:
             os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(grace)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait()
+
+    def stop(self, grace: float = STOP_GRACE) -> None:
+        """SIGTERM, then SIGKILL once `grace` seconds have passed."""
+        self.terminate()
+        try:
+            self.process.wait(grace)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
         self._file.close()
 
 
@@ -201,8 +207,13 @@ class ClosedLoop:
 
     # --- shutdown -----------------------------------------------------------------------------
     def close(self) -> None:
+        # Every child is asked at once and waited for against one deadline, so Ctrl-C takes the
+        # slowest child's time, not the sum of each one's grace.
+        for child in self.children:
+            child.terminate()
+        deadline = time.monotonic() + STOP_GRACE
         for child in reversed(self.children):
-            child.stop()
+            child.stop(max(0.0, deadline - time.monotonic()))
         self.store.close()
         self.collector.stop()
 
