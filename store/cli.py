@@ -7,8 +7,14 @@ import csv
 import json
 import sys
 from datetime import datetime
+from typing import TYPE_CHECKING
 
 from lightspan.errors import InvalidInput
+
+if TYPE_CHECKING:
+    from rich.table import Table
+
+    from lightspan.store.store import RolloutSummary
 
 FORMATS = ("pretty", "json", "csv")
 
@@ -117,37 +123,46 @@ def _cmd_rollouts(args: argparse.Namespace) -> int:
             )
         return 0
     from rich.console import Console
+
+    Console().print(_rollouts_table(rollouts))
+    return 0
+
+
+def _rollouts_table(rollouts: list[RolloutSummary]) -> Table:
+    """The listing as a table for an 80-column terminal: the LLM calls and rewards of each rollout
+    rather than its span count; a column that says nothing for any of these rollouts (the task when
+    it is the rollout id, attempt 0, no resources, agents or errors) left out; the start to the
+    minute. `--format json` has every field in full."""
+    from rich import box
     from rich.table import Table
 
-    table = Table(
-        "rollout",
-        "task",
-        "attempt",
-        "service",
-        "agents",
-        "spans",
-        "llm",
-        "rewards",
-        "final reward",
-        "start",
-        "errors",
-    )
-    for r in rollouts:
-        table.add_row(
-            r.rollout_id,
-            r.task_id,
-            str(r.attempt),
-            r.service,
-            ",".join(r.agents),
-            str(r.spans),
-            str(r.llm_calls),
-            str(r.rewards),
-            "" if r.final_reward is None else f"{r.final_reward:g}",
-            r.start.strftime("%Y-%m-%d %H:%M:%S"),
-            str(r.errors) if r.errors else "",
-        )
-    Console().print(table)
-    return 0
+    columns: dict[str, list[str]] = {
+        "rollout": [r.rollout_id for r in rollouts],
+        "task": [r.task_id for r in rollouts],
+        "attempt": [str(r.attempt) for r in rollouts],
+        "service": [r.service for r in rollouts],
+        "resources": [r.resources_id for r in rollouts],
+        "agents": [",".join(r.agents) for r in rollouts],
+        "llm": [str(r.llm_calls) for r in rollouts],
+        "rewards": [str(r.rewards) for r in rollouts],
+        "reward": ["" if r.final_reward is None else f"{r.final_reward:g}" for r in rollouts],
+        "start (UTC)": [r.start.strftime("%m-%d %H:%M") for r in rollouts],
+        "errors": [str(r.errors) if r.errors else "" for r in rollouts],
+    }
+    silent = {
+        "task": all(r.task_id in ("", r.rollout_id) for r in rollouts),
+        "attempt": all(r.attempt == 0 for r in rollouts),
+        "resources": not any(r.resources_id for r in rollouts),
+        "agents": not any(r.agents for r in rollouts),
+        "errors": not any(r.errors for r in rollouts),
+    }
+    shown = [name for name in columns if not silent.get(name, False)]
+    table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, collapse_padding=True)
+    for name in shown:  # an id is what `lightspan show` needs: folded over lines, never cut
+        table.add_column(name, overflow="fold" if name in ("rollout", "task") else "ellipsis")
+    for row in zip(*(columns[name] for name in shown)):
+        table.add_row(*row)
+    return table
 
 
 def _cmd_show(args: argparse.Namespace) -> int:

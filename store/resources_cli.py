@@ -135,22 +135,21 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         console.print(f"no rollout with a reward recorded a version of {args.name!r} yet")
         return 0
     table = Table(
-        "version", "rollouts", "mean reward", "95% interval", f"p vs {comparison.reference}", "significant"
+        "version", "rollouts", "mean", "95% interval", f"p vs {comparison.reference}", "significant"
     )
     for v in comparison.versions:
-        interval = "" if v.low is None or v.high is None else f"[{v.low:.4f}, {v.high:.4f}]"
+        interval = "" if v.low is None or v.high is None else f"{v.low:.3f} to {v.high:.3f}"
         if v.version == comparison.reference:
             p_value, significant = "reference", ""
         elif v.p_value is None:
             p_value, significant = "", "too few rollouts"
         else:
-            p_value, significant = f"{v.p_value:.4g}", "yes" if v.significant else "no"
-        table.add_row(str(v.version), str(v.count), f"{v.mean:.4f}", interval, p_value, significant)
+            p_value, significant = f"{v.p_value:.3g}", "yes" if v.significant else "no"
+        table.add_row(str(v.version), str(v.count), f"{v.mean:.3f}", interval, p_value, significant)
     console.print(table)
-    console.print(
-        "intervals and tests use the normal approximation (Welch's statistic, p < 0.05)"
-        + ("; below 30 rollouts a version they are too narrow" if comparison.small else "")
-    )
+    console.print("mean final reward; intervals and tests: the normal approximation (Welch, p < 0.05)")
+    if comparison.small:
+        console.print("a version with fewer than 30 rollouts has too narrow an interval")
     if args.plot:
         _plot(comparison, args.plot)
         console.print(f"wrote {args.plot}")

@@ -67,6 +67,18 @@ def test_rollouts_and_show(filled):
     assert "[ERROR tool exploded]" in out
 
 
+def test_rollouts_table_fits_an_80_column_terminal(filled):
+    pretty = run_cli("rollouts", "--store", filled, env={"COLUMNS": "80"})
+    assert pretty.returncode == 0, pretty.stderr
+    lines = pretty.stdout.splitlines()
+    assert max(map(len, lines)) <= 80, pretty.stdout
+    header = lines[0].split()
+    # r-show has an error and a task of its own; no attempt or resources: those columns say nothing.
+    assert header[:2] == ["rollout", "task"] and "errors" in header, header
+    assert "attempt" not in header and "resources" not in header, header
+    assert lines[2].split()[:2] == ["r-show", "task-1"], pretty.stdout
+
+
 @pytest.mark.parametrize(
     "args, message",
     [

@@ -386,9 +386,10 @@ def test_route_promote_rollback_show_list_and_compare_from_the_command_line(stor
     code, out, _ = _cli(capsys, "resources", "compare", "system_prompt", "--plot", str(plot), "--store", url)
     assert code == 0, out
     lines = {line.split("│")[1].strip(): line for line in out.splitlines() if line.count("│") > 5}
-    assert "20" in lines["2"] and "0.5000" in lines["2"] and "reference" in lines["2"]
-    assert "1.0000" in lines["3"] and "yes" in lines["3"]
-    assert "below 30 rollouts a version they are too narrow" in out
+    assert "20" in lines["2"] and "0.500" in lines["2"] and "reference" in lines["2"]
+    assert "1.000" in lines["3"] and "yes" in lines["3"]
+    assert "fewer than 30 rollouts has too narrow an interval" in out
+    assert max(map(len, out.splitlines())) <= 80, out
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
