@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from typing import Any
 
 from lightspan.errors import InvalidInput
 from lightspan.store.cli import _open, _store_argument, _time
@@ -40,6 +41,7 @@ def _cmd_list(args: argparse.Namespace) -> int:
 
 
 def _cmd_show(args: argparse.Namespace) -> int:
+    from rich import box
     from rich.console import Console
     from rich.table import Table
 
@@ -48,24 +50,36 @@ def _cmd_show(args: argparse.Namespace) -> int:
         history = store.routes(args.name)
         versions = store.resources(args.name)
     console = Console()
-    table = Table("version", "kind", "created", "share", "content or uri", "metadata", title=args.name)
+    console.print(f"{args.name}: {versions[-1].kind}, {len(versions)} versions; route {route.describe()}")
+    # 80 columns: the uri in full (folded, never cut: it is what a user copies), metadata on a line below.
+    table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, collapse_padding=True)
+    for column in ("version", "created (UTC)", "share"):
+        table.add_column(column, no_wrap=True)
+    table.add_column("content or uri", overflow="fold")
     shares = dict(route.split)
     for r in versions:
         share = shares.get(r.version)
+        described = _preview(r.content) if r.kind == "prompt" else r.uri
         table.add_row(
             str(r.version),
-            r.kind,
-            r.created.strftime("%Y-%m-%d %H:%M:%S") if r.created else "",
+            r.created.strftime("%m-%d %H:%M") if r.created else "",
             "" if share is None else f"{share:.0%}",
-            _preview(r.content) if r.kind == "prompt" else r.uri,
-            json.dumps(r.metadata, ensure_ascii=False) if r.metadata else "",
+            "\n".join(filter(None, [described, _metadata_line(r.metadata)])),
         )
     console.print(table)
-    console.print(f"route: {route.describe()}")
+    console.print("route history:")
     for row in history:
         created = row.created.strftime("%Y-%m-%d %H:%M:%S") if row.created else ""
         console.print(f"  #{row.seq} {created} {row.action}: {row.shares}")
     return 0
+
+
+def _metadata_line(metadata: dict[str, Any]) -> str:
+    """A version's metadata in one line: its plain values, and the names of the nested ones (a
+    checkpoint's training metrics, a prompt's scores) that `Store.resources` returns in full."""
+    plain = [f"{key}={value}" for key, value in metadata.items() if not isinstance(value, dict | list)]
+    nested = [key for key, value in metadata.items() if isinstance(value, dict | list)]
+    return " ".join(plain + ([f"(also: {', '.join(nested)})"] if nested else []))
 
 
 def _cmd_publish(args: argparse.Namespace) -> int:
@@ -147,7 +161,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
             p_value, significant = f"{v.p_value:.3g}", "yes" if v.significant else "no"
         table.add_row(str(v.version), str(v.count), f"{v.mean:.3f}", interval, p_value, significant)
     console.print(table)
-    console.print("mean final reward; intervals and tests: the normal approximation (Welch, p < 0.05)")
+    console.print("final rewards; normal approximation (Welch's test, significant at p < 0.05)")
     if comparison.small:
         console.print("a version with fewer than 30 rollouts has too narrow an interval")
     if args.plot:

@@ -369,6 +369,7 @@ def test_route_promote_rollback_show_list_and_compare_from_the_command_line(stor
     assert code == 0 and "system_prompt" in out and "2 (90%), 3 (10%)" in out
     code, out, _ = _cli(capsys, "resources", "show", "system_prompt", "--store", url)
     assert code == 0 and "v3:" in out and "#2" in out and "promote: 2 (100%)" in out
+    assert max(map(len, out.splitlines())) <= 80, out
     code, out, _ = _cli(capsys, "resources", "promote", "system_prompt", "3", "--store", url)
     code, out, _ = _cli(capsys, "resources", "rollback", "system_prompt", "--store", url)
     assert code == 0 and "rolled back to version 2" in out
