@@ -34,7 +34,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--port", type=int, default=8000, help="port; 0 picks a free one (default: %(default)s)"
     )
     parser.add_argument(
-        "--store", metavar="URL", help="store to poll: chdb:///dir or http://host:port (a collector)"
+        "--store",
+        metavar="URL",
+        help="store to poll: chdb:///dir or http://host:port (a collector); "
+        "default with --resource: $LIGHTSPAN_STORE or ./lightspan-data",
     )
     parser.add_argument("--resource", metavar="NAME", help="checkpoint resource name to serve and follow")
     parser.add_argument(
@@ -77,13 +80,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _run(args: argparse.Namespace) -> int:
     from lightspan.serving.server import InferenceServer
+    from lightspan.store.url import default_url
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     server = InferenceServer(
         args.model,
         host=args.host,
         port=args.port,
-        store=args.store,
+        store=args.store or (default_url() if args.resource else None),
         resource=args.resource,
         poll_seconds=args.poll_seconds,
         max_batch=args.max_batch,

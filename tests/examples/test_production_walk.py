@@ -36,11 +36,11 @@ import support_bot  # the example: its service name and its users' rule
 
 
 @contextmanager
-def serving(store: str, log: Path) -> Iterator[str]:
-    """`lightspan serve --resource policy --keep-versions 2`; yields its OpenAI base URL."""
+def serving(log: Path) -> Iterator[str]:
+    """`lightspan serve --resource policy --keep-versions 2` on $LIGHTSPAN_STORE; yields its base URL."""
     with open(log, "w") as err:  # a file, not a pipe a chatty server could fill
         process = subprocess.Popen(
-            [sys.executable, "-m", "lightspan", "serve", "--store", store, "--resource", "policy"]
+            [sys.executable, "-m", "lightspan", "serve", "--resource", "policy"]
             + ["--keep-versions", "2", "--port", "0", "--poll-seconds", "1"],
             stdout=subprocess.PIPE,
             stderr=err,
@@ -99,7 +99,7 @@ def test_from_production_traffic(
     #    until it is routed.
     _cli("resources", "publish", "policy", "--checkpoint", str(tiny))
     assert "route is now 1 (100%)" in _cli("resources", "promote", "policy", "1")
-    with serving(store, tmp_path / "serve.log") as base_url:
+    with serving(tmp_path / "serve.log") as base_url:
         env = {
             "OTEL_EXPORTER_OTLP_ENDPOINT": collector_process.http_endpoint,
             "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf",
