@@ -740,25 +740,20 @@ class Store:
         """
         route = self.route(name)
         prefix = f"{name}:"
-        element = "arrayFirst(x -> startsWith(x, {prefix:String}), arrayMap(trimBoth, splitByChar(',', ResourcesId)))"
+        # The rollouts `rollouts()` reports (a trace's spans join the rollout its root names, late
+        # rewards included), each counted for the version of `name` it recorded.
+        per_rollout, params = self._rollout_query(
+            filters={"since": since},
+            where="Reward IS NOT NULL AND position(ResourcesId, {prefix:String}) > 0",
+            order="RolloutId",
+            limit=None,
+        )
+        element = "arrayFirst(x -> startsWith(x, {prefix:String}), splitByChar(',', ResourcesId))"
         query = f"""
-            SELECT version, groupArray(final_reward) FROM (
-                SELECT RolloutId,
-                       max(toUInt32OrZero(substring({element}, {{offset:UInt32}}))) AS version,
-                       argMaxIf(Reward, (RewardFinal, RewardTime, SpanId), Reward IS NOT NULL) AS final_reward,
-                       min(Timestamp) AS start
-                FROM {ROLLOUT_SPANS} FINAL
-                WHERE RolloutId IN (
-                    SELECT RolloutId FROM {ROLLOUT_SPANS} WHERE position(ResourcesId, {{prefix:String}}) > 0
-                )
-                GROUP BY RolloutId
-                HAVING version > 0 AND final_reward IS NOT NULL
-                       {"AND start >= {since:DateTime64(9)}" if since is not None else ""}
-            )
-            GROUP BY version ORDER BY version"""
-        params: dict[str, Any] = {"prefix": prefix, "offset": len(prefix) + 1}
-        if since is not None:
-            params["since"] = since
+            SELECT toUInt32OrZero(substring({element}, {{offset:UInt32}})) AS version, groupArray(Reward)
+            FROM ({per_rollout})
+            GROUP BY version HAVING version > 0 ORDER BY version"""
+        params.update(prefix=prefix, offset=len(prefix) + 1)
         rewards = {int(v): [float(x) for x in values] for v, values in self.sql(query, params).rows}
         return compare_versions(name, rewards, route.primary)
 

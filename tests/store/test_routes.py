@@ -287,6 +287,22 @@ def test_compare_groups_final_rewards_by_the_version_each_rollout_recorded(store
     }
 
 
+def test_compare_counts_a_rollout_whose_ids_are_on_its_root_only(store):
+    """A non-Python app sets the rollout's ids on the root span only (tests/fixtures/otlp_js): its
+    reward span joins the rollout through the trace, in `compare` as in `rollouts()`."""
+    _publish(store, count=2)
+    now = time.time_ns()
+    spans = _rollout("js-1", "system_prompt:2", 1.0, now) + _rollout("js-2", "system_prompt:2", 0.0, now + 1)
+    for span in spans:
+        if span.parent_span_id:
+            for key in (semconv.ROLLOUT_ID, semconv.TASK_ID, semconv.ATTEMPT, semconv.RESOURCES_ID):
+                span.attributes.pop(key, None)
+    assert any(span.name == "lightspan.reward" and span.parent_span_id for span in spans)
+    store.insert_spans(spans)
+    (version,) = store.compare_versions("system_prompt").versions
+    assert (version.version, version.count, version.mean) == (2, 2, pytest.approx(0.5))
+
+
 def _later():
     from datetime import datetime, timedelta
 
