@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 from itertools import pairwise
+from pathlib import Path
 
 import pytest
 
@@ -33,6 +34,29 @@ def wait_for_version(store: Store, version: int, trainer: subprocess.Popen, time
     raise AssertionError(f"policy:{version} was not published within {timeout} s")
 
 
+def start_follow(tmp_path: Path, store_url: str, tiny: Path, out: Path, **sections: str) -> subprocess.Popen:
+    """`python -m lightspan.trainer --follow`: GRPO groups of 4 from `store_url`, `sections` (each a
+    YAML flow mapping: `follow`, and `selection` or `gate` to change or add) on top."""
+    body = {
+        "store": store_url,
+        "model": f"{{path: {tiny}}}",
+        "selection": "{min_group_size: 4}",
+        "algorithm": "{name: grpo}",
+        "optim": "{lr: 0.001}",
+        "schedule": "{micro_batch_size: 4, global_batch_size: 8}",
+        "output": f"{{dir: {out}, resource_name: policy}}",
+        **sections,
+    }
+    config = tmp_path / "follow.yaml"
+    config.write_text("".join(f"{key}: {value}\n" for key, value in body.items()))
+    return subprocess.Popen(
+        [sys.executable, "-m", "lightspan.trainer", "--follow", "--config", str(config)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
 @pytest.mark.slow
 def test_follow_trains_each_version_on_its_own_groups_only(tmp_path, tiny):
     out = tmp_path / "ckpt"
@@ -40,22 +64,12 @@ def test_follow_trains_each_version_on_its_own_groups_only(tmp_path, tiny):
         Collector(f"chdb://{tmp_path / 'store'}", grpc_port=0, http_port=0, sql_port=0) as collector,
         Store.connect(f"chdb://{tmp_path / 'store'}") as store,
     ):
-        config = tmp_path / "follow.yaml"
-        config.write_text(
-            f"store: {collector.sql_url}\n"
-            f"model: {{path: {tiny}}}\n"
-            "selection: {min_group_size: 4}\n"
-            "algorithm: {name: grpo}\n"
-            "optim: {lr: 0.001}\n"
-            "schedule: {micro_batch_size: 4, global_batch_size: 8}\n"
-            f"output: {{dir: {out}, resource_name: policy}}\n"
-            "follow: {min_groups: 2, iterations: 2, poll_seconds: 0.2, steps_per_iteration: 2}\n"
-        )
-        trainer = subprocess.Popen(
-            [sys.executable, "-m", "lightspan.trainer", "--follow", "--config", str(config)],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
+        trainer = start_follow(
+            tmp_path,
+            collector.sql_url,
+            tiny,
+            out,
+            follow="{min_groups: 2, iterations: 2, poll_seconds: 0.2, steps_per_iteration: 2}",
         )
         try:
             wait_for_version(store, 1, trainer)  # the base model, published so servers have a version
@@ -108,23 +122,14 @@ def test_follow_with_a_gate_keeps_the_incumbent_when_the_new_version_validates_w
         Collector(f"chdb://{tmp_path / 'store'}", grpc_port=0, http_port=0, sql_port=0) as collector,
         Store.connect(f"chdb://{tmp_path / 'store'}") as store,
     ):
-        config = tmp_path / "follow.yaml"
-        config.write_text(
-            f"store: {collector.sql_url}\n"
-            f"model: {{path: {tiny}}}\n"
-            "selection: {min_group_size: 4, service: synthetic-agent}\n"
-            "algorithm: {name: grpo}\n"
-            "optim: {lr: 0.001}\n"
-            "schedule: {micro_batch_size: 4, global_batch_size: 8}\n"
-            f"output: {{dir: {out}, resource_name: policy}}\n"
-            "follow: {min_groups: 2, iterations: 2, poll_seconds: 0.2, steps_per_iteration: 1}\n"
-            "gate: {margin: 0.1, service: validation, min_rollouts: 4}\n"
-        )
-        trainer = subprocess.Popen(
-            [sys.executable, "-m", "lightspan.trainer", "--follow", "--config", str(config)],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
+        trainer = start_follow(
+            tmp_path,
+            collector.sql_url,
+            tiny,
+            out,
+            selection="{min_group_size: 4, service: synthetic-agent}",
+            follow="{min_groups: 2, iterations: 2, poll_seconds: 0.2, steps_per_iteration: 1}",
+            gate="{margin: 0.1, service: validation, min_rollouts: 4}",
         )
         try:
             wait_for_version(store, 1, trainer)
@@ -179,22 +184,12 @@ def test_follow_waits_the_grace_period_so_late_rewards_train_with_their_rollouts
         Collector(f"chdb://{tmp_path / 'store'}", grpc_port=0, http_port=0, sql_port=0) as collector,
         Store.connect(f"chdb://{tmp_path / 'store'}") as store,
     ):
-        config = tmp_path / "follow.yaml"
-        config.write_text(
-            f"store: {collector.sql_url}\n"
-            f"model: {{path: {tiny}}}\n"
-            "selection: {min_group_size: 4}\n"
-            "algorithm: {name: grpo}\n"
-            "optim: {lr: 0.001}\n"
-            "schedule: {micro_batch_size: 4, global_batch_size: 8}\n"
-            f"output: {{dir: {out}, resource_name: policy}}\n"
-            "follow: {min_groups: 2, iterations: 1, poll_seconds: 0.2, steps_per_iteration: 1, grace_seconds: 5}\n"
-        )
-        trainer = subprocess.Popen(
-            [sys.executable, "-m", "lightspan.trainer", "--follow", "--config", str(config)],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
+        trainer = start_follow(
+            tmp_path,
+            collector.sql_url,
+            tiny,
+            out,
+            follow="{min_groups: 2, iterations: 1, poll_seconds: 0.2, steps_per_iteration: 1, grace_seconds: 5}",
         )
         try:
             wait_for_version(store, 1, trainer)
