@@ -484,28 +484,38 @@ class Store:
     def iter_rollouts(
         self, *, page: int = 1000, limit: int | None = None, **filters: Any
     ) -> Iterator[RolloutSummary]:
-        """Every rollout `rollouts(**filters)` selects, in rollout-id order, `page` at a time.
+        """Every rollout `rollouts(**filters)` selects, in rollout-id order, `page` keys at a time.
 
-        Keyset pagination on the rollout id, `rollout_spans`' sort key: each page is one bounded
-        query that starts after the last id of the previous one (the scan skips what came before),
-        so a selection of millions of rollouts streams in constant memory on the client and rows
-        arriving meanwhile never shift a page.
+        Keyset pagination on the rollout id, `rollout_spans`' sort key: each page is the range of
+        the next `page` stored keys after the previous page's last, found by reading the sort key in
+        order, and its query reads that range and the traces its rollouts name, by primary key. So
+        every page costs the same however many rollouts come before or after it, a selection of
+        millions streams in constant memory on the client, and rows arriving meanwhile never shift
+        a page. A page holds fewer rollouts than keys when the filters leave some out, or when a key
+        is a trace whose spans join a rollout named elsewhere.
         """
         where = filters.pop("where", None)
-        after: str | None = None
+        after = ""  # every stored key is longer
         left = limit
         while left is None or left > 0:
-            size = page if left is None else min(page, left)
+            keys, upto = self.sql(
+                f"SELECT count(), max(RolloutId) FROM (SELECT DISTINCT RolloutId FROM {ROLLOUT_SPANS}"
+                " WHERE RolloutId > {after:String} ORDER BY RolloutId LIMIT {page:UInt64})",
+                {"after": after, "page": page},
+            ).rows[0]
+            if not keys:
+                return
             query, params = self._rollout_query(
-                filters=filters, where=where, order="RolloutId", limit=size, after=after
+                filters=filters, where=where, order="RolloutId", limit=left, keys=(after, str(upto))
             )
             rows = self.sql(query, params).rows
             for row in rows:
                 yield _summary(row)
-            if len(rows) < size:
+            if left is not None:
+                left -= len(rows)
+            if keys < page:
                 return
-            after = rows[-1][0]
-            left = None if left is None else left - len(rows)
+            after = str(upto)
 
     def count_rollouts(self, **filters: Any) -> int:
         """How many rollouts `iter_rollouts(**filters)` yields (a progress bar's total)."""
@@ -520,9 +530,10 @@ class Store:
         where: str | None,
         order: str,
         limit: int | None,
-        after: str | None = None,
+        keys: tuple[str, str] | None = None,
     ) -> tuple[str, dict[str, Any]]:
-        """The summary query behind `rollouts` and `iter_rollouts`: one row per rollout."""
+        """The summary query behind `rollouts` and `iter_rollouts`: one row per rollout; with `keys`
+        (after, upto), only the rollouts whose ids lie in that range of stored keys."""
         unknown = set(filters) - _ROLLOUT_FILTERS
         if unknown:
             raise TypeError(f"unknown rollout filters: {sorted(unknown)}")
@@ -552,19 +563,20 @@ class Store:
         conditions = []
         if where is not None and where.strip():
             conditions.append(f"({where})")
-        # A page starts after the previous page's last rollout id, in the table's sort order: the
-        # scan skips what came before and, read in order, stops once the page is full. Spans kept
-        # under their trace's id are read whatever their key, as their trace may name a rollout
-        # of this page.
-        scan = ""
-        if after is not None:
-            scan = "WHERE RolloutId > {after:String} OR RolloutId = TraceId"
-            having.append("Rollout > {after:String}")
-            params["after"] = after
+        # A page (`iter_rollouts`) is a range of stored keys: the spans stored under them, and the
+        # spans stored under the ids of the traces they are in (the spans of those traces that name
+        # no rollout), all read by primary key, as are the traces' mappings.
+        scan, traces = "", ""
+        if keys is not None:
+            in_range = f"SELECT TraceId FROM {ROLLOUT_SPANS} WHERE RolloutId > {{after:String}} AND RolloutId <= {{upto:String}}"
+            scan = f"WHERE RolloutId > {{after:String}} AND RolloutId <= {{upto:String}} OR RolloutId IN ({in_range})"
+            traces = f"WHERE TraceId IN ({in_range})"
+            having.append("Rollout > {after:String} AND Rollout <= {upto:String}")
+            params.update(after=keys[0], upto=keys[1])
         # The service of a rollout is its first span's: a late reward sent by another service
         # (a feedback endpoint) joins the rollout without moving it to that service.
         query = f"""
-            WITH traces AS ({_traces_naming_one_rollout()})
+            WITH traces AS ({_traces_naming_one_rollout(traces)})
             SELECT Rollout AS RolloutId, task AS TaskId, attempt AS Attempt, service AS ServiceName,
                    resources AS ResourcesId, agents AS AgentNames, spans AS Spans, llm_calls AS LLMCalls,
                    rewards AS Rewards, final_reward AS Reward, last_reward AS LastReward,

@@ -7,6 +7,7 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
+from lightspan import semconv
 from lightspan.errors import InvalidInput
 from tests.helpers import production
 
@@ -48,6 +49,30 @@ def test_iter_rollouts_pages_through_everything_once_in_order(store) -> None:
     assert store.count_rollouts(where="Reward >= 1") == len(
         list(store.iter_rollouts(page=2, where="Reward >= 1"))
     )
+
+
+def test_pages_join_spans_that_name_no_rollout_to_the_rollout_their_trace_names(store) -> None:
+    """Ids on each trace's root only, as a non-Python app sets them: the other spans are stored
+    under their trace's id, which sorts into some other page's range of keys; every page size must
+    still give each rollout all of its spans, once, as the unpaged listing does."""
+    spans = production.traffic(9, start_ns=START, seed=5)
+    for span in spans:
+        if span.parent_span_id:
+            for key in (semconv.ROLLOUT_ID, semconv.TASK_ID, semconv.AGENT_NAME):
+                span.attributes.pop(key, None)
+    store.insert_spans(spans)
+
+    def listed(rollouts) -> list[tuple]:
+        return [(r.rollout_id, r.spans, r.llm_calls, r.final_reward) for r in rollouts]
+
+    whole = listed(store.rollouts(limit=None))
+    assert len(whole) == 9 and all(llm_calls == 2 for _, _, llm_calls, _ in whole), whole
+    for page in (1, 2, 4, 100):
+        assert listed(store.iter_rollouts(page=page)) == sorted(whole), page
+        assert listed(store.iter_rollouts(page=page, where="Reward >= 1")) == [
+            row for row in sorted(whole) if row[3] == 1.0
+        ]
+    assert listed(store.iter_rollouts(page=2, limit=3)) == sorted(whole)[:3]
 
 
 def test_rollouts_without_task_ids_spread_over_ranks(store) -> None:
