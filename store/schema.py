@@ -564,6 +564,35 @@ ORDER BY (Name, Seq)""",
     ]
 
 
+# Parts up to this many uncompressed bytes are written Packed: the whole part in one file.
+PACKED_PART_BYTES = 16 << 20
+
+
+def _packed_parts(d: _DDL) -> list[str]:
+    """Small parts of the span tables and the tables their views feed in one file each (Packed).
+
+    The commit of a small batch, which is what an idle collector makes of each export (adaptive
+    group commit), was mostly fixed cost: one part in each of four tables, 10-13 files a part
+    even Compact, and creating a file costs 0.4-0.5 ms of kernel CPU on an ext4 without a journal
+    (it scans recently freed inodes). A Packed part is one `data.packed` file; parts past
+    `PACKED_PART_BYTES` (big batches, merges) are written as before. Measured on the store's own
+    insert path (1-span and 512-span Native inserts, merges stopped, 2-core VM, shared): CPU per
+    insert 48-60 -> 28-31 ms and 52-65 -> 32-34 ms. What is stored and read is unchanged; merges
+    and mutations read Packed parts like any other.
+
+    ClickHouse documents the setting as a ClickHouse Cloud feature; the ClickHouse inside chDB
+    (4.4, ClickHouse 26.9) writes, merges, mutates and reloads such parts (tests/store). Not
+    verified against a ClickHouse server here, and a cluster gets nothing: Packed parts under
+    replication are not verified either.
+    """
+    if d.options.cluster:
+        return []
+    return [
+        f"ALTER TABLE {table} MODIFY SETTING min_bytes_for_full_part_storage = {PACKED_PART_BYTES}"
+        for table in (TRACES, TRACE_ID_TS, ROLLOUT_SPANS, ROLLOUT_TRACES)
+    ]
+
+
 # Numbered migrations. Append new ones; never edit one that has shipped.
 MIGRATIONS = (
     (1, "otel_traces as the OpenTelemetry ClickHouse exporter creates it", _traces),
@@ -574,6 +603,7 @@ MIGRATIONS = (
     (6, "rollout_spans IsLLMCall, AgentName and rewards follow semconv's rules", _rules_from_semconv),
     (7, "a rollout is its traces: rollout_traces; Agent Lightning ids and rewards", _rollouts_from_traces),
     (8, "resource_routes: canaries, splits, promotions and rollbacks", _resource_routes),
+    (9, "small span parts written Packed, one file each", _packed_parts),
 )
 
 LATEST_VERSION = MIGRATIONS[-1][0]
