@@ -31,10 +31,12 @@ SCHEMA_VERSION = "schema_version"
 
 @dataclass(frozen=True)
 class SchemaOptions:
-    """Knobs that change the DDL: a cluster for replicated deployments, an optional TTL."""
+    """Knobs that change the DDL: a cluster for replicated deployments, an optional TTL, and
+    whether the store is the embedded chDB one (settings verified only there, migration 9)."""
 
     cluster: str | None = None
     ttl_days: int | None = None
+    embedded: bool = False
 
 
 def _attr(key: str) -> str:
@@ -580,12 +582,12 @@ def _packed_parts(d: _DDL) -> list[str]:
     insert 48-60 -> 28-31 ms and 52-65 -> 32-34 ms. What is stored and read is unchanged; merges
     and mutations read Packed parts like any other.
 
-    ClickHouse documents the setting as a ClickHouse Cloud feature; the ClickHouse inside chDB
-    (4.4, ClickHouse 26.9) writes, merges, mutates and reloads such parts (tests/store). Not
-    verified against a ClickHouse server here, and a cluster gets nothing: Packed parts under
-    replication are not verified either.
+    ClickHouse documents the setting as a ClickHouse Cloud feature. The ClickHouse inside chDB
+    (4.4, ClickHouse 26.9) writes, merges, mutates and reloads such parts (tests/store), so the
+    embedded store, whose ClickHouse is the one we ship and test, gets it; a ClickHouse server or
+    cluster gets nothing (its owner's version and support are not ours to assume).
     """
-    if d.options.cluster:
+    if not d.options.embedded:
         return []
     return [
         f"ALTER TABLE {table} MODIFY SETTING min_bytes_for_full_part_storage = {PACKED_PART_BYTES}"

@@ -222,7 +222,7 @@ class Store:
     def __init__(self, client: Any, url: StoreURL):
         self._client = client
         self.url = url
-        self.options = SchemaOptions(cluster=url.cluster)
+        self.options = SchemaOptions(cluster=url.cluster, embedded=url.embedded)
 
     # --- connection -----------------------------------------------------------------------------
     @classmethod

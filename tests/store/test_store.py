@@ -388,6 +388,9 @@ def test_cluster_ddl_uses_on_cluster_replicated_and_distributed():
     single = "\n".join(s for v in (1, 2, 3, 4, 5, 6, 8) for s in migration_statements(v, SchemaOptions()))
     assert "ON CLUSTER" not in single and "Distributed" not in single and "Replicated" not in single
     assert parse_store_url("http://u:p@h:9000/db?cluster=prod").cluster == "prod"
+    # Packed parts (migration 9) only where the ClickHouse is chDB's, verified here.
+    assert migration_statements(9, options) == migration_statements(9, SchemaOptions()) == []
+    assert len(migration_statements(9, SchemaOptions(embedded=True))) == 4
 
 
 def test_ttl_is_optional():
