@@ -337,11 +337,22 @@ class Store:
         for number, description, _ in MIGRATIONS:
             if number <= current:
                 continue
-            for statement in migration_statements(number, self.options):
-                self.command(statement)
-            self._call(
-                "insert", SCHEMA_VERSION, [[number, description]], column_names=["Version", "Description"]
-            )
+            try:
+                for statement in migration_statements(number, self.options):
+                    self.command(statement)
+                self._call(
+                    "insert", SCHEMA_VERSION, [[number, description]], column_names=["Version", "Description"]
+                )
+            except InvalidInput as error:
+                # Typically a newer Lightspan reaching a collector that an older one started: the
+                # collector's SQL endpoint takes no schema changes, its owner migrates at start.
+                raise InvalidInput(
+                    f"{self.url} has schema version {current} and this Lightspan needs "
+                    f"{LATEST_VERSION}, but migration {number} was refused: {error} "
+                    "(a collector serving the store migrates it when it starts: restart it with "
+                    "this version of Lightspan, or run `lightspan store migrate` as a user allowed "
+                    "to change the schema)"
+                ) from None
             applied.append(number)
         return applied
 

@@ -318,3 +318,26 @@ def test_the_reader_only_reads_and_the_writer_writes_lightspan_s_tables(secured)
     for token in (None, "wrong"):
         status, body, _ = _post(c, "SELECT 1", token)
         assert status == 403 and "AUTHENTICATION_FAILED" in body
+
+
+def test_a_newer_lightspan_is_told_the_collector_must_migrate_its_store(secured, monkeypatch):
+    """A release with a migration the running collector lacks opens its store through the SQL
+    endpoint: the schema change is refused (only the collector changes its schema, at start), with
+    one message that says which versions and what to do, and nothing changed."""
+    from lightspan.store import schema, store
+
+    c, _ = secured
+    newer = schema.LATEST_VERSION + 1
+    migration = (newer, "a later release's table", lambda d: ["CREATE TABLE later (x UInt8) ENGINE = Log"])
+    monkeypatch.setattr(schema, "MIGRATIONS", (*schema.MIGRATIONS, migration))
+    monkeypatch.setattr(store, "MIGRATIONS", schema.MIGRATIONS)
+    monkeypatch.setattr(store, "LATEST_VERSION", newer)
+    url = f"http://default:{WRITER}@127.0.0.1:{c.sql_port}/default"
+    with pytest.raises(InvalidInput) as refused:
+        Store.connect(url)
+    message = str(refused.value)
+    assert f"has schema version {newer - 1} and this Lightspan needs {newer}" in message
+    assert f"migration {newer} was refused: Code: 164" in message and "restart it" in message
+    with Store.connect(url, migrate=False) as opened:
+        assert opened.schema_version() == newer - 1
+        assert not opened.sql("EXISTS TABLE later").scalar()
