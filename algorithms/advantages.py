@@ -38,6 +38,21 @@ mean_norm). Two departures from verl-agent's `compute_gigpo_outcome_advantage`: 
 of one gets A_episode = 0 (verl-agent: the raw return), as every estimator here; and an anchor
 state counts only when two rollouts reached it (verl-agent also groups one rollout's repeated
 visits of a state).
+
+The `decomposed` estimator keeps the two terms apart by source of reward, so that neither takes
+the other's share of a group normalised to unit spread: A = A_outcome + step_weight * A_step.
+A_outcome is GRPO over each call's final reward (its rollout's, as `credit.assign` reads it:
+the last call's) within its task group, exactly the advantage identical credit grouped by task
+gives every call (Agent Lightning's scheme). A_step is GRPO over the call's own intermediate
+rewards only (the reward spans credited to it; 0 for a call with none) within the group
+`group_by` gives it (`task_step`, or `state` with its fallback to the task group). It reads
+`final_reward` and `rewards`, not `credited_return`: the credit strategy does not enter. Unlike
+GiGPO, the final reward is not in the step term (a discounted return would carry it there too)
+and the intermediate rewards are not in the outcome term (GiGPO's episode total), so a group
+where the right working tool and the wrong working tool both earned 0.2 still separates them by
+the final reward at identical credit's full strength; the intermediate reward adds its own
+normalised comparison on top. With `group_by="batch"` both terms are grouped by batch (traffic
+whose tasks never repeat); with `task` the step term compares a call with every call of its task.
 """
 
 from __future__ import annotations
@@ -56,8 +71,8 @@ from lightspan.types import Transition
 Scale = Literal["group", "batch", "none"]
 GroupBy = Literal["task", "task_step", "state", "batch"]
 GROUP_BY: tuple[str, ...] = ("task", "task_step", "state", "batch")
-Estimator = Literal["grpo", "rloo", "reinforce_pp", "gigpo"]
-ESTIMATORS: tuple[str, ...] = ("grpo", "rloo", "reinforce_pp", "gigpo")
+Estimator = Literal["grpo", "rloo", "reinforce_pp", "gigpo", "decomposed"]
+ESTIMATORS: tuple[str, ...] = ("grpo", "rloo", "reinforce_pp", "gigpo", "decomposed")
 EPISODE_GROUP_BY: tuple[str, ...] = ("task", "batch")  # the groups GiGPO's episode term accepts
 EPS = 1e-6
 
@@ -180,6 +195,30 @@ def gigpo(
     return per_episode[episode] + step_weight * grpo(step_returns, state_groups, scale=scale, eps=eps)
 
 
+def decomposed(
+    final_returns: Sequence[float] | np.ndarray,
+    outcome_groups: Sequence[Hashable] | np.ndarray,
+    step_rewards: Sequence[float] | np.ndarray,
+    step_groups: Sequence[Hashable] | np.ndarray,
+    step_weight: float = 1.0,
+    scale: Scale = "group",
+    eps: float = EPS,
+) -> np.ndarray:
+    """GRPO over the final reward plus `step_weight` x GRPO over the call's own intermediate reward.
+
+    Each term is normalised within its own groups (`outcome_groups`, `step_groups`), so the
+    outcome term is exactly GRPO on identical credit and the step term only adds to it.
+    """
+    if len(final_returns) != len(step_rewards):
+        raise InvalidInput(
+            f"final_returns and step_rewards differ in length: {len(final_returns)} vs {len(step_rewards)}"
+        )
+    if not (np.isfinite(step_weight) and step_weight >= 0):
+        raise InvalidInput(f"step_weight must be >= 0, got {step_weight}")
+    outcome = grpo(final_returns, outcome_groups, scale=scale, eps=eps)
+    return outcome + step_weight * grpo(step_rewards, step_groups, scale=scale, eps=eps)
+
+
 def group_keys(transitions: Sequence[Transition], group_by: GroupBy = "task") -> list[tuple[str, ...]]:
     """One group id per transition (see the module docstring for which grouping fits)."""
     if group_by == "task":
@@ -214,6 +253,15 @@ def episode_returns(transitions: Sequence[Transition]) -> list[float]:
     return [totals[t.rollout_id] + (last[t.rollout_id].final_reward or 0.0) for t in transitions]
 
 
+def final_returns(transitions: Sequence[Transition]) -> list[float]:
+    """Each call's final reward: that of its rollout's last call (in the order given, as
+    `credit.assign` reads it), 0 when it has none; identical credit's return."""
+    last: dict[str, Transition] = {}
+    for t in transitions:
+        last[t.rollout_id] = t
+    return [last[t.rollout_id].final_reward or 0.0 for t in transitions]
+
+
 def state_digest(transition: Transition) -> str:
     """What the model saw when it made this call: its prompt token ids when the engine recorded them,
     else its messages with whitespace normalised (so a re-rendered but identical prompt matches)."""
@@ -244,8 +292,9 @@ def compute(
 ) -> Sequence[Transition]:
     """Fill `advantage` from `credited_return` (see `credit.assign`), in place; returns its argument.
 
-    `scale` applies to GRPO and GiGPO only; RLOO leaves out the whole rollout of each transition.
-    `step_weight` is GiGPO's omega (the weight of its step term; the paper's default 1).
+    `scale` applies to GRPO, GiGPO and `decomposed` only; RLOO leaves out the whole rollout of each
+    transition. `step_weight` is the weight of the step term of GiGPO (the paper's omega, default
+    1) and of `decomposed`, which reads the final and intermediate rewards, not `credited_return`.
     """
     missing = [t.span_id for t in transitions if t.credited_return is None]
     if missing:
@@ -266,6 +315,10 @@ def compute(
         values = gigpo(
             episode_returns(transitions), groups, rollouts, returns, states, step_weight, scale, eps
         )
+    elif estimator == "decomposed":
+        outcome_groups = groups if group_by == "batch" else group_keys(transitions, "task")
+        own = [sum(t.rewards) for t in transitions]
+        values = decomposed(final_returns(transitions), outcome_groups, own, groups, step_weight, scale, eps)
     elif estimator == "grpo":
         values = grpo(returns, groups, scale=scale, eps=eps)
     elif estimator == "rloo":

@@ -118,6 +118,9 @@ CREDITS = ("identical", "discounted", "step")
 GROUPINGS = ("task", "task_step", "state")
 # GiGPO (`advantages.gigpo`): the episode term grouped by task plus the anchor-state step term
 GIGPO = tuple(f"{c}/task/gigpo" for c in CREDITS)
+# `advantages.decomposed`: identical/task's advantage plus a step term on the call's own
+# intermediate reward, grouped by task x step or anchor state (the credit does not enter: "step")
+DECOMPOSED = tuple(f"step/{g}/decomposed" for g in ("task_step", "state"))
 BASELINE = "identical/task"  # Agent Lightning: every call gets the final reward, grouped by task
 CALLS = 3  # LLM calls per episode: tool, tool, answer
 
@@ -386,7 +389,7 @@ def run_setting(config: Config, setting: str, seed: int, warm: Path, work: Path,
 
 
 def parse_setting(setting: str) -> tuple[str, str, str]:
-    """'CREDIT/GROUP_BY' (GRPO) or 'CREDIT/GROUP_BY/gigpo' → (credit, group_by, estimator)."""
+    """'CREDIT/GROUP_BY' (GRPO) or 'CREDIT/GROUP_BY/ESTIMATOR' → (credit, group_by, estimator)."""
     credit_name, group_by, *rest = setting.split("/")
     return credit_name, group_by, rest[0] if rest else "grpo"
 
@@ -409,7 +412,7 @@ def summarise(config: Config, curves: dict[str, list[list[float]]]) -> list[str]
     censored = config.updates + 1
     reach = {s: [updates_to(c, config.target) for c in cs] for s, cs in curves.items()}
     steps = {s: [censored if u is None else u for u in r] for s, r in reach.items()}
-    header = f"{'setting':<22}{'updates to ' + format(config.target, '.2f'):>19}{'reached':>9}"
+    header = f"{'setting':<26}{'updates to ' + format(config.target, '.2f'):>19}{'reached':>9}"
     lines = [header + f"{'final success':>17}{'ratio':>8}"]
     base = spread(steps[BASELINE])[0] if BASELINE in steps else None
     for setting, values in steps.items():
@@ -419,7 +422,7 @@ def summarise(config: Config, curves: dict[str, list[list[float]]]) -> list[str]
         ratio = f"{mean / base:8.2f}" if base else f"{'-':>8}"
         reached = f"{sum(u is not None for u in reach[setting])}/{len(values)}"
         lines.append(
-            f"{setting:<22}{mark:>5}{mean:6.1f} +- {sd:4.1f}{reached:>9}{final_mean:>9.3f} +- {final_sd:.3f}{ratio}"
+            f"{setting:<26}{mark:>5}{mean:6.1f} +- {sd:4.1f}{reached:>9}{final_mean:>9.3f} +- {final_sd:.3f}{ratio}"
         )
     step_level = [s for s in steps if not s.startswith("identical/")]
     if base and step_level:
@@ -478,7 +481,9 @@ def plot(config: Config, curves: dict[str, list[list[float]]], path: Path) -> No
             mean = [statistics.fmean(v) for v in zip(*runs)]
             sd = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in zip(*runs)]
             x = range(len(mean))
-            label = f"{credit_name} credit" + (", GiGPO" if estimator == "gigpo" else "")
+            label = {"gigpo": f"{credit_name} credit, GiGPO", "decomposed": "decomposed"}.get(
+                estimator, f"{credit_name} credit"
+            )
             (line,) = ax.plot(x, mean, label=label)
             ax.fill_between(
                 x,
@@ -532,12 +537,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.seeds:
         config = dataclasses.replace(config, seeds=tuple(args.seeds))
     if args.settings:
-        known = {f"{c}/{g}" for c in CREDITS for g in GROUPINGS} | set(GIGPO)
+        known = {f"{c}/{g}" for c in CREDITS for g in GROUPINGS} | set(GIGPO) | set(DECOMPOSED)
         unknown = [s for s in args.settings if s not in known]
         if unknown:
             raise SystemExit(
                 f"unknown settings {unknown}; use CREDIT/GROUP_BY with {CREDITS} x {GROUPINGS}, "
-                f"or one of {GIGPO}"
+                f"or one of {GIGPO + DECOMPOSED}"
             )
         config = dataclasses.replace(config, settings=tuple(args.settings))
     curves: dict[str, list[list[float]]] = {}
@@ -598,7 +603,7 @@ def report(
     seeds = len(next(iter(curves.values())))
     print(f"\nsuccess per update, mean over {seeds} seeds (update 0: after the warm-up)")
     names = list(curves)
-    short = {"identical": "ident", "discounted": "disc", "task_step": "t*step"}
+    short = {"identical": "ident", "discounted": "disc", "task_step": "t*step", "decomposed": "decomp"}
     for row, part in (("credit ", 0), ("group  ", 1), ("adv.   ", 2)):
         print(row + "".join(f"{short.get(p, p):>8}" for p in (parse_setting(n)[part] for n in names)))
     means = [[statistics.fmean(v) for v in zip(*curves[n])] for n in names]

@@ -32,7 +32,7 @@ import yaml
 from lightspan.algorithms.advantages import EPISODE_GROUP_BY
 from lightspan.errors import InvalidInput
 
-Algorithm = Literal["grpo", "rloo", "reinforce_pp", "gigpo", "sft"]
+Algorithm = Literal["grpo", "rloo", "reinforce_pp", "gigpo", "decomposed", "sft"]
 
 
 @dataclass
@@ -102,7 +102,7 @@ class AlgorithmConfig:
     gamma: float = 1.0
     group_by: Literal["task", "task_step", "state", "batch"] = "task"
     scale: Literal["group", "batch", "none"] = "group"  # GRPO and GiGPO advantage scaling
-    step_weight: float = 1.0  # gigpo: omega, the weight of the anchor-state step term
+    step_weight: float = 1.0  # gigpo and decomposed: the weight of the step term (gigpo's omega)
     clip_low: float = 0.2
     clip_high: float = 0.2
     dual_clip: float | None = None  # verl's clip_ratio_c (e.g. 3): bounds the loss of negative advantages

@@ -218,7 +218,13 @@ def test_demo_learning_benchmark_runs_the_recipe_at_toy_size():
 
 def test_credit_benchmark_runs_every_setting_it_is_given():
     updates = 2
-    settings = ("identical/task", "discounted/task_step", "step/state", "step/task/gigpo")
+    settings = (
+        "identical/task",
+        "discounted/task_step",
+        "step/state",
+        "step/task/gigpo",
+        "step/state/decomposed",
+    )
     output = run_benchmark("credit.py", "--quick", "--settings", *settings, timeout=300)
     # Success per update: one row per update plus the one after the last, a column per setting.
     rows = re.findall(r"^ +(\d+)((?: +\d\.\d\d)+)$", output, re.MULTILINE)
