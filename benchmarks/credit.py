@@ -104,9 +104,14 @@ the diagnosis named is not what holds the second factor back, or not all of it. 
 term (omega 0.5, `--set step_weight=0.5`, same seeds, 5 minutes on the then quieter machine)
 leaves it there too (0.62 for both groupings at update 20): > 16.6 +- 3.5 updates (4/5; 19, 16,
 12, 15, -) for state, ratio 0.81, spreads overlap, final 0.33 +- 0.17, paired +0.047 +- 0.018
-(5/5); task_step > 19.0 +- 2.1 (3/5), ratio 0.93, paired +0.034 +- 0.015 (5/5). What remains
-unexplained is why a second call trained on the same final-reward advantage learns more slowly
-when the first call of the same (shared-parameter) policy is also trained on a step term; the
+(5/5); task_step > 19.0 +- 2.1 (3/5), ratio 0.93, paired +0.034 +- 0.015 (5/5). A larger one
+(omega 2, state, 3 minutes): > 17.0 +- 3.4 (4/5; 19, 16, 12, 17, -), ratio 0.83, spreads
+overlap, final 0.36 +- 0.12, paired +0.051 +- 0.018 (5/5), second given first again 0.62. With
+omega 0 the setting reproduces identical/task's curve exactly (seed 0, all 21 values equal). So
+the second factor drops from 0.70 to 0.60-0.62 as soon as the step term is there, whatever its
+weight (0.5, 1, 2): not the gradient budget it takes. What remains unexplained is why a second
+call trained on the same final-reward advantage learns more slowly when the first call of the
+same (shared-parameter) policy is also trained on a step term; the
 ratio is set by the second factor and by copying (0.67-0.69 against 0.71 at update 20), which
 no setting measured here speeds up. Seed 4 fails for every setting (final success 0.03-0.15).
 """
