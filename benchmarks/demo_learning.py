@@ -218,10 +218,48 @@ def grpo_samples(step: Any, transitions: list[Any]) -> list[Any]:
     return samples
 
 
-def evaluate(view: Any, tasks: Sequence[Task], group: int, recipe: Recipe, seed: int) -> float:
+def kind(task: Task) -> str:
+    """The question's kind (capital, sum, weather, time, letters): the part of its id before the slug."""
+    return task["id"].split("-", 1)[0]
+
+
+def by_kind(tasks: Sequence[Task], values: Sequence[float], per_task: int) -> dict[str, float]:
+    """Mean of `values` (`per_task` consecutive values per task, in `tasks`' order) per kind."""
+    sums: dict[str, list[float]] = {}
+    for i, value in enumerate(values):
+        sums.setdefault(kind(tasks[i // per_task]), []).append(value)
+    return {k: sum(v) / len(v) for k, v in sums.items()}
+
+
+def evaluate(
+    view: Any, tasks: Sequence[Task], group: int, recipe: Recipe, seed: int
+) -> tuple[float, dict[str, float]]:
+    """Success over `group` samples of each task, overall and per kind."""
     with torch.inference_mode():
         _, rewards = play_batch(view, tasks, group, recipe, seed)
-    return sum(rewards) / len(rewards)
+    return sum(rewards) / len(rewards), by_kind(tasks, rewards, group)
+
+
+def copy_probability(view: Any, tasks: Sequence[Task]) -> dict[str, float]:
+    """Per kind, the policy's probability of answering with the observation once the right tool
+    has returned it (teacher-forced, exact): how well the second call copies, apart from the
+    tool choice. A kind whose values the warm-up showed rarely starts low here, and a group
+    whose samples all miss gives GRPO no gradient to raise it."""
+    tok = view.tokenizer
+    probabilities = []
+    view.model.eval()
+    with torch.inference_mode():
+        for task in tasks:
+            prompt = _prompt(tok, demo_task.second_messages(task, task["tool"], task["answer"]))
+            answer = [*tok.encode(task["answer"], add_special_tokens=False), tok.eos_token_id]
+            logits = view.model(torch.tensor([prompt + answer])).logits[0]
+            logprobs = logits[len(prompt) - 1 : -1].log_softmax(-1)
+            probabilities.append(float(logprobs[torch.arange(len(answer)), answer].sum().exp()))
+    return by_kind(tasks, probabilities, 1)
+
+
+def _kinds(values: dict[str, float]) -> str:
+    return " ".join(f"{k} {v:.2f}" for k, v in values.items())
 
 
 def warm_up(
@@ -314,7 +352,8 @@ def run(recipe: Recipe, work: Path, reuse_warmup: Path | None = None, verbose: b
     view = policy_view(step, warm)
     rng = random.Random(recipe.seed)
     curve: list[float] = []
-    validation = [evaluate(view, demo_task.VALIDATION_TASKS, 4, recipe, seed=10_000)]
+    validation = [evaluate(view, demo_task.VALIDATION_TASKS, 4, recipe, seed=10_000)[0]]
+    copying = [copy_probability(view, demo_task.TRAIN_TASKS)]
     timings["grpo_setup"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     for iteration in range(recipe.iterations):
@@ -333,10 +372,20 @@ def run(recipe: Recipe, work: Path, reuse_warmup: Path | None = None, verbose: b
                 flush=True,
             )
     timings["grpo"] = time.perf_counter() - t0
-    final_train = evaluate(view, demo_task.TRAIN_TASKS, 8, recipe, seed=20_000)
-    validation.append(evaluate(view, demo_task.VALIDATION_TASKS, 4, recipe, seed=10_000))
+    final_train, final_kinds = evaluate(view, demo_task.TRAIN_TASKS, 8, recipe, seed=20_000)
+    final_validation, validation_kinds = evaluate(view, demo_task.VALIDATION_TASKS, 4, recipe, seed=10_000)
+    validation.append(final_validation)
+    copying.append(copy_probability(view, demo_task.TRAIN_TASKS))
     timings["total"] = time.perf_counter() - started
-    return {"curve": curve, "validation": validation, "final_train": final_train, "timings": timings}
+    return {
+        "curve": curve,
+        "validation": validation,
+        "final_train": final_train,
+        "final_kinds": final_kinds,
+        "validation_kinds": validation_kinds,
+        "copying": copying,
+        "timings": timings,
+    }
 
 
 _EXPORTER: Any = None
@@ -378,6 +427,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"(x{c[-1] / max(c[0], 1e-9):.1f}); first >= 0.8 at iteration "
             f"{next((i + 1 for i, v in enumerate(c) if v >= 0.8), None)}; train eval {result['final_train']:.3f}; held-out "
             f"{result['validation'][0]:.3f} -> {result['validation'][1]:.3f}"
+        )
+        print(f"train eval per kind: {_kinds(result['final_kinds'])}")
+        print(f"held-out per kind: {_kinds(result['validation_kinds'])}")
+        print(
+            f"copy given the right tool, per kind: {_kinds(result['copying'][0])} after warm-up -> "
+            f"{_kinds(result['copying'][1])}"
         )
         print("wall s: " + ", ".join(f"{k} {v:.1f}" for k, v in t.items()), flush=True)
     ok = [r["curve"][0] <= 0.3 and r["curve"][-1] >= 0.8 for r in results]
