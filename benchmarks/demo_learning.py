@@ -21,12 +21,16 @@ Prints success per GRPO iteration (the mean reward of that iteration's rollouts,
 temperature 1 before its update), the share of first turns that picked the right tool, held-out
 validation success, and wall times per phase; the ratio is last iteration / after warm-up.
 
-Measured with RECIPE (then 30 iterations; it now runs 40, see `Recipe.iterations`) on the shared
-2-core machine, one torch thread (seeds 0-4): after warm-up
-0.203 / 0.175 / 0.186 / 0.159 / 0.181, after 30 iterations 0.856 / 0.938 / 0.953 / 0.916 /
-0.961 (first >= 0.8 at iterations 25 / 22 / 25 / 16 / 17); held-out tasks 0.11-0.16 -> 0.59-0.74.
-Wall time per seed: tiny model 2 s, 1000 scripted episodes 3-5 s, warm-up SFT (756 steps) 20-30 s,
-30 GRPO iterations 50-60 s (about 1.8 s each: 1280 sampled calls + 8 optimiser steps).
+It also prints, per question kind, the final evaluation's success and the probability that the
+policy answers with the observation once the right tool has returned it (after the warm-up and at
+the end): a kind the warm-up copies badly stays wrong, as capitals did with the earlier warm-up.
+
+Measured with RECIPE (40 iterations) on the shared 2-core machine, one torch thread (seeds 0-4):
+after warm-up 0.236 / 0.189 / 0.194 / 0.211 / 0.188, at the last iteration 0.975 / 0.983 / 0.928 /
+0.972 / 0.978 (first >= 0.8 at iterations 15 / 11 / 36 / 14 / 24); capitals copied at 0.97-0.98
+after the warm-up (the earlier 1,000 episodes at rate 3e-3: 0.36-0.75, and seed 0 ended at
+0.886); held-out tasks 0.14-0.15 -> 0.41-0.75. Wall time per seed: tiny model 2 s, 2000 scripted
+episodes 10-22 s, warm-up SFT (1500 steps) 56-65 s, 40 GRPO iterations 90-160 s (shared machine).
 """
 
 from __future__ import annotations

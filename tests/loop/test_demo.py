@@ -1,4 +1,4 @@
-"""`lightspan demo`'s learning claim, through the real loop, as a user runs it (slow: ~9 minutes
+"""`lightspan demo`'s learning claim, through the real loop, as a user runs it (slow: ~10 minutes
 on 2 CPU cores)."""
 
 from __future__ import annotations
