@@ -25,7 +25,7 @@ def test_demo_success_rises_from_warmup_to_trained(tmp_path):
     # The claim of issue #17: <= 0.3 after the warm-up, >= 0.8 at the end. The real loop is not
     # deterministic (which rollouts land first orders the batches); the recipe's warm-up copies
     # every value (README: the earlier one left capitals wrong and runs ending at 0.78-0.92), and
-    # seeds 0-4 end at 0.93-0.98 in-process, the real loop at 0.98.
+    # seeds 0-4 end at 0.93-0.98 in-process, two real-loop runs at 0.98.
     assert success[0] <= 0.3, success
     assert success[-1] >= 0.8, success
     # The warm-up's checkpoint is policy:1; GRPO's updates must have moved its weights.
