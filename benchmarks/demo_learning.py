@@ -21,12 +21,16 @@ Prints success per GRPO iteration (the mean reward of that iteration's rollouts,
 temperature 1 before its update), the share of first turns that picked the right tool, held-out
 validation success, and wall times per phase; the ratio is last iteration / after warm-up.
 
-Measured with RECIPE (then 30 iterations; it now runs 40, see `Recipe.iterations`) on the shared
-2-core machine, one torch thread (seeds 0-4): after warm-up
-0.203 / 0.175 / 0.186 / 0.159 / 0.181, after 30 iterations 0.856 / 0.938 / 0.953 / 0.916 /
-0.961 (first >= 0.8 at iterations 25 / 22 / 25 / 16 / 17); held-out tasks 0.11-0.16 -> 0.59-0.74.
-Wall time per seed: tiny model 2 s, 1000 scripted episodes 3-5 s, warm-up SFT (756 steps) 20-30 s,
-30 GRPO iterations 50-60 s (about 1.8 s each: 1280 sampled calls + 8 optimiser steps).
+It also prints, per question kind, the final evaluation's success and the probability that the
+policy answers with the observation once the right tool has returned it (after the warm-up and at
+the end): a kind the warm-up copies badly stays wrong, as capitals did with the earlier warm-up.
+
+Measured with RECIPE (40 iterations) on the shared 2-core machine, one torch thread (seeds 0-4):
+after warm-up 0.236 / 0.189 / 0.194 / 0.211 / 0.188, at the last iteration 0.975 / 0.983 / 0.928 /
+0.972 / 0.978 (first >= 0.8 at iterations 15 / 11 / 36 / 14 / 24); capitals copied at 0.97-0.98
+after the warm-up (the earlier 1,000 episodes at rate 3e-3: 0.36-0.75, and seed 0 ended at
+0.886); held-out tasks 0.14-0.15 -> 0.41-0.75. Wall time per seed: tiny model 2 s, 2000 scripted
+episodes 10-22 s, warm-up SFT (1500 steps) 56-65 s, 40 GRPO iterations 90-160 s (shared machine).
 """
 
 from __future__ import annotations
@@ -218,10 +222,48 @@ def grpo_samples(step: Any, transitions: list[Any]) -> list[Any]:
     return samples
 
 
-def evaluate(view: Any, tasks: Sequence[Task], group: int, recipe: Recipe, seed: int) -> float:
+def kind(task: Task) -> str:
+    """The question's kind (capital, sum, weather, time, letters): the part of its id before the slug."""
+    return task["id"].split("-", 1)[0]
+
+
+def by_kind(tasks: Sequence[Task], values: Sequence[float], per_task: int) -> dict[str, float]:
+    """Mean of `values` (`per_task` consecutive values per task, in `tasks`' order) per kind."""
+    sums: dict[str, list[float]] = {}
+    for i, value in enumerate(values):
+        sums.setdefault(kind(tasks[i // per_task]), []).append(value)
+    return {k: sum(v) / len(v) for k, v in sums.items()}
+
+
+def evaluate(
+    view: Any, tasks: Sequence[Task], group: int, recipe: Recipe, seed: int
+) -> tuple[float, dict[str, float]]:
+    """Success over `group` samples of each task, overall and per kind."""
     with torch.inference_mode():
         _, rewards = play_batch(view, tasks, group, recipe, seed)
-    return sum(rewards) / len(rewards)
+    return sum(rewards) / len(rewards), by_kind(tasks, rewards, group)
+
+
+def copy_probability(view: Any, tasks: Sequence[Task]) -> dict[str, float]:
+    """Per kind, the policy's probability of answering with the observation once the right tool
+    has returned it (teacher-forced, exact): how well the second call copies, apart from the
+    tool choice. A kind whose values the warm-up showed rarely starts low here, and a group
+    whose samples all miss gives GRPO no gradient to raise it."""
+    tok = view.tokenizer
+    probabilities = []
+    view.model.eval()
+    with torch.inference_mode():
+        for task in tasks:
+            prompt = _prompt(tok, demo_task.second_messages(task, task["tool"], task["answer"]))
+            answer = [*tok.encode(task["answer"], add_special_tokens=False), tok.eos_token_id]
+            logits = view.model(torch.tensor([prompt + answer])).logits[0]
+            logprobs = logits[len(prompt) - 1 : -1].log_softmax(-1)
+            probabilities.append(float(logprobs[torch.arange(len(answer)), answer].sum().exp()))
+    return by_kind(tasks, probabilities, 1)
+
+
+def _kinds(values: dict[str, float]) -> str:
+    return " ".join(f"{k} {v:.2f}" for k, v in values.items())
 
 
 def warm_up(
@@ -314,7 +356,8 @@ def run(recipe: Recipe, work: Path, reuse_warmup: Path | None = None, verbose: b
     view = policy_view(step, warm)
     rng = random.Random(recipe.seed)
     curve: list[float] = []
-    validation = [evaluate(view, demo_task.VALIDATION_TASKS, 4, recipe, seed=10_000)]
+    validation = [evaluate(view, demo_task.VALIDATION_TASKS, 4, recipe, seed=10_000)[0]]
+    copying = [copy_probability(view, demo_task.TRAIN_TASKS)]
     timings["grpo_setup"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     for iteration in range(recipe.iterations):
@@ -333,10 +376,20 @@ def run(recipe: Recipe, work: Path, reuse_warmup: Path | None = None, verbose: b
                 flush=True,
             )
     timings["grpo"] = time.perf_counter() - t0
-    final_train = evaluate(view, demo_task.TRAIN_TASKS, 8, recipe, seed=20_000)
-    validation.append(evaluate(view, demo_task.VALIDATION_TASKS, 4, recipe, seed=10_000))
+    final_train, final_kinds = evaluate(view, demo_task.TRAIN_TASKS, 8, recipe, seed=20_000)
+    final_validation, validation_kinds = evaluate(view, demo_task.VALIDATION_TASKS, 4, recipe, seed=10_000)
+    validation.append(final_validation)
+    copying.append(copy_probability(view, demo_task.TRAIN_TASKS))
     timings["total"] = time.perf_counter() - started
-    return {"curve": curve, "validation": validation, "final_train": final_train, "timings": timings}
+    return {
+        "curve": curve,
+        "validation": validation,
+        "final_train": final_train,
+        "final_kinds": final_kinds,
+        "validation_kinds": validation_kinds,
+        "copying": copying,
+        "timings": timings,
+    }
 
 
 _EXPORTER: Any = None
@@ -378,6 +431,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"(x{c[-1] / max(c[0], 1e-9):.1f}); first >= 0.8 at iteration "
             f"{next((i + 1 for i, v in enumerate(c) if v >= 0.8), None)}; train eval {result['final_train']:.3f}; held-out "
             f"{result['validation'][0]:.3f} -> {result['validation'][1]:.3f}"
+        )
+        print(f"train eval per kind: {_kinds(result['final_kinds'])}")
+        print(f"held-out per kind: {_kinds(result['validation_kinds'])}")
+        print(
+            f"copy given the right tool, per kind: {_kinds(result['copying'][0])} after warm-up -> "
+            f"{_kinds(result['copying'][1])}"
         )
         print("wall s: " + ", ".join(f"{k} {v:.1f}" for k, v in t.items()), flush=True)
     ok = [r["curve"][0] <= 0.3 and r["curve"][-1] >= 0.8 for r in results]

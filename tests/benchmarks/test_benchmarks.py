@@ -214,6 +214,13 @@ def test_demo_learning_benchmark_runs_the_recipe_at_toy_size():
     assert re.search(
         r"criterion \(<= 0\.3 after warm-up, >= 0\.8 at the end\) met for [01]/1 seeds", output
     ), output
+    # The diagnosis the README quotes: success and copying per question kind, every kind present.
+    kinds = " ".join(rf"{kind} \d\.\d\d" for kind in ("capital", "sum", "weather", "time", "letters"))
+    assert re.search(rf"^train eval per kind: {kinds}$", output, re.MULTILINE), output
+    assert re.search(rf"^held-out per kind: {kinds}$", output, re.MULTILINE), output
+    assert re.search(
+        rf"^copy given the right tool, per kind: {kinds} after warm-up -> {kinds}$", output, re.MULTILINE
+    ), output
 
 
 def test_credit_benchmark_runs_every_setting_it_is_given():

@@ -1,10 +1,11 @@
-"""`lightspan demo`'s learning claim, through the real loop, as a user runs it (slow: ~9 minutes
+"""`lightspan demo`'s learning claim, through the real loop, as a user runs it (slow: ~10 minutes
 on 2 CPU cores)."""
 
 from __future__ import annotations
 
 import pytest
 
+from lightspan.loop.demo_task import RECIPE
 from lightspan.store import Store
 from tests.helpers.checkpoints import changed_tensors, load_weights
 from tests.helpers.processes import run_cli
@@ -20,12 +21,13 @@ def test_demo_success_rises_from_warmup_to_trained(tmp_path):
     with Store.connect(f"chdb://{workdir / 'store'}") as store:
         success = [value for _, value in store.metrics("lightspan-demo-seed0/loop")["train_reward"]]
         first, *_, final = store.resources("policy")
-    assert len(success) == 41  # right after the warm-up, then after each of 40 updates
-    # The real loop is not deterministic (which rollouts land first orders the batches), so the
-    # claim is the level held over the last ten iterations, not one end point: the runs on record
-    # ended at 0.92 and, on a plateau, 0.784.
+    assert len(success) == RECIPE.iterations + 1  # right after the warm-up, then after each update
+    # The claim of issue #17: <= 0.3 after the warm-up, >= 0.8 at the end. The real loop is not
+    # deterministic (which rollouts land first orders the batches); the recipe's warm-up copies
+    # every value (README: the earlier one left capitals wrong and runs ending at 0.78-0.92), and
+    # seeds 0-4 end at 0.93-0.98 in-process, two real-loop runs at 0.98.
     assert success[0] <= 0.3, success
-    assert sum(success[-10:]) / 10 >= 0.7, success
+    assert success[-1] >= 0.8, success
     # The warm-up's checkpoint is policy:1; GRPO's updates must have moved its weights.
     assert changed_tensors(load_weights(first.uri), load_weights(final.uri))
     assert "success on the training tasks" in result.stdout
