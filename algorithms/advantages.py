@@ -159,6 +159,12 @@ def reinforce_pp(
     return np.where(centred == 0.0, 0.0, advantage)
 
 
+def _check_step_weight(step_weight: float) -> None:
+    """The step term's weight, shared by `gigpo` and `decomposed`: a finite number >= 0."""
+    if not (np.isfinite(step_weight) and step_weight >= 0):
+        raise InvalidInput(f"step_weight must be >= 0, got {step_weight}")
+
+
 def gigpo(
     episode_returns: Sequence[float] | np.ndarray,
     episode_groups: Sequence[Hashable] | np.ndarray,
@@ -182,8 +188,7 @@ def gigpo(
             f"{len(episode_returns)}, {len(episode_groups)}, {len(rollouts)}, {len(step_returns)}, "
             f"{len(state_groups)}"
         )
-    if not (np.isfinite(step_weight) and step_weight >= 0):
-        raise InvalidInput(f"step_weight must be >= 0, got {step_weight}")
+    _check_step_weight(step_weight)
     totals = np.array(episode_returns, dtype=np.float64).reshape(-1)
     first: dict[Hashable, int] = {}
     episode = np.fromiter(
@@ -213,8 +218,7 @@ def decomposed(
         raise InvalidInput(
             f"final_returns and step_rewards differ in length: {len(final_returns)} vs {len(step_rewards)}"
         )
-    if not (np.isfinite(step_weight) and step_weight >= 0):
-        raise InvalidInput(f"step_weight must be >= 0, got {step_weight}")
+    _check_step_weight(step_weight)
     outcome = grpo(final_returns, outcome_groups, scale=scale, eps=eps)
     return outcome + step_weight * grpo(step_rewards, step_groups, scale=scale, eps=eps)
 

@@ -6,44 +6,12 @@ from __future__ import annotations
 
 import pytest
 
-from lightspan.algorithms import advantages, credit, prepare
+from lightspan.algorithms import advantages, prepare
 from lightspan.errors import InvalidInput
 from lightspan.trainer.config import from_dict
-from lightspan.types import Span, Transition
+from lightspan.types import Span
 from tests.helpers.spans import chat, reward, span
-
-# (rollout, task, [(prompt, intermediate rewards), ...], final reward), as a tool chain: r1 and r2
-# both make two working tool calls from the same states s0, s1 but only r1 answers right; r3's
-# first tool fails (no reward) and its second call sees a state of its own.
-EPISODES = [
-    ("r1", "t", [("s0", [0.2]), ("s1", [0.2]), ("s2", [])], 1.0),
-    ("r2", "t", [("s0", [0.2]), ("s1", [0.2]), ("s3", [])], 0.0),
-    ("r3", "t", [("s0", [0.0]), ("s4", [])], 0.0),
-    ("q1", "u", [("u0", [0.0]), ("u1", [])], 1.0),
-    ("q2", "u", [("u0", [0.0]), ("u1", [])], 0.0),
-]
-
-
-def batch(strategy: str = "step") -> list[Transition]:
-    """The episodes above as transitions, credited with `strategy` (gamma 0.9)."""
-    by_rollout = {
-        rollout: [
-            Transition(
-                rollout,
-                task,
-                f"{rollout}-{i}",
-                [{"role": "user", "content": prompt}],
-                {},
-                step=i,
-                rewards=list(rewards),
-                final_reward=final,
-            )
-            for i, (prompt, rewards) in enumerate(calls)
-        ]
-        for rollout, task, calls, final in EPISODES
-    }
-    credit.assign(by_rollout, strategy, 0.9)  # type: ignore[arg-type]
-    return [t for calls in by_rollout.values() for t in calls]
+from tests.helpers.tool_chain import tool_chain
 
 
 def test_decomposed_hand_computed() -> None:
@@ -55,7 +23,7 @@ def test_decomposed_hand_computed() -> None:
     0) and u's calls (all 0) are flat: 0. By anchor state instead: s0 as above, s1 (0.2, 0.2)
     flat, and s2, s3, s4 (reached once) fall back to t's group of those three, all 0: flat.
     """
-    transitions = batch()
+    transitions = tool_chain()
     outcome = [5 / 8] * 3 + [-3 / 8] * 3 + [-3 / 8] * 2 + [0.5] * 2 + [-0.5] * 2
     by_step = [1 / 15, 1 / 15, 0.0, 1 / 15, 1 / 15, 0.0, -2 / 15, -2 / 15, 0.0, 0.0, 0.0, 0.0]
     advantages.compute(transitions, "decomposed", "task_step", scale="none", step_weight=0.5)
@@ -76,13 +44,13 @@ def test_decomposed_hand_computed() -> None:
 def test_decomposed_outcome_term_is_identical_credits_grpo() -> None:
     """step_weight 0 gives exactly GRPO on identical credit grouped by task (Agent Lightning's
     scheme), whatever credit filled `credited_return`: the decomposed advantage does not read it."""
-    identical = batch("identical")
+    identical = tool_chain("identical")
     advantages.compute(identical, "grpo", "task")
     for strategy in ("step", "discounted", "identical"):
-        transitions = batch(strategy)
+        transitions = tool_chain(strategy)
         advantages.compute(transitions, "decomposed", "state", step_weight=0.0)
         assert [t.advantage for t in transitions] == [t.advantage for t in identical]
-    assert advantages.final_returns(batch()) == [1.0] * 3 + [0.0] * 5 + [1.0] * 2 + [0.0] * 2
+    assert advantages.final_returns(tool_chain()) == [1.0] * 3 + [0.0] * 5 + [1.0] * 2 + [0.0] * 2
 
 
 def test_decomposed_groups_both_terms_by_batch_for_traffic() -> None:
@@ -90,7 +58,7 @@ def test_decomposed_groups_both_terms_by_batch_for_traffic() -> None:
     episode's calls with each other (r1's and r2's 0.2, 0.2, 0: 1/15, 1/15, -2/15; r3's flat).
     By batch both terms compare across tasks: finals 1, 0, 0 over r1's 3, r2's 3, r3's 2 calls
     (mean 3/8); own rewards 0.2 x 4, 0 x 4 (mean 0.1): +-0.1."""
-    transitions = [t for t in batch() if t.task_id == "t"]
+    transitions = [t for t in tool_chain() if t.task_id == "t"]
     for t in transitions:
         t.task_id = t.rollout_id
     advantages.compute(transitions, "decomposed", "task", scale="none")
@@ -133,7 +101,7 @@ def test_prepare_runs_decomposed_from_spans() -> None:
 
 def test_decomposed_rejects_bad_input(tmp_path) -> None:
     with pytest.raises(InvalidInput, match="step_weight must be >= 0"):
-        advantages.compute(batch(), "decomposed", "task_step", step_weight=-1.0)
+        advantages.compute(tool_chain(), "decomposed", "task_step", step_weight=-1.0)
     with pytest.raises(InvalidInput, match="final_returns and step_rewards differ in length"):
         advantages.decomposed([1.0, 0.0], ["t", "t"], [0.2], ["s"])
     raw = {"store": f"chdb://{tmp_path}", "model": {"path": "m"}}

@@ -9,43 +9,12 @@ from collections import defaultdict
 import numpy as np
 import pytest
 
-from lightspan.algorithms import advantages, credit, prepare
+from lightspan.algorithms import advantages, prepare
 from lightspan.errors import InvalidInput
 from lightspan.trainer.config import from_dict
-from lightspan.types import Span, Transition
+from lightspan.types import Span
 from tests.helpers.spans import chat, reward, span
-
-# (rollout, task, [(prompt, intermediate rewards), ...], final reward): rollouts r1 and r2 share
-# their first two states, r3 only the first; task u's two rollouts share both of theirs.
-EPISODES = [
-    ("r1", "t", [("s0", [0.2]), ("s1", [0.2]), ("s2", [])], 1.0),
-    ("r2", "t", [("s0", [0.2]), ("s1", [0.2]), ("s3", [])], 0.0),
-    ("r3", "t", [("s0", [0.0]), ("s4", [])], 0.0),
-    ("q1", "u", [("u0", [0.0]), ("u1", [])], 1.0),
-    ("q2", "u", [("u0", [0.0]), ("u1", [])], 0.0),
-]
-
-
-def batch(gamma: float) -> list[Transition]:
-    """The episodes above as transitions, credited with step credit and `gamma`."""
-    by_rollout = {
-        rollout: [
-            Transition(
-                rollout,
-                task,
-                f"{rollout}-{i}",
-                [{"role": "user", "content": prompt}],
-                {},
-                step=i,
-                rewards=list(rewards),
-                final_reward=final,
-            )
-            for i, (prompt, rewards) in enumerate(calls)
-        ]
-        for rollout, task, calls, final in EPISODES
-    }
-    credit.assign(by_rollout, "step", gamma)
-    return [t for calls in by_rollout.values() for t in calls]
+from tests.helpers.tool_chain import EPISODES, tool_chain
 
 
 def test_gigpo_hand_computed() -> None:
@@ -56,7 +25,7 @@ def test_gigpo_hand_computed() -> None:
     0.6): 0.8, -0.2, -0.6; s1 (1.2, 0.2): +-0.5; s2, s3, s4 reached by one rollout: 0. u0 and
     u1 (1, 0): +-0.5.
     """
-    transitions = batch(gamma=1.0)
+    transitions = tool_chain(gamma=1.0)
     assert [t.credited_return for t in transitions] == pytest.approx(
         [1.4, 1.2, 1.0, 0.4, 0.2, 0.0, 0.0, 0.0, 1.0, 1.0, 0.0, 0.0]
     )
@@ -140,7 +109,7 @@ def test_gigpo_matches_the_reference_formulas(
     scale: str, remove_std: bool, gamma: float, omega: float
 ) -> None:
     """mean_std_norm is scale="group", mean_norm scale="none"; the paper's defaults gamma 0.95, omega 1."""
-    transitions = batch(gamma)
+    transitions = tool_chain(gamma=gamma)
     advantages.compute(transitions, "gigpo", "task", scale=scale, step_weight=omega)  # type: ignore[arg-type]
     assert [t.advantage for t in transitions] == pytest.approx(
         reference_gigpo(gamma, omega, remove_std), abs=1e-9
@@ -150,7 +119,7 @@ def test_gigpo_matches_the_reference_formulas(
 def test_gigpo_gives_an_episode_group_of_one_zero_and_batch_groups_traffic() -> None:
     """A task seen once has no episode comparison (0, as every estimator here; verl-agent keeps the
     raw return); grouping episodes by batch compares it with the others."""
-    transitions = [t for t in batch(1.0) if t.task_id == "t"]
+    transitions = [t for t in tool_chain(gamma=1.0) if t.task_id == "t"]
     for t in transitions:
         t.task_id = t.rollout_id  # three tasks seen once each: no shared anchor states either
     advantages.compute(transitions, "gigpo", "task", scale="none")
@@ -187,7 +156,7 @@ def test_prepare_runs_gigpo_from_spans() -> None:
 
 
 def test_gigpo_rejects_bad_input() -> None:
-    transitions = batch(1.0)
+    transitions = tool_chain(gamma=1.0)
     with pytest.raises(InvalidInput, match="gigpo groups episodes by task or batch"):
         advantages.compute(transitions, "gigpo", "state")
     with pytest.raises(InvalidInput, match="step_weight"):
