@@ -128,14 +128,20 @@ def _cmd_rollouts(args: argparse.Namespace) -> int:
     return 0
 
 
+def compact_table() -> Table:
+    """A listing's table for an 80-column terminal: a rule under the header, no borders, one space
+    of padding between columns."""
+    from rich import box
+    from rich.table import Table
+
+    return Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, collapse_padding=True)
+
+
 def _rollouts_table(rollouts: list[RolloutSummary]) -> Table:
     """The listing as a table for an 80-column terminal: the LLM calls and rewards of each rollout
     rather than its span count; a column that says nothing for any of these rollouts (the task when
     it is the rollout id, attempt 0, no resources, agents or errors) left out; the start to the
     minute. `--format json` has every field in full."""
-    from rich import box
-    from rich.table import Table
-
     columns: dict[str, list[str]] = {
         "rollout": [r.rollout_id for r in rollouts],
         "task": [r.task_id for r in rollouts],
@@ -157,7 +163,7 @@ def _rollouts_table(rollouts: list[RolloutSummary]) -> Table:
         "errors": not any(r.errors for r in rollouts),
     }
     shown = [name for name in columns if not silent.get(name, False)]
-    table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, collapse_padding=True)
+    table = compact_table()
     for name in shown:  # an id is what `lightspan show` needs: folded over lines, never cut
         table.add_column(name, overflow="fold" if name in ("rollout", "task") else "ellipsis")
     for row in zip(*(columns[name] for name in shown)):

@@ -12,7 +12,7 @@ import json
 from typing import Any
 
 from lightspan.errors import InvalidInput
-from lightspan.store.cli import _open, _store_argument, _time
+from lightspan.store.cli import _open, _store_argument, _time, compact_table
 
 _PREVIEW = 60  # characters of a prompt shown in a table
 
@@ -41,9 +41,7 @@ def _cmd_list(args: argparse.Namespace) -> int:
 
 
 def _cmd_show(args: argparse.Namespace) -> int:
-    from rich import box
     from rich.console import Console
-    from rich.table import Table
 
     with _open(args) as store:
         route = store.route(args.name)
@@ -52,7 +50,7 @@ def _cmd_show(args: argparse.Namespace) -> int:
     console = Console()
     console.print(f"{args.name}: {versions[-1].kind}, {len(versions)} versions; route {route.describe()}")
     # 80 columns: the uri in full (folded, never cut: it is what a user copies), metadata on a line below.
-    table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, collapse_padding=True)
+    table = compact_table()
     for column in ("version", "created (UTC)", "share"):
         table.add_column(column, no_wrap=True)
     table.add_column("content or uri", overflow="fold")

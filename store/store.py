@@ -531,7 +531,7 @@ class Store:
     def count_rollouts(self, **filters: Any) -> int:
         """How many rollouts `iter_rollouts(**filters)` yields (a progress bar's total)."""
         where = filters.pop("where", None)
-        query, params = self._rollout_query(filters=filters, where=where, order="Start", limit=None)
+        query, params = self._rollout_query(filters=filters, where=where, order=None, limit=None)
         return int(self.sql(f"SELECT count() FROM ({query})", params).scalar() or 0)
 
     def _rollout_query(
@@ -539,12 +539,13 @@ class Store:
         *,
         filters: Mapping[str, Any],
         where: str | None,
-        order: str,
+        order: str | None,
         limit: int | None,
         keys: tuple[str, str] | None = None,
     ) -> tuple[str, dict[str, Any]]:
         """The summary query behind `rollouts` and `iter_rollouts`: one row per rollout; with `keys`
-        (after, upto), only the rollouts whose ids lie in that range of stored keys."""
+        (after, upto), only the rollouts whose ids lie in that range of stored keys; sorted by
+        `order` unless None (a query that counts or groups them needs no sort)."""
         unknown = set(filters) - _ROLLOUT_FILTERS
         if unknown:
             raise TypeError(f"unknown rollout filters: {sorted(unknown)}")
@@ -595,7 +596,7 @@ class Store:
             FROM ({_PER_ROLLOUT.format(per_key=_PER_KEY.format(table=ROLLOUT_SPANS, scan=scan))})
             WHERE {" AND ".join(having)}
             {"AND " + " AND ".join(conditions) if conditions else ""}
-            ORDER BY {order}
+            {f"ORDER BY {order}" if order else ""}
             {"LIMIT {limit:UInt64}" if limit is not None else ""}"""
         if limit is not None:
             params["limit"] = limit
@@ -768,7 +769,7 @@ class Store:
         per_rollout, params = self._rollout_query(
             filters={"since": since},
             where="Reward IS NOT NULL AND position(ResourcesId, {prefix:String}) > 0",
-            order="RolloutId",
+            order=None,
             limit=None,
         )
         element = "arrayFirst(x -> startsWith(x, {prefix:String}), splitByChar(',', ResourcesId))"
