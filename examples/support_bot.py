@@ -28,6 +28,8 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import openai
+
 import lightspan
 
 SERVICE = "support-bot"
@@ -37,14 +39,8 @@ SYSTEM = "You are a support agent. Answer the customer briefly."
 BRIEF = 48  # characters: the simulated users' idea of a brief reply
 
 
-def answer(question: str, conversation_id: str, max_tokens: int) -> dict[str, object]:
+def answer(client: openai.OpenAI, question: str, conversation_id: str, max_tokens: int) -> dict[str, object]:
     """One request: one rollout, answered by the version the route gives this conversation."""
-    import openai
-
-    client = openai.OpenAI(
-        base_url=os.environ.get("OPENAI_BASE_URL", "http://127.0.0.1:8000/v1"),
-        api_key=os.environ.get("OPENAI_API_KEY", "unused"),
-    )
     with lightspan.rollout(conversation_id, rollout_id=conversation_id):
         policy = lightspan.resource(RESOURCE)  # this conversation's version, recorded on its spans
         response = client.chat.completions.create(
@@ -71,8 +67,12 @@ def _answer(args: argparse.Namespace) -> None:
         (f"Where is my order A{rng.randrange(10_000, 99_999)}?", f"conv-{uuid.uuid4().hex[:12]}")
         for _ in range(args.requests)
     ]
+    client = openai.OpenAI(  # one client, its connection pool shared by every request
+        base_url=os.environ.get("OPENAI_BASE_URL", "http://127.0.0.1:8000/v1"),
+        api_key=os.environ.get("OPENAI_API_KEY", "unused"),
+    )
     with ThreadPoolExecutor(args.concurrency) as pool:  # a server handles its users at once
-        rows = list(pool.map(lambda qc: answer(*qc, args.max_tokens), questions))
+        rows = list(pool.map(lambda qc: answer(client, *qc, args.max_tokens), questions))
     tracing.force_flush()
     with open(args.out, "w", encoding="utf-8") as out:
         out.writelines(json.dumps(row) + "\n" for row in rows)
@@ -85,11 +85,11 @@ def _answer(args: argparse.Namespace) -> None:
 def _feedback(args: argparse.Namespace) -> None:
     tracing = lightspan.instrument(service_name=FEEDBACK_SERVICE)
     rows = [json.loads(line) for line in Path(args.conversations).read_text(encoding="utf-8").splitlines()]
-    for row in rows:
-        lightspan.emit_reward(verdict(str(row["reply"])), name="thumbs_up", rollout_id=row["conversation"])
+    verdicts = [verdict(str(row["reply"])) for row in rows]
+    for row, value in zip(rows, verdicts):
+        lightspan.emit_reward(value, name="thumbs_up", rollout_id=row["conversation"])
     tracing.force_flush()
-    liked = sum(verdict(str(row["reply"])) for row in rows)
-    print(f"{len(rows)} verdicts sent, {liked:.0f} thumbs-up")
+    print(f"{len(rows)} verdicts sent, {sum(verdicts):.0f} thumbs-up")
 
 
 def main(argv: list[str] | None = None) -> None:
