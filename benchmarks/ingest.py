@@ -309,6 +309,7 @@ def ingest(
             w.start()
         for w in workers:
             w.join()
+        collector.settle()  # durable = in the store, not only in the write-ahead log
         elapsed = time.perf_counter() - started
         cpu = _family_cpu_seconds(collector.pid) - cpu
         peak_rss = _family_peak_rss_mib(collector.pid)

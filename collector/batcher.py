@@ -1,5 +1,11 @@
 """Group commit: many export requests, one store insert, acknowledged only once committed.
 
+With a write-ahead log (`collector.wal`, the default for an embedded store) a request is
+committed once its block is written to the log: it is acknowledged then, and the committer
+inserts it into the store in the background, retrying a failed insert until it succeeds (the
+block is safe meanwhile). `barrier()` waits for every acknowledged block to be in the store, so a
+query that follows an acknowledgement sees its spans.
+
 Receivers decode a request into a block (a Native block of its spans) and `submit` it; a
 committer thread takes what is queued (at most `batch_spans` spans and `batch_bytes` bytes),
 hands the blocks to `commit` as one batch (one store insert), and only then completes each
@@ -28,6 +34,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from lightspan.collector.config import CollectorConfig
+from lightspan.collector.wal import Record, WriteAheadLog
 from lightspan.errors import InvalidInput, StoreUnavailable
 
 log = logging.getLogger(__name__)
@@ -45,10 +52,11 @@ class ShuttingDown(StoreUnavailable):
     """The collector is stopping; another instance (or this one, restarted) will take the retry."""
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)  # compared by identity
 class _Pending:
     block: bytes
     spans: int
+    seq: int | None = None  # in the write-ahead log (and acknowledged) under this number
     arrived: float = field(default_factory=time.monotonic)
     future: Future = field(default_factory=Future)
 
@@ -65,7 +73,7 @@ class GroupCommitter:
     batch go in while the other's insert runs in ClickHouse (native code, GIL released).
     `linger_ms` trades latency for fewer, larger inserts (Kafka's `linger.ms`): the collector
     before this design was `linger_ms=200`. `on_commit(spans, seconds, error)` reports each
-    attempt (metrics).
+    attempt (metrics). With `wal`, requests are acknowledged once logged (see the module).
     """
 
     def __init__(
@@ -79,6 +87,7 @@ class GroupCommitter:
         queue_bytes: int = CollectorConfig.queue_bytes,
         retry_after: float = CollectorConfig.retry_after,
         on_commit: Callable[[int, float, BaseException | None], None] | None = None,
+        wal: WriteAheadLog | None = None,
     ):
         commits = list(commit) if isinstance(commit, (list, tuple)) else [commit]
         self.batch_spans = max(1, batch_spans)
@@ -96,6 +105,10 @@ class GroupCommitter:
         self._bytes = 0  # admitted and not yet answered
         self._committing = 0  # batches being inserted right now
         self._closing = False
+        self._wal = wal
+        self._logged: set[int] = set()  # acknowledged from the log, not yet in the store
+        self._retry_at = 0.0  # after a failed insert of logged blocks, the next try waits until then
+        self._failures = 0  # failed inserts so far: a barrier gives up at the next one
         self._threads = [
             threading.Thread(target=self._run, args=(fn,), name=f"lightspan-committer-{i}", daemon=True)
             for i, fn in enumerate(commits)
@@ -132,8 +145,8 @@ class GroupCommitter:
             self._bytes -= nbytes
 
     def submit(self, block: bytes, spans: int) -> Future:
-        """Queue one request's block; the future completes when its batch is committed."""
-        pending = _Pending(block, spans)
+        """Queue one request's block; the future completes when it is committed (logged, or
+        inserted when there is no write-ahead log)."""
         with self._cond:
             if self._closing:
                 raise ShuttingDown("the collector is shutting down; retry")
@@ -142,12 +155,47 @@ class GroupCommitter:
                     f"collector queue full: {self._spans} spans waiting for the store (bound {self.queue_spans}); retry",
                     self.retry_after,
                 )
-            self._queue.append(pending)
-            self._spans += spans
-            self._waiting += spans
-            self._waiting_bytes += len(block)
-            self._cond.notify_all()
+            self._spans += spans  # reserved while the block is written to the log
+        seq = None
+        if self._wal is not None:
+            try:
+                seq = self._wal.append(block, spans)  # outside the lock: requests write side by side
+            except StoreUnavailable:
+                with self._cond:
+                    self._spans -= spans
+                raise
+        pending = self._enqueue([_Pending(block, spans, seq)])[0]
+        if seq is not None:
+            pending.future.set_result(spans)
         return pending.future
+
+    def restore(self, records: Sequence[Record]) -> None:
+        """Queue blocks found in the write-ahead log at start: acknowledged, not yet inserted."""
+        with self._cond:
+            self._spans += sum(r.spans for r in records)
+        self._enqueue([_Pending(r.block, r.spans, r.seq) for r in records])
+
+    def _enqueue(self, pendings: list[_Pending]) -> list[_Pending]:
+        with self._cond:
+            self._queue.extend(pendings)
+            for pending in pendings:
+                self._waiting += pending.spans
+                self._waiting_bytes += len(pending.block)
+                if pending.seq is not None:
+                    self._logged.add(pending.seq)
+            self._cond.notify_all()
+        return pendings
+
+    def barrier(self, timeout: float) -> bool:
+        """Wait until every block acknowledged from the log before this call is in the store;
+        False if an insert fails meanwhile (the store is down: the blocks wait in the log, and a
+        query need not wait with them) or `timeout` seconds pass first."""
+        with self._cond:
+            logged, failures = set(self._logged), self._failures
+            self._cond.wait_for(
+                lambda: logged.isdisjoint(self._logged) or self._failures != failures, timeout
+            )
+            return logged.isdisjoint(self._logged)
 
     def close(self, timeout: float | None = None) -> None:
         """Refuse new work, commit everything queued, stop the committer."""
@@ -168,7 +216,11 @@ class GroupCommitter:
                         return None
                     self._cond.wait()
                     continue
-                remaining = self._queue[0].arrived + self.linger - time.monotonic()
+                now = time.monotonic()
+                if self._retry_at > now and not self._closing:  # the store failed: give it time
+                    self._cond.wait(self._retry_at - now)
+                    continue
+                remaining = self._queue[0].arrived + self.linger - now
                 # A batch that is not full waits for a running commit to end: it keeps growing
                 # meanwhile, and one insert of many spans costs the store far less (parts,
                 # merges) than two small ones side by side.
@@ -201,15 +253,35 @@ class GroupCommitter:
             batch = self._take()
             if batch is None:
                 return
+            retry: list[_Pending] = []
             try:
-                self._commit_batch(commit, batch)
+                retry = self._commit_batch(commit, batch)
             finally:
+                done = [p for p in batch if p not in retry]
                 with self._cond:
-                    self._spans -= sum(p.spans for p in batch)
+                    self._spans -= sum(p.spans for p in done)
+                    self._logged.difference_update(p.seq for p in done if p.seq is not None)
                     self._committing -= 1
+                    if retry and self._closing:
+                        log.warning(
+                            "%d acknowledged requests stay in the write-ahead log %s; they are inserted "
+                            "when the collector starts again",
+                            len(retry),
+                            self._wal.directory if self._wal else "",
+                        )
+                        self._spans -= sum(p.spans for p in retry)
+                    elif retry:
+                        self._failures += 1
+                        self._queue.extendleft(reversed(retry))
+                        self._waiting += sum(p.spans for p in retry)
+                        self._waiting_bytes += sum(len(p.block) for p in retry)
+                        self._retry_at = time.monotonic() + self.retry_after
                     self._cond.notify_all()
 
-    def _commit_batch(self, commit: Callable[[list[bytes]], Any], batch: Sequence[_Pending]) -> None:
+    def _commit_batch(
+        self, commit: Callable[[list[bytes]], Any], batch: Sequence[_Pending]
+    ) -> list[_Pending]:
+        """Insert one batch and answer its requests; the logged ones to insert again later."""
         spans = sum(p.spans for p in batch)
         started = time.perf_counter()
         try:
@@ -218,11 +290,9 @@ class GroupCommitter:
             # The store refused the data itself: find the culprit so the others still land.
             self._report(spans, started, error)
             if len(batch) > 1:
-                for pending in batch:
-                    self._commit_batch(commit, [pending])
-            else:
-                batch[0].future.set_exception(error)
-            return
+                return [p for pending in batch for p in self._commit_batch(commit, [pending])]
+            self._refuse(batch[0], error)
+            return []
         except Exception as error:  # noqa: BLE001 - any store failure fails the batch, retryably
             self._report(spans, started, error)
             failure = (
@@ -231,11 +301,28 @@ class GroupCommitter:
                 else StoreUnavailable(f"store commit failed: {error}")
             )
             for pending in batch:
-                pending.future.set_exception(failure)
-            return
+                if pending.seq is None:
+                    pending.future.set_exception(failure)
+            return [p for p in batch if p.seq is not None]
         self._report(spans, started, None)
+        if self._wal is not None:
+            self._wal.remove(p.seq for p in batch if p.seq is not None)
         for pending in batch:
-            pending.future.set_result(pending.spans)
+            if pending.seq is None:
+                pending.future.set_result(pending.spans)
+        return []
+
+    def _refuse(self, pending: _Pending, error: InvalidInput) -> None:
+        if pending.seq is None:
+            pending.future.set_exception(error)
+        elif self._wal is not None:
+            kept = self._wal.refuse(pending.seq)
+            log.error(
+                "the store refused %d acknowledged spans (%s); their block is kept in %s",
+                pending.spans,
+                error,
+                kept,
+            )
 
     def _report(self, spans: int, started: float, error: BaseException | None) -> None:
         if error is not None:

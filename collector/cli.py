@@ -115,6 +115,20 @@ def _add_flags(parser: argparse.ArgumentParser) -> None:
         "(default %(default)g ms: at once; a busy one batches what arrives during a commit)",
     )
     parser.add_argument(
+        "--wal-dir",
+        default=defaults.wal_dir,
+        help="write-ahead log: a request is acknowledged once written there and inserted in the "
+        "background (default: lightspan-wal/ in an embedded store's directory; a server store "
+        "acknowledges after its insert unless this is given)",
+    )
+    parser.add_argument(
+        "--no-wal",
+        dest="wal",
+        action="store_false",
+        default=defaults.wal,
+        help="no write-ahead log: acknowledge each request only after its store insert",
+    )
+    parser.add_argument(
         "--retry-after",
         type=float,
         default=defaults.retry_after,
@@ -165,6 +179,8 @@ def config_from_args(args: argparse.Namespace) -> CollectorConfig:
         queue_spans=args.queue_spans,
         queue_bytes=round(args.queue_mib * MIB),
         retry_after=args.retry_after,
+        wal=args.wal,
+        wal_dir=args.wal_dir,
         decoders=args.decoders,
     ).validate()
 

@@ -78,6 +78,13 @@ class CollectorConfig:
     queue_spans: int = 131072
     queue_bytes: int = 512 * MIB
     retry_after: float = 1.0
+    # Acknowledge a request once its block is in the write-ahead log, the store insert following
+    # in the background (see collector.wal), rather than after the insert. The log is `wal_dir`,
+    # by default `lightspan-wal/` in an embedded store's directory. A server store gets one only
+    # when `wal_dir` is given: its readers query the server directly and would not wait for the
+    # background insert, as queries through the embedded store's SQL endpoint do.
+    wal: bool = True
+    wal_dir: str | None = None
     # Store connections inserting batches side by side.
     committers: int = 2
     # Decoder processes (0: decode in the receiving threads). Worker processes start with
@@ -111,13 +118,15 @@ class CollectorConfig:
             if not (name == "sql_port" and value is None) and not _int_in(value, 0, _MAX_PORT):
                 off = " or None (no SQL endpoint)" if name == "sql_port" else ""
                 problems.append(f"{name} must be 0-{_MAX_PORT} (0 = any free port){off}, got {value!r}")
-        for name in ("auth_token", "sql_read_token", "tls_cert", "tls_key"):
+        for name in ("auth_token", "sql_read_token", "tls_cert", "tls_key", "wal_dir"):
             value = getattr(self, name)
             if value is not None and not isinstance(value, str):
                 problems.append(f"{name} must be a string or None, got {value!r}")
         if bool(self.tls_cert) != bool(self.tls_key):
             given, missing = ("tls_cert", "tls_key") if self.tls_cert else ("tls_key", "tls_cert")
             problems.append(f"TLS needs both tls_cert and tls_key: {given} is set, {missing} is not")
+        if self.wal_dir and not self.wal:
+            problems.append("wal_dir is set but wal is off: drop one of --wal-dir and --no-wal")
         if self.sql_read_token and not self.auth_token:
             problems.append("sql_read_token needs auth_token too (without it any request could write)")
         elif self.sql_read_token and self.sql_read_token == self.auth_token:

@@ -26,6 +26,7 @@ from lightspan.collector.metrics import Metrics
 from lightspan.collector.native import NATIVE_COLUMN_NAMES
 from lightspan.collector.receiver import Receiver
 from lightspan.collector.resources import ResourceDirectory
+from lightspan.collector.wal import WriteAheadLog
 from lightspan.errors import InvalidInput, StoreUnavailable
 from lightspan.store import Store, parse_store_url
 from lightspan.store import lock as store_lock
@@ -36,6 +37,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 SQL_MAX_BODY_BYTES = 256 << 20
+WAL_DIR = "lightspan-wal"  # in an embedded store's directory
 # Settings of the committers' inserts. rollout_spans is a ReplacingMergeTree read with
 # FINAL: collapsing each inserted block at insert time as well (optimize_on_insert) only costs,
 # about a quarter of the store's insert CPU; retried duplicates still collapse on read and merge.
@@ -90,6 +92,8 @@ class Collector:
     def _start_servers(self) -> None:
         config, metrics = self.config, self.metrics
         commits = [self._commit_via(index) for index in range(len(self._stores))]
+        wal_dir = self.wal_dir
+        wal = WriteAheadLog(wal_dir) if wal_dir is not None else None
         self._committer = committer = GroupCommitter(
             commits,
             batch_spans=config.batch_spans,
@@ -99,7 +103,10 @@ class Collector:
             queue_bytes=config.queue_bytes,
             retry_after=config.retry_after,
             on_commit=self._on_commit,
+            wal=wal,
         )
+        if wal is not None:
+            committer.restore(wal.replay())  # acknowledged before a crash: inserted first
         metrics.queue_spans.set_function(lambda: committer.depth_spans)
         metrics.queue_bytes.set_function(lambda: committer.depth_bytes)
         metrics.store_up.set_function(lambda: 1.0 if self._store_up else 0.0)
@@ -137,6 +144,7 @@ class Collector:
                     SQL_MAX_BODY_BYTES,
                     Limits(config.sql_max_seconds, config.sql_max_memory_bytes),
                     read_token=config.sql_read_token or None,
+                    settled=committer.barrier if wal is not None else None,
                 )
                 self._sql = Server(config.sql_host, config.sql_port, SQLHandler, sql_app, ssl_context)
         except OSError as error:
@@ -231,6 +239,21 @@ class Collector:
         else:
             self._store_up, self._last_error = False, str(error)
             metrics.commits.labels(outcome="failed").inc()
+
+    def settle(self, timeout: float = 30.0) -> bool:
+        """Wait until every span acknowledged so far is in the store (with a write-ahead log they
+        are inserted in the background); False if `timeout` seconds pass first."""
+        committer = self._committer
+        return committer.barrier(timeout) if committer is not None else True
+
+    @property
+    def wal_dir(self) -> Path | None:
+        """Where acknowledged requests wait for their insert (None: acknowledged after it)."""
+        if not self.config.wal:
+            return None
+        if self.config.wal_dir:
+            return Path(self.config.wal_dir)
+        return self.url.path / WAL_DIR if self.url.path is not None else None
 
     # --- endpoints ------------------------------------------------------------------------------
     def _url(self, host: str, port: int, path: str = "") -> str:

@@ -29,6 +29,7 @@ import re
 import tempfile
 import uuid
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
@@ -170,6 +171,9 @@ class SQLApp:
     max_body_bytes: int
     limits: Limits
     read_token: str | None = None  # reads only (dashboards)
+    # Waits up to the given seconds for every span acknowledged so far to be in the store (the
+    # collector's write-ahead log inserts them in the background), so a query sees them.
+    settled: Callable[[float], bool] | None = None
     version: str = ""
     timezone: str = "UTC"
 
@@ -330,6 +334,8 @@ class SQLHandler(Handler):
                 if self.headers.get("Content-Type", "").startswith("multipart/form-data"):
                     params.update(_form_fields(self.headers["Content-Type"], body))
                     body = b""
+            if self.app.settled is not None:
+                self.app.settled(self.app.limits.seconds)
             # GET requests only read, as on ClickHouse.
             self._execute(params, body, role if post else READ, query_id=query_id)
         except ClickHouseError as error:

@@ -6,10 +6,12 @@ import gzip
 import json
 import os
 import subprocess
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import chdb
 import clickhouse_connect
@@ -271,6 +273,7 @@ def test_metrics_and_health(collector: Collector):
     exporter = EXPORTERS["grpc"](collector)
     assert exporter.export(make_spans()) == SpanExportResult.SUCCESS
     exporter.shutdown()
+    assert collector.settle(10)  # acknowledged once logged; now inserted too
     _post(f"{collector.http_endpoint}/v1/traces", b"\xff\xff")
     with urllib.request.urlopen(f"{collector.http_endpoint}/metrics") as response:
         assert response.headers["Content-Type"] == "text/plain; version=0.0.4; charset=utf-8"
@@ -466,26 +469,60 @@ def test_otel_collector_gateway_config_is_consistent():
     assert exporter["retry_on_failure"]["enabled"] and exporter["endpoint"].endswith(":4317}")
 
 
-def test_a_store_refusing_for_now_answers_unavailable_and_the_retried_spans_land(collector):
-    """ClickHouse refusing an insert for want of headroom (here: too many parts) is not the
-    client's fault: gRPC UNAVAILABLE / HTTP 503, so exporters retry, and nothing is lost."""
-    assert EXPORTERS["grpc"](collector).export(make_spans(rollout="before")) == SpanExportResult.SUCCESS
-    # The store's engine is in this process: the test steers it directly (the SQL endpoint refuses).
+def _refuse_inserts(collector: Collector) -> Any:
+    """Make the store refuse inserts for want of headroom (too many parts); returns the engine
+    handle that lifts it (`_accept_inserts`). The store's engine is in this process: the test
+    steers it directly (the SQL endpoint refuses such statements)."""
     engine = chdb.connect(os.path.realpath(collector.url.path))
     engine.query("SYSTEM STOP MERGES otel_traces")
     engine.query(
         "ALTER TABLE otel_traces MODIFY SETTING parts_to_throw_insert = 1, parts_to_delay_insert = 0"
     )
-    refused = make_spans(rollout="refused")
-    body = encode_spans(refused).SerializeToString()
-    with pytest.raises(grpc.RpcError) as error:
-        _raw_export(collector, body)
-    assert error.value.code() == grpc.StatusCode.UNAVAILABLE and "Too many parts" in error.value.details()
-    status, _, headers = _post(f"{collector.http_endpoint}/v1/traces", body)
-    assert status == 503 and "Retry-After" in headers
-    before = _count(collector)
+    return engine
+
+
+def _accept_inserts(engine: Any) -> None:
     engine.query("ALTER TABLE otel_traces MODIFY SETTING parts_to_throw_insert = 3000")
     engine.query("SYSTEM START MERGES otel_traces")
     engine.close()
-    assert EXPORTERS["http"](collector).export(refused) == SpanExportResult.SUCCESS
-    assert _count(collector) == before + len(refused)
+
+
+def test_a_store_refusing_for_now_keeps_logged_spans_and_inserts_them_later(collector):
+    """With the write-ahead log (the default) a request is acknowledged once logged: while the
+    store refuses inserts, the logged spans wait, queries answer at once with what is stored,
+    and the retried insert lands them once the store takes inserts again, once each."""
+    assert EXPORTERS["grpc"](collector).export(make_spans(rollout="before")) == SpanExportResult.SUCCESS
+    before = _count(collector)
+    engine = _refuse_inserts(collector)
+    waiting = make_spans(rollout="waiting")
+    assert EXPORTERS["http"](collector).export(waiting) == SpanExportResult.SUCCESS
+    assert len(list(collector.wal_dir.glob("*.block"))) == 1
+    started = time.monotonic()
+    assert _count(collector) == before  # not yet in the store, and the query did not hang
+    assert time.monotonic() - started < 5
+    _accept_inserts(engine)
+    assert collector.settle(30)
+    assert _count(collector) == before + len(waiting)
+    assert not list(collector.wal_dir.glob("*.block"))
+
+
+def test_a_store_refusing_for_now_answers_unavailable_and_the_retried_spans_land(tmp_path: Path):
+    """Without the write-ahead log, ClickHouse refusing an insert for want of headroom (here: too
+    many parts) is not the client's fault: gRPC UNAVAILABLE / HTTP 503, so exporters retry, and
+    nothing is lost."""
+    with Collector(
+        f"chdb://{tmp_path / 'data'}", grpc_port=0, http_port=0, sql_port=0, wal=False
+    ) as collector:
+        assert EXPORTERS["grpc"](collector).export(make_spans(rollout="before")) == SpanExportResult.SUCCESS
+        engine = _refuse_inserts(collector)
+        refused = make_spans(rollout="refused")
+        body = encode_spans(refused).SerializeToString()
+        with pytest.raises(grpc.RpcError) as error:
+            _raw_export(collector, body)
+        assert error.value.code() == grpc.StatusCode.UNAVAILABLE and "Too many parts" in error.value.details()
+        status, _, headers = _post(f"{collector.http_endpoint}/v1/traces", body)
+        assert status == 503 and "Retry-After" in headers
+        before = _count(collector)
+        _accept_inserts(engine)
+        assert EXPORTERS["http"](collector).export(refused) == SpanExportResult.SUCCESS
+        assert _count(collector) == before + len(refused)

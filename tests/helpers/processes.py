@@ -3,6 +3,7 @@ of collector processes for every test and benchmark)."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -10,6 +11,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
@@ -109,6 +111,18 @@ class CollectorProcess:
     def pid(self) -> int:
         assert self.proc is not None, "not started"
         return self.proc.pid
+
+    def settle(self, timeout: float = 60) -> None:
+        """Wait until nothing is queued for the store: every acknowledged span is inserted (the
+        write-ahead log acknowledges before the insert). Raises TimeoutError."""
+        deadline = time.monotonic() + timeout
+        while True:
+            with urllib.request.urlopen(f"{self.http_endpoint}/health", timeout=10) as response:
+                if json.loads(response.read())["queue_spans"] == 0:
+                    return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"spans still queued for the store after {timeout} s")
+            time.sleep(0.01)
 
     def terminate(self, timeout: float = 60) -> int:
         """SIGTERM (commit what is queued, then exit) and its exit status."""
