@@ -1,17 +1,20 @@
-"""Adaptive group commit against the 200 ms batch timer it replaced, at each load, in one run.
+"""The write-ahead log and adaptive group commit against what they replaced, at each load, in one run.
 
-The collector acknowledges a request once its batch is committed. Before adaptive group commit a
-batch waited for a 200 ms timer (or to fill); now an idle collector commits at once and a busy
-one batches what arrives while the previous commit runs. `--linger-ms 200` is the old behaviour,
-so each load below runs against `lightspan collector` twice, with its defaults and with
-`--linger-ms 200`, each time on a fresh embedded store, one after the other:
+The collector acknowledges a request once it is committed. By default that is once its block is
+in the write-ahead log, the store insert following in the background (`collector.wal`); with
+`--no-wal` once the insert of its batch returns (adaptive group commit: an idle collector inserts
+at once, a busy one batches what arrives while the previous insert runs); before either, a batch
+waited for a 200 ms timer (`--linger-ms 200 --no-wal`). Each load below runs against
+`lightspan collector` three times, one configuration after the other, each on a fresh embedded
+store:
 
 - a lone 512-span export (as the OpenTelemetry SDK sends them) on an idle collector: ack latency
-  (here the two collectors run side by side, and the exports alternate between them);
+  (here the three collectors run side by side, and the exports go to each in turn);
 - one app with the SDK's default `BatchSpanProcessor` (2,048-span queue, 512-span exports, one
   at a time) ending LLM-sized spans at `--rate` for `--seconds`, over gRPC and over HTTP/protobuf:
   the spans its queue dropped (offered minus stored);
-- four HTTP clients each posting 1,000-span requests one after another: spans/s;
+- four HTTP clients each posting 1,000-span requests one after another: spans/s into the store
+  (the clock stops once every acknowledged span is inserted, not at the last acknowledgement);
 - 64 requests in flight over 8 gRPC channels (benchmarks/ingest.py's load, with its raw insert
   limit measured just before each run): spans/s and the ratio to that limit.
 
@@ -57,9 +60,9 @@ BATCH_REQUESTS = CollectorConfig.standalone().batch_spans // 1000
 
 
 def lone_exports(tmp: str, body: bytes, count: int) -> dict[str, dict[str, float]]:
-    """Ack latency of `count` exports per config, sent one at a time. The two collectors run side
-    by side and the exports alternate between them (each collector idle while the other answers),
-    so both see the same moments of a shared machine."""
+    """Ack latency of `count` exports per config, sent one at a time. The collectors run side by
+    side and the exports go to each in turn (each idle while another answers), so all see the same
+    moments of a shared machine."""
     import grpc
 
     latencies: dict[str, list[float]] = {config: [] for config in CONFIGS}

@@ -109,6 +109,7 @@ class GroupCommitter:
         self._logged: set[int] = set()  # acknowledged from the log, not yet in the store
         self._retry_at = 0.0  # after a failed insert of logged blocks, the next try waits until then
         self._failures = 0  # failed inserts so far: a barrier gives up at the next one
+        self._barriers = 0  # barriers waiting: what is queued is inserted without lingering
         self._threads = [
             threading.Thread(target=self._run, args=(fn,), name=f"lightspan-committer-{i}", daemon=True)
             for i, fn in enumerate(commits)
@@ -189,12 +190,18 @@ class GroupCommitter:
     def barrier(self, timeout: float) -> bool:
         """Wait until every block acknowledged from the log before this call is in the store;
         False if an insert fails meanwhile (the store is down: the blocks wait in the log, and a
-        query need not wait with them) or `timeout` seconds pass first."""
+        query need not wait with them) or `timeout` seconds pass first. While it waits, queued
+        blocks are inserted without waiting out `linger_ms`."""
         with self._cond:
             logged, failures = set(self._logged), self._failures
-            self._cond.wait_for(
-                lambda: logged.isdisjoint(self._logged) or self._failures != failures, timeout
-            )
+            self._barriers += 1
+            self._cond.notify_all()
+            try:
+                self._cond.wait_for(
+                    lambda: logged.isdisjoint(self._logged) or self._failures != failures, timeout
+                )
+            finally:
+                self._barriers -= 1
             return logged.isdisjoint(self._logged)
 
     def close(self, timeout: float | None = None) -> None:
@@ -224,7 +231,7 @@ class GroupCommitter:
                 # A batch that is not full waits for a running commit to end: it keeps growing
                 # meanwhile, and one insert of many spans costs the store far less (parts,
                 # merges) than two small ones side by side.
-                due = remaining <= 0 and not self._committing
+                due = (remaining <= 0 or self._barriers > 0) and not self._committing
                 full = self._waiting >= self.batch_spans or self._waiting_bytes >= self.batch_bytes
                 if self._closing or full or due:
                     break

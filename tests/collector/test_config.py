@@ -43,6 +43,8 @@ INVALID = [
     ({"sql_read_token": "same", "auth_token": "same"}, "sql_read_token must differ from auth_token"),
     ({"sql_max_seconds": 0}, "sql_max_seconds must be a finite number of seconds > 0"),
     ({"sql_max_memory_bytes": 0}, "sql_max_memory_bytes must be a positive integer"),
+    ({"wal_dir": 5}, "wal_dir must be a string or None"),
+    ({"wal_dir": "/tmp/wal", "wal": False}, "wal_dir is set but wal is off"),
     ({"host": "0.0.0.0"}, "refusing to listen on 0.0.0.0 without an auth token"),
     ({"sql_host": "::"}, "refusing to listen on :: without an auth token"),
     ({"host": "10.1.2.3"}, "refusing to listen on 10.1.2.3 without an auth token"),
@@ -161,6 +163,7 @@ def test_the_cli_maps_flags_onto_fields(monkeypatch: pytest.MonkeyPatch):
         "--sql-max-seconds=12.5",
         "--sql-max-memory-mib=256",
         "--insecure",
+        "--wal-dir=/tmp/wal",
     )
     assert config_from_args(args) == CollectorConfig(
         store_url="chdb:///tmp/x",
@@ -184,7 +187,9 @@ def test_the_cli_maps_flags_onto_fields(monkeypatch: pytest.MonkeyPatch):
         sql_max_seconds=12.5,
         sql_max_memory_bytes=256 * MIB,
         insecure=True,
+        wal_dir="/tmp/wal",
     )
+    assert config_from_args(_parse("--no-wal")).wal is False
 
 
 def test_the_read_token_may_come_from_the_environment(monkeypatch: pytest.MonkeyPatch):

@@ -16,7 +16,7 @@ from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExport
 from opentelemetry.sdk.trace.export import SpanExportResult
 
 from lightspan.collector.batcher import GroupCommitter
-from lightspan.collector.server import WAL_DIR
+from lightspan.collector.server import WAL_DIR, Collector
 from lightspan.collector.wal import REFUSED, Record, WriteAheadLog
 from lightspan.errors import InvalidInput, StoreUnavailable
 from lightspan.store import Store
@@ -63,6 +63,16 @@ def test_a_log_that_cannot_be_written_refuses_the_request_retryably(tmp_path: Pa
     committer.close()
 
 
+def test_where_the_log_lives(tmp_path: Path):
+    """In an embedded store's directory by default; a server store's readers query the server
+    directly, not waiting for background inserts, so it gets a log only when asked."""
+    store = tmp_path / "data"
+    assert Collector(f"chdb://{store}").wal_dir == store / WAL_DIR
+    assert Collector(f"chdb://{store}", wal=False).wal_dir is None
+    assert Collector("http://localhost:8123/db").wal_dir is None
+    assert Collector("http://localhost:8123/db", wal_dir=str(tmp_path / "w")).wal_dir == tmp_path / "w"
+
+
 # --- under the batcher ------------------------------------------------------------------------------
 def test_acknowledged_once_logged_and_a_barrier_waits_for_the_insert(tmp_path: Path):
     wal = WriteAheadLog(tmp_path)
@@ -80,6 +90,19 @@ def test_acknowledged_once_logged_and_a_barrier_waits_for_the_insert(tmp_path: P
     gate.set()
     assert committer.barrier(10)
     assert inserted == [b"a"] and _blocks(wal) == []  # in the store, out of the log
+    committer.close()
+
+
+def test_a_barrier_cuts_the_linger_short(tmp_path: Path):
+    """With the log, lingering delays only the insert; a query that waits for it need not."""
+    inserted: list[bytes] = []
+    committer = GroupCommitter(inserted.extend, wal=WriteAheadLog(tmp_path), linger_ms=60_000)
+    committer.submit(b"a", 1)
+    time.sleep(0.1)
+    assert inserted == []  # lingering
+    started = time.monotonic()
+    assert committer.barrier(10)
+    assert inserted == [b"a"] and time.monotonic() - started < 5
     committer.close()
 
 
