@@ -166,6 +166,8 @@ class Stats:
     right_first: float  # share of episodes whose first tool was the question's
     right_both: float  # ... whose two tools were
     copied: float  # share of answers that copied the last observation, among those that were a value
+    # per question kind (its two tools, "first>second"): (first tool right, both right) shares
+    kinds: tuple[tuple[str, float, float], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -325,8 +327,28 @@ def play(
         right_both=sum(tuple(x.strip() for x in r[:2]) == t.tools for r, (t, _) in zip(replies, episodes))
         / n,
         copied=sum(r[-1].strip() == o[-1] for r, o in values) / max(len(values), 1),
+        kinds=kind_stats(replies, [task for task, _ in episodes]),
     )
     return [t for episode in calls for t in episode], stats
+
+
+def two_digits(share: float) -> str:
+    """A share in [0, 1] in three characters: '.42', '1.0' (not '.00', which read as 0)."""
+    return "1.0" if share >= 0.995 else f"{share:.2f}"[1:]
+
+
+def kind_stats(
+    replies: Sequence[Sequence[str]], tasks: Sequence[credit_task.Task]
+) -> tuple[tuple[str, float, float], ...]:
+    """Per question kind (named by its tools): the share of episodes whose first tool was right and
+    whose two tools were; a mix of kinds that changes can move the pooled shares on its own."""
+    out = []
+    for tools in dict.fromkeys(t.tools for t in tasks):
+        mine = [r for r, t in zip(replies, tasks) if t.tools == tools]
+        first = sum(r[0].strip() == tools[0] for r in mine) / len(mine)
+        both = sum(tuple(x.strip() for x in r[:2]) == tools for r in mine) / len(mine)
+        out.append((">".join(tools), first, both))
+    return tuple(out)
 
 
 # --- warm-up, once per seed --------------------------------------------------------------------------
@@ -382,8 +404,8 @@ def warm_up(config: Config, seed: int, work: Path) -> Path:
 
 
 # --- one setting -------------------------------------------------------------------------------------
-def run_setting(config: Config, setting: str, seed: int, warm: Path, work: Path, bar: Any) -> list[Stats]:
-    """The stats of the batch before each update and after the last (updates + 1 of them)."""
+def rl_step(config: Config, setting: str, seed: int, warm: Path, work: Path) -> TrainStep:
+    """The trainer of one setting, starting from the warm-up checkpoint."""
     credit_name, group_by, estimator = parse_setting(setting)
     torch.manual_seed(seed)
     train = train_config(
@@ -395,30 +417,46 @@ def run_setting(config: Config, setting: str, seed: int, warm: Path, work: Path,
         group_by=group_by,
         estimator=estimator,
     )
-    step = TrainStep(build(train, Distributed.setup()))
-    view = policy_view(step, warm, max_length=256)
+    return TrainStep(build(train, Distributed.setup()))
+
+
+def update_policy(
+    config: Config, step: TrainStep, transitions: list[Transition], seed: int, update: int
+) -> list[dict[str, float]]:
+    """One update on a batch of episodes, as the loop makes it: credit, advantages, then one
+    optimiser step per mini-batch; each step's metrics."""
     a = step.config.algorithm
+    by_rollout: dict[str, list[Transition]] = {}
+    for t in transitions:
+        by_rollout.setdefault(t.rollout_id, []).append(t)
+    credit.assign(by_rollout, a.credit, a.gamma)
+    advantages.compute(transitions, a.name, a.group_by, a.scale, step_weight=a.step_weight)
+    samples, _ = step.tokenize(transitions)
+    return [step.run(batch) for batch in step_batches(samples, config.rl_batch, seed, update)]
+
+
+def run_setting(config: Config, setting: str, seed: int, warm: Path, work: Path, bar: Any) -> list[Stats]:
+    """The stats of the batch before each update and after the last (updates + 1 of them)."""
+    step = rl_step(config, setting, seed, warm, work)
+    view = policy_view(step, warm, max_length=256)
     tasks = config.tasks
     curve = []
     for update in range(config.updates + 1):
         # The same sampling seeds for every setting: the first batch is the same rollouts for all.
         transitions, stats = play(
-            view, tasks, config.group_size, seed * 1_000_003 + update, config.max_tokens
+            view, tasks, config.group_size, sampling_seed(seed, update), config.max_tokens
         )
         curve.append(stats)
         if update == config.updates:
             break
-        by_rollout: dict[str, list[Transition]] = {}
-        for t in transitions:
-            by_rollout.setdefault(t.rollout_id, []).append(t)
-        credit.assign(by_rollout, a.credit, a.gamma)
-        advantages.compute(transitions, a.name, a.group_by, a.scale, step_weight=a.step_weight)
-        samples, _ = step.tokenize(transitions)
-        for batch in step_batches(samples, config.rl_batch, seed, update):
-            step.run(batch)
+        update_policy(config, step, transitions, seed, update)
         bar.set_postfix_str(f"{setting} seed {seed}: {stats.success:.2f}", refresh=False)
         bar.update(1)
     return curve
+
+
+def sampling_seed(seed: int, update: int) -> int:
+    return seed * 1_000_003 + update
 
 
 def parse_setting(setting: str) -> tuple[str, str, str]:
@@ -600,6 +638,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     started = time.perf_counter()
     tools: dict[str, list[list[tuple[float, float, float]]]] = {}
+    kinds: dict[str, list[list[tuple[tuple[str, float, float], ...]]]] = {}
     bar = tqdm(
         total=len(config.seeds) * len(config.settings) * config.updates, unit="update", file=sys.stderr
     )
@@ -612,6 +651,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 curve = [r.success for r in runs]
                 curves.setdefault(setting, []).append(curve)
                 tools.setdefault(setting, []).append([(r.right_first, r.right_both, r.copied) for r in runs])
+                kinds.setdefault(setting, []).append([r.kinds for r in runs])
                 reached = updates_to(curve, config.target)
                 tqdm.write(
                     f"seed {seed} {setting:<20} {curve[0]:.2f} -> {curve[-1]:.2f}, target "
@@ -619,11 +659,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                 )
                 if args.diagnose:
                     for name, values in zip(("tool 1", "tools", "copied"), zip(*tools[setting][-1])):
-                        tqdm.write(f"  {name:<7}" + " ".join(f"{v:.2f}"[1:] for v in values))
+                        tqdm.write(f"  {name:<7}" + " ".join(two_digits(v) for v in values))
+                    for k, (kind, *_) in enumerate(runs[0].kinds):
+                        for name, part in (("1st", 1), ("both", 2)):
+                            values = [r.kinds[k][part] for r in runs]
+                            tqdm.write(f"  {kind + ' ' + name:<19}" + " ".join(two_digits(v) for v in values))
     bar.close()
     if args.out:
         args.out.write_text(
-            json.dumps({"config": dataclasses.asdict(config), "curves": curves, "tools": tools})
+            json.dumps(
+                {"config": dataclasses.asdict(config), "curves": curves, "tools": tools, "kinds": kinds}
+            )
         )
     report(config, curves, args.plot, time.perf_counter() - started)
     return 0
