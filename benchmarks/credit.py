@@ -109,11 +109,60 @@ leaves it there too (0.62 for both groupings at update 20): > 16.6 +- 3.5 update
 overlap, final 0.36 +- 0.12, paired +0.051 +- 0.018 (5/5), second given first again 0.62. With
 omega 0 the setting reproduces identical/task's curve exactly (seed 0, all 21 values equal). So
 the second factor drops from 0.70 to 0.60-0.62 as soon as the step term is there, whatever its
-weight (0.5, 1, 2): not the gradient budget it takes. What remains unexplained is why a second
-call trained on the same final-reward advantage learns more slowly when the first call of the
-same (shared-parameter) policy is also trained on a step term; the
-ratio is set by the second factor and by copying (0.67-0.69 against 0.71 at update 20), which
-no setting measured here speeds up. Seed 4 fails for every setting (final success 0.03-0.15).
+weight (0.5, 1, 2): not the gradient budget it takes. (Why a second call trained on the same
+final-reward advantage looked slower: below.) The ratio is set by the second factor and by
+copying (0.67-0.69 against 0.71 at update 20), which no setting measured here speeds up. Seed 4
+fails for every setting (final success 0.03-0.15).
+
+What holds the ratio, found with `--diagnose` per question kind (each kind named by its two
+tools; figures from one run of identical/task, both decomposed settings, GiGPO and step/state,
+5 seeds, the default budget, after the KL fix below; the shared 2-core machine, 14 minutes):
+- Not the implementation. `tests/benchmarks/test_credit_path.py` gives every call of an update a
+  distinct advantage and follows this benchmark's path (`play`, `step_batches`, `TrainStep`'s
+  length-sorted micro-batches): each lands on its own response tokens only, and the first step's
+  recorded logprobs are the trainer's (approximate KL under 1e-5).
+- A defect, fixed: the k3 KL to the reference was not clamped. With a step term (decomposed,
+  seed 0) a sampled token the policy had made far less likely than the reference had a KL term
+  of 1e4 and more: mean KL 15,208 and mean gradient norm 214,053 over the run's 160 optimiser
+  steps (identical/task: 0.20 and 0.56), so clipping the norm to 1 gave those steps to that token
+  alone. Clamped now as verl and OpenRLHF clamp it (`losses.KL_LIMIT`): 0.23 and 0.69. It moves
+  every curve a little (seed 2 of identical/task now reaches 0.40 at update 12), not the ratio.
+- The pooled "second tool given the first" mixes kinds. The intermediate reward names the first
+  tool only for the two capital kinds (`lookup` is the one tool that works on a country), so
+  step-level credit gets the first call right there first (1.00 and 0.99 at update 20, against
+  0.89 and 0.92) and fills the pool of first-right episodes with capital questions, whose second
+  choice is `weather` or `clock` on a city. That choice, and the city kinds' first one, every
+  setting settles by one tool for any city, not yet by the question's word: at update 20, in 22
+  of the 25 runs exactly two kinds have both tools right >= 0.5, `lookup>clock` and `clock>next`
+  ("clock", seeds 1-4 in every setting, seed 0 in both decomposed settings) or `lookup>weather`
+  and `weather>double` ("weather", seed 0 otherwise, with a third kind in step/state and GiGPO).
+  Decomposed credit went "clock" on 5/5 seeds, so `lookup>weather`'s second call is right 0.06 of
+  the time given the first (identical/task 0.25): most of the gap in the pooled 0.60-0.62.
+- The step term, varied (scratch runs through `run_setting`, 5 seeds, against identical/task
+  at > 20.4 +- 1.3 updates, before the KL fix): on the first call only, 16.2 +- 4.4 (ratio 0.79,
+  as the whole term); on the second call only, 20.4 +- 1.3 and the baseline's mean success
+  (0.183 vs 0.185): the second call's own step term neither helps nor hurts (its anchor states,
+  after an error, a city or a number, are nearly flat). Undivided by the group's std (Dr. GRPO) the
+  gain mostly goes (19.4 +- 2.1, 0.95: 0.2 is small next to the normalised outcome term);
+  divided by the batch's std instead, 17.2 +- 5.0 (0.84). PPO clip fraction 0.024-0.029 with a
+  step term, 0.014-0.021 without: clipping is not what limits it.
+So step-level credit reaches the two-kind plateau sooner (summed over the four kinds, the share
+with both tools right is 1.22-1.25 at update 8 and 1.40-1.50 at update 12 for the decomposed
+settings, 0.89 and 1.11 for identical/task), but every setting stops there (1.85-2.11 at update
+20, 1.86 for identical/task), and success at the plateau is half the questions times the copy
+rate (about 0.7): about 0.35, just under the target. Updates to 0.40 then time when a plateau's
+noise, or a seed that escapes it, crosses 0.40; step-level credit cannot speed that up, because
+the choice left is between two tools that both work, which the intermediate reward (0.2 for
+either) cannot inform: only the final reward teaches the model to read the question. Measured:
+updates to 0.40 > 16.0 +- 4.4 (4/5 seeds; 16, 16, 9, 18, -) for step/state/decomposed and for
+step/state (17, 16, 9, 17, -), > 17.6 +- 2.7 (4/5) step/task_step/decomposed, > 17.8 +- 3.8 (3/5)
+GiGPO, against > 19.2 +- 4.0 (1/5; -, -, 12, -, -) for identical/task: ratio 0.83, spreads
+overlap, the target is NOT met. Final success 0.34 +- 0.14, 0.38 +- 0.21, 0.35 +- 0.16, 0.36 +-
+0.13 against 0.33 +- 0.13; paired mean success over the updates +0.044 +- 0.038 (5/5 seeds),
++0.043 +- 0.039 (5/5), +0.052 +- 0.029 (5/5), +0.025 +- 0.027 (4/5). Below the plateau the gain
+is larger, shown here and not put in the issue's place: updates to 0.20 7.6 +- 2.5 for both
+decomposed settings against 13.2 +- 3.6 (ratio 0.58; 0.61 GiGPO), to 0.30 12.2-12.6 against
+16.8 (0.73-0.75); spreads overlap at every threshold.
 """
 
 from __future__ import annotations
