@@ -162,7 +162,12 @@ overlap, the target is NOT met. Final success 0.34 +- 0.14, 0.38 +- 0.21, 0.35 +
 +0.043 +- 0.039 (5/5), +0.052 +- 0.029 (5/5), +0.025 +- 0.027 (4/5). Below the plateau the gain
 is larger, shown here and not put in the issue's place: updates to 0.20 7.6 +- 2.5 for both
 decomposed settings against 13.2 +- 3.6 (ratio 0.58; 0.61 GiGPO), to 0.30 12.2-12.6 against
-16.8 (0.73-0.75); spreads overlap at every threshold.
+16.8 (0.73-0.75); spreads overlap at every threshold. With 40 updates for both (`--set
+updates=40`, identical/task and step/state/decomposed, 8 minutes): > 20.0 +- 12.2 against > 23.8
++- 10.6 (4/5 seeds each), ratio 0.84, spreads overlap; final success 0.37 +- 0.09 against 0.41 +-
+0.18, paired +0.014 +- 0.017 (4/5). Identical credit escapes the plateau on 2 of 5 seeds (three
+kinds solved at update 40; summed share 2.19), decomposed credit on none (1.71): settling the
+first call sooner also settles the city's tool sooner.
 """
 
 from __future__ import annotations
