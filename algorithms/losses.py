@@ -30,6 +30,11 @@ KLEstimator = Literal["k1", "k2", "k3"]
 # overflows exp() in float32, and one such token would turn the whole step's loss or gradient into
 # inf or NaN. e^20 is still far outside any clip range, so ordinary tokens are untouched.
 LOG_RATIO_LIMIT = 20.0
+# The k3 KL estimate of one token is capped at this many nats, as verl and OpenRLHF cap it: it grows
+# as e^(ref - logp) where the policy made a sampled token far less likely than the reference did,
+# and one such token (e^15 = 3e6) would make the KL term of the whole step, and so the clipped
+# gradient, that token's alone. Past the cap the token gets no KL gradient.
+KL_LIMIT = 10.0
 
 
 def token_logprobs(logits: torch.Tensor, token_ids: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
@@ -71,7 +76,8 @@ def kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: KLEstimato
     """Per-token estimate of KL(policy || reference) from tokens sampled by the policy.
 
     k1 = log p - log q (unbiased, high variance, can be negative); k2 = (log p - log q)^2 / 2;
-    k3 = q/p - 1 - log(q/p) (unbiased, always >= 0; Schulman's estimator, GRPO's default).
+    k3 = q/p - 1 - log(q/p) (unbiased, always >= 0; Schulman's estimator, GRPO's default), its
+    log-ratio clamped to ±`LOG_RATIO_LIMIT` and its value to at most `KL_LIMIT` (verl's low_var_kl).
     """
     log_ratio = logprobs - ref_logprobs
     if estimator == "k1":
@@ -79,7 +85,8 @@ def kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: KLEstimato
     if estimator == "k2":
         return 0.5 * log_ratio**2
     if estimator == "k3":
-        return torch.exp(-log_ratio) - 1.0 + log_ratio
+        log_ratio = torch.clamp(log_ratio, -LOG_RATIO_LIMIT, LOG_RATIO_LIMIT)
+        return torch.clamp(torch.exp(-log_ratio) - 1.0 + log_ratio, max=KL_LIMIT)
     raise InvalidInput(f"kl estimator must be 'k1', 'k2' or 'k3', got {estimator!r}")
 
 

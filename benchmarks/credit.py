@@ -109,11 +109,65 @@ leaves it there too (0.62 for both groupings at update 20): > 16.6 +- 3.5 update
 overlap, final 0.36 +- 0.12, paired +0.051 +- 0.018 (5/5), second given first again 0.62. With
 omega 0 the setting reproduces identical/task's curve exactly (seed 0, all 21 values equal). So
 the second factor drops from 0.70 to 0.60-0.62 as soon as the step term is there, whatever its
-weight (0.5, 1, 2): not the gradient budget it takes. What remains unexplained is why a second
-call trained on the same final-reward advantage learns more slowly when the first call of the
-same (shared-parameter) policy is also trained on a step term; the
-ratio is set by the second factor and by copying (0.67-0.69 against 0.71 at update 20), which
-no setting measured here speeds up. Seed 4 fails for every setting (final success 0.03-0.15).
+weight (0.5, 1, 2): not the gradient budget it takes. (Why a second call trained on the same
+final-reward advantage looked slower: below.) The ratio is set by the second factor and by
+copying (0.67-0.69 against 0.71 at update 20), which no setting measured here speeds up. Seed 4
+fails for every setting (final success 0.03-0.15).
+
+What holds the ratio, found with `--diagnose` per question kind (each kind named by its two
+tools; figures from one run of identical/task, both decomposed settings, GiGPO and step/state,
+5 seeds, the default budget, after the KL fix below; the shared 2-core machine, 14 minutes):
+- Not the implementation. `tests/benchmarks/test_credit_path.py` gives every call of an update a
+  distinct advantage and follows this benchmark's path (`play`, `step_batches`, `TrainStep`'s
+  length-sorted micro-batches): each lands on its own response tokens only, and the first step's
+  recorded logprobs are the trainer's (approximate KL under 1e-5).
+- A defect, fixed: the k3 KL to the reference was not clamped. With a step term (decomposed,
+  seed 0) a sampled token the policy had made far less likely than the reference had a KL term
+  of 1e4 and more: mean KL 15,208 and mean gradient norm 214,053 over the run's 160 optimiser
+  steps (identical/task: 0.20 and 0.56), so clipping the norm to 1 gave those steps to that token
+  alone. Clamped now as verl and OpenRLHF clamp it (`losses.KL_LIMIT`): 0.23 and 0.69. It moves
+  every curve a little (seed 2 of identical/task now reaches 0.40 at update 12), not the ratio.
+- The pooled "second tool given the first" mixes kinds. The intermediate reward names the first
+  tool only for the two capital kinds (`lookup` is the one tool that works on a country), so
+  step-level credit gets the first call right there first (1.00 and 0.99 at update 20, against
+  0.89 and 0.92) and fills the pool of first-right episodes with capital questions, whose second
+  choice is `weather` or `clock` on a city. That choice, and the city kinds' first one, every
+  setting settles by one tool for any city, not yet by the question's word: at update 20, in 22
+  of the 25 runs exactly two kinds have both tools right >= 0.5, `lookup>clock` and `clock>next`
+  ("clock", seeds 1-4 in every setting, seed 0 in both decomposed settings) or `lookup>weather`
+  and `weather>double` ("weather", seed 0 otherwise, with a third kind in step/state and GiGPO).
+  Decomposed credit went "clock" on 5/5 seeds, so `lookup>weather`'s second call is right 0.06 of
+  the time given the first (identical/task 0.25): most of the gap in the pooled 0.60-0.62.
+- The step term, varied (scratch runs through `run_setting`, 5 seeds, against identical/task
+  at > 20.4 +- 1.3 updates, before the KL fix): on the first call only, 16.2 +- 4.4 (ratio 0.79,
+  as the whole term); on the second call only, 20.4 +- 1.3 and the baseline's mean success
+  (0.183 vs 0.185): the second call's own step term neither helps nor hurts (its anchor states,
+  after an error, a city or a number, are nearly flat). Undivided by the group's std (Dr. GRPO) the
+  gain mostly goes (19.4 +- 2.1, 0.95: 0.2 is small next to the normalised outcome term);
+  divided by the batch's std instead, 17.2 +- 5.0 (0.84). PPO clip fraction 0.024-0.029 with a
+  step term, 0.014-0.021 without: clipping is not what limits it.
+So step-level credit reaches the two-kind plateau sooner (summed over the four kinds, the share
+with both tools right is 1.22-1.25 at update 8 and 1.40-1.50 at update 12 for the decomposed
+settings, 0.89 and 1.11 for identical/task), but every setting stops there (1.85-2.11 at update
+20, 1.86 for identical/task), and success at the plateau is half the questions times the copy
+rate (about 0.7): about 0.35, just under the target. Updates to 0.40 then time when a plateau's
+noise, or a seed that escapes it, crosses 0.40; step-level credit cannot speed that up, because
+the choice left is between two tools that both work, which the intermediate reward (0.2 for
+either) cannot inform: only the final reward teaches the model to read the question. Measured:
+updates to 0.40 > 16.0 +- 4.4 (4/5 seeds; 16, 16, 9, 18, -) for step/state/decomposed and for
+step/state (17, 16, 9, 17, -), > 17.6 +- 2.7 (4/5) step/task_step/decomposed, > 17.8 +- 3.8 (3/5)
+GiGPO, against > 19.2 +- 4.0 (1/5; -, -, 12, -, -) for identical/task: ratio 0.83, spreads
+overlap, the target is NOT met. Final success 0.34 +- 0.14, 0.38 +- 0.21, 0.35 +- 0.16, 0.36 +-
+0.13 against 0.33 +- 0.13; paired mean success over the updates +0.044 +- 0.038 (5/5 seeds),
++0.043 +- 0.039 (5/5), +0.052 +- 0.029 (5/5), +0.025 +- 0.027 (4/5). Below the plateau the gain
+is larger, shown here and not put in the issue's place: updates to 0.20 7.6 +- 2.5 for both
+decomposed settings against 13.2 +- 3.6 (ratio 0.58; 0.61 GiGPO), to 0.30 12.2-12.6 against
+16.8 (0.73-0.75); spreads overlap at every threshold. With 40 updates for both (`--set
+updates=40`, identical/task and step/state/decomposed, 8 minutes): > 20.0 +- 12.2 against > 23.8
++- 10.6 (4/5 seeds each), ratio 0.84, spreads overlap; final success 0.37 +- 0.09 against 0.41 +-
+0.18, paired +0.014 +- 0.017 (4/5). Identical credit escapes the plateau on 2 of 5 seeds (three
+kinds solved at update 40; summed share 2.19), decomposed credit on none (1.71): settling the
+first call sooner also settles the city's tool sooner.
 """
 
 from __future__ import annotations
@@ -166,6 +220,8 @@ class Stats:
     right_first: float  # share of episodes whose first tool was the question's
     right_both: float  # ... whose two tools were
     copied: float  # share of answers that copied the last observation, among those that were a value
+    # per question kind (its two tools, "first>second"): (first tool right, both right) shares
+    kinds: tuple[tuple[str, float, float], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -325,8 +381,28 @@ def play(
         right_both=sum(tuple(x.strip() for x in r[:2]) == t.tools for r, (t, _) in zip(replies, episodes))
         / n,
         copied=sum(r[-1].strip() == o[-1] for r, o in values) / max(len(values), 1),
+        kinds=kind_stats(replies, [task for task, _ in episodes]),
     )
     return [t for episode in calls for t in episode], stats
+
+
+def two_digits(share: float) -> str:
+    """A share in [0, 1] in three characters: '.42', '1.0' (not '.00', which read as 0)."""
+    return "1.0" if share >= 0.995 else f"{share:.2f}"[1:]
+
+
+def kind_stats(
+    replies: Sequence[Sequence[str]], tasks: Sequence[credit_task.Task]
+) -> tuple[tuple[str, float, float], ...]:
+    """Per question kind (named by its tools): the share of episodes whose first tool was right and
+    whose two tools were; a mix of kinds that changes can move the pooled shares on its own."""
+    out = []
+    for tools in dict.fromkeys(t.tools for t in tasks):
+        mine = [r for r, t in zip(replies, tasks) if t.tools == tools]
+        first = sum(r[0].strip() == tools[0] for r in mine) / len(mine)
+        both = sum(tuple(x.strip() for x in r[:2]) == tools for r in mine) / len(mine)
+        out.append((">".join(tools), first, both))
+    return tuple(out)
 
 
 # --- warm-up, once per seed --------------------------------------------------------------------------
@@ -382,8 +458,8 @@ def warm_up(config: Config, seed: int, work: Path) -> Path:
 
 
 # --- one setting -------------------------------------------------------------------------------------
-def run_setting(config: Config, setting: str, seed: int, warm: Path, work: Path, bar: Any) -> list[Stats]:
-    """The stats of the batch before each update and after the last (updates + 1 of them)."""
+def rl_step(config: Config, setting: str, seed: int, warm: Path, work: Path) -> TrainStep:
+    """The trainer of one setting, starting from the warm-up checkpoint."""
     credit_name, group_by, estimator = parse_setting(setting)
     torch.manual_seed(seed)
     train = train_config(
@@ -395,30 +471,46 @@ def run_setting(config: Config, setting: str, seed: int, warm: Path, work: Path,
         group_by=group_by,
         estimator=estimator,
     )
-    step = TrainStep(build(train, Distributed.setup()))
-    view = policy_view(step, warm, max_length=256)
+    return TrainStep(build(train, Distributed.setup()))
+
+
+def update_policy(
+    config: Config, step: TrainStep, transitions: list[Transition], seed: int, update: int
+) -> list[dict[str, float]]:
+    """One update on a batch of episodes, as the loop makes it: credit, advantages, then one
+    optimiser step per mini-batch; each step's metrics."""
     a = step.config.algorithm
+    by_rollout: dict[str, list[Transition]] = {}
+    for t in transitions:
+        by_rollout.setdefault(t.rollout_id, []).append(t)
+    credit.assign(by_rollout, a.credit, a.gamma)
+    advantages.compute(transitions, a.name, a.group_by, a.scale, step_weight=a.step_weight)
+    samples, _ = step.tokenize(transitions)
+    return [step.run(batch) for batch in step_batches(samples, config.rl_batch, seed, update)]
+
+
+def run_setting(config: Config, setting: str, seed: int, warm: Path, work: Path, bar: Any) -> list[Stats]:
+    """The stats of the batch before each update and after the last (updates + 1 of them)."""
+    step = rl_step(config, setting, seed, warm, work)
+    view = policy_view(step, warm, max_length=256)
     tasks = config.tasks
     curve = []
     for update in range(config.updates + 1):
         # The same sampling seeds for every setting: the first batch is the same rollouts for all.
         transitions, stats = play(
-            view, tasks, config.group_size, seed * 1_000_003 + update, config.max_tokens
+            view, tasks, config.group_size, sampling_seed(seed, update), config.max_tokens
         )
         curve.append(stats)
         if update == config.updates:
             break
-        by_rollout: dict[str, list[Transition]] = {}
-        for t in transitions:
-            by_rollout.setdefault(t.rollout_id, []).append(t)
-        credit.assign(by_rollout, a.credit, a.gamma)
-        advantages.compute(transitions, a.name, a.group_by, a.scale, step_weight=a.step_weight)
-        samples, _ = step.tokenize(transitions)
-        for batch in step_batches(samples, config.rl_batch, seed, update):
-            step.run(batch)
+        update_policy(config, step, transitions, seed, update)
         bar.set_postfix_str(f"{setting} seed {seed}: {stats.success:.2f}", refresh=False)
         bar.update(1)
     return curve
+
+
+def sampling_seed(seed: int, update: int) -> int:
+    return seed * 1_000_003 + update
 
 
 def parse_setting(setting: str) -> tuple[str, str, str]:
@@ -600,6 +692,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     started = time.perf_counter()
     tools: dict[str, list[list[tuple[float, float, float]]]] = {}
+    kinds: dict[str, list[list[tuple[tuple[str, float, float], ...]]]] = {}
     bar = tqdm(
         total=len(config.seeds) * len(config.settings) * config.updates, unit="update", file=sys.stderr
     )
@@ -612,6 +705,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 curve = [r.success for r in runs]
                 curves.setdefault(setting, []).append(curve)
                 tools.setdefault(setting, []).append([(r.right_first, r.right_both, r.copied) for r in runs])
+                kinds.setdefault(setting, []).append([r.kinds for r in runs])
                 reached = updates_to(curve, config.target)
                 tqdm.write(
                     f"seed {seed} {setting:<20} {curve[0]:.2f} -> {curve[-1]:.2f}, target "
@@ -619,11 +713,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                 )
                 if args.diagnose:
                     for name, values in zip(("tool 1", "tools", "copied"), zip(*tools[setting][-1])):
-                        tqdm.write(f"  {name:<7}" + " ".join(f"{v:.2f}"[1:] for v in values))
+                        tqdm.write(f"  {name:<7}" + " ".join(two_digits(v) for v in values))
+                    for k, (kind, *_) in enumerate(runs[0].kinds):
+                        for name, part in (("1st", 1), ("both", 2)):
+                            values = [r.kinds[k][part] for r in runs]
+                            tqdm.write(f"  {kind + ' ' + name:<19}" + " ".join(two_digits(v) for v in values))
     bar.close()
     if args.out:
         args.out.write_text(
-            json.dumps({"config": dataclasses.asdict(config), "curves": curves, "tools": tools})
+            json.dumps(
+                {"config": dataclasses.asdict(config), "curves": curves, "tools": tools, "kinds": kinds}
+            )
         )
     report(config, curves, args.plot, time.perf_counter() - started)
     return 0

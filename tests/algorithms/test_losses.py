@@ -206,6 +206,28 @@ def test_k1_and_k3_are_unbiased_estimates_of_the_kl() -> None:
     assert (losses.kl(p.log(), q.log(), "k3") >= 0).all()
 
 
+def test_a_token_far_below_the_reference_cannot_poison_the_step_through_the_kl() -> None:
+    """k3 = e^(ref - logp) - 1 - (ref - logp) grows exponentially where the policy has made a token
+    far less likely than the reference did; one such token sampled anyway made the KL term of a
+    credit-benchmark step 1e4-1e5 times the policy-gradient term, so clipping the gradient's norm
+    left the step nothing else. As verl and OpenRLHF do, the log-ratio is clamped to +-20 and k3 to
+    at most 10: that token's KL stops there (no gradient past it), the others' is untouched."""
+    logprobs = torch.tensor([[math.log(0.5), -30.0]], requires_grad=True)
+    ref = torch.tensor([[math.log(0.25), math.log(0.5)]])
+    per_token = losses.kl(logprobs, ref, "k3")
+    assert per_token[0, 0].item() == pytest.approx(0.5 - 1 + math.log(2))
+    assert per_token[0, 1].item() == 10.0
+    loss, metrics = losses.ppo_clip(
+        logprobs, logprobs.detach(), torch.tensor([0.0]), torch.ones(1, 2), ref_logprobs=ref, kl_coef=0.5
+    )
+    loss.backward()
+    assert metrics["kl"].item() == pytest.approx((0.5 - 1 + math.log(2) + 10.0) / 2)
+    # d k3 / d logp = 1 - e^(ref - logp): 1 - 0.5 for the ordinary token, 0 past the clamp
+    assert logprobs.grad.tolist()[0] == pytest.approx([0.5 * 0.5 / 2, 0.0])
+    # the log-ratio is clamped before exp(): no overflow even 1,000 nats below the reference
+    assert losses.kl(torch.tensor([-1000.0]), torch.tensor([0.0]), "k3").item() == 10.0 == losses.KL_LIMIT
+
+
 def test_ppo_clip_adds_kl_to_reference() -> None:
     logprobs = torch.full((1, 2), math.log(0.5))
     ref = torch.full((1, 2), math.log(0.25))
