@@ -82,7 +82,7 @@ class GroupCommitter:
         *,
         batch_spans: int = CollectorConfig.batch_spans,
         batch_bytes: int = CollectorConfig.batch_bytes,
-        linger_ms: float = CollectorConfig.linger_ms,
+        linger_ms: float = 0.0,
         queue_spans: int = CollectorConfig.queue_spans,
         queue_bytes: int = CollectorConfig.queue_bytes,
         retry_after: float = CollectorConfig.retry_after,

@@ -16,7 +16,7 @@ import threading
 from typing import Any
 
 from lightspan import semconv
-from lightspan.collector.config import MIB, CollectorConfig
+from lightspan.collector.config import MIB, WAL_LINGER_MS, CollectorConfig
 
 # `--sql-port` value that serves no SQL endpoint (CollectorConfig.sql_port=None).
 SQL_OFF = -1
@@ -111,8 +111,9 @@ def _add_flags(parser: argparse.ArgumentParser) -> None:
         "--linger-ms",
         type=float,
         default=defaults.linger_ms,
-        help="how long an idle collector waits for more requests before committing "
-        "(default %(default)g ms: at once; a busy one batches what arrives during a commit)",
+        help="how long an idle collector's insert waits for more requests (default: "
+        f"{WAL_LINGER_MS:g} ms with the write-ahead log, where clients do not wait for the insert; "
+        "0, at once, with --no-wal; a busy one batches what arrives during an insert)",
     )
     parser.add_argument(
         "--wal-dir",

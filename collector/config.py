@@ -12,7 +12,10 @@ whatever arrives while the previous commit runs, up to `batch_spans` spans and `
 bytes. Large batches matter because every commit becomes a part in each table of the store, and
 parts are later merged: at 8,192 spans a batch, background merges cost the embedded store nearly
 as much CPU as the inserts themselves. `linger_ms` makes an idle collector wait for company
-(fewer, larger parts under light load, for that much more latency).
+(fewer, larger parts under light load). With the write-ahead log only the insert waits, not the
+client, so there it lingers by default (`WAL_LINGER_MS`): one app's SDK exporter at 10,000
+spans/s lost a fifth of its spans with inserts at once (each export its own insert: CPU and parts
+the app's own process lacked) and none with 100 or 250 ms (`benchmarks/group_commit.py`).
 
 This module imports only the standard library (the store's URL parser is imported when
 validating), so the CLI can build its flags from it without slowing `lightspan --help`.
@@ -28,6 +31,9 @@ from dataclasses import dataclass
 from lightspan.errors import InvalidInput
 
 MIB = 1 << 20
+# How long an insert waits for more requests by default when requests are acknowledged from the
+# write-ahead log (without one, clients wait for the insert and it starts at once).
+WAL_LINGER_MS = 200.0
 _MAX_PORT = 65535
 # The standalone collector decodes in one process per CPU (see collector.decoders).
 STANDALONE_DECODERS = (os.cpu_count() or 1) if (os.cpu_count() or 1) > 1 else 0
@@ -70,10 +76,11 @@ class CollectorConfig:
     max_request_bytes: int = 64 * MIB
     # A batch holds at most `batch_spans` spans and `batch_bytes` bytes of Native blocks (a
     # larger request goes alone). It is committed when no other batch is being inserted and its
-    # oldest request has waited `linger_ms` milliseconds, or as soon as it is full.
+    # oldest request has waited `linger_ms` milliseconds, or as soon as it is full. None:
+    # WAL_LINGER_MS with a write-ahead log, 0 (at once) without; `linger(wal)` resolves it.
     batch_spans: int = 32768
     batch_bytes: int = 64 * MIB
-    linger_ms: float = 0.0
+    linger_ms: float | None = None
     # Memory bounds: past either, clients are told to retry after `retry_after` seconds.
     queue_spans: int = 131072
     queue_bytes: int = 512 * MIB
@@ -157,8 +164,10 @@ class CollectorConfig:
             problems.append(
                 f"decoders must be 0 (decode in the receiving threads) or more, got {self.decoders!r}"
             )
-        if not _number_in(self.linger_ms, 0):
-            problems.append(f"linger_ms must be a finite number of milliseconds >= 0, got {self.linger_ms!r}")
+        if self.linger_ms is not None and not _number_in(self.linger_ms, 0):
+            problems.append(
+                f"linger_ms must be a finite number of milliseconds >= 0 or None, got {self.linger_ms!r}"
+            )
         if not (_number_in(self.retry_after, 0) and self.retry_after > 0):
             problems.append(f"retry_after must be a finite number of seconds > 0, got {self.retry_after!r}")
         if (
@@ -173,6 +182,13 @@ class CollectorConfig:
         if problems:
             raise InvalidInput("invalid collector settings: " + "; ".join(problems))
         return self
+
+    def linger(self, wal: bool) -> float:
+        """The milliseconds an idle collector's insert waits for company, with or without a
+        write-ahead log."""
+        if self.linger_ms is not None:
+            return self.linger_ms
+        return WAL_LINGER_MS if wal else 0.0
 
     def exposed(self, embedded: bool) -> list[str]:
         """The addresses beyond loopback that the receivers and the SQL endpoint would listen on

@@ -98,7 +98,7 @@ class Collector:
             commits,
             batch_spans=config.batch_spans,
             batch_bytes=config.batch_bytes,
-            linger_ms=config.linger_ms,
+            linger_ms=config.linger(wal is not None),
             queue_spans=config.queue_spans,
             queue_bytes=config.queue_bytes,
             retry_after=config.retry_after,

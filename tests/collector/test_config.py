@@ -11,7 +11,7 @@ import pytest
 
 from lightspan.cli import build_parser
 from lightspan.collector.cli import config_from_args
-from lightspan.collector.config import MIB, STANDALONE_DECODERS, CollectorConfig
+from lightspan.collector.config import MIB, STANDALONE_DECODERS, WAL_LINGER_MS, CollectorConfig
 from lightspan.collector.server import Collector
 from lightspan.errors import InvalidInput
 from tests.helpers.processes import run_cli
@@ -35,7 +35,7 @@ INVALID = [
     ({"queue_bytes": 1.5}, "queue_bytes must be a positive integer"),
     ({"committers": 0}, "committers must be a positive integer"),
     ({"decoders": -1}, "decoders must be 0"),
-    ({"linger_ms": -1}, "linger_ms must be a finite number of milliseconds >= 0"),
+    ({"linger_ms": -1}, "linger_ms must be a finite number of milliseconds >= 0 or None"),
     ({"linger_ms": float("nan")}, "linger_ms must be a finite number"),
     ({"retry_after": 0}, "retry_after must be a finite number of seconds > 0"),
     ({"batch_spans": 2000, "queue_spans": 1000}, "batch_spans (2000) is larger than queue_spans (1000)"),
@@ -49,6 +49,14 @@ INVALID = [
     ({"sql_host": "::"}, "refusing to listen on :: without an auth token"),
     ({"host": "10.1.2.3"}, "refusing to listen on 10.1.2.3 without an auth token"),
 ]
+
+
+def test_the_insert_lingers_by_default_only_where_clients_do_not_wait_for_it():
+    assert CollectorConfig().linger(wal=True) == WAL_LINGER_MS
+    assert CollectorConfig().linger(wal=False) == 0
+    assert (
+        CollectorConfig(linger_ms=5).linger(wal=True) == CollectorConfig(linger_ms=5).linger(wal=False) == 5
+    )
 
 
 def test_the_defaults_are_valid_and_standalone_differs_only_in_decoders():
@@ -210,7 +218,8 @@ def test_help_shows_the_true_defaults():
         f"largest accepted request, in MiB (default {defaults.max_request_bytes // MIB})",
         f"most spans in one commit (default {defaults.batch_spans})",
         f"in one commit, in MiB (default {defaults.batch_bytes // MIB})",
-        f"before committing (default {defaults.linger_ms:g} ms: at once;",
+        f"more requests (default: {WAL_LINGER_MS:g} ms with the write-ahead log,",
+        "0, at once, with --no-wal;",
         f"one per CPU, here {defaults.decoders};",
         f"(memory bound, default {defaults.queue_spans})",
         f"(memory bound, default {defaults.queue_bytes // MIB})",
