@@ -10,6 +10,9 @@ store:
 
 - a lone 512-span export (as the OpenTelemetry SDK sends them) on an idle collector: ack latency
   (here the three collectors run side by side, and the exports go to each in turn);
+- the app's side alone: the same app with an exporter that encodes each batch as the OTLP
+  exporters do and then waits 0, 10 or 40 ms for an "acknowledgement" that costs no CPU, no
+  collector running: what one default exporter can carry on this machine at best;
 - one app with the SDK's default `BatchSpanProcessor` (2,048-span queue, 512-span exports, one
   at a time) ending LLM-sized spans at `--rate` for `--seconds`, over gRPC and over HTTP/protobuf:
   the spans its queue dropped (offered minus stored);
@@ -35,12 +38,15 @@ import tempfile
 import threading
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
 from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter as GrpcExporter
 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as HttpExporter
+from opentelemetry.sdk.trace import ReadableSpan
+from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, for tests.helpers
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/, for ingest
@@ -99,6 +105,28 @@ def sdk_exporter(collector: CollectorProcess, protocol: str, rate: float, second
     )
     offered = offer(exporter, rate, seconds)
     return {"offered": offered.spans, "offered_rate": offered.rate, "seconds": offered.seconds}
+
+
+class EncodeAndWait(SpanExporter):
+    """What an OTLP exporter does in the app, without a collector: encode the batch (the SDK's own
+    encoder), then wait `rtt` seconds as for an acknowledgement that costs this machine no CPU."""
+
+    def __init__(self, rtt: float):
+        self.rtt, self.spans = rtt, 0
+
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        encode_spans(spans).SerializeToString()
+        time.sleep(self.rtt)
+        self.spans += len(spans)
+        return SpanExportResult.SUCCESS
+
+
+def app_ceiling(rate: float, seconds: float, rtt: float) -> dict[str, float]:
+    """The app's side alone: the spans one default-SDK exporter drops when each acknowledgement
+    takes `rtt` and nothing else runs on the machine."""
+    exporter = EncodeAndWait(rtt)
+    offered = offer(exporter, rate, seconds)
+    return {"offered": offered.spans, "exported": exporter.spans}
 
 
 def sequential_http(
@@ -171,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--loads",
-        default="lone,sdk-grpc,sdk-http,http4,inflight64",
+        default="lone,ceiling,sdk-grpc,sdk-http,http4,inflight64",
         help="comma-separated subset of the loads to run",
     )
     args = parser.parse_args(argv)
@@ -202,6 +230,14 @@ def main(argv: list[str] | None = None) -> int:
                 f"  -> p50 {_ratio(r['timer']['p50_ms'], r['wal']['p50_ms'])} shorter than the timer's, "
                 f"{_ratio(r['commit']['p50_ms'], r['wal']['p50_ms'])} than after the insert (target: <= 30 ms)"
             )
+        if "ceiling" in loads:
+            for rtt_ms in (0, 10, 40):
+                x = app_ceiling(args.rate, args.seconds, rtt_ms / 1000)
+                dropped = x["offered"] - x["exported"]
+                print(
+                    f"app alone, ack {rtt_ms:>2} ms   no collector           offered {x['offered']:,}, "
+                    f"exported {x['exported']:,}, dropped {dropped:,} ({dropped / x['offered']:.0%})"
+                )
         for protocol in ("grpc", "http"):
             if f"sdk-{protocol}" not in loads:
                 continue
