@@ -202,7 +202,13 @@ def main(argv: list[str] | None = None) -> int:
         default="lone,ceiling,sdk-grpc,sdk-http,http4,inflight64",
         help="comma-separated subset of the loads to run",
     )
+    parser.add_argument(
+        "--wal-flags",
+        default="",
+        help="more collector flags for the default configuration, e.g. '--linger-ms 0'",
+    )
     args = parser.parse_args(argv)
+    CONFIGS["wal"] = args.wal_flags.split()
     loads = set(args.loads.split(","))
 
     export512 = encoded_export(512)
