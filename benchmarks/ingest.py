@@ -355,7 +355,8 @@ def main(argv: list[str] | None = None) -> int:
         "--linger-ms",
         type=float,
         default=collector.linger_ms,
-        help="collector linger (200 ms is the batch timer before adaptive group commit)",
+        help="collector linger (default: the collector's own; 200 with --no-wal is the batch timer "
+        "before adaptive group commit)",
     )
     parser.add_argument(
         "--decoders", type=int, default=collector.decoders, help="collector decoder processes"
@@ -399,8 +400,7 @@ def main(argv: list[str] | None = None) -> int:
                 [
                     "--batch-spans",
                     str(args.batch_spans),
-                    "--linger-ms",
-                    str(args.linger_ms),
+                    *(["--linger-ms", str(args.linger_ms)] if args.linger_ms is not None else []),
                     "--decoders",
                     str(args.decoders),
                 ],
