@@ -147,3 +147,33 @@ def offer(
     finally:
         provider.shutdown()
     return Offered(emitted, elapsed)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The load as an app of its own (a fresh interpreter, as a real app has, rather than a test
+    runner holding other tests' threads): offer spans to a collector, print what was offered as
+    JSON."""
+    import argparse
+
+    from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter as GrpcExporter
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as HttpExporter
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--protocol", choices=["grpc", "http"], required=True)
+    parser.add_argument("--endpoint", required=True, help="the collector's gRPC or HTTP endpoint")
+    parser.add_argument("--rate", type=float, required=True, help="spans/s offered")
+    parser.add_argument("--seconds", type=float, required=True)
+    parser.add_argument("--small", action="store_true", help="spans of three short attributes")
+    args = parser.parse_args(argv)
+    exporter: SpanExporter = (
+        GrpcExporter(endpoint=args.endpoint, insecure=True)
+        if args.protocol == "grpc"
+        else HttpExporter(endpoint=f"{args.endpoint}/v1/traces")
+    )
+    offered = offer(exporter, args.rate, args.seconds, llm=not args.small)
+    print(json.dumps({"spans": offered.spans, "seconds": offered.seconds}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
