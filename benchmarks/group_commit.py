@@ -43,8 +43,6 @@ from pathlib import Path
 from typing import Any
 
 from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
-from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter as GrpcExporter
-from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as HttpExporter
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 
@@ -56,7 +54,7 @@ from ingest import decode_rate, ingest, insert_limit, insert_parts, make_request
 from lightspan.collector.config import CollectorConfig
 from lightspan.store import Store
 from tests.helpers.processes import CollectorProcess
-from tests.helpers.sdk_load import encoded_export, offer
+from tests.helpers.sdk_load import encoded_export, offer, otlp_exporter
 
 CONFIGS = {"wal": [], "commit": ["--no-wal"], "timer": ["--linger-ms", "200", "--no-wal"]}
 LABELS = {"wal": "WAL (default)", "commit": "ack after insert", "timer": "200 ms timer"}
@@ -98,12 +96,8 @@ def lone_exports(tmp: str, body: bytes, count: int) -> dict[str, dict[str, float
 
 def sdk_exporter(collector: CollectorProcess, protocol: str, rate: float, seconds: float) -> dict[str, float]:
     """One app's default BatchSpanProcessor over `protocol`; `offered` spans, paced at `rate`."""
-    exporter = (
-        GrpcExporter(endpoint=collector.grpc_endpoint, insecure=True)
-        if protocol == "grpc"
-        else HttpExporter(endpoint=f"{collector.http_endpoint}/v1/traces")
-    )
-    offered = offer(exporter, rate, seconds)
+    endpoint = collector.grpc_endpoint if protocol == "grpc" else collector.http_endpoint
+    offered = offer(otlp_exporter(protocol, endpoint), rate, seconds)
     return {"offered": offered.spans, "offered_rate": offered.rate, "seconds": offered.seconds}
 
 

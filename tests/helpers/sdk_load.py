@@ -149,14 +149,22 @@ def offer(
     return Offered(emitted, elapsed)
 
 
+def otlp_exporter(protocol: str, endpoint: str) -> SpanExporter:
+    """The SDK's OTLP exporter for `protocol` (grpc or http), with its defaults, to a collector's
+    gRPC or HTTP endpoint."""
+    from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter as GrpcExporter
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as HttpExporter
+
+    if protocol == "grpc":
+        return GrpcExporter(endpoint=endpoint, insecure=True)
+    return HttpExporter(endpoint=f"{endpoint}/v1/traces")
+
+
 def main(argv: list[str] | None = None) -> int:
     """The load as an app of its own (a fresh interpreter, as a real app has, rather than a test
     runner holding other tests' threads): offer spans to a collector, print what was offered as
     JSON."""
     import argparse
-
-    from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter as GrpcExporter
-    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as HttpExporter
 
     parser = argparse.ArgumentParser(description=main.__doc__)
     parser.add_argument("--protocol", choices=["grpc", "http"], required=True)
@@ -165,12 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, required=True)
     parser.add_argument("--small", action="store_true", help="spans of three short attributes")
     args = parser.parse_args(argv)
-    exporter: SpanExporter = (
-        GrpcExporter(endpoint=args.endpoint, insecure=True)
-        if args.protocol == "grpc"
-        else HttpExporter(endpoint=f"{args.endpoint}/v1/traces")
-    )
-    offered = offer(exporter, args.rate, args.seconds, llm=not args.small)
+    offered = offer(otlp_exporter(args.protocol, args.endpoint), args.rate, args.seconds, llm=not args.small)
     print(json.dumps({"spans": offered.spans, "seconds": offered.seconds}))
     return 0
 
