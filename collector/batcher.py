@@ -73,7 +73,10 @@ class GroupCommitter:
     batch go in while the other's insert runs in ClickHouse (native code, GIL released).
     `linger_ms` trades latency for fewer, larger inserts (Kafka's `linger.ms`): the collector
     before this design was `linger_ms=200`. `on_commit(spans, seconds, error)` reports each
-    attempt (metrics). With `wal`, requests are acknowledged once logged (see the module).
+    attempt (metrics). With `wal`, requests are acknowledged once logged (see the module), and
+    `background` (one per `commit`) inserts the batches nobody waits for while the committers keep
+    up (see `_take`): the collector's run at a lower CPU priority, yielding to the apps sharing
+    its machine, where one that falls behind, or a query waiting, gets the CPU at once.
     """
 
     def __init__(
@@ -88,8 +91,10 @@ class GroupCommitter:
         retry_after: float = CollectorConfig.retry_after,
         on_commit: Callable[[int, float, BaseException | None], None] | None = None,
         wal: WriteAheadLog | None = None,
+        background: Callable[[list[bytes]], Any] | Sequence[Callable[[list[bytes]], Any]] | None = None,
     ):
         commits = list(commit) if isinstance(commit, (list, tuple)) else [commit]
+        quiet = list(background) if isinstance(background, (list, tuple)) else [background] * len(commits)
         self.batch_spans = max(1, batch_spans)
         self.batch_bytes = max(1, batch_bytes)
         self.linger = max(0.0, linger_ms / 1000)
@@ -111,8 +116,8 @@ class GroupCommitter:
         self._failures = 0  # failed inserts so far: a barrier gives up at the next one
         self._barriers = 0  # barriers waiting: what is queued is inserted without lingering
         self._threads = [
-            threading.Thread(target=self._run, args=(fn,), name=f"lightspan-committer-{i}", daemon=True)
-            for i, fn in enumerate(commits)
+            threading.Thread(target=self._run, args=fns, name=f"lightspan-committer-{i}", daemon=True)
+            for i, fns in enumerate(zip(commits, quiet, strict=True))
         ]
         for thread in self._threads:
             thread.start()
@@ -214,8 +219,11 @@ class GroupCommitter:
             thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
 
     # --- committer ------------------------------------------------------------------------------
-    def _take(self) -> list[_Pending] | None:
-        """Wait for a batch to be due (see the class); None when closed and drained."""
+    def _take(self) -> tuple[list[_Pending], bool] | None:
+        """Wait for a batch to be due (see the class); None when closed and drained. With the
+        batch, whether it is background work: logged blocks that waited out their linger and
+        left nothing queued behind them, with no barrier waiting (nobody waits for this insert
+        and the committers keep up with the load)."""
         with self._cond:
             while True:
                 if not self._queue:
@@ -253,16 +261,26 @@ class GroupCommitter:
             self._waiting -= spans
             self._waiting_bytes -= nbytes
             self._committing += 1
-            return batch
+            quiet = (
+                self._wal is not None
+                and not full
+                and not self._queue
+                and not self._barriers
+                and not self._closing
+            )
+            return batch, quiet
 
-    def _run(self, commit: Callable[[list[bytes]], Any]) -> None:
+    def _run(
+        self, commit: Callable[[list[bytes]], Any], background: Callable[[list[bytes]], Any] | None
+    ) -> None:
         while True:
-            batch = self._take()
-            if batch is None:
+            taken = self._take()
+            if taken is None:
                 return
+            batch, quiet = taken
             retry: list[_Pending] = []
             try:
-                retry = self._commit_batch(commit, batch)
+                retry = self._commit_batch(background if quiet and background else commit, batch)
             finally:
                 done = [p for p in batch if p not in retry]
                 with self._cond:

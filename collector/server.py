@@ -12,7 +12,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -30,6 +30,7 @@ from lightspan.collector.wal import WriteAheadLog
 from lightspan.errors import InvalidInput, StoreUnavailable
 from lightspan.store import Store, parse_store_url
 from lightspan.store import lock as store_lock
+from lightspan.store.store import BACKGROUND_NICE, embedded_engine
 
 if TYPE_CHECKING:
     from typing_extensions import Self  # annotations only: Python 3.10 has no typing.Self
@@ -44,6 +45,17 @@ WAL_DIR = "lightspan-wal"  # in an embedded store's directory
 # The Native blocks send LowCardinality columns as String for ClickHouse to convert (the default,
 # set here so that a server configured otherwise still accepts them).
 INSERT_SETTINGS = {"optimize_on_insert": "0", "input_format_native_allow_types_conversion": "1"}
+# An insert into the embedded store that nobody waits for (its requests are acknowledged from the
+# write-ahead log, no query waits, nothing queued behind it: `GroupCommitter`'s background
+# batches) is background work like the store's merges (`EMBEDDED_ENGINE_SETTINGS`): its threads,
+# the views' included, run at a lower CPU priority and yield to the apps sharing the machine.
+# Measured with one app's SDK exporter at 10,000 LLM-sized spans/s (benchmarks/group_commit.py).
+# A collector that falls behind inserts at the normal priority, so its throughput is unchanged.
+BACKGROUND_INSERT_SETTINGS = {
+    **INSERT_SETTINGS,
+    "os_threads_nice_value_query": str(BACKGROUND_NICE),
+    "os_threads_nice_value_materialized_view": str(BACKGROUND_NICE),
+}
 
 
 class Collector:
@@ -91,9 +103,14 @@ class Collector:
 
     def _start_servers(self) -> None:
         config, metrics = self.config, self.metrics
-        commits = [self._commit_via(index) for index in range(len(self._stores))]
+        commits = [self._commit_via(index, INSERT_SETTINGS) for index in range(len(self._stores))]
         wal_dir = self.wal_dir
         wal = WriteAheadLog(wal_dir) if wal_dir is not None else None
+        background = (
+            [self._commit_via(index, BACKGROUND_INSERT_SETTINGS) for index in range(len(self._stores))]
+            if wal is not None and self.url.embedded
+            else None
+        )
         self._committer = committer = GroupCommitter(
             commits,
             batch_spans=config.batch_spans,
@@ -104,6 +121,7 @@ class Collector:
             retry_after=config.retry_after,
             on_commit=self._on_commit,
             wal=wal,
+            background=background,
         )
         if wal is not None:
             committer.restore(wal.replay())  # acknowledged before a crash: inserted first
@@ -139,7 +157,7 @@ class Collector:
                 from lightspan.collector.sql_policy import Limits
 
                 sql_app = SQLApp(
-                    os.path.realpath(data_dir),
+                    embedded_engine(os.path.realpath(data_dir)),
                     self.auth_token,
                     SQL_MAX_BODY_BYTES,
                     Limits(config.sql_max_seconds, config.sql_max_memory_bytes),
@@ -221,11 +239,11 @@ class Collector:
                     self._store_up, self._last_error = False, str(error)
             return self._stores[index]
 
-    def _commit_via(self, index: int) -> Callable[[list[bytes]], None]:
+    def _commit_via(self, index: int, settings: Mapping[str, str]) -> Callable[[list[bytes]], None]:
         def commit(blocks: list[bytes]) -> None:
             store = self._stores[index] or self._open_store(index)
             assert store is not None  # _open_store raises when it cannot connect
-            store.insert_native(blocks, NATIVE_COLUMN_NAMES, INSERT_SETTINGS)
+            store.insert_native(blocks, NATIVE_COLUMN_NAMES, settings)
 
         return commit
 

@@ -166,7 +166,7 @@ class ClickHouseError(Exception):
 class SQLApp:
     """The store the endpoint serves and how it authenticates."""
 
-    path: str  # the engine path, exactly as the store's own client opened it
+    engine: str  # chDB's connection string for the store's engine (`store.embedded_engine`)
     auth_token: str | None  # reads and writes (Lightspan's own components)
     max_body_bytes: int
     limits: Limits
@@ -178,7 +178,7 @@ class SQLApp:
     timezone: str = "UTC"
 
     def __post_init__(self) -> None:
-        connection = chdb.connect(self.path)
+        connection = chdb.connect(self.engine)
         try:
             version, timezone = (
                 connection.query("SELECT version(), timezone()", "TabSeparated").bytes().decode().split()
@@ -360,7 +360,7 @@ class SQLHandler(Handler):
             k: v for k, v in params.items() if k not in TRANSPORT_PARAMS and not k.startswith("param_")
         }
         database = params.get("database")
-        handles = [chdb.connect(self.app.path)]
+        handles = [chdb.connect(self.app.engine)]
         infile = None
         try:
             # The guard handle: readonly mode, where ClickHouse judges what the checks let through.
@@ -380,7 +380,7 @@ class SQLHandler(Handler):
                 )
             sql = statement.canonical
             if role == WRITE and (insert or statement.plain_read):
-                handles.append(chdb.connect(self.app.path))
+                handles.append(chdb.connect(self.app.engine))
                 run = self._runner(handles[1])
                 prepare(run, database, settings, self.app.limits, readonly=False, quote=_quote)
             if insert:  # a reader's runs on the guard handle, where ClickHouse refuses it

@@ -15,6 +15,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlencode
 
 import clickhouse_connect
 from clickhouse_connect.driver.exceptions import DatabaseError, OperationalError
@@ -181,6 +182,22 @@ def _clickhouse_message(error: Exception) -> str:
     return text.split("Stack trace")[0].strip().splitlines()[0] if text.strip() else repr(error)
 
 
+# The embedded engine runs in the process that embeds it, usually on the machine of the apps it
+# traces (the embedded default on a laptop, a sidecar): its merges are background work and run at
+# this Linux nice value, yielding the CPU to those apps; a collector with a write-ahead log runs
+# its inserts so too (`collector.server`). ClickHouse applies it only where the process has
+# CAP_SYS_NICE (root, or a container given it), since it resets a thread to 0 afterwards; elsewhere
+# it is a no-op. chDB takes server settings in its connection string.
+BACKGROUND_NICE = 10
+EMBEDDED_ENGINE_SETTINGS = {"os_threads_nice_value_merge_mutate": str(BACKGROUND_NICE)}
+
+
+def embedded_engine(path: str) -> str:
+    """chDB's connection string for the embedded store at `path` (resolved), settings included:
+    what the store's own client opens, for another handle on the same engine."""
+    return f"{path}?{urlencode(EMBEDDED_ENGINE_SETTINGS)}"
+
+
 # ClickHouse error codes that mean "not now" rather than "not this": the server is short of memory,
 # disk or parts headroom, overloaded, read-only for a moment, or lost its Keeper. The same data can
 # go in later, so the caller gets StoreUnavailable (a collector answers UNAVAILABLE and the client
@@ -257,7 +274,9 @@ class Store:
             assert url.path is not None
             lock.acquire(url.path)
             try:
-                return clickhouse_connect.get_client(dsn=f"chdb://{url.path}")
+                return clickhouse_connect.get_client(
+                    dsn=f"chdb://{url.path}", chdb_options=EMBEDDED_ENGINE_SETTINGS
+                )
             except Exception as error:  # noqa: BLE001 - whatever chDB raised, the lock must go
                 lock.release(url.path)
                 raise StoreUnavailable(f"cannot open the embedded store {url.path}: {error}") from None

@@ -106,6 +106,42 @@ def test_a_barrier_cuts_the_linger_short(tmp_path: Path):
     committer.close()
 
 
+def _inserted(committer: GroupCommitter) -> None:
+    deadline = time.monotonic() + 10
+    while committer.depth_spans:
+        assert time.monotonic() < deadline, "the batch was never inserted"
+        time.sleep(0.01)
+
+
+def test_only_a_batch_nobody_waits_for_goes_to_the_background_insert(tmp_path: Path):
+    """With the log, a batch that waited out its linger and left nothing queued behind it is
+    inserted through `background` (the collector's inserts at a lower CPU priority); a full
+    batch (the load outruns the linger) or one a query's barrier waits for goes through `commit`."""
+    plain: list[bytes] = []
+    quiet: list[bytes] = []
+    committer = GroupCommitter(
+        plain.extend, background=quiet.extend, wal=WriteAheadLog(tmp_path), linger_ms=50, batch_spans=4
+    )
+    committer.submit(b"lone", 1).result(5)
+    _inserted(committer)
+    assert (plain, quiet) == ([], [b"lone"])
+    committer.submit(b"full", 4).result(5)
+    _inserted(committer)
+    committer.submit(b"queried", 1).result(5)
+    assert committer.barrier(10)
+    assert (plain, quiet) == ([b"full", b"queried"], [b"lone"])
+    committer.close()
+
+
+def test_without_the_log_every_batch_is_waited_for(tmp_path: Path):
+    """Acknowledged after the insert, every insert has a client waiting: never background."""
+    plain: list[bytes] = []
+    committer = GroupCommitter(plain.extend, background=lambda blocks: pytest.fail("background insert"))
+    committer.submit(b"a", 1).result(5)
+    assert plain == [b"a"]
+    committer.close()
+
+
 def test_a_failing_store_keeps_logged_blocks_and_retries_until_they_land(tmp_path: Path):
     wal = WriteAheadLog(tmp_path)
     attempts, inserted = [], []

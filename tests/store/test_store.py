@@ -6,7 +6,9 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 from datetime import datetime, timedelta
+from pathlib import Path
 
 import pytest
 
@@ -14,6 +16,7 @@ from lightspan import semconv
 from lightspan.errors import InvalidInput, NotFound, StoreLocked
 from lightspan.store import Store, parse_store_url
 from lightspan.store.schema import SchemaOptions, migration_statements, schema_version_ddl
+from lightspan.store.store import BACKGROUND_NICE
 from lightspan.types import Span, SpanEvent, SpanLink
 from tests.helpers.rule_cases import TREES, expected_columns, stored_columns
 from tests.helpers.spanfactory import rollout_spans
@@ -272,6 +275,52 @@ def test_otel_traces_matches_the_clickhouse_exporter_layout(store):
         "AND name = 'otel_traces'"
     ).rows
     assert keys == [("toDate(Timestamp)", "ServiceName, SpanName, toDateTime(Timestamp), Timestamp")]
+
+
+def _cap_sys_nice() -> bool:
+    status = Path("/proc/self/status")
+    if not status.exists():
+        return False
+    effective = next(line for line in status.read_text().splitlines() if line.startswith("CapEff:"))
+    return bool(int(effective.split()[1], 16) >> 23 & 1)  # CAP_SYS_NICE is capability 23
+
+
+def _running_merge_nice_values() -> set[int]:
+    """Nice values of this process's ClickHouse merge threads that are on a CPU right now."""
+    seen = set()
+    for task in Path("/proc/self/task").iterdir():
+        try:
+            stat = (task / "stat").read_text()
+        except OSError:  # the thread ended
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split()
+        if stat[stat.index("(") + 1 : stat.rindex(")")] == "MergeMutate" and fields[0] == "R":
+            seen.add(int(fields[16]))
+    return seen
+
+
+def test_the_embedded_engine_merges_at_a_lower_cpu_priority(store):
+    """Merges are background work on the apps' own machine (`EMBEDDED_ENGINE_SETTINGS`): the
+    engine takes the setting, and where the process may renice threads (CAP_SYS_NICE) a merge
+    runs at BACKGROUND_NICE."""
+    setting = "SELECT value FROM system.server_settings WHERE name = 'os_threads_nice_value_merge_mutate'"
+    assert store.sql(setting).scalar() == str(BACKGROUND_NICE)
+    if not _cap_sys_nice():
+        pytest.skip("without CAP_SYS_NICE ClickHouse leaves merge threads at the process's priority")
+    store.command("CREATE TABLE merged (x UInt64, s String) ENGINE = MergeTree ORDER BY x")
+    store.command("SYSTEM STOP MERGES merged")
+    for part in range(8):
+        store.command(
+            f"INSERT INTO merged SELECT number, toString(cityHash64(number)) FROM numbers({part * 300_000}, 300_000)"
+        )
+    store.command("SYSTEM START MERGES merged")
+    merging = threading.Thread(target=store.command, args=("OPTIMIZE TABLE merged FINAL",))
+    seen: set[int] = set()
+    merging.start()
+    while merging.is_alive():
+        seen |= _running_merge_nice_values()
+        time.sleep(0.001)
+    assert BACKGROUND_NICE in seen, seen
 
 
 def test_concurrent_inserts_lose_nothing(store):
