@@ -594,14 +594,15 @@ def plot(config: Config, curves: dict[str, list[list[float]]], path: Path) -> No
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    groupings = [g for g in GROUPINGS if any(s.endswith("/" + g) for s in curves)]
+    groupings = [g for g in GROUPINGS if any(parse_setting(s)[1] == g for s in curves)]
     fig, axes = plt.subplots(
         1, len(groupings), figsize=(4.2 * len(groupings), 3.6), sharey=True, squeeze=False
     )
     for ax, grouping in zip(axes[0], groupings):
         for setting, runs in curves.items():
             credit_name, group_by, estimator = parse_setting(setting)
-            if group_by != grouping:
+            baseline = setting == BASELINE and grouping != group_by  # drawn in every panel
+            if group_by != grouping and not baseline:
                 continue
             mean = [statistics.fmean(v) for v in zip(*runs)]
             sd = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in zip(*runs)]
@@ -609,6 +610,9 @@ def plot(config: Config, curves: dict[str, list[list[float]]], path: Path) -> No
             label = {"gigpo": f"{credit_name} credit, GiGPO", "decomposed": "decomposed"}.get(
                 estimator, f"{credit_name} credit"
             )
+            if baseline:
+                ax.plot(x, mean, color="grey", linestyle="--", label=f"{label} by task")
+                continue
             (line,) = ax.plot(x, mean, label=label)
             ax.fill_between(
                 x,
