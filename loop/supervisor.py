@@ -15,6 +15,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from collections.abc import Callable, Mapping, Sequence
@@ -103,6 +104,7 @@ class ClosedLoop:
             self.collector.stop()  # not yet a context manager: nobody else would stop it
             raise
         self.children: list[Child] = []
+        self._sigterm: Any = None  # the SIGTERM handler to restore on exit
 
     # --- children -----------------------------------------------------------------------------
     def start_trainer(self, config: Mapping[str, Any], num_gpus: int | None = None) -> Child:
@@ -218,10 +220,22 @@ class ClosedLoop:
         self.collector.stop()
 
     def __enter__(self) -> Self:
+        # SIGTERM (`timeout`, `kill`, a container stop) unwinds like Ctrl-C, so `close` stops the
+        # children: they run in sessions of their own and would outlive a process killed outright.
+        if threading.current_thread() is threading.main_thread():
+            self._sigterm = signal.signal(signal.SIGTERM, _exit_on_sigterm)
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.close()
+        try:
+            self.close()
+        finally:
+            if self._sigterm is not None:
+                signal.signal(signal.SIGTERM, self._sigterm)
+
+
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
 
 
 def _get_json(url: str) -> Any:
