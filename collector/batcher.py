@@ -75,8 +75,8 @@ class GroupCommitter:
     before this design was `linger_ms=200`. `on_commit(spans, seconds, error)` reports each
     attempt (metrics). With `wal`, requests are acknowledged once logged (see the module), and
     `background` (one per `commit`) inserts the batches nobody waits for while the committers keep
-    up (see `_take`): the collector's run at a lower CPU priority, yielding to the apps sharing
-    its machine, where one that falls behind, or a query waiting, gets the CPU at once.
+    up (see `_take`). The collector's run at a lower CPU priority, yielding to the apps on its
+    machine; a batch with more queued behind it, or one a query waits for, goes through `commit`.
     """
 
     def __init__(
@@ -94,7 +94,9 @@ class GroupCommitter:
         background: Callable[[list[bytes]], Any] | Sequence[Callable[[list[bytes]], Any]] | None = None,
     ):
         commits = list(commit) if isinstance(commit, (list, tuple)) else [commit]
-        quiet = list(background) if isinstance(background, (list, tuple)) else [background] * len(commits)
+        backgrounds = (
+            list(background) if isinstance(background, (list, tuple)) else [background] * len(commits)
+        )
         self.batch_spans = max(1, batch_spans)
         self.batch_bytes = max(1, batch_bytes)
         self.linger = max(0.0, linger_ms / 1000)
@@ -117,7 +119,7 @@ class GroupCommitter:
         self._barriers = 0  # barriers waiting: what is queued is inserted without lingering
         self._threads = [
             threading.Thread(target=self._run, args=fns, name=f"lightspan-committer-{i}", daemon=True)
-            for i, fns in enumerate(zip(commits, quiet, strict=True))
+            for i, fns in enumerate(zip(commits, backgrounds, strict=True))
         ]
         for thread in self._threads:
             thread.start()
