@@ -185,9 +185,9 @@ def _clickhouse_message(error: Exception) -> str:
 # The embedded engine runs in the process that embeds it, usually on the machine of the apps it
 # traces (the embedded default on a laptop, a sidecar): its merges are background work and run at
 # this Linux nice value, yielding the CPU to those apps; a collector with a write-ahead log runs
-# the inserts nobody waits for so too (`collector.server`). ClickHouse applies it only where the process has
-# CAP_SYS_NICE (root, or a container given it), since it resets a thread to 0 afterwards; elsewhere
-# it is a no-op. chDB takes server settings in its connection string.
+# the inserts nobody waits for so too (`collector.server`). ClickHouse applies it only where the
+# process has CAP_SYS_NICE (root, or a container given it), since it resets a thread to 0
+# afterwards; elsewhere it is a no-op. chDB takes server settings in its connection string.
 BACKGROUND_NICE = 10
 EMBEDDED_ENGINE_SETTINGS = {"os_threads_nice_value_merge_mutate": str(BACKGROUND_NICE)}
 

@@ -133,7 +133,7 @@ def test_only_a_batch_nobody_waits_for_goes_to_the_background_insert(tmp_path: P
     committer.close()
 
 
-def test_without_the_log_every_batch_is_waited_for(tmp_path: Path):
+def test_without_the_log_every_batch_is_waited_for():
     """Acknowledged after the insert, every insert has a client waiting: never background."""
     plain: list[bytes] = []
     committer = GroupCommitter(plain.extend, background=lambda blocks: pytest.fail("background insert"))
