@@ -1,12 +1,14 @@
 """Does step-level credit learn faster than Agent Lightning's identical credit? Measured, not assumed.
 
 Runs every credit strategy (identical, discounted, step) crossed with every per-call grouping of
-the advantage (task, task_step, state) on the same multi-step task (`credit_task.py`: two chained
-tool calls then the answer, an intermediate reward after each tool call, early mistakes that
-later calls cannot repair), with the same seeds, the same warm-up checkpoint per seed, the same
-sampling seeds per update and the same rollout budget (tasks x samples per update, updates).
-Identical credit grouped by task is Agent Lightning's scheme: the baseline, measured in the same
-run. Everything that learns is the loop's own code, in one process on CPU:
+the advantage (task, task_step, state), plus GiGPO (`step/task/gigpo`) and the decomposed
+advantage (`step/state/decomposed`, `step/task_step/decomposed`), on the same multi-step task
+(`credit_task.py`: two chained tool calls then the answer, an intermediate reward after each
+tool call, early mistakes that later calls cannot repair), with the same seeds, the same warm-up
+checkpoint per seed, the same sampling seeds per update and the same rollout budget (tasks x
+samples per update, updates). Identical credit grouped by task is Agent Lightning's scheme: the
+baseline, measured in the same run. Everything that learns is the loop's own code, in one
+process on CPU:
 - the tiny model and tokenizer from `lightspan.loop.tiny.build_tiny_model(corpus=...)`, warmed up
   by the trainer's `TrainStep` (SFT) on scripted episodes that pick tools uniformly at random;
 - sampling with the inference server's decode loop (`lightspan.serving.generation.generate`,
@@ -14,160 +16,39 @@ run. Everything that learns is the loop's own code, in one process on CPU:
 - transitions with the exact token ids and logprobs sampled, one per LLM call, each tool call
   carrying the environment's intermediate reward as `from_spans` would credit a reward span
   emitted after it (to the call that ended before it), the answer call the final reward;
-- `lightspan.algorithms.credit.assign` and `advantages.compute` (GRPO, group std; or GiGPO:
-  settings `CREDIT/task/gigpo`, `step/task/gigpo` being the paper's), and one `TrainStep`
-  (PPO-clip, KL to the warm-up checkpoint) per mini-batch, as the loop runs them.
-Each call is its own sequence in the trainer, so each call is trained on its own advantage.
+- `lightspan.algorithms.credit.assign` and `advantages.compute`, and one `TrainStep` (PPO-clip,
+  KL to the warm-up checkpoint) per mini-batch, as the loop runs them. Each call is its own
+  sequence in the trainer, so each call is trained on its own advantage
+  (`tests/benchmarks/test_credit_path.py` checks it on this path).
 
-    python benchmarks/credit.py                     # the full grid: 9 settings + GiGPO x 5 seeds
-    python benchmarks/credit.py --quick             # a smoke run (CI): 2 updates, 1 seed
-    python benchmarks/credit.py --settings identical/task step/state --seeds 0 1
-    python benchmarks/credit.py --settings identical/task step/state/decomposed step/task_step/decomposed
+The intermediate reward is one of two signals an environment can emit (`--set signal=...`,
+`credit_task.SIGNALS`): `worked`, the tool returned a value (the default; it cannot tell the
+two tools that work on a city apart), or `checked`, a partial check that the value is the one
+the question needs. What step-level credit can gain depends on what that signal can tell, so
+the README reports both. Identical credit ignores intermediate rewards: its runs are the same
+under both signals, a check that nothing else differs.
+
+    python benchmarks/credit.py                      # the full grid, 5 seeds, signal `worked`
+    python benchmarks/credit.py --set signal=checked # the same with the partial check
+    python benchmarks/credit.py --quick              # a smoke run (CI): 2 updates, 1 seed
+    python benchmarks/credit.py --seeds 3 --out s3.json    # a seed per process, then
+    python benchmarks/credit.py --merge s*.json --plot benchmarks/credit.png
 
 Prints success per update (the mean final reward of that update's rollouts, sampled at
-temperature 1 before it), updates to reach the target, final success (after the last update),
-each as mean +- sd over seeds, and the ratio of updates-to-target of each setting and of the best
-step-level one (discounted or step credit) to identical credit grouped by task. A seed that never
-reaches the target counts as updates + 1, so those means and ratios are bounds (marked '>').
-Then, seed by seed, each setting's mean success over the updates minus the baseline's: seeds
-differ more from each other than settings within a seed, so this paired difference shows what
-the spread over seeds hides.
+temperature 1 before it), then two tables, each as mean +- sd over seeds with the ratio of
+updates-to-target of each setting and of the best step-level one to the baseline's:
+- success: updates to reach the target and final success, then each setting's mean success over
+  the updates minus the baseline's, seed by seed (seeds differ more from each other than
+  settings within a seed, so this paired difference shows what the spread over seeds hides);
+- both tools right: the same for the share of episodes whose two tool calls were the question's.
+  These are the decisions credit assignment is about: the answer call's credited return is the
+  final reward under every strategy, so success = (both tools right) x (answer copied) mixes
+  in a skill that no credit scheme teaches faster.
+A seed that never reaches the target counts as updates + 1, so those means and ratios are bounds
+(marked '>'). `--diagnose` prints, per run and update, the first tool right, both right and
+answers copied, overall and per question kind.
 
-Measured with the defaults (12 tasks x 16 samples x 3 calls per update, 20 updates, seeds 0-4;
-the shared 2-core machine, one torch thread per process; the seeds split over three processes
-merged with --merge, 20 minutes elapsed, 10 minutes per seed: 9 settings x 20 updates plus the warm-up): the target is NOT met. Success after
-warm-up 0.05 for every setting; mean success over the 20 updates 0.185 +- 0.055 for identical/task
-(Agent Lightning), 0.219 +- 0.056 step/task_step, 0.221 +- 0.069 step/state; updates to 0.40:
-> 20.4 +- 1.3 (1 of 5 seeds reached it) for identical/task, > 17.4 +- 5.1 (3/5) for step/state,
-> 18.4 +- 2.1 (4/5) for step/task_step: ratio 0.85, spreads overlap. Final success 0.35 +- 0.12
-identical/task, 0.35 +- 0.13 step/task_step, 0.34 +- 0.15 step/state. Why (`--diagnose` prints
-it per update): step credit learns the first tool faster (right at update 20: 0.75 vs 0.69; both
-tools right at update 10: 0.29-0.33 vs 0.26), because "the tool worked" tells a call about itself;
-but what is left after that, which of the two working tools, the intermediate reward cannot say,
-and all schemes learn it from the same final reward at the same pace (both tools right at update
-20: 0.46-0.52 for every setting), while copying the tool's number into the answer (0.6-0.7 of
-answers) caps success for all. Discounted credit equals identical credit under task_step and
-state groups: GRPO divides by the group's std, and a group of one step scales every return by the
-same gamma power (advantages equal to 1e-6).
-
-GiGPO (`step/task/gigpo`: GRPO over the episode's total reward by task + GRPO over the step
-return by anchor state, omega 1, gamma 0.9 as every setting here), measured later against
-identical/task and step/state in one run (5 seeds, the default budget, two processes on the
-shared machine, 22 minutes; the two older settings gave the same numbers as in the grid, every
-run being deterministic per seed): the target is NOT met either. Updates to 0.40: > 17.4 +- 3.6
-(4/5 seeds) against > 20.4 +- 1.3 (1/5) for identical/task: ratio 0.85, spreads overlap. Final
-success 0.37 +- 0.14 against 0.35 +- 0.12. Paired by seed, GiGPO's mean success over the 20
-updates is higher on 5 of 5 seeds, by +0.033 +- 0.007 (step/state: +0.036 +- 0.027, 5/5). With
-a longer budget for all three (`--set updates=40`, 31 minutes): updates to 0.40 > 21.4 +- 11.3
-for GiGPO and step/state against > 26.2 +- 9.2 (4/5 seeds each): ratio 0.82, spreads overlap;
-final success 0.44 +- 0.16 GiGPO, 0.38 +- 0.10 step/state, 0.47 +- 0.16 identical/task; paired
-gain over the 40 updates +0.025 +- 0.026 (4/5 seeds) for GiGPO, +0.005 +- 0.026 (3/5) step/state.
-
-Why step-level credit cannot reach 0.7x here (from `--diagnose`, means over the 5 seeds): success
-is about P(first tool right) x P(second right | first right) x P(answer copies the value), and
-step-level credit speeds up the first factor only. First tool right at update 8: 0.55 GiGPO, 0.56
-step/state, 0.40 identical; but it stops at 0.79 from update 20 on (the intermediate reward cannot
-tell `weather` from `clock` on a city), where identical credit reaches 0.73 by update 36. The
-second factor, learnt from the final reward alone, moves at the same pace or slower under step-
-level credit (0.62 GiGPO, 0.61 step/state, 0.70 identical at update 20; 0.72, 0.68, 0.80 at update
-40): within a GRPO group normalised to unit spread the 0.2 a working tool earns takes part of the
-advantage that should separate the right working tool from the wrong one. `discounted/task/gigpo`
-(the step term without intermediate rewards; same seeds, 20 updates, compared with the runs above,
-which are deterministic per seed) shows the trade: the second factor at identical credit's pace
-(0.69 at update 20) but the first slower (0.49 at update 8), and the same result: > 17.6 +- 3.2
-updates (4/5), ratio 0.86, paired gain +0.033 +- 0.005 (5/5 seeds). Copying (0.5 after warm-up,
-0.7-0.8 at update 40) moves at the same pace for all. The first factor is where step-level credit
-helps and where the baseline catches up; the updates to 0.40 are set by the other two, so the
-ratio stays at 0.85-0.86 for the best step-level settings at 20 updates (0.82 at 40; GiGPO's
-episode term is identical credit's signal, its step term adds the per-state comparison). Making it
-pass would mean changing the task (e.g. an intermediate reward that names the right tool), which
-is tuning the task to the hoped-for number: not done.
-
-A decomposed advantage (`step/task_step/decomposed`, `step/state/decomposed`: `advantages.
-decomposed`) tests that diagnosis by changing the method: the final reward's term is exactly
-identical/task's advantage (GRPO over the final reward by task), and each call's own
-intermediate reward adds a separately normalised GRPO term (weight omega, by task x step or
-anchor state), so the 0.2 can no longer take part of the separation between the right and the
-wrong working tool. Measured with identical/task in the same run (5 seeds, the default budget,
-omega 1; two processes on the shared 2-core machine while another helper ran a CPU-heavy demo,
-16 minutes; identical/task gave exactly the numbers above): the target is NOT met. Updates to
-0.40: > 17.0 +- 4.9 (3/5 seeds; per seed 18, 16, 9, -, -) for step/state/decomposed and > 18.6
-+- 2.1 (4/5; 19, 16, 20, 17, -) for step/task_step/decomposed against > 20.4 +- 1.3 (1/5; 18,
--, -, -, -): ratio 0.83 (task_step 0.91), spreads overlap. Final success 0.32 +- 0.14 and 0.34
-+- 0.14 against 0.35 +- 0.12. Paired by seed, mean success over the 20 updates is higher on 5/5
-seeds, by +0.041 +- 0.023 (state) and +0.037 +- 0.016 (task_step), about GiGPO's +0.033 +-
-0.007. `--diagnose`: first tool right at update 8 0.55 (state) and 0.56 (task_step) against 0.40,
-0.78 and 0.75 against 0.69 at update 20, as GiGPO; but the second tool given the first is still
-slower, 0.60 and 0.62 against 0.70 at update 20 (both tools 0.46 against 0.48), although its only
-signal, the final reward's term, is now identical credit's by construction. So the mechanism
-the diagnosis named is not what holds the second factor back, or not all of it. A smaller step
-term (omega 0.5, `--set step_weight=0.5`, same seeds, 5 minutes on the then quieter machine)
-leaves it there too (0.62 for both groupings at update 20): > 16.6 +- 3.5 updates (4/5; 19, 16,
-12, 15, -) for state, ratio 0.81, spreads overlap, final 0.33 +- 0.17, paired +0.047 +- 0.018
-(5/5); task_step > 19.0 +- 2.1 (3/5), ratio 0.93, paired +0.034 +- 0.015 (5/5). A larger one
-(omega 2, state, 3 minutes): > 17.0 +- 3.4 (4/5; 19, 16, 12, 17, -), ratio 0.83, spreads
-overlap, final 0.36 +- 0.12, paired +0.051 +- 0.018 (5/5), second given first again 0.62. With
-omega 0 the setting reproduces identical/task's curve exactly (seed 0, all 21 values equal). So
-the second factor drops from 0.70 to 0.60-0.62 as soon as the step term is there, whatever its
-weight (0.5, 1, 2): not the gradient budget it takes. (Why a second call trained on the same
-final-reward advantage looked slower: below.) The ratio is set by the second factor and by
-copying (0.67-0.69 against 0.71 at update 20), which no setting measured here speeds up. Seed 4
-fails for every setting (final success 0.03-0.15).
-
-What holds the ratio, found with `--diagnose` per question kind (each kind named by its two
-tools; figures from one run of identical/task, both decomposed settings, GiGPO and step/state,
-5 seeds, the default budget, after the KL fix below; the shared 2-core machine, 14 minutes):
-- Not the implementation. `tests/benchmarks/test_credit_path.py` gives every call of an update a
-  distinct advantage and follows this benchmark's path (`play`, `step_batches`, `TrainStep`'s
-  length-sorted micro-batches): each lands on its own response tokens only, and the first step's
-  recorded logprobs are the trainer's (approximate KL under 1e-5).
-- A defect, fixed: the k3 KL to the reference was not clamped. With a step term (decomposed,
-  seed 0) a sampled token the policy had made far less likely than the reference had a KL term
-  of 1e4 and more: mean KL 15,208 and mean gradient norm 214,053 over the run's 160 optimiser
-  steps (identical/task: 0.20 and 0.56), so clipping the norm to 1 gave those steps to that token
-  alone. Clamped now as verl and OpenRLHF clamp it (`losses.KL_LIMIT`): 0.23 and 0.69. It moves
-  every curve a little (seed 2 of identical/task now reaches 0.40 at update 12), not the ratio.
-- The pooled "second tool given the first" mixes kinds. The intermediate reward names the first
-  tool only for the two capital kinds (`lookup` is the one tool that works on a country), so
-  step-level credit gets the first call right there first (1.00 and 0.99 at update 20, against
-  0.89 and 0.92) and fills the pool of first-right episodes with capital questions, whose second
-  choice is `weather` or `clock` on a city. That choice, and the city kinds' first one, every
-  setting settles by one tool for any city, not yet by the question's word: at update 20, in 22
-  of the 25 runs exactly two kinds have both tools right >= 0.5, `lookup>clock` and `clock>next`
-  ("clock", seeds 1-4 in every setting, seed 0 in both decomposed settings) or `lookup>weather`
-  and `weather>double` ("weather", seed 0 otherwise, with a third kind in step/state and GiGPO).
-  Decomposed credit went "clock" on 5/5 seeds, so `lookup>weather`'s second call is right 0.06 of
-  the time given the first (identical/task 0.25): most of the gap in the pooled 0.60-0.62.
-- The step term, varied (scratch runs through `run_setting`, 5 seeds, against identical/task
-  at > 20.4 +- 1.3 updates, before the KL fix): on the first call only, 16.2 +- 4.4 (ratio 0.79,
-  as the whole term); on the second call only, 20.4 +- 1.3 and the baseline's mean success
-  (0.183 vs 0.185): the second call's own step term neither helps nor hurts (its anchor states,
-  after an error, a city or a number, are nearly flat). Undivided by the group's std (Dr. GRPO) the
-  gain mostly goes (19.4 +- 2.1, 0.95: 0.2 is small next to the normalised outcome term);
-  divided by the batch's std instead, 17.2 +- 5.0 (0.84). PPO clip fraction 0.024-0.029 with a
-  step term, 0.014-0.021 without: clipping is not what limits it.
-So step-level credit reaches the two-kind plateau sooner (summed over the four kinds, the share
-with both tools right is 1.22-1.25 at update 8 and 1.40-1.50 at update 12 for the decomposed
-settings, 0.89 and 1.11 for identical/task), but every setting stops there (1.85-2.11 at update
-20, 1.86 for identical/task), and success at the plateau is half the questions times the copy
-rate (about 0.7): about 0.35, just under the target. Updates to 0.40 then time when a plateau's
-noise, or a seed that escapes it, crosses 0.40; step-level credit cannot speed that up, because
-the choice left is between two tools that both work, which the intermediate reward (0.2 for
-either) cannot inform: only the final reward teaches the model to read the question. Measured:
-updates to 0.40 > 16.0 +- 4.4 (4/5 seeds; 16, 16, 9, 18, -) for step/state/decomposed and for
-step/state (17, 16, 9, 17, -), > 17.6 +- 2.7 (4/5) step/task_step/decomposed, > 17.8 +- 3.8 (3/5)
-GiGPO, against > 19.2 +- 4.0 (1/5; -, -, 12, -, -) for identical/task: ratio 0.83, spreads
-overlap, the target is NOT met. Final success 0.34 +- 0.14, 0.38 +- 0.21, 0.35 +- 0.16, 0.36 +-
-0.13 against 0.33 +- 0.13; paired mean success over the updates +0.044 +- 0.038 (5/5 seeds),
-+0.043 +- 0.039 (5/5), +0.052 +- 0.029 (5/5), +0.025 +- 0.027 (4/5). Below the plateau the gain
-is larger, shown here and not put in the issue's place: updates to 0.20 7.6 +- 2.5 for both
-decomposed settings against 13.2 +- 3.6 (ratio 0.58; 0.61 GiGPO), to 0.30 12.2-12.6 against
-16.8 (0.73-0.75); spreads overlap at every threshold. With 40 updates for both (`--set
-updates=40`, identical/task and step/state/decomposed, 8 minutes): > 20.0 +- 12.2 against > 23.8
-+- 10.6 (4/5 seeds each), ratio 0.84, spreads overlap; final success 0.37 +- 0.09 against 0.41 +-
-0.18, paired +0.014 +- 0.017 (4/5). Identical credit escapes the plateau on 2 of 5 seeds (three
-kinds solved at update 40; summed share 2.19), decomposed credit on none (1.71): settling the
-first call sooner also settles the city's tool sooner.
+The figures of every run, what they mean and what was tried: README.md, "Benchmarks".
 """
 
 from __future__ import annotations
@@ -252,6 +133,7 @@ class Config:
     gamma: float = 0.9  # discounted and step credit
     step_weight: float = 1.0  # gigpo's omega (the paper's default)
     target: float = 0.4  # success an update's rollouts must reach
+    signal: str = "worked"  # the intermediate reward's test (`credit_task.SIGNALS`)
 
     @property
     def tasks(self) -> list[credit_task.Task]:
@@ -323,9 +205,17 @@ def prompt_ids(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
 
 # --- episodes in lockstep ----------------------------------------------------------------------------
 def play(
-    view: ServedModel, tasks: Sequence[credit_task.Task], group: int, seed: int, max_tokens: int
+    view: ServedModel,
+    tasks: Sequence[credit_task.Task],
+    group: int,
+    seed: int,
+    max_tokens: int,
+    signal: str = "worked",
 ) -> tuple[list[Transition], Stats]:
-    """`group` episodes per task, each call batched over all episodes; (transitions, their stats)."""
+    """`group` episodes per task, each call batched over all episodes; (transitions, their stats).
+
+    After each tool call the environment emits `signal`'s intermediate reward (`credit_task.
+    tool_reward`)."""
     tok = view.tokenizer
     params = SamplingParams(max_tokens=max_tokens, temperature=1.0, logprobs=0)
     episodes = [(task, k) for task in tasks for k in range(group)]
@@ -345,11 +235,12 @@ def play(
             rows = [Row(tuple(p), params, rng.getrandbits(63)) for p in prompts]
             for i, ((task, k), c) in enumerate(zip(episodes, generate(view, rows, [max_tokens] * len(rows)))):
                 rewards = []
-                if step < CALLS - 1:  # a tool call: the environment runs it and emits whether it worked
+                if step < CALLS - 1:  # a tool call: the environment runs it and emits its signal
                     value = task.argument if step == 0 else observations[i][-1]
                     observation = credit_task.run_tool(c.text, value, worlds[task.id])
                     observations[i].append(observation)
-                    rewards.append(credit_task.tool_reward(observation))
+                    needed = task.hops(worlds[task.id])[step]
+                    rewards.append(credit_task.tool_reward(signal, observation, needed))
                 replies[i].append(c.text)
                 rollout = f"{task.id}/{seed}/{k}"
                 calls[i].append(
@@ -498,7 +389,7 @@ def run_setting(config: Config, setting: str, seed: int, warm: Path, work: Path,
     for update in range(config.updates + 1):
         # The same sampling seeds for every setting: the first batch is the same rollouts for all.
         transitions, stats = play(
-            view, tasks, config.group_size, sampling_seed(seed, update), config.max_tokens
+            view, tasks, config.group_size, sampling_seed(seed, update), config.max_tokens, config.signal
         )
         curve.append(stats)
         if update == config.updates:
@@ -529,8 +420,9 @@ def spread(values: Sequence[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
-def summarise(config: Config, curves: dict[str, list[list[float]]]) -> list[str]:
-    """The table (80 columns): updates to target and final success per setting, ratios to baseline.
+def summarise(config: Config, curves: dict[str, list[list[float]]], what: str = "success") -> list[str]:
+    """The table (80 columns) of one measure (success, or both tools right): updates to the target
+    and the final value per setting, ratios to the baseline; for success, the paired gains too.
 
     A seed that never reaches the target counts as updates + 1 (a lower bound, marked '>').
     """
@@ -538,7 +430,7 @@ def summarise(config: Config, curves: dict[str, list[list[float]]]) -> list[str]
     reach = {s: [updates_to(c, config.target) for c in cs] for s, cs in curves.items()}
     steps = {s: [censored if u is None else u for u in r] for s, r in reach.items()}
     header = f"{'setting':<26}{'updates to ' + format(config.target, '.2f'):>19}{'reached':>9}"
-    lines = [header + f"{'final success':>17}{'ratio':>8}"]
+    lines = [f"{what}:", header + f"{'final':>17}{'ratio':>8}"]
     base = spread(steps[BASELINE])[0] if BASELINE in steps else None
     for setting, values in steps.items():
         mean, sd = spread(values)
@@ -555,10 +447,11 @@ def summarise(config: Config, curves: dict[str, list[list[float]]]) -> list[str]
         (bm, bs), (im, isd) = spread(steps[best]), spread(steps[BASELINE])
         lines.append(f"best step-level: {best}, updates to target {bm:.1f} +- {bs:.1f}")
         lines.append(
-            f"  vs {im:.1f} +- {isd:.1f} for {BASELINE}: ratio {bm / im:.2f} (target <= 0.70), "
-            f"spreads {'do not overlap' if bm + bs < im - isd else 'overlap'}"
+            f"  vs {im:.1f} +- {isd:.1f} for {BASELINE}: ratio {bm / im:.2f}"
+            + (" (target <= 0.70)" if what == "success" else "")
+            + f", spreads {'do not overlap' if bm + bs < im - isd else 'overlap'}"
         )
-    if BASELINE in curves:
+    if BASELINE in curves and what == "success":
         lines.append(f"paired with {BASELINE} seed by seed (same warm-up, same first batch):")
         lines.extend(f"  {line}" for line in paired(curves, BASELINE))
     return lines
@@ -625,7 +518,8 @@ def plot(config: Config, curves: dict[str, list[list[float]]], path: Path) -> No
         ax.set_title(f"grouped by {grouping}")
         ax.set_xlabel("updates")
         ax.legend(loc="lower right", fontsize=8)
-    axes[0][0].set_ylabel(f"success (mean +- sd, {len(config.seeds)} seeds)")
+    axes[0][0].set_ylabel(f"success (mean +- sd, {len(next(iter(curves.values())))} seeds)")
+    fig.suptitle(f"intermediate reward: {config.signal}", fontsize=10)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
@@ -663,6 +557,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     config = parse_sets(args.set, QUICK if args.quick else Config())
+    if config.signal not in credit_task.SIGNALS:
+        raise SystemExit(f"unknown signal {config.signal!r}; known: {', '.join(credit_task.SIGNALS)}")
     if args.seeds:
         config = dataclasses.replace(config, seeds=tuple(args.seeds))
     if args.settings:
@@ -675,15 +571,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
         config = dataclasses.replace(config, settings=tuple(args.settings))
     curves: dict[str, list[list[float]]] = {}
+    tools: dict[str, list[list[tuple[float, float, float]]]] = {}
     if args.merge:
         for path in args.merge:
             saved = json.loads(path.read_text())
             config = dataclasses.replace(
-                config, updates=saved["config"]["updates"], target=saved["config"]["target"]
+                config, **{k: saved["config"][k] for k in ("updates", "target", "signal")}
             )
             for setting, runs in saved["curves"].items():
                 curves.setdefault(setting, []).extend(runs)
-        report(config, curves, args.plot, None)
+                tools.setdefault(setting, []).extend(saved["tools"][setting])
+        report(config, curves, tools, args.plot, None)
         return 0
     torch.set_num_threads(args.threads)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -691,11 +589,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(
         f"{len(config.tasks)} tasks x {config.group_size} samples x {CALLS} calls per update, "
         f"{config.updates} updates,\n{len(config.settings)} settings x {len(config.seeds)} seeds, "
-        f"target success {config.target}",
+        f"target success {config.target}, intermediate reward: {config.signal}",
         flush=True,
     )
     started = time.perf_counter()
-    tools: dict[str, list[list[tuple[float, float, float]]]] = {}
     kinds: dict[str, list[list[tuple[tuple[str, float, float], ...]]]] = {}
     bar = tqdm(
         total=len(config.seeds) * len(config.settings) * config.updates, unit="update", file=sys.stderr
@@ -729,16 +626,25 @@ def main(argv: Sequence[str] | None = None) -> int:
                 {"config": dataclasses.asdict(config), "curves": curves, "tools": tools, "kinds": kinds}
             )
         )
-    report(config, curves, args.plot, time.perf_counter() - started)
+    report(config, curves, tools, args.plot, time.perf_counter() - started)
     return 0
 
 
 def report(
-    config: Config, curves: dict[str, list[list[float]]], plot_path: Path | None, wall: float | None
+    config: Config,
+    curves: dict[str, list[list[float]]],
+    tools: dict[str, list[list[tuple[float, float, float]]]],
+    plot_path: Path | None,
+    wall: float | None,
 ) -> None:
-    """Success per update (mean over seeds, a column per setting), the table, the wall time, the plot."""
+    """Success per update (mean over seeds, a column per setting), the tables of success and of
+    both tools right (the decisions credit assignment is about: the answer call's credited return
+    is the final reward under every strategy), the wall time, the plot."""
     seeds = len(next(iter(curves.values())))
-    print(f"\nsuccess per update, mean over {seeds} seeds (update 0: after the warm-up)")
+    print(
+        f"\nsuccess per update, mean over {seeds} seeds (update 0: after the warm-up; "
+        f"intermediate reward: {config.signal})"
+    )
     names = list(curves)
     short = {"identical": "ident", "discounted": "disc", "task_step": "t*step", "decomposed": "decomp"}
     for row, part in (("credit ", 0), ("group  ", 1), ("adv.   ", 2)):
@@ -747,7 +653,8 @@ def report(
     for update in range(config.updates + 1):
         print(f"{update:>6} " + "".join(f"{m[update]:8.2f}" for m in means))
     print()
-    for line in summarise(config, curves):
+    both = {s: [[right_both for _, right_both, _ in run] for run in runs] for s, runs in tools.items()}
+    for line in [*summarise(config, curves), "", *summarise(config, both, "both tools right")]:
         print(line)
     if wall is not None:
         print(f"wall time {wall:.0f} s, {torch.get_num_threads()} torch thread(s)")

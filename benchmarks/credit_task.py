@@ -5,25 +5,33 @@ A question names two hops, e.g. "temperature in capital of Peru?": the model fir
 as the next user message, the model names a second tool (`weather`), the environment runs it on
 the first result and returns the temperature in Lima now, and the model answers. The final reward is
 1 for the exact answer, else 0. After each tool call the environment also emits an intermediate
-reward, `TOOL_WORKED` when the tool returned a value and 0 when it returned "error": the signal a
-real tool-using environment has for free (the call went through), which is not the same as the
-call being right.
+reward of `TOOL_REWARD`, from one of two signals (`SIGNALS`) a real environment has:
+- `worked` (the default): the tool returned a value, not "error". The signal a tool-using
+  environment has for free (the call went through), which is not the same as the call being right.
+- `checked`: a partial check of the hop, the value is the one the question needs at that point
+  (a subgoal met, as ALFWorld's and WebShop's environments can tell, or the unit tests of a sub-
+  result). It says whether the call was right, not only whether it ran; it never says which tool
+  would have been right, and the final reward still needs the answer copied from the last tool.
 
 Why this is an honest test of credit assignment:
 - Which step earned the reward matters, and an early mistake cannot be repaired: a wrong first
   tool feeds the second tool a wrong value or "error", so no later call can reach the answer.
   With identical credit (Agent Lightning's) the answer call of such an episode is blamed for a
   failure it could not have avoided, and a right first tool is blamed for a wrong second one.
-- The intermediate reward is informative but not the answer: two of the five tools work on a
-  city or a capital (`weather`, `clock`) and two on a number (`double`, `next`), so a tool that
-  works is right only half the time there, and the policy that maximises the intermediate
-  rewards succeeds on a quarter to a half of the questions. Only the final reward says which working
-  tool was the right one. (A first version let `counter` work on every word and `double` on its
+- The intermediate reward is informative but not the answer. With `worked`, two of the five
+  tools work on a city or a capital (`weather`, `clock`) and two on a number (`double`, `next`),
+  so a tool that works is right only half the time there, and the policy that maximises the
+  intermediate rewards succeeds on a quarter to a half of the questions: only the final reward
+  says which working tool was the right one. With `checked`, a call learns whether it was right
+  (not which tool would have been), and success still needs the answer to copy the last value,
+  which only the final reward pays for. `checked` was added after `worked` had been measured and
+  diagnosed (its signal cannot inform the choice that limits success); both are reported, and
+  identical credit, which ignores intermediate rewards, runs the same under both. (A first version let `counter` work on every word and `double` on its
   count: a path that always "worked" twice, and step credit learned it instead of the task. A
   signal that rewards a wrong path more reliably than the final reward rewards the right one
   teaches the wrong path; real environments' "the call went through" is type-checked, as here.)
 - Answers cannot be memorised or guessed: `weather` and `clock` read a `World` of live data
-  that changes every update (50 temperatures, 24 hours), so only the tools know the answer. (In
+  that changes every update (20 temperatures, 12 hours), so only the tools know the answer. (In
   a first version the world was fixed and every setting learned to answer from the question,
   ignoring the tools; in a second, 5 to 12 possible answers made a blind guess pay more than
   copying a wrong tool's result, and the answer call unlearned copying.)
@@ -47,7 +55,8 @@ from dataclasses import dataclass
 
 TOOLS = ("lookup", "weather", "clock", "double", "next")
 ERROR = "error"
-TOOL_WORKED = 0.2  # the intermediate reward for a tool call that returned a value
+TOOL_REWARD = 0.2  # the intermediate reward for a tool call that passed the signal's test
+SIGNALS = ("worked", "checked")
 
 CAPITALS = {
     "France": "Paris",
@@ -116,9 +125,14 @@ class Task:
     argument: str
     tools: tuple[str, str]
 
-    def answer(self, world: World) -> str:
+    def hops(self, world: World) -> tuple[str, str]:
+        """The values the two right tool calls return in this world; the second is the answer."""
         first, second = self.tools
-        return TOOL_FUNCTIONS[second](TOOL_FUNCTIONS[first](self.argument, world), world)
+        middle = TOOL_FUNCTIONS[first](self.argument, world)
+        return middle, TOOL_FUNCTIONS[second](middle, world)
+
+    def answer(self, world: World) -> str:
+        return self.hops(world)[1]
 
 
 def make_tasks(per_kind: int) -> list[Task]:
@@ -138,9 +152,19 @@ def run_tool(reply: str, value: str, world: World) -> str:
     return tool(value, world) if tool is not None else ERROR
 
 
-def tool_reward(observation: str) -> float:
-    """The intermediate reward the environment emits after a tool call: did the tool work?"""
-    return 0.0 if observation == ERROR else TOOL_WORKED
+def tool_reward(signal: str, observation: str, needed: str) -> float:
+    """The intermediate reward the environment emits after a tool call returned `observation`.
+
+    `worked`: did the tool return a value? `checked`: is it `needed`, the value the question
+    needs at this hop (`Task.hops`)?
+    """
+    if signal == "worked":
+        passed = observation != ERROR
+    elif signal == "checked":
+        passed = observation == needed
+    else:
+        raise ValueError(f"signal must be one of {', '.join(SIGNALS)}, got {signal!r}")
+    return TOOL_REWARD if passed else 0.0
 
 
 def messages(task: Task, replies: Sequence[str], observations: Sequence[str]) -> list[dict[str, str]]:
