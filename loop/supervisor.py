@@ -5,7 +5,8 @@ and nothing more: the collector (in this process, owning the store and serving i
 endpoint), the trainer (`python -m lightspan.trainer --follow`, a child process reading through
 that endpoint), the server (`lightspan serve`, a child process following the published
 checkpoints) and the runner pool. Every child is stopped on exit, Ctrl-C included, and a child
-that dies is reported with the tail of its log instead of leaving the loop waiting.
+that dies is reported with the tail of its log instead of leaving the loop waiting; a
+supervisor killed outright (SIGKILL) takes its children with it (`lifeline.py`).
 """
 
 from __future__ import annotations
@@ -36,16 +37,22 @@ if TYPE_CHECKING:
 TRAIN_SERVICE = "lightspan-fit"
 VALIDATION_SERVICE = "lightspan-fit-validation"
 STOP_GRACE = 20.0  # seconds a child has to exit after SIGTERM before SIGKILL
+LIFELINE = Path(__file__).with_name("lifeline.py")  # run by path: see its docstring
 
 
 class Child:
-    """A supervised child process whose output goes to a log file."""
+    """A supervised child process whose output goes to a log file.
+
+    It runs in a session of its own, started through `lifeline.py`, so that it gets SIGTERM if
+    this process is killed before it could stop it (on Linux; the thread that creates the child
+    must live as long as the supervisor).
+    """
 
     def __init__(self, name: str, command: Sequence[str], log: Path, env: Mapping[str, str] | None = None):
         self.name, self.log = name, log
         self._file = log.open("w")
         self.process = subprocess.Popen(
-            list(command),
+            [sys.executable, str(LIFELINE), str(os.getpid()), *command],
             stdout=self._file,
             stderr=subprocess.STDOUT,
             env={**os.environ, **(env or {})},

@@ -3,7 +3,8 @@
 Children run in sessions of their own (a Ctrl-C in the terminal reaches the supervisor only, which
 then stops them in order). A SIGTERM (`timeout`, `kill`, a container stop) used to end the
 supervisor outright and leave them running: `lightspan demo` under `timeout` left its
-`lightspan serve` behind.
+`lightspan serve` behind. A SIGKILL cannot be caught: the children's lifeline (`loop/lifeline.py`)
+has the kernel stop them when the supervisor dies.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -46,3 +48,51 @@ def test_sigterm_stops_the_supervisor_s_children(tmp_path: Path):
             os.kill(child, signal.SIGKILL)
         except ProcessLookupError:
             pass
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_a_killed_supervisor_takes_its_children_with_it(tmp_path: Path):
+    parent = subprocess.Popen(
+        [sys.executable, "-c", SUPERVISOR, str(tmp_path)], stdout=subprocess.PIPE, text=True, cwd=ROOT
+    )
+    assert parent.stdout is not None
+    child = int(parent.stdout.readline())
+    try:
+        os.kill(child, 0)  # running, in a session of its own
+        parent.kill()  # SIGKILL: no handler runs, `close` never stops it
+        parent.wait(30)
+
+        deadline = time.monotonic() + 30
+        while not exited(child):
+            assert time.monotonic() < deadline, "the orphaned child still runs 30 s after its supervisor died"
+            time.sleep(0.1)
+    finally:
+        parent.kill()
+        try:
+            os.kill(child, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def test_the_lifeline_refuses_to_start_a_command_whose_supervisor_is_gone():
+    lifeline = ROOT / "loop" / "lifeline.py"
+    done = subprocess.run(
+        [sys.executable, str(lifeline), "1", sys.executable, "-c", "print('started')"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    if sys.platform.startswith("linux"):
+        assert done.returncode == 1 and "started" not in done.stdout
+        assert "supervisor 1 is gone" in done.stderr
+    else:
+        assert done.stdout == "started\n"
+
+
+def exited(pid: int) -> bool:
+    """Gone, or a zombie: reparented to init and not yet reaped, it has exited all the same."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(") ", 1)[1].startswith("Z")
+    except (FileNotFoundError, ProcessLookupError):
+        return True
