@@ -56,6 +56,7 @@ from lightspan.store import Store
 from tests.helpers.processes import CollectorProcess
 from tests.helpers.sdk_load import encoded_export, offer, otlp_exporter
 
+# each configuration's collector flags; main() adds --wal-flags to the default's
 CONFIGS = {"wal": [], "commit": ["--no-wal"], "timer": ["--linger-ms", "200", "--no-wal"]}
 LABELS = {"wal": "WAL (default)", "commit": "ack after insert", "timer": "200 ms timer"}
 EXPORT = "/opentelemetry.proto.collector.trace.v1.TraceService/Export"
@@ -63,16 +64,18 @@ EXPORT = "/opentelemetry.proto.collector.trace.v1.TraceService/Export"
 BATCH_REQUESTS = CollectorConfig.standalone().batch_spans // 1000
 
 
-def lone_exports(tmp: str, body: bytes, count: int) -> dict[str, dict[str, float]]:
+def lone_exports(
+    tmp: str, configs: dict[str, list[str]], body: bytes, count: int
+) -> dict[str, dict[str, float]]:
     """Ack latency of `count` exports per config, sent one at a time. The collectors run side by
     side and the exports go to each in turn (each idle while another answers), so all see the same
     moments of a shared machine."""
     import grpc
 
-    latencies: dict[str, list[float]] = {config: [] for config in CONFIGS}
+    latencies: dict[str, list[float]] = {config: [] for config in configs}
     with contextlib.ExitStack() as stack:
         calls = {}
-        for config, flags in CONFIGS.items():
+        for config, flags in configs.items():
             collector = stack.enter_context(
                 CollectorProcess(f"chdb://{tmp}/lone-{config}", *flags, ports=(0, 0, -1))
             )
@@ -161,12 +164,12 @@ def _health(collector: CollectorProcess) -> dict[str, Any]:
 
 
 def measured(
-    tmp: str, name: str, config: str, load: Callable[[CollectorProcess], dict[str, float]]
+    tmp: str, name: str, config: str, flags: list[str], load: Callable[[CollectorProcess], dict[str, float]]
 ) -> dict[str, float]:
-    """Run `load` against a fresh `lightspan collector` with `config`'s flags; add what the store
-    holds afterwards (spans, parts created by the inserts) to its result."""
+    """Run `load` against a fresh `lightspan collector` with `config`'s `flags`; add what the
+    store holds afterwards (spans, parts created by the inserts) to its result."""
     store_url = f"chdb://{tmp}/{name}-{config}"
-    with CollectorProcess(store_url, *CONFIGS[config], ports=(0, 0, -1)) as collector:
+    with CollectorProcess(store_url, *flags, ports=(0, 0, -1)) as collector:
         result = load(collector)
         result["committed"] = _health(collector)["spans_committed"]
         if collector.terminate() != 0:
@@ -202,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
         help="more collector flags for the default configuration, e.g. '--linger-ms 0'",
     )
     args = parser.parse_args(argv)
-    CONFIGS["wal"] = args.wal_flags.split()
+    configs = {**CONFIGS, "wal": args.wal_flags.split()}
     loads = set(args.loads.split(","))
 
     export512 = encoded_export(512)
@@ -216,12 +219,12 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="lightspan-group-commit-") as tmp:
 
         def each(name: str, load: Callable[[CollectorProcess], dict[str, float]]) -> dict[str, dict]:
-            results[name] = {config: measured(tmp, name, config, load) for config in CONFIGS}
+            results[name] = {config: measured(tmp, name, config, f, load) for config, f in configs.items()}
             return results[name]
 
         if "lone" in loads:
-            r = lone_exports(tmp, export512, args.lone)
-            for config in CONFIGS:
+            r = lone_exports(tmp, configs, export512, args.lone)
+            for config in configs:
                 print(
                     f"lone 512-span export   {LABELS[config]:<22} ack p50 {r[config]['p50_ms']:6.1f} ms, "
                     f"p90 {r[config]['p90_ms']:6.1f} ms"
@@ -242,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
             if f"sdk-{protocol}" not in loads:
                 continue
             r = each(f"sdk-{protocol}", lambda c, p=protocol: sdk_exporter(c, p, args.rate, args.seconds))
-            for config in CONFIGS:
+            for config in configs:
                 x = r[config]
                 dropped = x["offered"] - x["stored"]
                 print(
@@ -254,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
         if "http4" in loads:
             r = each("http4", lambda c: sequential_http(c, requests, 4, args.http_seconds))
             rates = {}
-            for config in CONFIGS:
+            for config in configs:
                 x = r[config]
                 rates[config] = x["stored"] / x["seconds"]
                 print(
@@ -269,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
         if "inflight64" in loads:
             _, decoded = decode_rate(requests)
             results["inflight64"] = {}
-            for config, flags in CONFIGS.items():
+            for config, flags in configs.items():
                 limit, _ = insert_limit(
                     f"chdb://{tmp}/limit-{config}", decoded, BATCH_REQUESTS, args.in_flight_requests
                 )
