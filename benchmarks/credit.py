@@ -119,7 +119,7 @@ class Config:
     max_tokens: int = 3
     # warm-up: behaviour cloning of the random-tool scripted policy
     warmup_episodes: int = 1000
-    sft_epochs: int = 6
+    sft_epochs: int = 32  # until the answers copy (see credit_task.py, the warm-up)
     sft_batch: int = 32
     sft_lr: float = 3e-3
     # reinforcement learning: the rollout budget is tasks x group_size episodes per update

@@ -40,8 +40,12 @@ Why this is an honest test of credit assignment:
 - The warm-up is behaviour cloning of a scripted policy that picks both tools *uniformly at
   random* and copies the last observation: it teaches the protocol (tool names, copying,
   stopping) but nothing about which tool fits which question, so success after warm-up is near
-  1/25 whatever its length. Every setting starts from the same warm-up checkpoint of a seed and
-  samples the same first batch.
+  1/25 whatever its length. It must finish teaching the protocol: after 6 epochs the answers
+  copied the last value 0.28 to 0.70 of the time depending on the seed, which set most of the
+  spread between seeds and capped every setting's success alike (copying is the answer call's
+  skill, whose credited return is the final reward under every strategy); after 32 epochs (the
+  default) they copy 0.86 to 1.0 while the first tool is still right a fifth of the time. Every
+  setting starts from the same warm-up checkpoint of a seed and samples the same first batch.
 - Every value (tool names, observations, answers) is one BPE token of the tokenizer built from
   `make_corpus()` and stands alone in its message, so the answer is a copy of the last
   observation's token (as in `loop/demo_task.py`, whose argument this follows).
