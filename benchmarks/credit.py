@@ -3,10 +3,10 @@
 Runs every credit strategy (identical, discounted, step) crossed with every per-call grouping of
 the advantage (task, task_step, state), plus GiGPO (`step/task/gigpo`) and the decomposed
 advantage (`step/state/decomposed`, `step/task_step/decomposed`), on the same multi-step task
-(`credit_task.py`: two chained tool calls then the answer, an intermediate reward after each
-tool call, early mistakes that later calls cannot repair), with the same seeds, the same warm-up
-checkpoint per seed, the same sampling seeds per update and the same rollout budget (tasks x
-samples per update, updates). Identical credit grouped by task is Agent Lightning's scheme: the
+(`credit_task.py`: two chained tool calls, or three with `--set hops=3`, then the answer, an
+intermediate reward after each tool call, early mistakes that later calls cannot repair), with
+the same seeds, the same warm-up checkpoint per seed, the same sampling seeds per update and the
+same rollout budget (tasks x samples per update, updates). Identical credit grouped by task is Agent Lightning's scheme: the
 baseline, measured in the same run. Everything that learns is the loop's own code, in one
 process on CPU:
 - the tiny model and tokenizer from `lightspan.loop.tiny.build_tiny_model(corpus=...)`, warmed up
@@ -30,6 +30,7 @@ under both signals, a check that nothing else differs.
 
     python benchmarks/credit.py                      # the full grid, 5 seeds, signal `worked`
     python benchmarks/credit.py --set signal=checked # the same with the partial check
+    python benchmarks/credit.py --set hops=3         # three tool calls per episode, then the answer
     python benchmarks/credit.py --quick              # a smoke run (CI): 2 updates, 1 seed
     python benchmarks/credit.py --seeds 3 --out s3.json    # a seed per process, then
     python benchmarks/credit.py --merge s*.json --plot benchmarks/credit.png
@@ -40,12 +41,12 @@ updates-to-target of each setting and of the best step-level one to the baseline
 - success: updates to reach the target and final success, then each setting's mean success over
   the updates minus the baseline's, seed by seed (seeds differ more from each other than
   settings within a seed, so this paired difference shows what the spread over seeds hides);
-- both tools right: the same for the share of episodes whose two tool calls were the question's.
+- all tools right: the same for the share of episodes whose tool calls were all the question's.
   These are the decisions credit assignment is about: the answer call's credited return is the
-  final reward under every strategy, so success = (both tools right) x (answer copied) mixes
+  final reward under every strategy, so success = (all tools right) x (answer copied) mixes
   in a skill that no credit scheme teaches faster.
 A seed that never reaches the target counts as updates + 1, so those means and ratios are bounds
-(marked '>'). `--diagnose` prints, per run and update, the first tool right, both right and
+(marked '>'). `--diagnose` prints, per run and update, the first tool right, all right and
 answers copied, overall and per question kind.
 
 The figures of every run, what they mean and what was tried: README.md, "Benchmarks".
@@ -90,7 +91,6 @@ GIGPO = tuple(f"{c}/task/gigpo" for c in CREDITS)
 # intermediate reward, grouped by task x step or anchor state (the credit does not enter: "step")
 DECOMPOSED = tuple(f"step/{g}/decomposed" for g in ("task_step", "state"))
 BASELINE = "identical/task"  # Agent Lightning: every call gets the final reward, grouped by task
-CALLS = 3  # LLM calls per episode: tool, tool, answer
 
 
 @dataclass(frozen=True)
@@ -99,9 +99,9 @@ class Stats:
 
     success: float
     right_first: float  # share of episodes whose first tool was the question's
-    right_both: float  # ... whose two tools were
+    right_all: float  # ... whose tools all were
     copied: float  # share of answers that copied the last observation, among those that were a value
-    # per question kind (its two tools, "first>second"): (first tool right, both right) shares
+    # per question kind (its tools, "first>second"): (first tool right, all right) shares
     kinds: tuple[tuple[str, float, float], ...] = ()
 
 
@@ -134,15 +134,21 @@ class Config:
     step_weight: float = 1.0  # gigpo's omega (the paper's default)
     target: float = 0.4  # success an update's rollouts must reach
     signal: str = "worked"  # the intermediate reward's test (`credit_task.SIGNALS`)
+    hops: int = 2  # tool calls per episode (`credit_task.HOPS`), then the answer
 
     @property
     def tasks(self) -> list[credit_task.Task]:
-        return credit_task.make_tasks(self.per_kind)
+        return credit_task.make_tasks(self.per_kind, self.hops)
+
+    @property
+    def calls(self) -> int:
+        """LLM calls per episode: a tool call per hop, then the answer."""
+        return self.hops + 1
 
     @property
     def rl_batch(self) -> int:
-        """Transitions per optimiser step: an update's (CALLS per episode) over its steps."""
-        return len(self.tasks) * self.group_size * CALLS // self.steps_per_update
+        """Transitions per optimiser step: an update's (`calls` per episode) over its steps."""
+        return len(self.tasks) * self.group_size * self.calls // self.steps_per_update
 
 
 QUICK = Config(
@@ -226,7 +232,7 @@ def play(
     calls: list[list[Transition]] = [[] for _ in episodes]
     view.model.eval()
     with torch.inference_mode():
-        for step in range(CALLS):
+        for step in range(len(tasks[0].tools) + 1):  # the tool calls, then the answer
             messages = [
                 credit_task.messages(task, replies[i], observations[i])
                 for i, (task, _) in enumerate(episodes)
@@ -235,7 +241,7 @@ def play(
             rows = [Row(tuple(p), params, rng.getrandbits(63)) for p in prompts]
             for i, ((task, k), c) in enumerate(zip(episodes, generate(view, rows, [max_tokens] * len(rows)))):
                 rewards = []
-                if step < CALLS - 1:  # a tool call: the environment runs it and emits its signal
+                if step < len(task.tools):  # a tool call: the environment runs it and emits its signal
                     value = task.argument if step == 0 else observations[i][-1]
                     observation = credit_task.run_tool(c.text, value, worlds[task.id])
                     observations[i].append(observation)
@@ -269,7 +275,7 @@ def play(
     stats = Stats(
         success=sum(finals) / n,
         right_first=sum(r[0].strip() == t.tools[0] for r, (t, _) in zip(replies, episodes)) / n,
-        right_both=sum(tuple(x.strip() for x in r[:2]) == t.tools for r, (t, _) in zip(replies, episodes))
+        right_all=sum(tuple(x.strip() for x in r[:-1]) == t.tools for r, (t, _) in zip(replies, episodes))
         / n,
         copied=sum(r[-1].strip() == o[-1] for r, o in values) / max(len(values), 1),
         kinds=kind_stats(replies, [task for task, _ in episodes]),
@@ -291,8 +297,8 @@ def kind_stats(
     for tools in dict.fromkeys(t.tools for t in tasks):
         mine = [r for r, t in zip(replies, tasks) if t.tools == tools]
         first = sum(r[0].strip() == tools[0] for r in mine) / len(mine)
-        both = sum(tuple(x.strip() for x in r[:2]) == tools for r in mine) / len(mine)
-        out.append((">".join(tools), first, both))
+        every = sum(tuple(x.strip() for x in r[:-1]) == tools for r in mine) / len(mine)
+        out.append((">".join(tools), first, every))
     return tuple(out)
 
 
@@ -302,7 +308,7 @@ def warm_up(config: Config, seed: int, work: Path) -> Path:
     torch.manual_seed(seed)
     base = build_tiny_model(
         work / "base",
-        corpus=credit_task.make_corpus(),
+        corpus=credit_task.make_corpus(config.hops),
         vocab_size=config.vocab_size,
         hidden_size=config.hidden_size,
         num_layers=config.num_layers,
@@ -421,7 +427,7 @@ def spread(values: Sequence[float]) -> tuple[float, float]:
 
 
 def summarise(config: Config, curves: dict[str, list[list[float]]], what: str = "success") -> list[str]:
-    """The table (80 columns) of one measure (success, or both tools right): updates to the target
+    """The table (80 columns) of one measure (success, or all tools right): updates to the target
     and the final value per setting, ratios to the baseline; for success, the paired gains too.
 
     A seed that never reaches the target counts as updates + 1 (a lower bound, marked '>').
@@ -559,6 +565,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     config = parse_sets(args.set, QUICK if args.quick else Config())
     if config.signal not in credit_task.SIGNALS:
         raise SystemExit(f"unknown signal {config.signal!r}; known: {', '.join(credit_task.SIGNALS)}")
+    if config.hops not in credit_task.HOPS:
+        raise SystemExit(f"hops must be one of {credit_task.HOPS}, got {config.hops}")
     if args.seeds:
         config = dataclasses.replace(config, seeds=tuple(args.seeds))
     if args.settings:
@@ -576,7 +584,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for path in args.merge:
             saved = json.loads(path.read_text())
             config = dataclasses.replace(
-                config, **{k: saved["config"][k] for k in ("updates", "target", "signal")}
+                config, **{k: saved["config"][k] for k in ("updates", "target", "signal", "hops")}
             )
             for setting, runs in saved["curves"].items():
                 curves.setdefault(setting, []).extend(runs)
@@ -587,7 +595,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     Distributed.setup()
     print(
-        f"{len(config.tasks)} tasks x {config.group_size} samples x {CALLS} calls per update, "
+        f"{len(config.tasks)} tasks x {config.group_size} samples x {config.calls} calls per update, "
         f"{config.updates} updates,\n{len(config.settings)} settings x {len(config.seeds)} seeds, "
         f"target success {config.target}, intermediate reward: {config.signal}",
         flush=True,
@@ -605,7 +613,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 runs = run_setting(config, setting, seed, warm, work, bar)
                 curve = [r.success for r in runs]
                 curves.setdefault(setting, []).append(curve)
-                tools.setdefault(setting, []).append([(r.right_first, r.right_both, r.copied) for r in runs])
+                tools.setdefault(setting, []).append([(r.right_first, r.right_all, r.copied) for r in runs])
                 kinds.setdefault(setting, []).append([r.kinds for r in runs])
                 reached = updates_to(curve, config.target)
                 tqdm.write(
@@ -616,9 +624,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                     for name, values in zip(("tool 1", "tools", "copied"), zip(*tools[setting][-1])):
                         tqdm.write(f"  {name:<7}" + " ".join(two_digits(v) for v in values))
                     for k, (kind, *_) in enumerate(runs[0].kinds):
-                        for name, part in (("1st", 1), ("both", 2)):
+                        for name, part in (("1st", 1), ("all", 2)):
                             values = [r.kinds[k][part] for r in runs]
-                            tqdm.write(f"  {kind + ' ' + name:<19}" + " ".join(two_digits(v) for v in values))
+                            tqdm.write(
+                                f"  {kind + ' ' + name:<19} " + " ".join(two_digits(v) for v in values)
+                            )
     bar.close()
     if args.out:
         args.out.write_text(
@@ -638,7 +648,7 @@ def report(
     wall: float | None,
 ) -> None:
     """Success per update (mean over seeds, a column per setting), the tables of success and of
-    both tools right (the decisions credit assignment is about: the answer call's credited return
+    all tools right (the decisions credit assignment is about: the answer call's credited return
     is the final reward under every strategy), the wall time, the plot."""
     seeds = len(next(iter(curves.values())))
     print(
@@ -653,8 +663,8 @@ def report(
     for update in range(config.updates + 1):
         print(f"{update:>6} " + "".join(f"{m[update]:8.2f}" for m in means))
     print()
-    both = {s: [[right_both for _, right_both, _ in run] for run in runs] for s, runs in tools.items()}
-    for line in [*summarise(config, curves), "", *summarise(config, both, "both tools right")]:
+    every = {s: [[right_all for _, right_all, _ in run] for run in runs] for s, runs in tools.items()}
+    for line in [*summarise(config, curves), "", *summarise(config, every, "all tools right")]:
         print(line)
     if wall is not None:
         print(f"wall time {wall:.0f} s, {torch.get_num_threads()} torch thread(s)")

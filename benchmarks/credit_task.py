@@ -1,5 +1,9 @@
 """The task of `benchmarks/credit.py`: two chained tool calls, then the answer (three LLM calls).
 
+`hops=3` asks questions of three chained tool calls instead ("double the temperature in capital
+of Peru?": `lookup`, `weather`, `double`), four LLM calls: the same tools, rewards and rules
+over a longer horizon, where identical credit blames more calls for each single mistake.
+
 A question names two hops, e.g. "temperature in capital of Peru?": the model first names a tool
 (`lookup`), the environment runs it on the question's argument and returns the result (`Lima`)
 as the next user message, the model names a second tool (`weather`), the environment runs it on
@@ -111,13 +115,31 @@ TOOL_FUNCTIONS: dict[str, Callable[[str, World], str]] = {
     "next": lambda value, world: _next(value),
 }
 
-# kind -> (question template, first tool, second tool, the arguments it is asked about)
-KINDS: dict[str, tuple[str, str, str, Sequence[str]]] = {
-    "capital-temperature": ("temperature in capital of {}?", "lookup", "weather", tuple(CAPITALS)),
-    "capital-time": ("time in capital of {}?", "lookup", "clock", tuple(CAPITALS)),
-    "temperature-double": ("double the temperature in {}?", "weather", "double", CITIES),
-    "time-next": ("hour after the time in {}?", "clock", "next", CITIES),
+# kind -> (question template, the tools a perfect agent calls in order, the arguments asked about)
+KINDS: dict[str, tuple[str, tuple[str, ...], Sequence[str]]] = {
+    "capital-temperature": ("temperature in capital of {}?", ("lookup", "weather"), tuple(CAPITALS)),
+    "capital-time": ("time in capital of {}?", ("lookup", "clock"), tuple(CAPITALS)),
+    "temperature-double": ("double the temperature in {}?", ("weather", "double"), CITIES),
+    "time-next": ("hour after the time in {}?", ("clock", "next"), CITIES),
+    # three hops (`hops=3`): a longer chain, where one mistake anywhere fails the episode
+    "capital-temperature-double": (
+        "double the temperature in capital of {}?",
+        ("lookup", "weather", "double"),
+        tuple(CAPITALS),
+    ),
+    "capital-time-next": (
+        "hour after the time in capital of {}?",
+        ("lookup", "clock", "next"),
+        tuple(CAPITALS),
+    ),
+    "temperature-double-next": (
+        "one more than double the temperature in {}?",
+        ("weather", "double", "next"),
+        CITIES,
+    ),
+    "time-next-double": ("double the hour after the time in {}?", ("clock", "next", "double"), CITIES),
 }
+HOPS = (2, 3)  # tool calls per episode, each kind having one of them
 
 
 @dataclass(frozen=True)
@@ -127,26 +149,32 @@ class Task:
     id: str
     question: str
     argument: str
-    tools: tuple[str, str]
+    tools: tuple[str, ...]
 
-    def hops(self, world: World) -> tuple[str, str]:
-        """The values the two right tool calls return in this world; the second is the answer."""
-        first, second = self.tools
-        middle = TOOL_FUNCTIONS[first](self.argument, world)
-        return middle, TOOL_FUNCTIONS[second](middle, world)
+    def hops(self, world: World) -> tuple[str, ...]:
+        """The values the right tool calls return in this world, in order; the last is the answer."""
+        values, value = [], self.argument
+        for tool in self.tools:
+            value = TOOL_FUNCTIONS[tool](value, world)
+            values.append(value)
+        return tuple(values)
 
     def answer(self, world: World) -> str:
-        return self.hops(world)[1]
+        return self.hops(world)[-1]
 
 
-def make_tasks(per_kind: int) -> list[Task]:
-    """The first `per_kind` arguments of every kind (at most 8 each), kinds interleaved."""
+def make_tasks(per_kind: int, hops: int = 2) -> list[Task]:
+    """The first `per_kind` arguments of every kind of `hops` tool calls (at most 8 each), kinds
+    interleaved."""
     if not 1 <= per_kind <= len(CITIES):
         raise ValueError(f"per_kind must be in 1..{len(CITIES)}, got {per_kind}")
+    if hops not in HOPS:
+        raise ValueError(f"hops must be one of {HOPS}, got {hops}")
     return [
-        Task(f"{kind}-{arguments[i]}", template.format(arguments[i]), arguments[i], (first, second))
+        Task(f"{kind}-{arguments[i]}", template.format(arguments[i]), arguments[i], tools)
         for i in range(per_kind)
-        for kind, (template, first, second, arguments) in KINDS.items()
+        for kind, (template, tools, arguments) in KINDS.items()
+        if len(tools) == hops
     ]
 
 
@@ -185,28 +213,32 @@ def score(task: Task, answer: str, world: World) -> float:
 
 
 def scripted_episode(task: Task, rng: random.Random) -> tuple[list[str], list[str]]:
-    """The warm-up policy in a fresh world; returns (replies, observations).
+    """The warm-up policy in a fresh world, as many tool calls as the task has; returns (replies,
+    observations).
 
-    Its first tool is uniformly random; its second is uniformly random among the tools that
-    accept the first observation (it knows the tools' signatures, never the question), any tool
-    after an error; it copies the last observation as the answer. Without the typed second call
+    Its first tool is uniformly random; each later one is uniformly random among the tools that
+    accept the last observation (it knows the tools' signatures, never the question), any tool
+    after an error; it copies the last observation as the answer. Without the typed later calls
     too few warm-up episodes end in a value to copy, and the model never learns to copy numbers.
     """
     world = World.sample(rng)
-    first = rng.choice(TOOLS)
-    observations = [run_tool(first, task.argument, world)]
-    typed = [tool for tool in TOOLS if run_tool(tool, observations[0], world) != ERROR]
-    second = rng.choice(typed or TOOLS)
-    observations.append(run_tool(second, observations[0], world))
-    return [first, second, observations[1]], observations
+    replies = [rng.choice(TOOLS)]
+    observations = [run_tool(replies[0], task.argument, world)]
+    while len(replies) < len(task.tools):
+        typed = [tool for tool in TOOLS if run_tool(tool, observations[-1], world) != ERROR]
+        replies.append(rng.choice(typed or TOOLS))
+        observations.append(run_tool(replies[-1], observations[-1], world))
+    return [*replies, observations[-1]], observations
 
 
-def make_corpus(repeat: int = 20) -> list[str]:
-    """Text for the tiny tokenizer's BPE, so every value in the task is a single token.
+def make_corpus(hops: int = 2, repeat: int = 20) -> list[str]:
+    """Text for the tiny tokenizer's BPE, so every value in the task of `hops` is a single token.
 
     Values appear alone on a line (how observations and answers are rendered) and after a space
-    (how questions render them): byte-level BPE gives the two forms different tokens.
+    (how questions render them): byte-level BPE gives the two forms different tokens. Three hops
+    reach larger numbers (twice doubled: up to 76).
     """
-    words = [*TOOLS, *CAPITALS, *CITIES, ERROR, *(str(n) for n in range(2 * len(TEMPERATURES)))]
-    questions = [t.question for t in make_tasks(len(CITIES))]
+    numbers = range((2 if hops == 2 else 4) * len(TEMPERATURES))
+    words = [*TOOLS, *CAPITALS, *CITIES, ERROR, *(str(n) for n in numbers)]
+    questions = [t.question for t in make_tasks(len(CITIES), hops)]
     return [*(["user", "assistant", *questions, *words, " ".join(words)] * repeat)]

@@ -254,6 +254,18 @@ def test_credit_benchmark_runs_every_setting_it_is_given():
         ), output
 
 
+def test_credit_benchmark_runs_three_hops_with_the_partial_check():
+    output = run_benchmark(
+        "credit.py", "--quick", "--set", "hops=3", "--set", "signal=checked", "--diagnose", timeout=300
+    )
+    assert re.search(r"x 4 calls per update, 2 updates,", output), output
+    assert "intermediate reward: checked" in output, output
+    # --diagnose: a row per question kind of three tools, 'first>second>third'
+    assert re.search(r"^  lookup>weather>double all +(\S+ ){2}\S+$", output, re.MULTILINE), output
+    for table in ("success:", "all tools right:"):
+        assert re.search(rf"^{table}\n\S+ +updates to 0\.40", output, re.MULTILINE), output
+
+
 def test_prompt_search_benchmark_compares_selections_at_equal_budgets():
     output = run_benchmark("prompt_search.py", "--seeds", 0, 1, "--budget", 120)
     assert output.startswith("SIMULATED LLMs")

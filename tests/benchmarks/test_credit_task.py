@@ -69,3 +69,20 @@ def test_worked_pays_any_value_checked_only_the_needed_one(
 def test_an_unknown_signal_is_refused() -> None:
     with pytest.raises(ValueError, match="signal must be one of worked, checked"):
         task_module.tool_reward("seen", "Lima", "Lima")
+
+
+def test_three_hops_chain_three_tools_and_the_warm_up_plays_them_all() -> None:
+    world = task_module.World.sample(random.Random(1))
+    tasks = task_module.make_tasks(8, hops=3)
+    assert {len(t.tools) for t in tasks} == {3} and len(tasks) == 32
+    task = next(t for t in tasks if t.id == "time-next-double-Lima")
+    hour = world.clock["Lima"]
+    assert task.hops(world) == (hour, str(int(hour) + 1), str(2 * (int(hour) + 1)))
+    replies, observations = task_module.scripted_episode(task, random.Random(2))
+    assert len(replies) == 4 and len(observations) == 3  # three tool calls, then the answer
+    assert replies[-1] == observations[-1]  # it copies the last observation
+
+
+def test_an_unknown_number_of_hops_is_refused() -> None:
+    with pytest.raises(ValueError, match="hops must be one of"):
+        task_module.make_tasks(2, hops=4)
