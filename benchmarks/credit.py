@@ -6,9 +6,9 @@ advantage (`step/state/decomposed`, `step/task_step/decomposed`), on the same mu
 (`credit_task.py`: two chained tool calls, or three with `--set hops=3`, then the answer, an
 intermediate reward after each tool call, early mistakes that later calls cannot repair), with
 the same seeds, the same warm-up checkpoint per seed, the same sampling seeds per update and the
-same rollout budget (tasks x samples per update, updates). Identical credit grouped by task is Agent Lightning's scheme: the
-baseline, measured in the same run. Everything that learns is the loop's own code, in one
-process on CPU:
+same rollout budget (tasks x samples per update, updates). Identical credit grouped by task is
+Agent Lightning's scheme: the baseline, measured in the same run. Everything that learns is the
+loop's own code, in one process on CPU:
 - the tiny model and tokenizer from `lightspan.loop.tiny.build_tiny_model(corpus=...)`, warmed up
   by the trainer's `TrainStep` (SFT) on scripted episodes that pick tools uniformly at random;
 - sampling with the inference server's decode loop (`lightspan.serving.generation.generate`,
