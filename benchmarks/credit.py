@@ -227,6 +227,7 @@ def play(
     episodes = [(task, k) for task in tasks for k in range(group)]
     rng = random.Random(seed)
     worlds = {task.id: credit_task.World.sample(rng) for task in tasks}  # this moment's live data
+    needed = {task.id: task.hops(worlds[task.id]) for task in tasks}  # what each right call returns
     replies: list[list[str]] = [[] for _ in episodes]
     observations: list[list[str]] = [[] for _ in episodes]
     calls: list[list[Transition]] = [[] for _ in episodes]
@@ -245,8 +246,7 @@ def play(
                     value = task.argument if step == 0 else observations[i][-1]
                     observation = credit_task.run_tool(c.text, value, worlds[task.id])
                     observations[i].append(observation)
-                    needed = task.hops(worlds[task.id])[step]
-                    rewards.append(credit_task.tool_reward(signal, observation, needed))
+                    rewards.append(credit_task.tool_reward(signal, observation, needed[task.id][step]))
                 replies[i].append(c.text)
                 rollout = f"{task.id}/{seed}/{k}"
                 calls[i].append(

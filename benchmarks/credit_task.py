@@ -30,10 +30,11 @@ Why this is an honest test of credit assignment:
   (not which tool would have been), and success still needs the answer to copy the last value,
   which only the final reward pays for. `checked` was added after `worked` had been measured and
   diagnosed (its signal cannot inform the choice that limits success); both are reported, and
-  identical credit, which ignores intermediate rewards, runs the same under both. (A first version let `counter` work on every word and `double` on its
-  count: a path that always "worked" twice, and step credit learned it instead of the task. A
-  signal that rewards a wrong path more reliably than the final reward rewards the right one
-  teaches the wrong path; real environments' "the call went through" is type-checked, as here.)
+  identical credit, which ignores intermediate rewards, runs the same under both. (A first
+  version let `counter` work on every word and `double` on its count: a path that always
+  "worked" twice, and step credit learned it instead of the task. A signal that rewards a wrong
+  path more reliably than the final reward rewards the right one teaches the wrong path; real
+  environments' "the call went through" is type-checked, as here.)
 - Answers cannot be memorised or guessed: `weather` and `clock` read a `World` of live data
   that changes every update (20 temperatures, 12 hours), so only the tools know the answer. (In
   a first version the world was fixed and every setting learned to answer from the question,
